@@ -1,0 +1,369 @@
+"""The one typed config tree of megatron-spark.
+
+Loaded from YAML (`load_config`) with dotted CLI overrides (`rollout.temperature=0.7`), then `validate()`d once
+up front. Every error is a `ValueError` that names the dotted field and says how to fix it, so a bad launch fails
+in the first second rather than an hour into a 32B job.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+
+MODEL_FAMILIES = ("qwen2", "qwen2_5_vl")
+
+
+@dataclass
+class ModelConfig:
+    family: str = "qwen2_5_vl"            # qwen2 (Qwen2/Qwen2.5 text) or qwen2_5_vl
+    hf_dir: Optional[str] = None          # HF checkpoint dir (config.json, tokenizer); None = built-in tiny model
+    megatron_ckpt: Optional[str] = None   # torch_dist checkpoint written by tools/convert/hf_to_megatron.py
+    dtype: Literal["fp32", "bf16", "fp16"] = "bf16"
+    make_vocab_size_divisible_by: int = 128
+    transformer_impl: Literal["auto", "local", "transformer_engine"] = "auto"  # auto: TE on GPU, local on CPU
+    recompute_activations: bool = False
+    # Filled from the HF config by the model builder; used for cross-field validation.
+    num_layers: Optional[int] = None
+    num_attention_heads: Optional[int] = None
+    num_key_value_heads: Optional[int] = None
+    vision_num_heads: Optional[int] = None
+
+
+@dataclass
+class ParallelConfig:
+    tensor_model_parallel_size: int = 1
+    pipeline_model_parallel_size: int = 1
+    virtual_pipeline_model_parallel_size: Optional[int] = None
+    context_parallel_size: int = 1
+    sequence_parallel: bool = False
+
+
+@dataclass
+class RolloutConfig:
+    tensor_parallel_size: int = 1         # vLLM TP of each rollout engine
+    n_samples_per_prompt: int = 8
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = -1
+    max_new_tokens: int = 768
+    max_model_len: int = 8960             # prompt_max_len + max_new_tokens
+    gpu_memory_utilization: float = 0.5
+    enforce_eager: bool = False
+    sync_bucket_mb: int = 512             # bridge transfer bucket size
+    sync_backend: Literal["auto", "gloo", "nccl", "cuda_ipc"] = "auto"
+
+
+@dataclass
+class RecycleConfig:
+    pointwise_prob_mixed: float = 0.3     # mixed groups: pointwise with this prob., else pairwise
+    judge_cap: int = 32                   # max judge tasks kept per infer batch
+    reflection_cap: int = 32              # max reflection tasks kept per infer batch
+    cot_fraction: float = 0.5             # share of reflection sources that carry the full CoT (rest: answer only)
+    reward_batch_size: int = 64           # FIFO releases a reward-period batch when it holds this many
+    templates_file: Optional[str] = None  # YAML/JSON with the four template families; None = built-in wording
+    max_pixels: int = 1048576             # max_pixels attached to recycled image prompts (as SPARK)
+
+
+@dataclass
+class AlgorithmConfig:
+    eps_clip_low: float = 0.2
+    eps_clip_high: float = 0.2
+    kl_coef: float = 1e-3                 # k3 KL to the frozen reference, as a loss term
+    entropy_coef: float = 0.0
+    loss_reduction: Literal["token_mean", "seq_mean"] = "token_mean"
+    advantage_std: Literal["unbiased", "population"] = "unbiased"
+    accept_box_alias: bool = True         # also accept \box{...} as the final answer (see reward.py)
+    labels_case_insensitive: bool = True  # Yes/No/A/B labels compare case-insensitively
+    reward_timeout_s: float = 5.0
+    reward_workers: int = 2
+    recycle: RecycleConfig = field(default_factory=RecycleConfig)
+
+
+@dataclass
+class DataConfig:
+    train_file: Optional[str] = None      # Spark JSON list; None = the built-in synthetic shapes task
+    eval_file: Optional[str] = None
+    prompt_key: str = "message"
+    answer_key: str = "answer"
+    rollout_batch_size: int = 64          # prompts per infer period
+    prompt_max_len: int = 8192
+    min_pixels: int = 4 * 28 * 28
+    max_pixels: int = 16384 * 28 * 28
+    skip_bad_records: bool = False        # False: a bad record is an error naming its index
+    num_episodes: int = 2
+
+
+@dataclass
+class TrainingConfig:
+    lr: float = 5e-7
+    min_lr_ratio: float = 0.1
+    warmup_ratio: float = 0.03
+    weight_decay: float = 0.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.95
+    clip_grad: float = 1.0
+    global_batch_size: int = 64           # sequences per optimizer step
+    micro_batch_size: int = 8
+    max_tokens_per_micro_batch: Optional[int] = None  # pack micro-batches by tokens when set
+    use_distributed_optimizer: bool = True
+    seed: int = 42
+    max_steps: Optional[int] = None       # global steps (1 infer + 0/1 reward period); None = episodes x data
+    offload_reference: bool = False
+    sft_warmup_steps: int = 0
+
+
+@dataclass
+class CheckpointConfig:
+    dir: Optional[str] = None
+    save_interval: int = 50
+    resume: bool = True
+    keep_last: int = 2
+
+
+@dataclass
+class LoggingConfig:
+    dir: str = "runs/default"
+    tensorboard: bool = True
+    wandb_project: Optional[str] = None
+    log_interval: int = 1
+    progress_bar: bool = True
+
+
+@dataclass
+class SparkConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def validate(self, world_size: Optional[int] = None) -> "SparkConfig":
+        validate(self, world_size)
+        return self
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Loading
+
+
+def _fail(path: str, msg: str) -> typing.NoReturn:
+    raise ValueError(f"config field '{path}': {msg}")
+
+
+def _coerce(value: Any, tp: Any, path: str) -> Any:
+    origin = typing.get_origin(tp)
+    if origin is typing.Union:  # Optional[X]
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None:
+            return None
+        return _coerce(value, args[0], path)
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if value not in choices:
+            _fail(path, f"got {value!r}; choose one of {', '.join(map(repr, choices))}")
+        return value
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            _fail(path, f"expected a mapping of sub-fields, got {type(value).__name__}")
+        return _from_dict(tp, value, path)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        _fail(path, f"expected true/false, got {value!r}")
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            if isinstance(value, float) and value.is_integer():
+                return int(value)
+            _fail(path, f"expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            _fail(path, f"expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            _fail(path, f"expected a string, got {value!r}")
+        return value
+    return value
+
+
+def _from_dict(cls: type, data: dict, prefix: str = "") -> Any:
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in data.items():
+        path = f"{prefix}.{key}" if prefix else key
+        if key not in names:
+            close = difflib.get_close_matches(key, names, n=1)
+            hint = f"; did you mean '{(prefix + '.') if prefix else ''}{close[0]}'?" if close else ""
+            _fail(path, f"unknown field{hint} Valid fields here: {', '.join(names)}")
+        kwargs[key] = _coerce(value, hints[key], path)
+    return cls(**kwargs)
+
+
+def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
+    keys = dotted.split(".")
+    node = tree
+    for k in keys[:-1]:
+        node = node.setdefault(k, {})
+        if not isinstance(node, dict):
+            _fail(dotted, f"'{k}' is a value, not a section")
+    node[keys[-1]] = value
+
+
+def load_config(path: Optional[str | Path] = None, overrides: Optional[list[str]] = None) -> SparkConfig:
+    """Load YAML (or the defaults when `path` is None) and apply `key.sub=value` overrides (values parsed as YAML)."""
+    tree: dict = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ValueError(f"config file '{p}' does not exist; pass a YAML file such as examples/tiny_cpu.yaml")
+        loaded = yaml.safe_load(p.read_text()) or {}
+        if not isinstance(loaded, dict):
+            raise ValueError(f"config file '{p}' must hold a mapping at top level, got {type(loaded).__name__}")
+        tree = loaded
+    for item in overrides or []:
+        if "=" not in item:
+            raise ValueError(f"override '{item}' must look like section.field=value, e.g. training.lr=1e-6")
+        key, raw = item.split("=", 1)
+        _set_dotted(tree, key.strip(), yaml.safe_load(raw))
+    return _from_dict(SparkConfig, tree)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Validation
+
+
+def _positive(path: str, value: Optional[int | float]) -> None:
+    if value is not None and value <= 0:
+        _fail(path, f"must be > 0, got {value}")
+
+
+def validate(cfg: SparkConfig, world_size: Optional[int] = None) -> None:
+    m, par, ro, alg, data, tr = cfg.model, cfg.parallel, cfg.rollout, cfg.algorithm, cfg.data, cfg.training
+    if m.family not in MODEL_FAMILIES:
+        close = difflib.get_close_matches(m.family, MODEL_FAMILIES, n=1)
+        hint = f" (did you mean '{close[0]}'?)" if close else ""
+        _fail("model.family", f"unknown model family '{m.family}'{hint}; supported: {', '.join(MODEL_FAMILIES)}")
+    if m.hf_dir is not None and not Path(m.hf_dir).is_dir():
+        _fail("model.hf_dir", f"directory '{m.hf_dir}' does not exist; point it at a HF checkpoint directory")
+    for name in ("tensor_model_parallel_size", "pipeline_model_parallel_size", "context_parallel_size"):
+        _positive(f"parallel.{name}", getattr(par, name))
+    tp, pp = par.tensor_model_parallel_size, par.pipeline_model_parallel_size
+    if m.num_key_value_heads is not None and m.num_key_value_heads % tp:
+        _fail("parallel.tensor_model_parallel_size",
+              f"TP={tp} does not divide the model's {m.num_key_value_heads} KV heads; "
+              f"choose a TP that divides {m.num_key_value_heads}")
+    if m.num_attention_heads is not None and m.num_attention_heads % tp:
+        _fail("parallel.tensor_model_parallel_size",
+              f"TP={tp} does not divide the {m.num_attention_heads} attention heads; choose a divisor")
+    if m.vision_num_heads is not None and m.vision_num_heads % tp:
+        _fail("parallel.tensor_model_parallel_size",
+              f"TP={tp} does not divide the vision tower's {m.vision_num_heads} heads (it is tensor-parallel); "
+              f"choose a divisor")
+    if m.num_layers is not None and pp > m.num_layers:
+        _fail("parallel.pipeline_model_parallel_size",
+              f"PP={pp} exceeds the model's {m.num_layers} layers; use PP <= {m.num_layers}")
+    vpp = par.virtual_pipeline_model_parallel_size
+    if vpp is not None:
+        _positive("parallel.virtual_pipeline_model_parallel_size", vpp)
+        if pp == 1:
+            _fail("parallel.virtual_pipeline_model_parallel_size",
+                  "virtual pipeline stages need pipeline_model_parallel_size > 1; unset it or raise PP")
+        if m.num_layers is not None and m.num_layers % (pp * vpp):
+            _fail("parallel.virtual_pipeline_model_parallel_size",
+                  f"{m.num_layers} layers do not split into PP*VPP={pp * vpp} equal chunks; pick another VPP")
+    if par.sequence_parallel and tp == 1:
+        _fail("parallel.sequence_parallel", "sequence parallelism needs TP > 1; set it to false")
+    if world_size is not None:
+        model_parallel = tp * pp * par.context_parallel_size
+        if world_size % model_parallel:
+            _fail("parallel", f"world size {world_size} is not a multiple of TP*PP*CP={model_parallel}; "
+                              f"launch a multiple of {model_parallel} ranks or change the layout")
+        if world_size % ro.tensor_parallel_size:
+            _fail("rollout.tensor_parallel_size",
+                  f"world size {world_size} is not a multiple of the rollout TP {ro.tensor_parallel_size}")
+    _positive("rollout.tensor_parallel_size", ro.tensor_parallel_size)
+    if m.num_key_value_heads is not None and ro.tensor_parallel_size > m.num_key_value_heads \
+            and ro.tensor_parallel_size % m.num_key_value_heads:
+        _fail("rollout.tensor_parallel_size", f"vLLM TP={ro.tensor_parallel_size} with "
+              f"{m.num_key_value_heads} KV heads needs TP to be a multiple of the KV heads or divide them")
+    if ro.n_samples_per_prompt < 2:
+        _fail("rollout.n_samples_per_prompt", f"GRPO needs at least 2 samples per prompt to form a group "
+                                              f"advantage, got {ro.n_samples_per_prompt}")
+    if ro.temperature < 0:
+        _fail("rollout.temperature", f"must be >= 0, got {ro.temperature}")
+    if not 0 < ro.top_p <= 1:
+        _fail("rollout.top_p", f"must be in (0, 1], got {ro.top_p}")
+    _positive("rollout.max_new_tokens", ro.max_new_tokens)
+    if not 0 < ro.gpu_memory_utilization <= 1:
+        _fail("rollout.gpu_memory_utilization", f"must be in (0, 1], got {ro.gpu_memory_utilization}")
+    _positive("rollout.sync_bucket_mb", ro.sync_bucket_mb)
+    if ro.max_model_len < ro.max_new_tokens:
+        _fail("rollout.max_model_len", f"{ro.max_model_len} is shorter than rollout.max_new_tokens="
+                                       f"{ro.max_new_tokens}; set it to prompt_max_len + max_new_tokens")
+    for name in ("eps_clip_low", "eps_clip_high"):
+        v = getattr(alg, name)
+        if not 0 <= v < 1:
+            _fail(f"algorithm.{name}", f"must be in [0, 1), got {v}")
+    if alg.kl_coef < 0:
+        _fail("algorithm.kl_coef", f"must be >= 0 (0 disables the KL loss), got {alg.kl_coef}")
+    _positive("algorithm.reward_timeout_s", alg.reward_timeout_s)
+    _positive("algorithm.reward_workers", alg.reward_workers)
+    rc = alg.recycle
+    for name in ("pointwise_prob_mixed", "cot_fraction"):
+        v = getattr(rc, name)
+        if not 0 <= v <= 1:
+            _fail(f"algorithm.recycle.{name}", f"is a probability and must be in [0, 1], got {v}")
+    for name in ("judge_cap", "reflection_cap"):
+        if getattr(rc, name) < 0:
+            _fail(f"algorithm.recycle.{name}", f"must be >= 0 (0 disables that task), got {getattr(rc, name)}")
+    _positive("algorithm.recycle.reward_batch_size", rc.reward_batch_size)
+    if rc.templates_file is not None and not Path(rc.templates_file).is_file():
+        _fail("algorithm.recycle.templates_file", f"'{rc.templates_file}' does not exist; give a YAML or JSON "
+                                                  f"template file or leave it unset for the built-in templates")
+    if data.train_file is not None and not Path(data.train_file).is_file():
+        _fail("data.train_file", f"'{data.train_file}' does not exist; give a Spark-format JSON file")
+    _positive("data.rollout_batch_size", data.rollout_batch_size)
+    _positive("data.num_episodes", data.num_episodes)
+    if data.min_pixels > data.max_pixels:
+        _fail("data.min_pixels", f"{data.min_pixels} exceeds data.max_pixels={data.max_pixels}")
+    if data.prompt_max_len + ro.max_new_tokens > ro.max_model_len:
+        _fail("rollout.max_model_len", f"{ro.max_model_len} < data.prompt_max_len + rollout.max_new_tokens = "
+                                       f"{data.prompt_max_len + ro.max_new_tokens}; raise it or shorten prompts")
+    _positive("training.lr", tr.lr)
+    if not 0 <= tr.min_lr_ratio <= 1:
+        _fail("training.min_lr_ratio", f"must be in [0, 1], got {tr.min_lr_ratio}")
+    if not 0 <= tr.warmup_ratio < 1:
+        _fail("training.warmup_ratio", f"must be in [0, 1), got {tr.warmup_ratio}")
+    _positive("training.micro_batch_size", tr.micro_batch_size)
+    _positive("training.global_batch_size", tr.global_batch_size)
+    if tr.global_batch_size % tr.micro_batch_size:
+        _fail("training.global_batch_size", f"{tr.global_batch_size} is not a multiple of "
+                                            f"training.micro_batch_size={tr.micro_batch_size}")
+    samples = data.rollout_batch_size * ro.n_samples_per_prompt
+    if samples % tr.global_batch_size:
+        _fail("training.global_batch_size", f"the {samples} samples of a rollout batch (rollout_batch_size x "
+                                            f"n_samples_per_prompt) are not a multiple of {tr.global_batch_size}")
+    if world_size is not None:
+        dp = world_size // (tp * pp * par.context_parallel_size)
+        if dp and tr.global_batch_size % (tr.micro_batch_size * dp):
+            _fail("training.global_batch_size", f"{tr.global_batch_size} is not divisible by micro_batch_size x "
+                                                f"data-parallel size = {tr.micro_batch_size} x {dp}")
+    _positive("training.clip_grad", tr.clip_grad)
+    if tr.max_steps is not None:
+        _positive("training.max_steps", tr.max_steps)
+    ck = cfg.checkpoint
+    _positive("checkpoint.save_interval", ck.save_interval)
+    _positive("checkpoint.keep_last", ck.keep_last)

@@ -1,0 +1,172 @@
+"""The Qwen2 / Qwen2.5 / Qwen2.5-VL weight map: one declarative table per family, both directions.
+
+Megatron names are those of megatron-core's local layer spec (`input_layernorm`, `pre_mlp_layernorm`); with the
+Transformer Engine spec the norms are fused into the next linear and `to_te_name` renames them. HF names are the
+checkpoint names Qwen ships (`model.layers.*`, `visual.*`, `lm_head`); the transformers-5 in-memory prefixes
+(`model.language_model.*`, `model.visual.*`) are accepted on input by `canonical_hf_name`.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Callable, Iterable, Optional
+
+from torch import Tensor
+
+from megatron_spark.mapping.transforms import GateUpFuse, QKVInterleave, Transform, VocabPad, padded_vocab_size
+from megatron_spark.models.hf_config import ModelShape
+
+COLUMN, ROW, REPLICATED = 0, 1, None
+
+
+@dataclass(frozen=True)
+class Rule:
+    megatron: str             # may contain {i}: the global layer index
+    hf: tuple[str, ...]       # HF tensors combined by `transform`, same {i}
+    transform: Transform
+    layers: int = 0           # number of layers {i} ranges over (0: not per layer)
+
+
+@dataclass(frozen=True)
+class ParamMap:
+    """One concrete megatron parameter and the HF tensors it is made of."""
+    megatron: str
+    hf: tuple[str, ...]
+    transform: Transform
+
+    def to_megatron(self, get_hf: Callable[[str], Tensor]) -> Tensor:
+        return self.transform.to_megatron([get_hf(n) for n in self.hf])
+
+    def to_hf(self, full: Tensor) -> dict[str, Tensor]:
+        return dict(zip(self.hf, self.transform.to_hf(full)))
+
+
+def _text_rules(t, prefix: str, padded_vocab: int, with_output: bool) -> list[Rule]:
+    L = t.num_layers
+    hf = "model.layers.{i}."
+    mg = prefix + "decoder.layers.{i}."
+    qkv = QKVInterleave(t.num_heads, t.num_kv_heads, t.head_dim)
+    vocab = VocabPad(t.vocab_size, padded_vocab)
+    rules = [
+        Rule(prefix + "embedding.word_embeddings.weight", ("model.embed_tokens.weight",), vocab),
+        Rule(mg + "input_layernorm.weight", (hf + "input_layernorm.weight",), Transform(REPLICATED), L),
+        Rule(mg + "self_attention.linear_qkv.weight",
+             tuple(hf + f"self_attn.{p}_proj.weight" for p in "qkv"), qkv, L),
+        Rule(mg + "self_attention.linear_qkv.bias", tuple(hf + f"self_attn.{p}_proj.bias" for p in "qkv"), qkv, L),
+        Rule(mg + "self_attention.linear_proj.weight", (hf + "self_attn.o_proj.weight",), Transform(ROW), L),
+        Rule(mg + "pre_mlp_layernorm.weight", (hf + "post_attention_layernorm.weight",), Transform(REPLICATED), L),
+        Rule(mg + "mlp.linear_fc1.weight", (hf + "mlp.gate_proj.weight", hf + "mlp.up_proj.weight"),
+             GateUpFuse(), L),
+        Rule(mg + "mlp.linear_fc2.weight", (hf + "mlp.down_proj.weight",), Transform(ROW), L),
+        Rule(prefix + "decoder.final_layernorm.weight", ("model.norm.weight",), Transform(REPLICATED)),
+    ]
+    if with_output:
+        # Tied: a last pipeline stage still owns an `output_layer.weight` copy of the embedding (PP > 1).
+        src = "model.embed_tokens.weight" if t.tied_embeddings else "lm_head.weight"
+        rules.append(Rule(prefix + "output_layer.weight", (src,), vocab))
+    return rules
+
+
+def _vision_rules(v, prefix: str) -> list[Rule]:
+    D = v.depth
+    hf = "visual.blocks.{i}."
+    mg = prefix + "decoder.layers.{i}."
+    head_dim = v.hidden_size // v.num_heads
+    qkv = QKVInterleave(v.num_heads, v.num_heads, head_dim, fused_hf=True)
+    return [
+        Rule(prefix + "patch_embed.weight", ("visual.patch_embed.proj.weight",), Transform(REPLICATED)),
+        Rule(mg + "input_layernorm.weight", (hf + "norm1.weight",), Transform(REPLICATED), D),
+        Rule(mg + "self_attention.linear_qkv.weight", (hf + "attn.qkv.weight",), qkv, D),
+        Rule(mg + "self_attention.linear_qkv.bias", (hf + "attn.qkv.bias",), qkv, D),
+        Rule(mg + "self_attention.linear_proj.weight", (hf + "attn.proj.weight",), Transform(ROW), D),
+        Rule(mg + "self_attention.linear_proj.bias", (hf + "attn.proj.bias",), Transform(REPLICATED), D),
+        Rule(mg + "pre_mlp_layernorm.weight", (hf + "norm2.weight",), Transform(REPLICATED), D),
+        Rule(mg + "mlp.linear_fc1.weight", (hf + "mlp.gate_proj.weight", hf + "mlp.up_proj.weight"), GateUpFuse(), D),
+        Rule(mg + "mlp.linear_fc1.bias", (hf + "mlp.gate_proj.bias", hf + "mlp.up_proj.bias"), GateUpFuse(), D),
+        Rule(mg + "mlp.linear_fc2.weight", (hf + "mlp.down_proj.weight",), Transform(ROW), D),
+        Rule(mg + "mlp.linear_fc2.bias", (hf + "mlp.down_proj.bias",), Transform(REPLICATED), D),
+        Rule(prefix + "merger.norm.weight", ("visual.merger.ln_q.weight",), Transform(REPLICATED)),
+        Rule(prefix + "merger.linear_fc1.weight", ("visual.merger.mlp.0.weight",), Transform(COLUMN)),
+        Rule(prefix + "merger.linear_fc1.bias", ("visual.merger.mlp.0.bias",), Transform(COLUMN)),
+        Rule(prefix + "merger.linear_fc2.weight", ("visual.merger.mlp.2.weight",), Transform(ROW)),
+        Rule(prefix + "merger.linear_fc2.bias", ("visual.merger.mlp.2.bias",), Transform(REPLICATED)),
+    ]
+
+
+class WeightMap:
+    """All concrete parameter maps of one model, indexed both ways."""
+
+    def __init__(self, shape: ModelShape, make_vocab_size_divisible_by: int = 128, tp: int = 1):
+        self.shape = shape
+        t = shape.text
+        self.padded_vocab = padded_vocab_size(t.vocab_size, make_vocab_size_divisible_by, tp)
+        if shape.family == "qwen2":
+            rules = _text_rules(t, "", self.padded_vocab, with_output=True)
+        elif shape.family == "qwen2_5_vl":
+            rules = _text_rules(t, "language_model.", self.padded_vocab, with_output=True)
+            rules += _vision_rules(shape.vision, "vision_model.")
+        else:  # validated in parse_hf_config
+            raise AssertionError(shape.family)
+        self.params: list[ParamMap] = []
+        for r in rules:
+            for i in range(r.layers) if r.layers else [None]:
+                fmt = (lambda s: s.format(i=i)) if i is not None else (lambda s: s)
+                self.params.append(ParamMap(fmt(r.megatron), tuple(fmt(h) for h in r.hf), r.transform))
+        self._by_mg = {p.megatron: p for p in self.params}
+
+    @property
+    def tied(self) -> bool:
+        return self.shape.text.tied_embeddings
+
+    def __getitem__(self, megatron_name: str) -> ParamMap:
+        try:
+            return self._by_mg[megatron_name]
+        except KeyError:
+            raise KeyError(f"no HF mapping for megatron parameter '{megatron_name}'") from None
+
+    def __contains__(self, megatron_name: str) -> bool:
+        return megatron_name in self._by_mg
+
+    def hf_names(self) -> list[str]:
+        """Every HF tensor name of the checkpoint, in table order, each once."""
+        seen: dict[str, None] = {}
+        for p in self.export_params():
+            for n in p.hf:
+                seen.setdefault(n, None)
+        return list(seen)
+
+    def export_params(self) -> list[ParamMap]:
+        """The params that define the HF checkpoint (the tied output layer copy is not exported twice)."""
+        out_name = ("language_model." if self.shape.family == "qwen2_5_vl" else "") + "output_layer.weight"
+        return [p for p in self.params if not (self.tied and p.megatron == out_name)]
+
+
+_TE_RENAMES = (
+    (re.compile(r"\.input_layernorm\.weight$"), ".self_attention.linear_qkv.layer_norm_weight"),
+    (re.compile(r"\.pre_mlp_layernorm\.weight$"), ".mlp.linear_fc1.layer_norm_weight"),
+)
+
+
+def to_te_name(name: str) -> str:
+    for pat, repl in _TE_RENAMES:
+        name = pat.sub(repl, name)
+    return name
+
+
+def from_te_name(name: str) -> str:
+    name = name.replace(".self_attention.linear_qkv.layer_norm_weight", ".input_layernorm.weight")
+    return name.replace(".mlp.linear_fc1.layer_norm_weight", ".pre_mlp_layernorm.weight")
+
+
+def canonical_hf_name(name: str) -> str:
+    """Map transformers-5 in-memory names onto the checkpoint names the tables use."""
+    if name.startswith("model.language_model."):
+        return "model." + name[len("model.language_model."):]
+    if name.startswith("model.visual."):
+        return name[len("model."):]
+    return name
+
+
+def missing_hf_tensors(wmap: WeightMap, available: Iterable[str]) -> list[str]:
+    have = set(available)
+    return [n for n in wmap.hf_names() if n not in have]

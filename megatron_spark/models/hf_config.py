@@ -1,0 +1,119 @@
+"""Read an HF Qwen2 / Qwen2.5 / Qwen2.5-VL `config.json` into typed shapes (no transformers import needed).
+
+Handles both the transformers-4 layout (text fields at top level, `rope_scaling`) and the transformers-5 layout
+(`text_config`, `rope_parameters`).
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+ARCHITECTURES = {
+    "Qwen2ForCausalLM": "qwen2",
+    "Qwen2_5_VLForConditionalGeneration": "qwen2_5_vl",
+}
+
+
+@dataclass(frozen=True)
+class TextShape:
+    hidden_size: int
+    ffn_hidden_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    vocab_size: int
+    rms_norm_eps: float
+    rope_theta: float
+    tied_embeddings: bool
+    max_position_embeddings: int
+    mrope_section: Optional[tuple[int, ...]] = None
+
+
+@dataclass(frozen=True)
+class VisionShape:
+    depth: int
+    hidden_size: int
+    ffn_hidden_size: int
+    num_heads: int
+    out_hidden_size: int
+    patch_size: int
+    temporal_patch_size: int
+    spatial_merge_size: int
+    window_size: int
+    fullatt_block_indexes: tuple[int, ...]
+    in_channels: int = 3
+    rope_theta: float = 10000.0
+    rms_norm_eps: float = 1e-6
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    family: str
+    text: TextShape
+    vision: Optional[VisionShape] = None
+    image_token_id: Optional[int] = None
+    vision_start_token_id: Optional[int] = None
+    raw: dict = field(default_factory=dict, compare=False, repr=False)
+
+
+def _rope(cfg: dict) -> tuple[float, Optional[tuple[int, ...]]]:
+    params = cfg.get("rope_parameters") or {}
+    scaling = cfg.get("rope_scaling") or {}
+    theta = params.get("rope_theta", cfg.get("rope_theta", 10000.0))
+    mrope = params.get("mrope_section") or scaling.get("mrope_section")
+    return float(theta), tuple(mrope) if mrope else None
+
+
+def parse_hf_config(cfg: dict, source: str = "config.json") -> ModelShape:
+    archs = cfg.get("architectures") or []
+    family = next((ARCHITECTURES[a] for a in archs if a in ARCHITECTURES), None)
+    if family is None:
+        mt = cfg.get("model_type")
+        family = {"qwen2": "qwen2", "qwen2_5_vl": "qwen2_5_vl"}.get(mt)
+    if family is None:
+        raise ValueError(f"{source}: unsupported architecture {archs or cfg.get('model_type')!r}; supported: "
+                         f"{', '.join(ARCHITECTURES)}")
+    text_cfg = dict(cfg.get("text_config") or cfg) if family == "qwen2_5_vl" else cfg
+    theta, mrope = _rope(text_cfg)
+    if family == "qwen2_5_vl" and mrope is None:
+        theta, mrope = _rope(cfg)
+    tied = bool(cfg.get("tie_word_embeddings", text_cfg.get("tie_word_embeddings", False)))
+    heads = text_cfg["num_attention_heads"]
+    text = TextShape(
+        hidden_size=text_cfg["hidden_size"], ffn_hidden_size=text_cfg["intermediate_size"],
+        num_layers=text_cfg["num_hidden_layers"], num_heads=heads,
+        num_kv_heads=text_cfg.get("num_key_value_heads", heads),
+        head_dim=text_cfg.get("head_dim") or text_cfg["hidden_size"] // heads,
+        vocab_size=text_cfg["vocab_size"], rms_norm_eps=float(text_cfg.get("rms_norm_eps", 1e-6)),
+        rope_theta=theta, tied_embeddings=tied,
+        max_position_embeddings=text_cfg.get("max_position_embeddings", 32768), mrope_section=mrope)
+    vision = None
+    if family == "qwen2_5_vl":
+        v = cfg["vision_config"]
+        vparams = v.get("rope_parameters") or {}
+        vision = VisionShape(
+            depth=v["depth"], hidden_size=v["hidden_size"], ffn_hidden_size=v["intermediate_size"],
+            num_heads=v["num_heads"], out_hidden_size=v.get("out_hidden_size", text.hidden_size),
+            patch_size=v.get("patch_size", 14), temporal_patch_size=v.get("temporal_patch_size", 2),
+            spatial_merge_size=v.get("spatial_merge_size", 2), window_size=v.get("window_size", 112),
+            fullatt_block_indexes=tuple(v.get("fullatt_block_indexes", ())),
+            in_channels=v.get("in_channels", v.get("in_chans", 3)),
+            rope_theta=float(vparams.get("rope_theta", 10000.0)))
+        if v.get("hidden_act", "silu") != "silu":
+            raise ValueError(f"{source}: vision_config.hidden_act={v.get('hidden_act')!r} is not supported (silu)")
+    return ModelShape(family=family, text=text, vision=vision, image_token_id=cfg.get("image_token_id"),
+                      vision_start_token_id=cfg.get("vision_start_token_id"), raw=cfg)
+
+
+def load_hf_config(hf_dir: str | Path) -> ModelShape:
+    path = Path(hf_dir) / "config.json"
+    if not path.is_file():
+        raise ValueError(f"'{path}' not found: --hf-dir must be a Hugging Face model directory with config.json")
+    try:
+        cfg = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"'{path}' is not valid JSON: {e}") from e
+    return parse_hf_config(cfg, str(path))

@@ -1,0 +1,227 @@
+"""Qwen2 / Qwen2.5 text and Qwen2.5-VL models built from megatron-core parts.
+
+The text model is megatron-core's `GPTModel` (RoPE, or multimodal RoPE for VL). The Qwen2.5-VL vision tower is a
+`TransformerBlock` of megatron-core layers whose attention is masked per image (full-attention blocks) or per
+window (the rest), with 2-D rotary embeddings and a spatial patch merger.
+
+Decision: the vision tower is tensor-parallel over the same TP group as the language model (its linears are
+megatron Column/RowParallel layers, heads split across ranks). Its replicated parameters (norms, patch embedding,
+row-parallel biases) see identical inputs and identical upstream gradients on every TP rank (the column-parallel
+backward all-reduces input grads), so their grads agree without an extra reduction. Under PP it lives on the
+first stage only, where the image embeddings are spliced into the token embeddings.
+"""
+from __future__ import annotations
+
+import copy
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from megatron_spark import compat
+from megatron_spark.mapping.transforms import padded_vocab_size
+from megatron_spark.models.hf_config import ModelShape, TextShape, VisionShape
+from megatron_spark.models.vision import (vision_attention_masks, vision_rotary_freqs, vision_window_index)
+
+try:
+    from megatron.core.transformer.module import MegatronModule as _MegatronModule
+except ImportError:  # pragma: no cover - megatron-core is a hard dependency; keeps the docs importable
+    _MegatronModule = torch.nn.Module
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def _base_config(layout, dtype: torch.dtype, use_te: bool, **kw):
+    from megatron.core.transformer import TransformerConfig
+
+    on_cpu = not torch.cuda.is_available()
+    return TransformerConfig(**compat.transformer_config_kwargs(
+        hidden_dropout=0.0, attention_dropout=0.0,
+        gated_linear_unit=True, activation_func=F.silu, normalization="RMSNorm",
+        params_dtype=dtype, pipeline_dtype=dtype, bf16=dtype == torch.bfloat16, fp16=dtype == torch.float16,
+        tensor_model_parallel_size=layout.tp, context_parallel_size=layout.cp,
+        sequence_parallel=layout.sequence_parallel,
+        use_cpu_initialization=on_cpu, perform_initialization=False,
+        gradient_accumulation_fusion=False,       # needs Apex' fused wgrad kernel
+        apply_rope_fusion=use_te, bias_activation_fusion=use_te, bias_dropout_fusion=use_te,
+        masked_softmax_fusion=use_te, persist_layer_norm=use_te,
+        attention_softmax_in_fp32=True,
+        **kw))
+
+
+def text_transformer_config(t: TextShape, layout, dtype: torch.dtype, use_te: bool, recompute: bool = False):
+    return _base_config(
+        layout, dtype, use_te,
+        num_layers=t.num_layers, hidden_size=t.hidden_size, ffn_hidden_size=t.ffn_hidden_size,
+        num_attention_heads=t.num_heads, num_query_groups=t.num_kv_heads, kv_channels=t.head_dim,
+        add_qkv_bias=True, add_bias_linear=False, layernorm_epsilon=t.rms_norm_eps,
+        pipeline_model_parallel_size=layout.pp,
+        virtual_pipeline_model_parallel_size=layout.vpp,
+        mrope_section=list(t.mrope_section) if t.mrope_section else None,
+        recompute_granularity="full" if recompute else None,
+        recompute_method="uniform" if recompute else None, recompute_num_layers=1 if recompute else None)
+
+
+def vision_transformer_config(v: VisionShape, layout, dtype: torch.dtype, use_te: bool):
+    # The vision tower is not pipelined (it sits on the first stage): PP=1 in its own config.
+    return _base_config(
+        layout, dtype, use_te,
+        num_layers=v.depth, hidden_size=v.hidden_size, ffn_hidden_size=v.ffn_hidden_size,
+        num_attention_heads=v.num_heads, num_query_groups=v.num_heads, kv_channels=v.hidden_size // v.num_heads,
+        add_qkv_bias=True, add_bias_linear=True, layernorm_epsilon=v.rms_norm_eps,
+        pipeline_model_parallel_size=1)
+
+
+def build_gpt(t: TextShape, layout, *, dtype: torch.dtype, use_te: bool, pre_process: bool, post_process: bool,
+              make_vocab_size_divisible_by: int = 128, vp_stage: Optional[int] = None, recompute: bool = False):
+    from megatron.core.models.gpt import GPTModel
+
+    config = text_transformer_config(t, layout, dtype, use_te, recompute)
+    kwargs = dict(vp_stage=vp_stage) if vp_stage is not None else {}
+    return GPTModel(
+        config=config, transformer_layer_spec=compat.gpt_layer_spec(use_te),
+        vocab_size=padded_vocab_size(t.vocab_size, make_vocab_size_divisible_by, layout.tp),
+        max_sequence_length=t.max_position_embeddings, pre_process=pre_process, post_process=post_process,
+        share_embeddings_and_output_weights=t.tied_embeddings,
+        position_embedding_type="mrope" if t.mrope_section else "rope",
+        rotary_base=t.rope_theta, parallel_output=True, **kwargs)
+
+
+class PatchMerger(torch.nn.Module):
+    """RMSNorm, then groups of spatial_merge_size^2 patches -> MLP (column-, then row-parallel)."""
+
+    def __init__(self, v: VisionShape, config):
+        super().__init__()
+        from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
+        from megatron.core.transformer.torch_norm import WrappedTorchNorm
+
+        self.merged = v.hidden_size * v.spatial_merge_size ** 2
+        self.norm = WrappedTorchNorm(config, v.hidden_size, eps=v.rms_norm_eps)
+        init = torch.nn.init.zeros_
+        self.linear_fc1 = ColumnParallelLinear(self.merged, self.merged, config=config, init_method=init,
+                                               bias=True, gather_output=False)
+        self.linear_fc2 = RowParallelLinear(self.merged, v.out_hidden_size, config=config, init_method=init,
+                                            bias=True, input_is_parallel=True, skip_bias_add=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h, _ = self.linear_fc1(self.norm(x).reshape(-1, self.merged))
+        out, _ = self.linear_fc2(F.gelu(h))
+        return out
+
+
+class Qwen25VisionModel(torch.nn.Module):
+    """The Qwen2.5-VL vision tower on megatron-core layers (see the module docstring for the TP decision)."""
+
+    def __init__(self, v: VisionShape, config, use_te: bool):
+        super().__init__()
+        from megatron.core.transformer.enums import AttnMaskType
+        from megatron.core.transformer.transformer_block import TransformerBlock
+
+        self.shape = v
+        self.config = config
+        patch_dim = v.in_channels * v.temporal_patch_size * v.patch_size ** 2
+        # A Conv3d whose stride equals its kernel is a matmul over flattened patches; keep the conv's shape so
+        # the weight maps 1:1 onto HF's `patch_embed.proj.weight`.
+        self.patch_embed = torch.nn.Module()
+        self.patch_embed.weight = torch.nn.Parameter(torch.zeros(
+            v.hidden_size, v.in_channels, v.temporal_patch_size, v.patch_size, v.patch_size,
+            dtype=config.params_dtype))
+        self.patch_dim = patch_dim
+        spec = copy.deepcopy(compat.gpt_layer_spec(use_te))
+        spec.submodules.self_attention.params = {"attn_mask_type": AttnMaskType.arbitrary if use_te
+                                                 else AttnMaskType.padding}
+        self.decoder = TransformerBlock(config, spec, pre_process=True, post_process=False)
+        self.merger = PatchMerger(v, config)
+
+    def forward(self, pixel_values: Tensor, grid_thw: Tensor) -> Tensor:
+        """pixel_values [patches, C*T*P*P] and grid_thw [images, 3] -> merged embeddings [patches/4, out_hidden]."""
+        v = self.shape
+        unit = v.spatial_merge_size ** 2
+        w = self.patch_embed.weight
+        x = F.linear(pixel_values.to(w.dtype), w.reshape(v.hidden_size, -1))
+        window_index, cu_windows = vision_window_index(grid_thw, v)
+        n = x.shape[0]
+        # Reorder patches window by window (in merge units) so window attention is block-diagonal.
+        x = x.reshape(n // unit, unit, -1)[window_index].reshape(n, -1)
+        freqs = vision_rotary_freqs(grid_thw, v)
+        freqs = freqs.reshape(n // unit, unit, -1)[window_index].reshape(n, 1, 1, -1)
+        full_mask, window_mask = vision_attention_masks(grid_thw, cu_windows, n, x.device)
+        h = x.unsqueeze(1)  # [s, b=1, h]
+        for idx, layer in enumerate(self.decoder.layers):
+            mask = full_mask if idx in v.fullatt_block_indexes else window_mask
+            h, _ = layer(h, attention_mask=mask, rotary_pos_emb=freqs)
+        merged = self.merger(h.squeeze(1))
+        return merged[torch.argsort(window_index)]
+
+
+class Qwen25VLModel(_MegatronModule):
+    """Vision tower (first PP stage) + GPTModel with multimodal RoPE; images replace their placeholder tokens."""
+
+    def __init__(self, shape: ModelShape, layout, *, dtype: torch.dtype, use_te: bool, pre_process: bool,
+                 post_process: bool, make_vocab_size_divisible_by: int = 128, vp_stage: Optional[int] = None,
+                 recompute: bool = False):
+        lm = build_gpt(shape.text, layout, dtype=dtype, use_te=use_te, pre_process=pre_process,
+                       post_process=post_process, vp_stage=vp_stage, recompute=recompute,
+                       make_vocab_size_divisible_by=make_vocab_size_divisible_by)
+        super().__init__(config=lm.config)
+        self.shape = shape
+        self.pre_process, self.post_process = pre_process, post_process
+        self.language_model = lm
+        # The pipeline schedules and finalize_model_grads read these from the outermost module.
+        self.model_type = lm.model_type
+        self.share_embeddings_and_output_weights = lm.share_embeddings_and_output_weights
+        self.vision_model = None
+        if pre_process and (vp_stage is None or vp_stage == 0):
+            vcfg = vision_transformer_config(shape.vision, layout, dtype, use_te)
+            self.vision_model = Qwen25VisionModel(shape.vision, vcfg, use_te)
+
+    def set_input_tensor(self, input_tensor) -> None:
+        self.language_model.set_input_tensor(input_tensor)
+
+    def forward(self, input_ids: Tensor, position_ids: Tensor, attention_mask: Optional[Tensor],
+                pixel_values: Optional[Tensor] = None, image_grid_thw: Optional[Tensor] = None,
+                labels: Optional[Tensor] = None, **kwargs) -> Tensor:
+        """input_ids [b, s]; position_ids [3, b, s] (see `mrope_position_ids`); returns logits or per-token loss."""
+        decoder_input = None
+        if self.pre_process:
+            emb = self.language_model.embedding(input_ids=input_ids, position_ids=None)  # [s, b, h]
+            if pixel_values is not None and self.vision_model is not None:
+                image_embeds = self.vision_model(pixel_values, image_grid_thw).to(emb.dtype)
+                mask = (input_ids == self.shape.image_token_id).transpose(0, 1)  # [s, b]
+                if int(mask.sum()) != image_embeds.shape[0]:
+                    raise ValueError(f"{int(mask.sum())} image placeholder tokens but {image_embeds.shape[0]} image "
+                                     f"embeddings; the prompt and image_grid_thw disagree")
+                # Token order in [s, b] layout is position-major; image embeddings come batch-major.
+                order = mask.transpose(0, 1).reshape(-1).nonzero().squeeze(1)
+                b, s = input_ids.shape
+                flat = emb.transpose(0, 1).reshape(b * s, -1).clone()
+                flat[order] = image_embeds
+                emb = flat.reshape(b, s, -1).transpose(0, 1).contiguous()
+            decoder_input = emb
+        return self.language_model(input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask,
+                                   decoder_input=decoder_input, labels=labels, **kwargs)
+
+
+def build_model(shape: ModelShape, layout, *, dtype: torch.dtype = torch.float32, use_te: Optional[bool] = None,
+                make_vocab_size_divisible_by: int = 128, recompute: bool = False) -> list[torch.nn.Module]:
+    """The model chunks of this rank (one per virtual pipeline stage) for the initialised parallel state."""
+    from megatron.core import parallel_state as ps
+
+    if use_te is None:
+        use_te = compat.have_transformer_engine()
+    chunks = []
+    vpp = layout.vpp or 1
+    for vp in range(vpp):
+        vp_stage = vp if layout.vpp else None
+        first = ps.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage) if layout.vpp \
+            else ps.is_pipeline_first_stage()
+        last = ps.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage) if layout.vpp \
+            else ps.is_pipeline_last_stage()
+        common = dict(dtype=dtype, use_te=use_te, pre_process=first, post_process=last, vp_stage=vp_stage,
+                      make_vocab_size_divisible_by=make_vocab_size_divisible_by, recompute=recompute)
+        if shape.family == "qwen2":
+            chunks.append(build_gpt(shape.text, layout, **common))
+        else:
+            chunks.append(Qwen25VLModel(shape, layout, **common))
+    return chunks

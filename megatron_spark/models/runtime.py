@@ -1,0 +1,105 @@
+"""Running megatron-core models: batches in, full-vocabulary logits out, on any TP/PP layout.
+
+Used by the parity tests, tools/convert/verify.py and the trainer's log-prob pass. The pipeline path goes through
+megatron-core's own schedule (`get_forward_backward_func`), so PP here is the real 1F1B machinery.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+
+@dataclass
+class Batch:
+    input_ids: Tensor                       # [b, s]
+    position_ids: Tensor                    # [b, s] (text RoPE) or [3, b, s] (mrope)
+    attention_mask: Tensor                  # [b, 1, s, s] bool, True = blocked
+    pixel_values: Optional[Tensor] = None   # [patches, C*T*P*P]
+    image_grid_thw: Optional[Tensor] = None  # [images, 3]
+    labels: Optional[Tensor] = None         # [b, s]
+
+
+def causal_mask(input_ids: Tensor, pad_mask: Optional[Tensor] = None) -> Tensor:
+    """Bool [b, 1, s, s], True where attention is blocked (future tokens, and padded keys)."""
+    b, s = input_ids.shape
+    mask = torch.triu(torch.ones(s, s, dtype=torch.bool, device=input_ids.device), diagonal=1)
+    mask = mask.view(1, 1, s, s).expand(b, 1, s, s)
+    if pad_mask is not None:  # pad_mask [b, s]: True for real tokens
+        mask = mask | ~pad_mask.view(b, 1, 1, s)
+    return mask.contiguous()
+
+
+def make_batch(shape, input_ids: Tensor, pixel_values=None, image_grid_thw=None, labels=None,
+               pad_mask: Optional[Tensor] = None) -> Batch:
+    from megatron_spark.models.vision import mrope_position_ids
+
+    b, s = input_ids.shape
+    if shape.family == "qwen2_5_vl":
+        pos = mrope_position_ids(input_ids, image_grid_thw, shape.image_token_id, shape.vision.spatial_merge_size)
+    else:
+        pos = torch.arange(s, device=input_ids.device).unsqueeze(0).expand(b, s).contiguous()
+    return Batch(input_ids, pos, causal_mask(input_ids, pad_mask), pixel_values, image_grid_thw, labels)
+
+
+def _call(model, batch: Batch, labels: Optional[Tensor] = None):
+    kw = dict(input_ids=batch.input_ids, position_ids=batch.position_ids, attention_mask=batch.attention_mask,
+              labels=labels)
+    if batch.pixel_values is not None:
+        kw.update(pixel_values=batch.pixel_values, image_grid_thw=batch.image_grid_thw)
+    return model(**kw)
+
+
+def gather_vocab(logits: Tensor, vocab_size: int) -> Tensor:
+    """[b, s, V/tp] vocab-parallel logits -> [b, s, vocab_size] (padding rows trimmed)."""
+    from megatron.core import parallel_state as ps
+    from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
+
+    if ps.get_tensor_model_parallel_world_size() > 1:
+        logits = gather_from_tensor_model_parallel_region(logits)
+    return logits[..., :vocab_size]
+
+
+@torch.no_grad()
+def forward_logits(chunks: list, batch: Batch, vocab_size: int) -> Optional[Tensor]:
+    """Full logits [b, s, vocab] on the last pipeline stage (None on the others)."""
+    out = forward_backward(chunks, batch, vocab_size, loss_fn=None, forward_only=True)
+    return out
+
+
+def forward_backward(chunks: list, batch: Batch, vocab_size: int, loss_fn=None, forward_only: bool = False):
+    """One micro-batch through megatron-core's schedule. `loss_fn(logits [b,s,V]) -> scalar` when training.
+
+    Returns the logits (forward only) or the loss, on the last stage; None elsewhere.
+    """
+    from megatron.core import parallel_state as ps
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    results = {}
+
+    def step(data_iter, model):
+        b = next(data_iter)
+        output = _call(model, b)
+
+        def finish(out):
+            logits = gather_vocab(out.float(), vocab_size)
+            if loss_fn is None:
+                results["logits"] = logits.detach()
+                return out.sum() * 0.0, {}
+            loss = loss_fn(logits)
+            results["loss"] = loss.detach()
+            return loss, {}
+        return output, finish
+
+    b, s = batch.input_ids.shape
+    hidden = chunks[0].config.hidden_size
+    get_forward_backward_func()(
+        forward_step_func=step, data_iterator=[iter([batch]) for _ in chunks] if len(chunks) > 1 else iter([batch]),
+        model=chunks, num_microbatches=1, seq_length=s, micro_batch_size=b, forward_only=forward_only,
+        decoder_seq_length=s)
+    del hidden
+    if not ps.is_pipeline_last_stage():
+        return None
+    return results.get("logits") if forward_only else results.get("loss")

@@ -1,0 +1,123 @@
+"""torchrun worker: megatron-core Qwen2 / Qwen2.5-VL vs HF transformers, several layouts in one launch.
+
+Usage: torchrun --nproc-per-node 2 tests/dist/parity_worker.py MODELS_JSON OUT_JSON
+MODELS_JSON maps a case name to an HF dir. For each layout (TP=1 (DP=2), TP=2, PP=2) and model it compares the
+full-vocabulary logits with HF on text and image+text inputs; at TP=2 it also compares gradients mapped back to
+HF names. Rank 0 writes the figures to OUT_JSON; pytest asserts on them.
+"""
+import json
+import sys
+import time
+
+import torch
+
+
+def hf_model(path, family):
+    from transformers import AutoModelForCausalLM, Qwen2_5_VLForConditionalGeneration
+
+    cls = Qwen2_5_VLForConditionalGeneration if family == "qwen2_5_vl" else AutoModelForCausalLM
+    return cls.from_pretrained(path, dtype=torch.float32, attn_implementation="eager").eval()
+
+
+def inputs(path, shape):
+    """A list of (name, hf_kwargs) on this model: text for all, image+text for VL (two image sizes)."""
+    g = torch.Generator().manual_seed(0)
+    cases = [("text", {"input_ids": torch.randint(20, shape.text.vocab_size, (2, 24), generator=g)})]
+    if shape.family == "qwen2_5_vl":
+        from transformers import AutoProcessor
+
+        from megatron_spark.tiny import tiny_image
+
+        proc = AutoProcessor.from_pretrained(path)
+        for i, size in enumerate([(112, 84), (84, 140)]):
+            msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "How many squares?"}]}]
+            text = proc.apply_chat_template(msgs, add_generation_prompt=True)
+            enc = proc(text=[text], images=[tiny_image(i, size)], return_tensors="pt")
+            cases.append((f"image{i}", {k: enc[k] for k in ("input_ids", "pixel_values", "image_grid_thw",
+                                                          "mm_token_type_ids")}))
+    return cases
+
+
+def main():
+    models = json.loads(open(sys.argv[1]).read())
+    out_path = sys.argv[2]
+    from megatron.core import parallel_state as ps
+
+    from megatron_spark.mapping.qwen import WeightMap
+    from megatron_spark.models.hf_config import load_hf_config
+    from megatron_spark.models.qwen import build_model
+    from megatron_spark.models.runtime import forward_backward, forward_logits, make_batch
+    from megatron_spark.models.weights import HFCheckpoint, export_megatron_to_hf, load_hf_into_megatron
+    from megatron_spark.parallel import ParallelLayout
+
+    results = {}
+    import torch.distributed as dist
+
+    for layout_name, (tp, pp) in {"tp1": (1, 1), "tp2": (2, 1), "pp2": (1, 2)}.items():
+        layout = ParallelLayout(tp=tp, pp=pp, world_size=2)
+        layout.initialize(seed=1234)
+        for case, path in models.items():
+            t0 = time.time()
+            shape = load_hf_config(path)
+            wmap = WeightMap(shape, tp=tp)
+            chunks = build_model(shape, layout, dtype=torch.float32)
+            load_hf_into_megatron(chunks, wmap, HFCheckpoint(path), ps.get_tensor_model_parallel_rank(), tp)
+            ref = hf_model(path, shape.family)
+            for inp_name, kw in inputs(path, shape):
+                batch = make_batch(shape, kw["input_ids"], kw.get("pixel_values"), kw.get("image_grid_thw"))
+                logits = forward_logits(chunks, batch, shape.text.vocab_size)
+                if logits is not None:
+                    with torch.no_grad():
+                        hf_logits = ref(**kw).logits.float()
+                    diff = (logits - hf_logits).abs().max().item()
+                    agree = bool((logits.argmax(-1) == hf_logits.argmax(-1)).all())
+                    results[f"{layout_name}/{case}/{inp_name}"] = {"max_abs_diff": diff, "argmax_equal": agree}
+            if layout_name == "tp2":  # gradients through megatron-core autograd vs HF autograd
+                for inp_name, kw in inputs(path, shape)[-1:]:
+                    ids = kw["input_ids"]
+                    labels = torch.roll(ids, -1, dims=1)
+                    batch = make_batch(shape, ids, kw.get("pixel_values"), kw.get("image_grid_thw"))
+
+                    def ce(logits):
+                        return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]),
+                                                                 labels.reshape(-1))
+                    for c in chunks:
+                        c.zero_grad(set_to_none=True)
+                    forward_backward(chunks, batch, shape.text.vocab_size, loss_fn=ce)
+                    mg_grads = export_megatron_to_hf(chunks, wmap, ps.get_tensor_model_parallel_group(), grads=True)
+                    ref.zero_grad(set_to_none=True)
+                    ce(ref(**kw).logits.float()).backward()
+                    from megatron_spark.mapping.qwen import canonical_hf_name
+
+                    hf_grads = {canonical_hf_name(n): p.grad for n, p in ref.named_parameters()
+                                if p.grad is not None}
+                    if wmap.tied and "lm_head.weight" in hf_grads:
+                        hf_grads.pop("lm_head.weight")
+                    worst, worst_name, rel_worst = 0.0, "", 0.0
+                    missing = sorted(set(hf_grads) - set(mg_grads))
+                    for n, g in mg_grads.items():
+                        d = (g - hf_grads[n]).abs().max().item()
+                        rel = d / max(hf_grads[n].abs().max().item(), 1e-12)
+                        if rel > rel_worst:
+                            worst, worst_name, rel_worst = d, n, rel
+                    results[f"grad/{case}/{inp_name}"] = {"max_abs_diff": worst, "max_rel_diff": rel_worst,
+                                                          "worst": worst_name, "n_params": len(mg_grads),
+                                                          "missing": missing}
+            if dist.get_rank() == 0:
+                print(f"[{layout_name}] {case}: {time.time() - t0:.1f}s", flush=True)
+            del chunks
+        ps.destroy_model_parallel()
+    gathered = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, results)
+    if dist.get_rank() == 0:
+        merged = {}
+        for r in gathered:
+            merged.update(r)
+        with open(out_path, "w") as f:
+            json.dump(merged, f, indent=1)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
