@@ -12,32 +12,6 @@ import time
 import torch
 
 
-def hf_model(path, family):
-    from transformers import AutoModelForCausalLM, Qwen2_5_VLForConditionalGeneration
-
-    cls = Qwen2_5_VLForConditionalGeneration if family == "qwen2_5_vl" else AutoModelForCausalLM
-    return cls.from_pretrained(path, dtype=torch.float32, attn_implementation="eager").eval()
-
-
-def inputs(path, shape):
-    """A list of (name, hf_kwargs) on this model: text for all, image+text for VL (two image sizes)."""
-    g = torch.Generator().manual_seed(0)
-    cases = [("text", {"input_ids": torch.randint(20, shape.text.vocab_size, (2, 24), generator=g)})]
-    if shape.family == "qwen2_5_vl":
-        from transformers import AutoProcessor
-
-        from megatron_spark.tiny import tiny_image
-
-        proc = AutoProcessor.from_pretrained(path)
-        for i, size in enumerate([(112, 84), (84, 140)]):
-            msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "How many squares?"}]}]
-            text = proc.apply_chat_template(msgs, add_generation_prompt=True)
-            enc = proc(text=[text], images=[tiny_image(i, size)], return_tensors="pt")
-            cases.append((f"image{i}", {k: enc[k] for k in ("input_ids", "pixel_values", "image_grid_thw",
-                                                          "mm_token_type_ids")}))
-    return cases
-
-
 def main():
     models = json.loads(open(sys.argv[1]).read())
     out_path = sys.argv[2]
@@ -46,7 +20,8 @@ def main():
     from megatron_spark.mapping.qwen import WeightMap
     from megatron_spark.models.hf_config import load_hf_config
     from megatron_spark.models.qwen import build_model
-    from megatron_spark.models.runtime import forward_backward, forward_logits, make_batch
+    from megatron_spark.models.parity import compare_logits, hf_reference, sample_inputs, to_batch
+    from megatron_spark.models.runtime import forward_backward
     from megatron_spark.models.weights import HFCheckpoint, export_megatron_to_hf, load_hf_into_megatron
     from megatron_spark.parallel import ParallelLayout
 
@@ -62,21 +37,14 @@ def main():
             wmap = WeightMap(shape, tp=tp)
             chunks = build_model(shape, layout, dtype=torch.float32)
             load_hf_into_megatron(chunks, wmap, HFCheckpoint(path), ps.get_tensor_model_parallel_rank(), tp)
-            ref = hf_model(path, shape.family)
-            for inp_name, kw in inputs(path, shape):
-                batch = make_batch(shape, kw["input_ids"], kw.get("pixel_values"), kw.get("image_grid_thw"))
-                logits = forward_logits(chunks, batch, shape.text.vocab_size)
-                if logits is not None:
-                    with torch.no_grad():
-                        hf_logits = ref(**kw).logits.float()
-                    diff = (logits - hf_logits).abs().max().item()
-                    agree = bool((logits.argmax(-1) == hf_logits.argmax(-1)).all())
-                    results[f"{layout_name}/{case}/{inp_name}"] = {"max_abs_diff": diff, "argmax_equal": agree}
+            ref = hf_reference(path, shape.family)
+            inputs = sample_inputs(path, shape)
+            for inp_name, r in compare_logits(chunks, shape, ref, inputs).items():
+                results[f"{layout_name}/{case}/{inp_name}"] = r
             if layout_name == "tp2":  # gradients through megatron-core autograd vs HF autograd
-                for inp_name, kw in inputs(path, shape)[-1:]:
-                    ids = kw["input_ids"]
-                    labels = torch.roll(ids, -1, dims=1)
-                    batch = make_batch(shape, ids, kw.get("pixel_values"), kw.get("image_grid_thw"))
+                for inp_name, kw in inputs[-1:]:
+                    labels = torch.roll(kw["input_ids"], -1, dims=1)
+                    batch = to_batch(shape, kw)
 
                     def ce(logits):
                         return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]),

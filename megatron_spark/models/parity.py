@@ -1,0 +1,56 @@
+"""HF transformers as the numerical oracle: sample inputs and a logit comparison of a megatron model against HF.
+
+Used by the parity tests, the `make run` smoke demo and tools/convert/verify.py.
+"""
+from __future__ import annotations
+
+import torch
+
+from megatron_spark.models.hf_config import ModelShape
+from megatron_spark.models.runtime import forward_logits, make_batch
+
+
+def hf_reference(path: str, family: str):
+    from transformers import AutoModelForCausalLM, Qwen2_5_VLForConditionalGeneration
+
+    cls = Qwen2_5_VLForConditionalGeneration if family == "qwen2_5_vl" else AutoModelForCausalLM
+    return cls.from_pretrained(path, dtype=torch.float32, attn_implementation="eager").eval()
+
+
+def sample_inputs(path: str, shape: ModelShape, text_len: int = 24) -> list[tuple[str, dict]]:
+    """(name, HF forward kwargs): random text for every model; chat + image prompts (two sizes) for VL."""
+    g = torch.Generator().manual_seed(0)
+    # Ids above the special-token range, so random text never contains image placeholders.
+    cases = [("text", {"input_ids": torch.randint(20, shape.text.vocab_size, (2, text_len), generator=g)})]
+    if shape.family == "qwen2_5_vl":
+        from transformers import AutoProcessor
+
+        from megatron_spark.tiny import tiny_image
+
+        proc = AutoProcessor.from_pretrained(path)
+        for i, size in enumerate([(112, 84), (84, 140)]):
+            msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "How many squares?"}]}]
+            text = proc.apply_chat_template(msgs, add_generation_prompt=True)
+            enc = proc(text=[text], images=[tiny_image(i, size)], return_tensors="pt")
+            cases.append((f"image{i}", {k: enc[k] for k in ("input_ids", "pixel_values", "image_grid_thw",
+                                                          "mm_token_type_ids")}))
+    return cases
+
+
+def to_batch(shape: ModelShape, kw: dict):
+    return make_batch(shape, kw["input_ids"], kw.get("pixel_values"), kw.get("image_grid_thw"))
+
+
+def compare_logits(chunks, shape: ModelShape, ref, inputs) -> dict[str, dict]:
+    """Max |logit difference| and argmax agreement per input (filled on the last pipeline stage only)."""
+    out = {}
+    for name, kw in inputs:
+        logits = forward_logits(chunks, to_batch(shape, kw), shape.text.vocab_size)
+        if logits is None:
+            continue
+        with torch.no_grad():
+            hf_logits = ref(**kw).logits.float()
+        out[name] = {"max_abs_diff": (logits - hf_logits).abs().max().item(),
+                     "argmax_equal": bool((logits.argmax(-1) == hf_logits.argmax(-1)).all()),
+                     "tokens": int(kw["input_ids"].numel())}
+    return out

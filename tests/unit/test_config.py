@@ -1,0 +1,83 @@
+"""Config loading, dotted overrides and the validation errors users hit first."""
+import pytest
+
+from megatron_spark.config import SparkConfig, load_config
+
+
+def test_defaults_validate():
+    load_config().validate(world_size=8)
+
+
+def test_yaml_and_overrides(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("rollout:\n  temperature: 0.7\ntraining:\n  lr: 1.0e-6\n")
+    cfg = load_config(p, ["rollout.n_samples_per_prompt=4", "parallel.tensor_model_parallel_size=2",
+                          "algorithm.recycle.judge_cap=16", "model.hf_dir=null"])
+    assert cfg.rollout.temperature == 0.7 and cfg.training.lr == 1e-6
+    assert cfg.rollout.n_samples_per_prompt == 4 and cfg.parallel.tensor_model_parallel_size == 2
+    assert cfg.algorithm.recycle.judge_cap == 16 and cfg.model.hf_dir is None
+    assert isinstance(cfg, SparkConfig)
+
+
+def _bad(overrides, world_size=None, **model):
+    cfg = load_config(None, overrides)
+    for k, v in model.items():
+        setattr(cfg.model, k, v)
+    with pytest.raises(ValueError) as e:
+        cfg.validate(world_size)
+    return str(e.value)
+
+
+CASES = [
+    # (overrides, model fields, world size, expected fragments)
+    (["parallel.tensor_model_parallel_size=3"], {"num_key_value_heads": 8}, None,
+     ["parallel.tensor_model_parallel_size", "does not divide the model's 8 KV heads"]),
+    (["parallel.pipeline_model_parallel_size=8"], {"num_layers": 4}, None,
+     ["parallel.pipeline_model_parallel_size", "exceeds the model's 4 layers"]),
+    (["model.family=qwen3"], {}, None, ["model.family", "unknown model family 'qwen3'", "qwen2"]),
+    (["parallel.tensor_model_parallel_size=4"], {}, 6, ["world size 6 is not a multiple of TP*PP*CP=4"]),
+    (["rollout.n_samples_per_prompt=1"], {}, None, ["rollout.n_samples_per_prompt", "at least 2 samples"]),
+    (["algorithm.recycle.pointwise_prob_mixed=1.5"], {}, None,
+     ["algorithm.recycle.pointwise_prob_mixed", "probability"]),
+    (["training.global_batch_size=60"], {}, None, ["training.global_batch_size", "multiple of"]),
+    (["parallel.virtual_pipeline_model_parallel_size=2"], {}, None,
+     ["parallel.virtual_pipeline_model_parallel_size", "pipeline_model_parallel_size > 1"]),
+    (["rollout.top_p=0"], {}, None, ["rollout.top_p", "(0, 1]"]),
+    (["data.train_file=/nonexistent/train.json"], {}, None, ["data.train_file", "does not exist"]),
+    (["parallel.sequence_parallel=true"], {}, None, ["parallel.sequence_parallel", "needs TP > 1"]),
+    (["rollout.max_model_len=100"], {}, None, ["rollout.max_model_len"]),
+    (["parallel.tensor_model_parallel_size=4"], {"vision_num_heads": 6}, None, ["vision tower's 6 heads"]),
+]
+
+
+@pytest.mark.parametrize("overrides,model,world,fragments", CASES)
+def test_validation_errors_name_field_and_fix(overrides, model, world, fragments):
+    msg = _bad(overrides, world, **model)
+    for f in fragments:
+        assert f in msg, msg
+
+
+def test_unknown_field_suggests_the_right_one():
+    with pytest.raises(ValueError, match=r"rollout.tmperature.*did you mean 'rollout.temperature'"):
+        load_config(None, ["rollout.tmperature=0.5"])
+
+
+def test_type_errors_name_the_field():
+    with pytest.raises(ValueError, match=r"training.micro_batch_size.*expected an integer"):
+        load_config(None, ["training.micro_batch_size=abc"])
+    with pytest.raises(ValueError, match=r"model.dtype.*choose one of"):
+        load_config(None, ["model.dtype=fp8"])
+
+
+def test_override_syntax_and_missing_file(tmp_path):
+    with pytest.raises(ValueError, match="section.field=value"):
+        load_config(None, ["training.lr"])
+    with pytest.raises(ValueError, match="does not exist"):
+        load_config(tmp_path / "nope.yaml")
+
+
+def test_example_configs_validate():
+    from pathlib import Path
+
+    for p in sorted(Path(__file__).resolve().parents[2].glob("examples/*.yaml")):
+        load_config(p).validate()

@@ -1,0 +1,37 @@
+"""Our Qwen2.5-VL index arithmetic against transformers' own helpers (the numerical oracle)."""
+import torch
+
+from megatron_spark.models.hf_config import load_hf_config
+from megatron_spark.models.vision import mrope_position_ids, vision_rotary_freqs, vision_window_index
+
+
+def test_window_index_and_rope_positions_match_hf(tiny_models):
+    from transformers.vision_utils import get_vision_window_index
+
+    shape = load_hf_config(tiny_models["vl_untied"])
+    v = shape.vision
+    grid = torch.tensor([[1, 6, 8], [1, 10, 4], [1, 4, 4]])
+    ours_idx, ours_cu = vision_window_index(grid, v)
+    hf_idx, hf_cu = get_vision_window_index(grid, v.spatial_merge_size, v.window_size, v.patch_size)
+    assert torch.equal(ours_idx, hf_idx)
+    assert ours_cu.tolist() == hf_cu.tolist()
+    assert vision_rotary_freqs(grid, v).shape == (int(grid.prod(-1).sum()), v.hidden_size // v.num_heads)
+
+
+def test_mrope_positions_match_hf_get_rope_index(tiny_models):
+    from transformers import AutoProcessor, Qwen2_5_VLForConditionalGeneration
+
+    from megatron_spark.tiny import tiny_image
+
+    path = tiny_models["vl_untied"]
+    shape = load_hf_config(path)
+    proc = AutoProcessor.from_pretrained(path)
+    msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "count"}, {"type": "image"}]}]
+    text = proc.apply_chat_template(msgs, add_generation_prompt=True)
+    enc = proc(text=[text], images=[tiny_image(0, (112, 84)), tiny_image(1, (56, 140))], return_tensors="pt")
+    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(path)
+    hf_pos, _ = model.model.get_rope_index(enc["input_ids"], enc["mm_token_type_ids"],
+                                           image_grid_thw=enc["image_grid_thw"])
+    ours = mrope_position_ids(enc["input_ids"], enc["image_grid_thw"], shape.image_token_id,
+                              shape.vision.spatial_merge_size)
+    assert torch.equal(ours, hf_pos)
