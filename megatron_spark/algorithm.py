@@ -1,0 +1,95 @@
+"""GRPO pieces as pure tensor functions: group advantages, PPO-clip policy loss, k3 KL, entropy.
+
+Shapes: per-sample tensors are [N]; per-token tensors are [N, T] with a `mask` [N, T] (1 = response token).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Hashable, Literal, Sequence
+
+import torch
+from torch import Tensor
+
+
+def group_advantages(rewards: Tensor, prompt_ids: Sequence[Hashable], std: Literal["unbiased", "population"] =
+                     "unbiased", eps: float = 1e-9) -> Tensor:
+    """A_i = (r_i - mean_g r) / (std_g r + eps) over the samples that share a prompt id (any order, any sizes).
+
+    `unbiased` uses the n-1 estimator as SPARK/OpenRLHF do; a group whose rewards are all equal gets A = 0.
+    A group of one sample has no spread to normalise by and gets A = 0.
+    """
+    if rewards.dim() != 1 or rewards.numel() != len(prompt_ids):
+        raise ValueError(f"group_advantages: rewards {tuple(rewards.shape)} must be [N] with N = "
+                         f"{len(prompt_ids)} prompt ids")
+    index: dict[Hashable, int] = {}
+    groups = torch.tensor([index.setdefault(p, len(index)) for p in prompt_ids], device=rewards.device)
+    r = rewards.double()
+    G = len(index)
+    count = torch.zeros(G, dtype=r.dtype, device=r.device).index_add_(0, groups, torch.ones_like(r))
+    mean = torch.zeros(G, dtype=r.dtype, device=r.device).index_add_(0, groups, r) / count
+    dev = r - mean[groups]
+    sq = torch.zeros(G, dtype=r.dtype, device=r.device).index_add_(0, groups, dev * dev)
+    denom = (count - 1).clamp(min=1) if std == "unbiased" else count
+    sd = (sq / denom).sqrt()
+    adv = dev / (sd[groups] + eps)
+    adv = torch.where(count[groups] > 1, adv, torch.zeros_like(adv))
+    return adv.to(rewards.dtype)
+
+
+def masked_mean(x: Tensor, mask: Tensor, reduction: Literal["token_mean", "seq_mean"] = "token_mean") -> Tensor:
+    """token_mean: mean over all valid tokens of the batch; seq_mean: mean over sequences of per-sequence means."""
+    mask = mask.to(x.dtype)
+    if reduction == "token_mean":
+        return (x * mask).sum() / mask.sum().clamp(min=1)
+    per_seq = (x * mask).sum(-1) / mask.sum(-1).clamp(min=1)
+    return per_seq.mean()
+
+
+@dataclass
+class LossOutput:
+    loss: Tensor
+    policy_loss: Tensor
+    kl: Tensor
+    entropy: Tensor
+    clip_fraction: Tensor
+
+
+def policy_loss(logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor, eps_low: float = 0.2,
+                eps_high: float = 0.2, reduction: Literal["token_mean", "seq_mean"] = "token_mean"
+                ) -> tuple[Tensor, Tensor]:
+    """PPO-clip: -min(rho*A, clip(rho, 1-eps_low, 1+eps_high)*A) per token; returns (loss, clip fraction).
+
+    `advantages` is [N] (broadcast over the response) or [N, T]. eps_low != eps_high gives asymmetric clipping.
+    """
+    adv = advantages.unsqueeze(-1) if advantages.dim() == 1 else advantages
+    ratio = torch.exp(logp - old_logp)
+    unclipped = ratio * adv
+    clipped = ratio.clamp(1.0 - eps_low, 1.0 + eps_high) * adv
+    per_token = -torch.minimum(unclipped, clipped)
+    clip_frac = masked_mean((clipped < unclipped).to(logp.dtype), mask, "token_mean")
+    return masked_mean(per_token, mask, reduction), clip_frac.detach()
+
+
+def kl_k3(logp: Tensor, ref_logp: Tensor) -> Tensor:
+    """Per-token k3 estimator of KL(pi || ref): exp(ref - logp) - 1 - (ref - logp) >= 0."""
+    d = ref_logp - logp
+    return torch.exp(d) - 1.0 - d
+
+
+def entropy_from_logits(logits: Tensor) -> Tensor:
+    """Per-token entropy [..., ] of the categorical distribution given by logits [..., V]."""
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    return -(logp.exp() * logp).sum(-1)
+
+
+def grpo_loss(logp: Tensor, old_logp: Tensor, ref_logp: Tensor | None, advantages: Tensor, mask: Tensor, *,
+              eps_low: float = 0.2, eps_high: float = 0.2, kl_coef: float = 1e-3, entropy: Tensor | None = None,
+              entropy_coef: float = 0.0, reduction: Literal["token_mean", "seq_mean"] = "token_mean") -> LossOutput:
+    """loss = PPO-clip + kl_coef * k3 KL - entropy_coef * entropy, all masked and reduced the same way."""
+    pl, clip_frac = policy_loss(logp, old_logp, advantages, mask, eps_low, eps_high, reduction)
+    zero = logp.new_zeros(())
+    kl = masked_mean(kl_k3(logp, ref_logp), mask, reduction) if ref_logp is not None else zero
+    ent = masked_mean(entropy, mask, reduction) if entropy is not None else zero
+    loss = pl + kl_coef * kl - entropy_coef * ent
+    return LossOutput(loss=loss, policy_loss=pl.detach(), kl=kl.detach(), entropy=ent.detach(),
+                      clip_fraction=clip_frac)

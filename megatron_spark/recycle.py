@@ -1,0 +1,168 @@
+"""SPARK's recycling: one batch of rollouts and their 0/1 rewards -> new verifiable tasks for the same model.
+
+Per prompt group (spark_method.md 1.3):
+- all correct -> pointwise judgement of a correct answer (label Yes / A);
+- all wrong   -> pointwise judgement of a wrong answer (label No / B);
+- mixed       -> pointwise (probability `pointwise_prob_mixed`, the judged answer's class drawn uniformly) or
+                 pairwise with one correct and one wrong answer, the correct one in a random slot (label A / B);
+- at least one wrong -> a reflection task whose label is the ground truth: the first `cot_fraction` of the batch's
+  groups carry a wrong response's full reasoning, the rest only its boxed answer.
+Judge prompts carry the extracted answers (not the reasoning), as SPARK does. At most `judge_cap` judge and
+`reflection_cap` reflection tasks are kept per batch (random subset). Groups are keyed by prompt id, never by
+position in a flat batch. Deterministic for a given `random.Random`.
+"""
+from __future__ import annotations
+
+import json
+import random
+from collections import deque
+from dataclasses import asdict, dataclass, field
+from typing import Hashable, Literal, Optional, Sequence
+
+from megatron_spark.reward import extract_boxed
+from megatron_spark.templates import TemplateBank, strip_suffix
+
+Kind = Literal["pointwise", "pairwise", "reflection_cot", "reflection_ans"]
+
+
+@dataclass
+class Group:
+    """One prompt and its n rollouts."""
+    prompt_id: Hashable
+    question: str
+    answer: str
+    responses: list[str]
+    rewards: list[float]
+    image: Optional[str] = None
+
+
+@dataclass
+class AuxTask:
+    kind: Kind
+    prompt: str
+    answer: str                   # the label the verifier checks the new rollouts against
+    image: Optional[str]
+    source_prompt_id: Hashable
+    source_correct: Optional[bool] = None  # pointwise: was the judged answer correct (for judge accuracy)
+
+    def to_record(self, max_pixels: int = 1048576) -> dict:
+        """The Spark training-data format: a JSON-stringified chat `message` and the `answer`."""
+        content: list[dict] = []
+        if self.image is not None:
+            content.append({"type": "image", "image": self.image, "max_pixels": max_pixels})
+        content.append({"type": "text", "text": self.prompt})
+        return {"message": json.dumps([{"role": "user", "content": content}]), "answer": self.answer}
+
+
+@dataclass(frozen=True)
+class RecycleSettings:
+    pointwise_prob_mixed: float = 0.3
+    judge_cap: int = 32
+    reflection_cap: int = 32
+    cot_fraction: float = 0.5
+
+    @classmethod
+    def from_config(cls, rc) -> "RecycleSettings":
+        return cls(rc.pointwise_prob_mixed, rc.judge_cap, rc.reflection_cap, rc.cot_fraction)
+
+
+def _pointwise(g: Group, q: str, ans: str, correct: bool, bank: TemplateBank, rng: random.Random) -> AuxTask:
+    t = bank.sample("pointwise", rng)
+    if t.label_type == "yesno":
+        label = "Yes" if correct else "No"
+    else:
+        label = "A" if correct else "B"
+    return AuxTask("pointwise", t.render(question=q, answer=ans), label, g.image, g.prompt_id, correct)
+
+
+def _pairwise(g: Group, q: str, good: str, bad: str, bank: TemplateBank, rng: random.Random) -> AuxTask:
+    t = bank.sample("pairwise", rng)
+    if rng.random() < 0.5:
+        text, label = t.render(question=q, answer_a=good, answer_b=bad), "A"
+    else:
+        text, label = t.render(question=q, answer_a=bad, answer_b=good), "B"
+    return AuxTask("pairwise", text, label, g.image, g.prompt_id)
+
+
+def judge_task(g: Group, bank: TemplateBank, s: RecycleSettings, rng: random.Random) -> Optional[AuxTask]:
+    q = strip_suffix(g.question)
+    answers = [extract_boxed(r) for r in g.responses]
+    ok = [r >= 0.5 for r in g.rewards]
+    good = [a for a, c in zip(answers, ok) if c and a is not None]
+    bad = [a for a, c in zip(answers, ok) if not c and a is not None]
+    if all(ok):
+        return _pointwise(g, q, good[0], True, bank, rng) if good else None
+    if not any(ok):
+        return _pointwise(g, q, rng.choice(bad), False, bank, rng) if bad else None
+    if rng.random() < s.pointwise_prob_mixed:
+        correct = rng.random() < 0.5
+        pool = good if correct else bad
+        if not pool:  # that class has no boxed answer to show; judge the other class instead
+            correct, pool = not correct, (bad if correct else good)
+        return _pointwise(g, q, rng.choice(pool), correct, bank, rng) if pool else None
+    if not good or not bad:
+        return None
+    return _pairwise(g, q, rng.choice(good), rng.choice(bad), bank, rng)
+
+
+def reflection_task(g: Group, use_cot: bool, bank: TemplateBank, rng: random.Random) -> Optional[AuxTask]:
+    wrong = [i for i, r in enumerate(g.rewards) if r < 0.5]
+    if not wrong:
+        return None
+    q = strip_suffix(g.question)
+    if use_cot:
+        i = rng.choice(wrong)
+        t = bank.sample("reflection_cot", rng)
+        return AuxTask("reflection_cot", t.render(question=q, cot=g.responses[i].strip()), g.answer, g.image,
+                       g.prompt_id)
+    boxed = [a for a in (extract_boxed(g.responses[i]) for i in wrong) if a is not None]
+    if not boxed:
+        return None
+    t = bank.sample("reflection_ans", rng)
+    return AuxTask("reflection_ans", t.render(question=q, answer=rng.choice(boxed)), g.answer, g.image, g.prompt_id)
+
+
+def recycle(groups: Sequence[Group], bank: TemplateBank, s: RecycleSettings, rng: random.Random) -> list[AuxTask]:
+    """Judge tasks then reflection tasks built from one infer-period batch (see the module docstring)."""
+    judge = [t for g in groups if (t := judge_task(g, bank, s, rng)) is not None]
+    n_cot = int(round(s.cot_fraction * len(groups)))
+    refl = [t for i, g in enumerate(groups) if (t := reflection_task(g, i < n_cot, bank, rng)) is not None]
+    if len(judge) > s.judge_cap:
+        judge = rng.sample(judge, s.judge_cap)
+    if len(refl) > s.reflection_cap:
+        refl = rng.sample(refl, s.reflection_cap)
+    return judge + refl
+
+
+@dataclass
+class AuxQueue:
+    """FIFO of recycled tasks; releases a reward-period batch when it holds `batch_size`. Reset every episode, as
+    SPARK does, so tasks from one pass over the data never leak into the next."""
+    batch_size: int
+    episode: Optional[int] = None
+    items: deque = field(default_factory=deque)
+
+    def start_episode(self, episode: int) -> None:
+        if episode != self.episode:
+            self.items.clear()
+            self.episode = episode
+
+    def push(self, tasks: Sequence[AuxTask]) -> None:
+        if self.episode is None:
+            raise RuntimeError("AuxQueue.push before start_episode")
+        self.items.extend(tasks)
+
+    def pop_batch(self) -> Optional[list[AuxTask]]:
+        if len(self.items) < self.batch_size:
+            return None
+        return [self.items.popleft() for _ in range(self.batch_size)]
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def state_dict(self) -> dict:
+        return {"batch_size": self.batch_size, "episode": self.episode, "items": [asdict(t) for t in self.items]}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.batch_size, self.episode = state["batch_size"], state["episode"]
+        self.items = deque(AuxTask(**t) for t in state["items"])

@@ -1,0 +1,218 @@
+"""Verifiable 0/1 rewards: the final `\\boxed{}` answer of a response, checked against the gold with math-verify.
+
+Decisions (defaults, all configurable through `VerifierConfig`):
+- The answer is the content of the LAST brace-balanced `\\boxed{...}`: the prompt asks the model to *repeat* its
+  final answer in a box, so earlier boxes are intermediate. SPARK's training regex behaves the same way.
+- `\\box{...}` is accepted too (`accept_box_alias`): SPARK's own judge templates ask for `\\box{}` yet its verifier
+  only rewarded `\\boxed{}`, silently teaching a format the prompt did not ask for.
+- Yes/No/A/B labels compare case-insensitively (`labels_case_insensitive`): `\\boxed{yes}` is a correct verdict;
+  the letter/word carries the judgement, not its case.
+- Equivalence: labels by normalised string; otherwise math-verify with the gold wrapped in `$...$` (bare LaTeX gold
+  parses to nothing), string extraction for letter answers, then a normalised string comparison as fallback.
+
+math-verify's own timeouts use SIGALRM and fail off the main thread, so they are disabled and every check runs in
+a `RewardPool` worker process with a hard per-item deadline: a pathological answer costs at most the limit, its
+worker is killed and replaced, and the item scores 0.
+"""
+from __future__ import annotations
+
+import logging
+import multiprocessing as mp
+import re
+import time
+from dataclasses import dataclass
+from multiprocessing.connection import wait
+from typing import Optional, Sequence
+
+LABELS = {"yes", "no", "a", "b", "c", "d", "e"}
+
+
+@dataclass(frozen=True)
+class VerifierConfig:
+    accept_box_alias: bool = True
+    labels_case_insensitive: bool = True
+
+
+def _balanced(text: str, start: int) -> Optional[tuple[str, int]]:
+    """Content of the brace group opening at text[start] == '{', and the index after it."""
+    depth = 0
+    for i in range(start, len(text)):
+        c = text[i]
+        if c == "{":
+            depth += 1
+        elif c == "}":
+            depth -= 1
+            if depth == 0:
+                return text[start + 1:i], i + 1
+    return None
+
+
+def extract_boxed(text: str, accept_box_alias: bool = True) -> Optional[str]:
+    """The content of the last complete `\\boxed{...}` (or `\\box{...}`), or None."""
+    pattern = r"\\boxed\s*\{|\\box\s*\{" if accept_box_alias else r"\\boxed\s*\{"
+    found = None
+    pos = 0
+    while True:
+        m = re.compile(pattern).search(text, pos)
+        if not m:
+            return found
+        got = _balanced(text, m.end() - 1)
+        if got is None:
+            return found
+        found, pos = got[0].strip(), got[1]
+
+
+def normalize(ans: str) -> str:
+    s = ans.strip()
+    for _ in range(3):  # \text{...}, \mathrm{...}, \textbf{...} wrappers, possibly nested
+        s = re.sub(r"\\(?:text|mathrm|textbf|mathbf)\s*\{([^{}]*)\}", r"\1", s)
+    s = s.replace("$", "").replace("\\!", "").replace("\\,", "").replace("\\ ", "")
+    s = re.sub(r"\s+", "", s)
+    s = s.rstrip(".")
+    if re.fullmatch(r"\(?[A-Ea-e]\)?[.:]?", s):  # "(A)", "A.", "A:" -> "A"
+        s = re.sub(r"[().:]", "", s)
+    return s
+
+
+def is_label(gold: str) -> bool:
+    return normalize(gold).lower() in LABELS
+
+
+def check(pred: Optional[str], gold: str, cfg: VerifierConfig = VerifierConfig()) -> bool:
+    """Is the extracted prediction equivalent to the gold answer? (No timeout here: run it in a RewardPool.)"""
+    if pred is None or not gold.strip():
+        return False
+    p, g = normalize(pred), normalize(gold)
+    if is_label(gold):
+        return p.lower() == g.lower() if cfg.labels_case_insensitive else p == g
+    if p == g:
+        return True
+    try:
+        from math_verify import ExprExtractionConfig, LatexExtractionConfig, StringExtractionConfig, parse, verify
+
+        extraction = [StringExtractionConfig(), LatexExtractionConfig(), ExprExtractionConfig()]
+        gold_parsed = parse(f"${gold}$", extraction_config=extraction, parsing_timeout=None)
+        pred_parsed = parse(f"${pred}$", extraction_config=extraction, parsing_timeout=None)
+        if gold_parsed and pred_parsed and verify(gold_parsed, pred_parsed, timeout_seconds=None):
+            return True
+    except Exception:  # a parser crash on odd LaTeX is a wrong answer, never a crashed run
+        return False
+    return False
+
+
+def score(response: str, gold: str, cfg: VerifierConfig = VerifierConfig()) -> float:
+    return 1.0 if check(extract_boxed(response, cfg.accept_box_alias), gold, cfg) else 0.0
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Process pool with hard per-item deadlines
+
+
+def _worker(conn, cfg: VerifierConfig) -> None:
+    logging.getLogger("math_verify").setLevel(logging.CRITICAL)
+    for name in ("math_verify.parser", "math_verify.grader"):
+        logging.getLogger(name).setLevel(logging.CRITICAL)
+    while True:
+        try:
+            item = conn.recv()
+        except EOFError:
+            return
+        if item is None:
+            return
+        idx, response, gold = item
+        try:
+            conn.send((idx, score(response, gold, cfg)))
+        except Exception:
+            conn.send((idx, 0.0))
+
+
+@dataclass
+class PoolStats:
+    items: int = 0
+    timeouts: int = 0
+    seconds: float = 0.0
+    worst_item_s: float = 0.0
+
+
+class RewardPool:
+    """`workers` processes scoring (response, gold) pairs; any item over `timeout_s` scores 0 and its worker is
+    replaced. Deterministic output order; safe to call from any thread."""
+
+    def __init__(self, workers: int = 2, timeout_s: float = 5.0, cfg: VerifierConfig = VerifierConfig()):
+        if workers < 1:
+            raise ValueError(f"RewardPool: workers must be >= 1, got {workers}")
+        if timeout_s <= 0:
+            raise ValueError(f"RewardPool: timeout_s must be > 0, got {timeout_s}")
+        self.timeout_s, self.cfg = timeout_s, cfg
+        self._ctx = mp.get_context("spawn")  # fork is unsafe in a process that runs torch threads
+        self._procs = [self._spawn() for _ in range(workers)]
+        self.stats = PoolStats()
+
+    def _spawn(self):
+        parent, child = self._ctx.Pipe()
+        proc = self._ctx.Process(target=_worker, args=(child, self.cfg), daemon=True)
+        proc.start()
+        child.close()
+        return proc, parent
+
+    def score(self, responses: Sequence[str], golds: Sequence[str]) -> list[float]:
+        if len(responses) != len(golds):
+            raise ValueError(f"RewardPool.score: {len(responses)} responses but {len(golds)} gold answers")
+        t0 = time.monotonic()
+        out: list[Optional[float]] = [None] * len(responses)
+        todo = list(range(len(responses)))[::-1]
+        busy: dict[int, tuple[int, float]] = {}  # worker slot -> (item, started)
+        while todo or busy:
+            for slot in range(len(self._procs)):
+                if slot not in busy and todo:
+                    i = todo.pop()
+                    self._procs[slot][1].send((i, responses[i], golds[i]))
+                    busy[slot] = (i, time.monotonic())
+            now = time.monotonic()
+            deadline = min(start for _, start in busy.values()) + self.timeout_s
+            ready = wait([self._procs[s][1] for s in busy], timeout=max(0.0, deadline - now))
+            for slot in list(busy):
+                conn = self._procs[slot][1]
+                i, start = busy[slot]
+                if conn in ready:
+                    try:
+                        _, value = conn.recv()
+                    except EOFError:  # the worker died (e.g. recursion crash in a parser): score 0, replace it
+                        value = 0.0
+                        self._replace(slot)
+                    out[i] = value
+                    del busy[slot]
+                    self.stats.worst_item_s = max(self.stats.worst_item_s, time.monotonic() - start)
+                elif time.monotonic() - start >= self.timeout_s:
+                    out[i] = 0.0
+                    self.stats.timeouts += 1
+                    self._replace(slot)
+                    del busy[slot]
+                    self.stats.worst_item_s = max(self.stats.worst_item_s, time.monotonic() - start)
+        self.stats.items += len(responses)
+        self.stats.seconds += time.monotonic() - t0
+        return [float(x) for x in out]
+
+    def _replace(self, slot: int) -> None:
+        proc, conn = self._procs[slot]
+        proc.kill()
+        proc.join(timeout=5)
+        conn.close()
+        self._procs[slot] = self._spawn()
+
+    def close(self) -> None:
+        for proc, conn in self._procs:
+            try:
+                conn.send(None)
+            except (BrokenPipeError, OSError):
+                pass
+            proc.join(timeout=2)
+            if proc.is_alive():
+                proc.kill()
+        self._procs = []
+
+    def __enter__(self) -> "RewardPool":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

@@ -1,0 +1,140 @@
+"""Recycling: every branch by hand, and properties over random batches."""
+import random
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from megatron_spark.recycle import AuxQueue, Group, RecycleSettings, judge_task, recycle, reflection_task
+from megatron_spark.templates import Template, TemplateBank, DEFAULT_TEMPLATES
+
+BANK = TemplateBank.default()
+YESNO = TemplateBank({**DEFAULT_TEMPLATES, "pointwise": [t for t in DEFAULT_TEMPLATES["pointwise"]
+                                                         if t.label_type == "yesno"]})
+
+
+def grp(rewards, answers=None, pid=0, image=None):
+    answers = answers or [str(i) for i in range(len(rewards))]
+    return Group(pid, "What is x?\nPlease first conduct reasoning, and then answer the question. Repeat the final "
+                      "answer using a '\\boxed{}'.", "7", [f"work... \\boxed{{{a}}}" for a in answers],
+                 rewards, image)
+
+
+def test_all_correct_gives_positive_pointwise_on_first_answer():
+    t = judge_task(grp([1, 1, 1], ["7", "7.0", "14/2"]), YESNO, RecycleSettings(), random.Random(0))
+    assert t.kind == "pointwise" and t.answer == "Yes" and t.source_correct
+    assert "Proposed answer:\n7\n" in t.prompt and "Please first conduct" not in t.prompt
+
+
+def test_all_wrong_gives_negative_pointwise():
+    t = judge_task(grp([0, 0], ["3", "4"]), YESNO, RecycleSettings(), random.Random(0))
+    assert t.kind == "pointwise" and t.answer == "No" and t.source_correct is False
+
+
+def test_ab_template_labels():
+    ab = TemplateBank({**DEFAULT_TEMPLATES, "pointwise": [Template("{question} {answer}", "ab")]})
+    assert judge_task(grp([1, 1]), ab, RecycleSettings(), random.Random(0)).answer == "A"
+    assert judge_task(grp([0, 0]), ab, RecycleSettings(), random.Random(0)).answer == "B"
+
+
+def test_mixed_group_pointwise_or_pairwise_by_probability():
+    g = grp([1, 0, 0, 1], ["7", "3", "4", "7"])
+    kinds = [judge_task(g, YESNO, RecycleSettings(pointwise_prob_mixed=p), random.Random(s)).kind
+             for p in (0.0, 1.0) for s in range(20)]
+    assert set(kinds[:20]) == {"pairwise"} and set(kinds[20:]) == {"pointwise"}
+    for s in range(20):
+        t = judge_task(g, YESNO, RecycleSettings(pointwise_prob_mixed=0.0), random.Random(s))
+        correct_slot = "(A) 7" if t.answer == "A" else "(B) 7"
+        assert correct_slot in t.prompt
+    slots = {judge_task(g, YESNO, RecycleSettings(pointwise_prob_mixed=0.0), random.Random(s)).answer
+             for s in range(20)}
+    assert slots == {"A", "B"}
+
+
+def test_reflection_modes_and_sources():
+    g = grp([1, 0], ["7", "3"])
+    cot = reflection_task(g, True, BANK, random.Random(0))
+    assert cot.kind == "reflection_cot" and cot.answer == "7" and "work... \\boxed{3}" in cot.prompt
+    ans = reflection_task(g, False, BANK, random.Random(0))
+    assert ans.kind == "reflection_ans" and "\n3\n" in ans.prompt and "work..." not in ans.prompt
+    assert reflection_task(grp([1, 1]), True, BANK, random.Random(0)) is None
+    assert ans.prompt.rstrip().endswith("'\\boxed{}'.")
+
+
+def test_caps_order_and_image_carried():
+    groups = [grp([1, 0], ["7", "3"], pid=i, image=f"img{i}.png") for i in range(10)]
+    tasks = recycle(groups, BANK, RecycleSettings(judge_cap=3, reflection_cap=4, cot_fraction=0.5),
+                    random.Random(1))
+    kinds = [t.kind for t in tasks]
+    assert len(tasks) == 7
+    assert all(k in ("pointwise", "pairwise") for k in kinds[:3])
+    assert all(k.startswith("reflection") for k in kinds[3:])
+    assert all(t.image == f"img{t.source_prompt_id}.png" for t in tasks)
+    rec = tasks[0].to_record()
+    assert '"image": "img' in rec["message"] and '"max_pixels": 1048576' in rec["message"]
+    # the first half of the groups feed CoT reflections, the rest answer-only
+    all_refl = recycle(groups, BANK, RecycleSettings(reflection_cap=100), random.Random(1))
+    modes = {t.source_prompt_id: t.kind for t in all_refl if t.kind.startswith("reflection")}
+    assert all(modes[i] == ("reflection_cot" if i < 5 else "reflection_ans") for i in range(10))
+
+
+def test_deterministic_under_seed():
+    groups = [grp([i % 2, 1, 0], pid=i) for i in range(8)]
+    a = recycle(groups, BANK, RecycleSettings(), random.Random(5))
+    b = recycle(groups, BANK, RecycleSettings(), random.Random(5))
+    assert [(t.prompt, t.answer) for t in a] == [(t.prompt, t.answer) for t in b]
+
+
+def test_queue_releases_full_batches_and_resets_per_episode():
+    q = AuxQueue(batch_size=3)
+    q.start_episode(0)
+    tasks = recycle([grp([1, 0], pid=i) for i in range(2)], BANK, RecycleSettings(), random.Random(0))
+    q.push(tasks)
+    assert len(q) == 4 and len(q.pop_batch()) == 3 and q.pop_batch() is None
+    state = q.state_dict()
+    q2 = AuxQueue(batch_size=1)
+    q2.load_state_dict(state)
+    assert len(q2) == 1 and q2.batch_size == 3
+    q.start_episode(1)
+    assert len(q) == 0
+    with pytest.raises(RuntimeError):
+        AuxQueue(2).push(tasks)
+
+
+answers = st.sampled_from(["1", "2", "3", "x+1", "\\frac{1}{2}"])
+group_st = st.lists(st.tuples(st.booleans(), answers), min_size=1, max_size=6)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(group_st, min_size=1, max_size=10), st.integers(0, 10_000), st.floats(0, 1))
+def test_properties(batch, seed, p_point):
+    groups = [Group(i, f"question {i}", "gold", [f"\\boxed{{{a}}}" for _, a in g], [float(ok) for ok, _ in g])
+              for i, g in enumerate(batch)]
+    by_id = {g.prompt_id: g for g in groups}
+    tasks = recycle(groups, BANK, RecycleSettings(pointwise_prob_mixed=p_point), random.Random(seed))
+    for t in tasks:
+        g = by_id[t.source_prompt_id]
+        if t.kind == "pointwise":
+            # the label always agrees with the reward of the judged answer
+            assert t.answer in (("Yes", "A") if t.source_correct else ("No", "B"))
+            if all(r == 1 for r in g.rewards):
+                assert t.source_correct
+            if all(r == 0 for r in g.rewards):
+                assert not t.source_correct
+        elif t.kind == "pairwise":
+            assert 0 < sum(g.rewards) < len(g.rewards)
+        else:
+            assert any(r == 0 for r in g.rewards)  # never from an all-correct group
+            assert t.answer == "gold"
+    assert sum(t.kind in ("pointwise", "pairwise") for t in tasks) <= 32
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.lists(st.integers(1, 9), min_size=1, max_size=8), st.integers(1, 5))
+def test_queue_never_leaks_across_episodes(pushes, batch):
+    q = AuxQueue(batch_size=batch)
+    for ep, n in enumerate(pushes):
+        q.start_episode(ep)
+        q.push([type("T", (), {"ep": ep})() for _ in range(n)])
+        while (b := q.pop_batch()) is not None:
+            assert all(t.ep == ep for t in b)

@@ -1,0 +1,70 @@
+"""The verifier: extraction, equivalence via math-verify, and the hard per-item time limit."""
+import time
+
+import pytest
+
+from megatron_spark.reward import RewardPool, VerifierConfig, extract_boxed, score
+
+
+@pytest.mark.parametrize("text,expected", [
+    ("so the answer is \\boxed{\\frac{1}{2}}.", "\\frac{1}{2}"),
+    ("\\boxed{1} first, finally \\boxed{2}", "2"),                 # several boxes: the last one
+    ("\\boxed{\\{1, 2\\}}", "\\{1, 2\\}"),
+    ("\\boxed{a_{1}^{2}}", "a_{1}^{2}"),                          # nested braces
+    ("no box here", None),
+    ("\\boxed{unclosed", None),
+    ("\\box{Yes}", "Yes"),
+])
+def test_extract_boxed(text, expected):
+    assert extract_boxed(text) == expected
+
+
+def test_box_alias_is_configurable():
+    assert extract_boxed("\\box{Yes}", accept_box_alias=False) is None
+
+
+@pytest.mark.parametrize("response,gold,reward", [
+    ("\\boxed{\\frac{1}{2}}", "0.5", 1.0),                        # fraction vs decimal
+    ("\\boxed{0.5}", "\\frac{1}{2}", 1.0),
+    ("\\boxed{50\\%}", "0.5", 1.0),                               # percentage
+    ("\\boxed{2}", "2.0", 1.0),
+    ("\\boxed{3}", "4", 0.0),
+    ("\\boxed{(1, 2]}", "(1,2]", 1.0),                            # interval
+    ("\\boxed{[0, 1)}", "(0,1)", 0.0),
+    ("\\boxed{\\frac{\\sqrt{2}}{2}}", "\\frac{1}{\\sqrt{2}}", 1.0),  # bare-LaTeX gold must still parse
+    ("\\boxed{B}", "B", 1.0),                                     # letters
+    ("\\boxed{B}", "A", 0.0),
+    ("\\boxed{(A)}", "A", 1.0),
+    ("\\boxed{\\text{Yes}}", "Yes", 1.0),                          # \text{}-wrapped labels
+    ("\\boxed{yes}", "Yes", 1.0),                                 # labels case-insensitive by default
+    ("\\boxed{No}", "Yes", 0.0),
+    ("I think 42.", "42", 0.0),                                    # no box -> no reward
+    ("\\boxed{41} wait, \\boxed{42}", "42", 1.0),                  # several boxes: the last counts
+    ("\\boxed{42}", "", 0.0),                                      # empty gold never rewards
+])
+def test_score(response, gold, reward):
+    assert score(response, gold) == reward
+
+
+def test_case_sensitive_labels_when_configured():
+    assert score("\\boxed{yes}", "Yes", VerifierConfig(labels_case_insensitive=False)) == 0.0
+
+
+def test_pool_matches_sequential_and_times_out_pathological_item():
+    responses = ["Reasoning... \\boxed{\\frac{3}{4}}", "\\boxed{0.75}", "\\boxed{1}", "\\boxed{Yes}"]
+    golds = ["0.75", "\\frac{3}{4}", "2", "Yes"]
+    pathological = "\\boxed{9^{9^{9^{9^{9^{9^{9}}}}}}}"
+    with RewardPool(workers=2, timeout_s=1.5) as pool:
+        assert pool.score(responses, golds) == [score(r, g) for r, g in zip(responses, golds)]
+        t0 = time.monotonic()
+        out = pool.score(responses[:2] + [pathological] + responses[2:], golds[:2] + ["1"] + golds[2:])
+        elapsed = time.monotonic() - t0
+        assert out == [1.0, 1.0, 0.0, 0.0, 1.0]
+        assert pool.stats.timeouts == 1
+        assert elapsed < 1.5 + 3.0, elapsed  # the limit, plus a worker respawn
+        assert pool.score(["\\boxed{2}"], ["2"]) == [1.0]  # the replaced worker serves again
+
+
+def test_pool_rejects_bad_arguments():
+    with pytest.raises(ValueError, match="workers"):
+        RewardPool(workers=0)
