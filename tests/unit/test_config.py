@@ -79,5 +79,8 @@ def test_override_syntax_and_missing_file(tmp_path):
 def test_example_configs_validate():
     from pathlib import Path
 
-    for p in sorted(Path(__file__).resolve().parents[2].glob("examples/*.yaml")):
-        load_config(p).validate()
+    paths = sorted(Path(__file__).resolve().parents[2].glob("examples/*.yaml"))
+    assert len(paths) >= 3
+    for p in paths:
+        # the cluster configs point at model dirs that do not exist here
+        load_config(p, ["model.hf_dir=null", "checkpoint.dir=null"]).validate()
