@@ -1,6 +1,7 @@
 """Every megatron-core version difference (0.16.1 .. 0.19.x) lives here and nowhere else."""
 from __future__ import annotations
 
+import dataclasses
 import inspect
 from functools import lru_cache
 
@@ -38,7 +39,7 @@ def transformer_config_kwargs(**kwargs) -> dict:
     """Drop TransformerConfig fields this megatron-core does not know (fields were added across versions)."""
     from megatron.core.transformer import TransformerConfig
 
-    known = {f.name for f in __import__("dataclasses").fields(TransformerConfig)}
+    known = {f.name for f in dataclasses.fields(TransformerConfig)}
     return {k: v for k, v in kwargs.items() if k in known}
 
 

@@ -65,8 +65,7 @@ def gather_vocab(logits: Tensor, vocab_size: int) -> Tensor:
 @torch.no_grad()
 def forward_logits(chunks: list, batch: Batch, vocab_size: int) -> Optional[Tensor]:
     """Full logits [b, s, vocab] on the last pipeline stage (None on the others)."""
-    out = forward_backward(chunks, batch, vocab_size, loss_fn=None, forward_only=True)
-    return out
+    return forward_backward(chunks, batch, vocab_size, loss_fn=None, forward_only=True)
 
 
 def forward_backward(chunks: list, batch: Batch, vocab_size: int, loss_fn=None, forward_only: bool = False):
@@ -94,12 +93,10 @@ def forward_backward(chunks: list, batch: Batch, vocab_size: int, loss_fn=None, 
         return output, finish
 
     b, s = batch.input_ids.shape
-    hidden = chunks[0].config.hidden_size
     get_forward_backward_func()(
         forward_step_func=step, data_iterator=[iter([batch]) for _ in chunks] if len(chunks) > 1 else iter([batch]),
         model=chunks, num_microbatches=1, seq_length=s, micro_batch_size=b, forward_only=forward_only,
         decoder_seq_length=s)
-    del hidden
     if not ps.is_pipeline_last_stage():
         return None
     return results.get("logits") if forward_only else results.get("loss")
