@@ -1,0 +1,165 @@
+"""Resharding planner: Megatron TP/PP shards -> vLLM TP shards, computed without communication or tensors.
+
+Both layouts are described in the same coordinates: rows (or, for row-parallel weights, columns) of the HF tensors.
+A Megatron shard is a run of rows of the Megatron full tensor (`Transform.segments` maps those to HF rows); a vLLM
+shard is the list of HF row runs vLLM's fused layers hold on one rank (QKVParallelLinear: its query heads, then its
+KV head, replicated when TP > KV heads; MergedColumnParallelLinear: [gate_r; up_r]; vocab padded to 64 then split).
+Intersecting the two gives every transfer: which Megatron rank sends which rows of which parameter to which vLLM
+rank and where they land. Each element of each target shard is covered exactly once; nothing is ever gathered.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+from megatron_spark.mapping.qwen import ParamMap, WeightMap
+from megatron_spark.mapping.transforms import GateUpFuse, QKVInterleave, VocabPad
+
+VLLM_VOCAB_PADDING = 64
+
+
+@dataclass(frozen=True)
+class Run:
+    """`length` rows of HF tensor `hf` from `hf_start`, at offset `offset` of a shard (hf None: zero padding)."""
+    offset: int
+    hf: Optional[str]
+    hf_start: int
+    length: int
+
+
+@dataclass(frozen=True)
+class Transfer:
+    param: str          # megatron name (global)
+    src_tp: int         # Megatron TP rank (within the owning pipeline stage)
+    src_pp: int
+    src_offset: int     # along the shard dim of the Megatron local shard
+    dst_name: str       # vLLM parameter name
+    dst_tp: int
+    dst_offset: int
+    length: int         # rows (or columns) along `dim`
+    dim: int
+    row_numel: int      # elements per row along `dim`
+
+    @property
+    def numel(self) -> int:
+        return self.length * self.row_numel
+
+
+def _runs_of_megatron_shard(pm: ParamMap, hf_rows: list[int], rank: int, tp: int) -> list[Run]:
+    """The HF row runs held by Megatron TP rank `rank`, in local-shard order."""
+    t = pm.transform
+    total = sum(s.length for s in t.segments(hf_rows))
+    if isinstance(t, GateUpFuse):
+        g, u = hf_rows[0] // tp, hf_rows[1] // tp
+        return [Run(0, pm.hf[0], rank * g, g), Run(g, pm.hf[1], rank * u, u)]
+    # Split along the TP dim (rows for column-parallel, columns for row-parallel); replicated: everything.
+    size = total if t.tp_dim is None else total // tp
+    lo, hi = (0, total) if t.tp_dim is None else (rank * size, (rank + 1) * size)
+    runs = []
+    for s in t.segments(hf_rows):
+        a, b = max(lo, s.mg_start), min(hi, s.mg_start + s.length)
+        if a < b:
+            hf = pm.hf[s.hf_index] if s.hf_index is not None else None
+            runs.append(Run(a - lo, hf, s.hf_start + (a - s.mg_start), b - a))
+    return runs
+
+
+def _runs_of_vllm_shard(pm: ParamMap, hf_rows: list[int], rank: int, tp: int) -> list[Run]:
+    t = pm.transform
+    if isinstance(t, QKVInterleave):
+        d = t.d
+        q_per = t.h // tp
+        kv_rank = rank // (tp // t.g) if tp >= t.g else rank
+        kv_per = max(1, t.g // tp)
+        qn, kn, vn = (pm.hf[0],) * 3 if t.fused_hf else pm.hf
+        kb = t.h * d if t.fused_hf else 0
+        vb = (t.h + t.g) * d if t.fused_hf else 0
+        return [Run(0, qn, rank * q_per * d, q_per * d),
+                Run(q_per * d, kn, kb + kv_rank * kv_per * d, kv_per * d),
+                Run((q_per + kv_per) * d, vn, vb + kv_rank * kv_per * d, kv_per * d)]
+    if isinstance(t, GateUpFuse):
+        g, u = hf_rows[0] // tp, hf_rows[1] // tp
+        return [Run(0, pm.hf[0], rank * g, g), Run(g, pm.hf[1], rank * u, u)]
+    if isinstance(t, VocabPad):
+        padded = -(-t.vocab // (VLLM_VOCAB_PADDING * tp)) * VLLM_VOCAB_PADDING * tp
+        per = padded // tp
+        lo, hi = rank * per, (rank + 1) * per
+        runs = []
+        if lo < t.vocab:
+            runs.append(Run(0, pm.hf[0], lo, min(hi, t.vocab) - lo))
+        if hi > t.vocab:
+            start = max(lo, t.vocab)
+            runs.append(Run(start - lo, None, 0, hi - start))
+        return runs
+    total = hf_rows[0]
+    if t.tp_dim is None:
+        return [Run(0, pm.hf[0], 0, total)]
+    per = total // tp
+    return [Run(0, pm.hf[0], rank * per, per)]
+
+
+def _intersect(src: list[Run], dst: list[Run]):
+    for s in src:
+        for d in dst:
+            if s.hf is None or s.hf != d.hf:
+                continue
+            a, b = max(s.hf_start, d.hf_start), min(s.hf_start + s.length, d.hf_start + d.length)
+            if a < b:
+                yield s.offset + (a - s.hf_start), d.offset + (a - d.hf_start), b - a
+
+
+def vllm_name(pm: ParamMap) -> str:
+    """vLLM's fused parameter name for a Megatron parameter (HF name with q/k/v and gate/up fused)."""
+    n = pm.hf[0]
+    if isinstance(pm.transform, QKVInterleave) and not pm.transform.fused_hf:
+        return n.replace("q_proj", "qkv_proj")
+    if isinstance(pm.transform, GateUpFuse):
+        return n.replace("gate_proj", "gate_up_proj")
+    return n
+
+
+def plan(wmap: WeightMap, hf_shapes: dict[str, tuple[int, ...]], train_tp: int, train_pp: int, layer_stage,
+         rollout_tp: int) -> list[Transfer]:
+    """Every transfer that fills all `rollout_tp` vLLM shards of one engine from one Megatron model replica.
+
+    `layer_stage(megatron_name) -> pp stage` places each parameter. Replicated parameters are read from the
+    Megatron TP rank `dst_tp % train_tp`, spreading the load over senders.
+    """
+    out: list[Transfer] = []
+    for pm in wmap.export_params():
+        t = pm.transform
+        shape0 = hf_shapes[pm.hf[0]]
+        dim = 1 if t.tp_dim == 1 else 0
+        hf_rows = [hf_shapes[n][dim] for n in pm.hf]
+        if isinstance(t, QKVInterleave) and t.fused_hf:
+            hf_rows = [(t.h + 2 * t.g) * t.d]
+        row_numel = 1
+        for i, s in enumerate(shape0):
+            if i != dim:
+                row_numel *= s
+        stage = layer_stage(pm.megatron)
+        for dst in range(rollout_tp):
+            dst_runs = _runs_of_vllm_shard(pm, hf_rows, dst, rollout_tp)
+            src_ranks = [dst % train_tp] if t.tp_dim is None else range(train_tp)
+            for src in src_ranks:
+                src_runs = _runs_of_megatron_shard(pm, hf_rows, src, train_tp)
+                for so, do, n in _intersect(src_runs, dst_runs):
+                    out.append(Transfer(pm.megatron, src, stage, so, vllm_name(pm), dst, do, n, dim, row_numel))
+    return out
+
+
+def vllm_shard_rows(wmap: WeightMap, hf_shapes: dict[str, tuple[int, ...]], rollout_tp: int
+                    ) -> dict[tuple[str, str, int], tuple[int, int]]:
+    """(megatron name, vLLM name, dst rank) -> (rows to receive, padding rows) for coverage checks."""
+    out = {}
+    for pm in wmap.export_params():
+        t = pm.transform
+        dim = 1 if t.tp_dim == 1 else 0
+        hf_rows = [hf_shapes[n][dim] for n in pm.hf]
+        if isinstance(t, QKVInterleave) and t.fused_hf:
+            hf_rows = [(t.h + 2 * t.g) * t.d]
+        for dst in range(rollout_tp):
+            runs = _runs_of_vllm_shard(pm, hf_rows, dst, rollout_tp)
+            out[(pm.megatron, vllm_name(pm), dst)] = (sum(r.length for r in runs if r.hf is not None),
+                                                      sum(r.length for r in runs if r.hf is None))
+    return out

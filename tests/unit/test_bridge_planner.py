@@ -1,0 +1,111 @@
+"""The resharding planner on real Qwen2.5-VL-32B shapes, every rank simulated in one process (no tensors)."""
+import math
+from collections import defaultdict
+
+import pytest
+
+from megatron_spark.bridge.planner import _runs_of_megatron_shard, plan, vllm_shard_rows
+from megatron_spark.mapping.qwen import WeightMap
+from megatron_spark.models.hf_config import parse_hf_config
+
+QWEN25_VL_32B = {
+    "architectures": ["Qwen2_5_VLForConditionalGeneration"], "image_token_id": 151655,
+    "hidden_size": 5120, "intermediate_size": 27648, "num_hidden_layers": 64, "num_attention_heads": 40,
+    "num_key_value_heads": 8, "vocab_size": 152064, "rms_norm_eps": 1e-6, "rope_theta": 1e6,
+    "tie_word_embeddings": False, "rope_scaling": {"type": "mrope", "mrope_section": [16, 24, 24]},
+    "vision_config": {"depth": 32, "hidden_size": 1280, "intermediate_size": 3456, "num_heads": 16,
+                      "out_hidden_size": 5120, "patch_size": 14, "spatial_merge_size": 2, "temporal_patch_size": 2,
+                      "window_size": 112, "fullatt_block_indexes": [7, 15, 23, 31], "hidden_act": "silu"},
+}
+
+
+def hf_shapes(shape):
+    """HF tensor shapes implied by the config (what a real checkpoint holds)."""
+    t, v = shape.text, shape.vision
+    out = {"model.embed_tokens.weight": (t.vocab_size, t.hidden_size), "model.norm.weight": (t.hidden_size,),
+           "lm_head.weight": (t.vocab_size, t.hidden_size)}
+    for i in range(t.num_layers):
+        p = f"model.layers.{i}."
+        q, kv = t.num_heads * t.head_dim, t.num_kv_heads * t.head_dim
+        out.update({p + "input_layernorm.weight": (t.hidden_size,), p + "post_attention_layernorm.weight":
+                    (t.hidden_size,), p + "self_attn.q_proj.weight": (q, t.hidden_size), p + "self_attn.q_proj.bias":
+                    (q,), p + "self_attn.k_proj.weight": (kv, t.hidden_size), p + "self_attn.k_proj.bias": (kv,),
+                    p + "self_attn.v_proj.weight": (kv, t.hidden_size), p + "self_attn.v_proj.bias": (kv,),
+                    p + "self_attn.o_proj.weight": (t.hidden_size, q), p + "mlp.gate_proj.weight":
+                    (t.ffn_hidden_size, t.hidden_size), p + "mlp.up_proj.weight": (t.ffn_hidden_size, t.hidden_size),
+                    p + "mlp.down_proj.weight": (t.hidden_size, t.ffn_hidden_size)})
+    if v is not None:
+        h, f, m = v.hidden_size, v.ffn_hidden_size, v.hidden_size * v.spatial_merge_size ** 2
+        out["visual.patch_embed.proj.weight"] = (h, v.in_channels, v.temporal_patch_size, v.patch_size, v.patch_size)
+        out.update({"visual.merger.ln_q.weight": (h,), "visual.merger.mlp.0.weight": (m, m),
+                    "visual.merger.mlp.0.bias": (m,), "visual.merger.mlp.2.weight": (v.out_hidden_size, m),
+                    "visual.merger.mlp.2.bias": (v.out_hidden_size,)})
+        for i in range(v.depth):
+            p = f"visual.blocks.{i}."
+            out.update({p + "norm1.weight": (h,), p + "norm2.weight": (h,), p + "attn.qkv.weight": (3 * h, h),
+                        p + "attn.qkv.bias": (3 * h,), p + "attn.proj.weight": (h, h), p + "attn.proj.bias": (h,),
+                        p + "mlp.gate_proj.weight": (f, h), p + "mlp.gate_proj.bias": (f,), p + "mlp.up_proj.weight":
+                        (f, h), p + "mlp.up_proj.bias": (f,), p + "mlp.down_proj.weight": (h, f),
+                        p + "mlp.down_proj.bias": (h,)})
+    return out
+
+
+def stage_of(num_layers, pp):
+    def f(name):
+        if "language_model.decoder.layers." in name:
+            return int(name.split("layers.")[1].split(".")[0]) // (num_layers // pp)
+        if "vision_model" in name or "embedding" in name:
+            return 0
+        return pp - 1
+    return f
+
+
+@pytest.mark.parametrize("train_tp,train_pp,rollout_tp,kv_heads", [
+    (8, 2, 4, 8), (4, 4, 8, 8), (2, 1, 1, 8), (2, 1, 4, 8),
+    (4, 2, 8, 4),   # rollout TP > KV heads: vLLM replicates each KV head on two ranks
+])
+def test_every_target_element_covered_exactly_once(train_tp, train_pp, rollout_tp, kv_heads):
+    shape = parse_hf_config({**QWEN25_VL_32B, "num_key_value_heads": kv_heads})
+    wmap = WeightMap(shape, tp=train_tp)
+    shapes = hf_shapes(shape)
+    assert set(wmap.hf_names()) == set(shapes)
+    transfers = plan(wmap, shapes, train_tp, train_pp, stage_of(64, train_pp), rollout_tp)
+    covered = defaultdict(list)
+    for tr in transfers:
+        covered[(tr.param, tr.dst_name, tr.dst_tp)].append((tr.dst_offset, tr.length))
+        # the source slice lies inside the sender's own shard: nobody materialises a full tensor
+        pm = wmap[tr.param]
+        dim = tr.dim
+        rows = [shapes[n][dim] for n in pm.hf]
+        local = sum(r.length for r in _runs_of_megatron_shard(pm, rows, tr.src_tp, train_tp))
+        assert 0 <= tr.src_offset and tr.src_offset + tr.length <= local
+        assert tr.src_pp == stage_of(64, train_pp)(tr.param)
+    want = vllm_shard_rows(wmap, shapes, rollout_tp)
+    assert set(covered) == set(want)
+    for key, runs in covered.items():
+        runs.sort()
+        filled = sum(n for _, n in runs)
+        assert filled == want[key][0], key
+        for (a, n), (b, _) in zip(runs, runs[1:]):
+            assert a + n <= b, ("overlap", key)
+    # bytes: exactly the elements of the target shards (each element crosses once per engine)
+    moved = sum(tr.numel for tr in transfers)
+    target = 0
+    for (mg, _, _), (rows, _) in want.items():
+        pm = wmap[mg]
+        s = shapes[pm.hf[0]]
+        dim = 1 if pm.transform.tp_dim == 1 else 0
+        target += rows * (math.prod(s) // s[dim])
+    assert moved == target
+
+
+def test_model_bytes_once_when_no_kv_replication():
+    """TP_rollout = 1: one copy of everything crosses, so the bytes moved equal the model's size."""
+    shape = parse_hf_config(QWEN25_VL_32B)
+    wmap = WeightMap(shape, tp=8)
+    shapes = hf_shapes(shape)
+    transfers = plan(wmap, shapes, 8, 2, stage_of(64, 2), 1)
+    replicated = sum(math.prod(shapes[pm.hf[0]]) for pm in wmap.export_params() if pm.transform.tp_dim is None)
+    total = sum(math.prod(s) for s in shapes.values())
+    assert sum(tr.numel for tr in transfers) == total  # TP_rollout=1: one copy of everything
+    assert replicated < total
