@@ -131,8 +131,6 @@ def plan(wmap: WeightMap, hf_shapes: dict[str, tuple[int, ...]], train_tp: int, 
         shape0 = hf_shapes[pm.hf[0]]
         dim = 1 if t.tp_dim == 1 else 0
         hf_rows = [hf_shapes[n][dim] for n in pm.hf]
-        if isinstance(t, QKVInterleave) and t.fused_hf:
-            hf_rows = [(t.h + 2 * t.g) * t.d]
         row_numel = 1
         for i, s in enumerate(shape0):
             if i != dim:
@@ -156,8 +154,6 @@ def vllm_shard_rows(wmap: WeightMap, hf_shapes: dict[str, tuple[int, ...]], roll
         t = pm.transform
         dim = 1 if t.tp_dim == 1 else 0
         hf_rows = [hf_shapes[n][dim] for n in pm.hf]
-        if isinstance(t, QKVInterleave) and t.fused_hf:
-            hf_rows = [(t.h + 2 * t.g) * t.d]
         for dst in range(rollout_tp):
             runs = _runs_of_vllm_shard(pm, hf_rows, dst, rollout_tp)
             out[(pm.megatron, vllm_name(pm), dst)] = (sum(r.length for r in runs if r.hf is not None),
