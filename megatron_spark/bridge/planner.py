@@ -9,22 +9,13 @@ rank and where they land. Each element of each target shard is covered exactly o
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
-from typing import Optional
 
 from megatron_spark.mapping.qwen import ParamMap, WeightMap
-from megatron_spark.mapping.transforms import GateUpFuse, QKVInterleave, VocabPad
+from megatron_spark.mapping.transforms import GateUpFuse, QKVInterleave, Run, VocabPad
 
 VLLM_VOCAB_PADDING = 64
-
-
-@dataclass(frozen=True)
-class Run:
-    """`length` rows of HF tensor `hf` from `hf_start`, at offset `offset` of a shard (hf None: zero padding)."""
-    offset: int
-    hf: Optional[str]
-    hf_start: int
-    length: int
 
 
 @dataclass(frozen=True)
@@ -45,25 +36,6 @@ class Transfer:
         return self.length * self.row_numel
 
 
-def _runs_of_megatron_shard(pm: ParamMap, hf_rows: list[int], rank: int, tp: int) -> list[Run]:
-    """The HF row runs held by Megatron TP rank `rank`, in local-shard order."""
-    t = pm.transform
-    total = sum(s.length for s in t.segments(hf_rows))
-    if isinstance(t, GateUpFuse):
-        g, u = hf_rows[0] // tp, hf_rows[1] // tp
-        return [Run(0, pm.hf[0], rank * g, g), Run(g, pm.hf[1], rank * u, u)]
-    # Split along the TP dim (rows for column-parallel, columns for row-parallel); replicated: everything.
-    size = total if t.tp_dim is None else total // tp
-    lo, hi = (0, total) if t.tp_dim is None else (rank * size, (rank + 1) * size)
-    runs = []
-    for s in t.segments(hf_rows):
-        a, b = max(lo, s.mg_start), min(hi, s.mg_start + s.length)
-        if a < b:
-            hf = pm.hf[s.hf_index] if s.hf_index is not None else None
-            runs.append(Run(a - lo, hf, s.hf_start + (a - s.mg_start), b - a))
-    return runs
-
-
 def _runs_of_vllm_shard(pm: ParamMap, hf_rows: list[int], rank: int, tp: int) -> list[Run]:
     t = pm.transform
     if isinstance(t, QKVInterleave):
@@ -77,9 +49,8 @@ def _runs_of_vllm_shard(pm: ParamMap, hf_rows: list[int], rank: int, tp: int) ->
         return [Run(0, qn, rank * q_per * d, q_per * d),
                 Run(q_per * d, kn, kb + kv_rank * kv_per * d, kv_per * d),
                 Run((q_per + kv_per) * d, vn, vb + kv_rank * kv_per * d, kv_per * d)]
-    if isinstance(t, GateUpFuse):
-        g, u = hf_rows[0] // tp, hf_rows[1] // tp
-        return [Run(0, pm.hf[0], rank * g, g), Run(g, pm.hf[1], rank * u, u)]
+    if isinstance(t, GateUpFuse):  # vLLM's MergedColumnParallelLinear holds [gate_r; up_r] like Megatron
+        return t.shard_runs(pm.hf, hf_rows, rank, tp)
     if isinstance(t, VocabPad):
         padded = -(-t.vocab // (VLLM_VOCAB_PADDING * tp)) * VLLM_VOCAB_PADDING * tp
         per = padded // tp
@@ -118,6 +89,11 @@ def vllm_name(pm: ParamMap) -> str:
     return n
 
 
+def _shard_dim_rows(pm: ParamMap, hf_shapes: dict[str, tuple[int, ...]]) -> tuple[int, list[int]]:
+    dim = 1 if pm.transform.tp_dim == 1 else 0
+    return dim, [hf_shapes[n][dim] for n in pm.hf]
+
+
 def plan(wmap: WeightMap, hf_shapes: dict[str, tuple[int, ...]], train_tp: int, train_pp: int, layer_stage,
          rollout_tp: int) -> list[Transfer]:
     """Every transfer that fills all `rollout_tp` vLLM shards of one engine from one Megatron model replica.
@@ -128,19 +104,14 @@ def plan(wmap: WeightMap, hf_shapes: dict[str, tuple[int, ...]], train_tp: int, 
     out: list[Transfer] = []
     for pm in wmap.export_params():
         t = pm.transform
-        shape0 = hf_shapes[pm.hf[0]]
-        dim = 1 if t.tp_dim == 1 else 0
-        hf_rows = [hf_shapes[n][dim] for n in pm.hf]
-        row_numel = 1
-        for i, s in enumerate(shape0):
-            if i != dim:
-                row_numel *= s
+        dim, hf_rows = _shard_dim_rows(pm, hf_shapes)
+        row_numel = math.prod(hf_shapes[pm.hf[0]]) // hf_rows[0]
         stage = layer_stage(pm.megatron)
         for dst in range(rollout_tp):
             dst_runs = _runs_of_vllm_shard(pm, hf_rows, dst, rollout_tp)
             src_ranks = [dst % train_tp] if t.tp_dim is None else range(train_tp)
             for src in src_ranks:
-                src_runs = _runs_of_megatron_shard(pm, hf_rows, src, train_tp)
+                src_runs = t.shard_runs(pm.hf, hf_rows, src, train_tp)
                 for so, do, n in _intersect(src_runs, dst_runs):
                     out.append(Transfer(pm.megatron, src, stage, so, vllm_name(pm), dst, do, n, dim, row_numel))
     return out
@@ -151,9 +122,7 @@ def vllm_shard_rows(wmap: WeightMap, hf_shapes: dict[str, tuple[int, ...]], roll
     """(megatron name, vLLM name, dst rank) -> (rows to receive, padding rows) for coverage checks."""
     out = {}
     for pm in wmap.export_params():
-        t = pm.transform
-        dim = 1 if t.tp_dim == 1 else 0
-        hf_rows = [hf_shapes[n][dim] for n in pm.hf]
+        _, hf_rows = _shard_dim_rows(pm, hf_shapes)
         for dst in range(rollout_tp):
             runs = _runs_of_vllm_shard(pm, hf_rows, dst, rollout_tp)
             out[(pm.megatron, vllm_name(pm), dst)] = (sum(r.length for r in runs if r.hf is not None),

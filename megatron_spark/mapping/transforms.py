@@ -28,6 +28,18 @@ class Segment:
     hf_start: int
 
 
+@dataclass(frozen=True)
+class Run:
+    """`length` rows of HF tensor `hf` from `hf_start`, at offset `offset` of a shard (hf None: zero padding).
+
+    "Rows" are along the shard dimension: dim 1 for row-parallel weights, dim 0 otherwise.
+    """
+    offset: int
+    hf: Optional[str]
+    hf_start: int
+    length: int
+
+
 class Transform:
     """Identity by default. `tp_dim`: dimension split over TP ranks (0 column-, 1 row-parallel, None replicated)."""
 
@@ -58,6 +70,23 @@ class Transform:
     def segments(self, hf_rows: Sequence[int]) -> list[Segment]:
         """Dim-0 row map of the full tensor, given the row counts of the HF tensors."""
         return [Segment(0, hf_rows[0], 0, 0)]
+
+    def shard_runs(self, hf_names: Sequence[str], hf_rows: Sequence[int], rank: int, size: int) -> list[Run]:
+        """The HF row runs that make up TP rank `rank`'s in-memory shard, in order: `shard()` without tensors.
+
+        The loader reads exactly these slices and the bridge planner intersects them with vLLM's shards, so neither
+        ever builds a full tensor.
+        """
+        segs = self.segments(hf_rows)
+        total = sum(s.length for s in segs)
+        lo, hi = (0, total) if self.tp_dim is None else (rank * total // size, (rank + 1) * total // size)
+        runs = []
+        for s in segs:
+            a, b = max(lo, s.mg_start), min(hi, s.mg_start + s.length)
+            if a < b:
+                hf = hf_names[s.hf_index] if s.hf_index is not None else None
+                runs.append(Run(a - lo, hf, s.hf_start + (a - s.mg_start), b - a))
+        return runs
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(tp_dim={self.tp_dim})"
@@ -145,6 +174,10 @@ class GateUpFuse(Transform):
 
     def segments(self, hf_rows: Sequence[int]) -> list[Segment]:
         return [Segment(0, hf_rows[0], 0, 0), Segment(hf_rows[0], hf_rows[1], 1, 0)]
+
+    def shard_runs(self, hf_names: Sequence[str], hf_rows: Sequence[int], rank: int, size: int) -> list[Run]:
+        g, u = hf_rows[0] // size, hf_rows[1] // size
+        return [Run(0, hf_names[0], rank * g, g), Run(g, hf_names[1], rank * u, u)]
 
 
 class VocabPad(Transform):

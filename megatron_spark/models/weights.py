@@ -14,7 +14,7 @@ from typing import Iterator, Optional
 import torch
 from torch import Tensor
 
-from megatron_spark.mapping.qwen import WeightMap, canonical_hf_name, from_te_name
+from megatron_spark.mapping.qwen import ParamMap, WeightMap, canonical_hf_name, from_te_name
 
 
 class HFCheckpoint:
@@ -82,6 +82,13 @@ class HFCheckpoint:
             raise ValueError(f"tensor '{name}' is missing from the checkpoint in '{self.dir}'")
         return self._handles[self._where[name]].get_tensor(self._raw_names[name])
 
+    def read_rows(self, name: str, dim: int, start: int, length: int) -> Tensor:
+        """Rows [start, start+length) along `dim` (0 or 1) of one tensor, read through mmap without the rest."""
+        if name not in self._where:
+            raise ValueError(f"tensor '{name}' is missing from the checkpoint in '{self.dir}'")
+        sl = self._handles[self._where[name]].get_slice(self._raw_names[name])
+        return sl[start:start + length] if dim == 0 else sl[:, start:start + length]
+
     def file_of(self, name: str) -> Path:
         return self.dir / self._where[name]
 
@@ -112,15 +119,30 @@ def megatron_named_params(model: torch.nn.Module, include_buffers: bool = False)
         yield from_te_name(name), p
 
 
+def read_shard(pm: ParamMap, ckpt: HFCheckpoint, tp_rank: int, tp_size: int) -> Tensor:
+    """This TP rank's shard of one Megatron parameter, assembled from exactly the HF slices it needs."""
+    t = pm.transform
+    dim = 1 if t.tp_dim == 1 else 0
+    hf_rows = [ckpt.shape(n)[dim] for n in pm.hf]
+    pieces = []
+    for run in t.shard_runs(pm.hf, hf_rows, tp_rank, tp_size):
+        if run.hf is None:  # vocabulary padding: zeros of the checkpoint's dtype
+            shape = list(ckpt.shape(pm.hf[0]))
+            shape[dim] = run.length
+            pieces.append(ckpt.read_rows(pm.hf[0], dim, 0, 0).new_zeros(shape))
+        else:
+            pieces.append(ckpt.read_rows(run.hf, dim, run.hf_start, run.length))
+    return pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=dim)
+
+
 @torch.no_grad()
 def load_hf_into_megatron(chunks: list[torch.nn.Module], wmap: WeightMap, ckpt: HFCheckpoint,
                           tp_rank: int, tp_size: int) -> int:
-    """Copy HF weights into this rank's model chunks. Returns the number of parameters filled."""
+    """Copy HF weights into this rank's model chunks, reading only this rank's slices. Returns params filled."""
     n = 0
     for chunk in chunks:
         for name, param in megatron_named_params(chunk):
-            pm = wmap[name]
-            shard = pm.transform.shard(pm.to_megatron(ckpt.get), tp_rank, tp_size)
+            shard = read_shard(wmap[name], ckpt, tp_rank, tp_size)
             if tuple(shard.shape) != tuple(param.shape):
                 raise ValueError(f"'{name}': mapped shard {tuple(shard.shape)} != parameter {tuple(param.shape)}")
             param.copy_(shard.to(param.dtype))

@@ -17,7 +17,7 @@ def main():
     out_path = sys.argv[2]
     from megatron.core import parallel_state as ps
 
-    from megatron_spark.mapping.qwen import WeightMap
+    from megatron_spark.mapping.qwen import WeightMap, canonical_hf_name
     from megatron_spark.models.hf_config import load_hf_config
     from megatron_spark.models.qwen import build_model
     from megatron_spark.models.parity import compare_logits, hf_reference, sample_inputs, to_batch
@@ -55,8 +55,6 @@ def main():
                     mg_grads = export_megatron_to_hf(chunks, wmap, ps.get_tensor_model_parallel_group(), grads=True)
                     ref.zero_grad(set_to_none=True)
                     ce(ref(**kw).logits.float()).backward()
-                    from megatron_spark.mapping.qwen import canonical_hf_name
-
                     hf_grads = {canonical_hf_name(n): p.grad for n, p in ref.named_parameters()
                                 if p.grad is not None}
                     if wmap.tied and "lm_head.weight" in hf_grads:

@@ -4,7 +4,7 @@ from collections import defaultdict
 
 import pytest
 
-from megatron_spark.bridge.planner import _runs_of_megatron_shard, plan, vllm_shard_rows
+from megatron_spark.bridge.planner import plan, vllm_shard_rows
 from megatron_spark.mapping.qwen import WeightMap
 from megatron_spark.models.hf_config import parse_hf_config
 
@@ -77,7 +77,7 @@ def test_every_target_element_covered_exactly_once(train_tp, train_pp, rollout_t
         pm = wmap[tr.param]
         dim = tr.dim
         rows = [shapes[n][dim] for n in pm.hf]
-        local = sum(r.length for r in _runs_of_megatron_shard(pm, rows, tr.src_tp, train_tp))
+        local = sum(r.length for r in pm.transform.shard_runs(pm.hf, rows, tr.src_tp, train_tp))
         assert 0 <= tr.src_offset and tr.src_offset + tr.length <= local
         assert tr.src_pp == stage_of(64, train_pp)(tr.param)
     want = vllm_shard_rows(wmap, shapes, rollout_tp)

@@ -51,3 +51,32 @@ def test_vocab_padding_and_row_parallel():
     assert row.shard(w, 1, 2).tolist() == [[2, 3], [6, 7]]
     assert padded_vocab_size(503, 128, 2) == 512 and padded_vocab_size(151936, 128, 8) == 151936
     assert padded_vocab_size(500, 128, 3) == 768  # lcm(128, 3) = 384
+
+
+def test_shard_runs_agree_with_tensor_shards():
+    """shard_runs (what the loader reads and the planner plans with) == shard(to_megatron(...)) for every kind."""
+    g = torch.Generator().manual_seed(0)
+    cases = [
+        (QKVInterleave(8, 2, 3), [torch.randn(24, 5, generator=g), torch.randn(6, 5, generator=g),
+                                  torch.randn(6, 5, generator=g)], 2),
+        (QKVInterleave(4, 4, 2, fused_hf=True), [torch.randn(24, 3, generator=g)], 4),
+        (GateUpFuse(), [torch.randn(8, 3, generator=g), torch.randn(8, 3, generator=g)], 4),
+        (VocabPad(13, 16), [torch.randn(13, 3, generator=g)], 2),
+        (Transform(tp_dim=1), [torch.randn(3, 8, generator=g)], 2),
+        (Transform(tp_dim=0), [torch.randn(8, 3, generator=g)], 2),
+        (Transform(None), [torch.randn(4, generator=g)], 2),
+    ]
+    for t, hf, tp in cases:
+        dim = 1 if t.tp_dim == 1 else 0
+        names = [f"t{i}" for i in range(len(hf))]
+        full = t.to_megatron(hf)
+        for r in range(tp):
+            parts = []
+            for run in t.shard_runs(names, [x.shape[dim] for x in hf], r, tp):
+                if run.hf is None:
+                    shape = list(hf[0].shape)
+                    shape[dim] = run.length
+                    parts.append(torch.zeros(shape))
+                else:
+                    parts.append(hf[names.index(run.hf)].narrow(dim, run.hf_start, run.length))
+            assert torch.equal(torch.cat(parts, dim=dim), t.shard(full, r, tp)), (t, r)
