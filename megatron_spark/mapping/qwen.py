@@ -170,3 +170,36 @@ def canonical_hf_name(name: str) -> str:
 def missing_hf_tensors(wmap: WeightMap, available: Iterable[str]) -> list[str]:
     have = set(available)
     return [n for n in wmap.hf_names() if n not in have]
+
+
+def expected_hf_shapes(shape: ModelShape) -> dict[str, tuple[int, ...]]:
+    """The shape of every HF tensor that a checkpoint of this config holds (the tied lm_head is absent)."""
+    t, v = shape.text, shape.vision
+    q, kv, h = t.num_heads * t.head_dim, t.num_kv_heads * t.head_dim, t.hidden_size
+    out: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (t.vocab_size, h), "model.norm.weight": (h,)}
+    if not t.tied_embeddings:
+        out["lm_head.weight"] = (t.vocab_size, h)
+    for i in range(t.num_layers):
+        p = f"model.layers.{i}."
+        out.update({
+            p + "input_layernorm.weight": (h,), p + "post_attention_layernorm.weight": (h,),
+            p + "self_attn.q_proj.weight": (q, h), p + "self_attn.q_proj.bias": (q,),
+            p + "self_attn.k_proj.weight": (kv, h), p + "self_attn.k_proj.bias": (kv,),
+            p + "self_attn.v_proj.weight": (kv, h), p + "self_attn.v_proj.bias": (kv,),
+            p + "self_attn.o_proj.weight": (h, q), p + "mlp.gate_proj.weight": (t.ffn_hidden_size, h),
+            p + "mlp.up_proj.weight": (t.ffn_hidden_size, h), p + "mlp.down_proj.weight": (h, t.ffn_hidden_size)})
+    if v is not None:
+        vh, f, m = v.hidden_size, v.ffn_hidden_size, v.hidden_size * v.spatial_merge_size ** 2
+        out["visual.patch_embed.proj.weight"] = (vh, v.in_channels, v.temporal_patch_size, v.patch_size,
+                                                 v.patch_size)
+        out.update({"visual.merger.ln_q.weight": (vh,), "visual.merger.mlp.0.weight": (m, m),
+                    "visual.merger.mlp.0.bias": (m,), "visual.merger.mlp.2.weight": (v.out_hidden_size, m),
+                    "visual.merger.mlp.2.bias": (v.out_hidden_size,)})
+        for i in range(v.depth):
+            p = f"visual.blocks.{i}."
+            out.update({
+                p + "norm1.weight": (vh,), p + "norm2.weight": (vh,), p + "attn.qkv.weight": (3 * vh, vh),
+                p + "attn.qkv.bias": (3 * vh,), p + "attn.proj.weight": (vh, vh), p + "attn.proj.bias": (vh,),
+                p + "mlp.gate_proj.weight": (f, vh), p + "mlp.gate_proj.bias": (f,), p + "mlp.up_proj.weight": (f, vh),
+                p + "mlp.up_proj.bias": (f,), p + "mlp.down_proj.weight": (vh, f), p + "mlp.down_proj.bias": (vh,)})
+    return out

@@ -181,19 +181,20 @@ class Qwen25VLModel(_MegatronModule):
 
     def forward(self, input_ids: Tensor, position_ids: Tensor, attention_mask: Optional[Tensor],
                 pixel_values: Optional[Tensor] = None, image_grid_thw: Optional[Tensor] = None,
-                labels: Optional[Tensor] = None, **kwargs) -> Tensor:
-        """input_ids [b, s]; position_ids [3, b, s] (see `mrope_position_ids`); returns logits or per-token loss."""
+                labels: Optional[Tensor] = None, image_mask: Optional[Tensor] = None, **kwargs) -> Tensor:
+        """input_ids [b, s]; position_ids [3, b, s] and image_mask [b, s] (see `mrope_positions_and_image_mask`;
+        by default every placeholder token is an image position); returns logits or per-token loss."""
         decoder_input = None
         if self.pre_process:
             emb = self.language_model.embedding(input_ids=input_ids, position_ids=None)  # [s, b, h]
             if pixel_values is not None and self.vision_model is not None:
                 image_embeds = self.vision_model(pixel_values, image_grid_thw).to(emb.dtype)
-                mask = (input_ids == self.shape.image_token_id).transpose(0, 1)  # [s, b]
+                mask = image_mask if image_mask is not None else input_ids == self.shape.image_token_id  # [b, s]
                 if int(mask.sum()) != image_embeds.shape[0]:
-                    raise ValueError(f"{int(mask.sum())} image placeholder tokens but {image_embeds.shape[0]} image "
+                    raise ValueError(f"{int(mask.sum())} image positions but {image_embeds.shape[0]} image "
                                      f"embeddings; the prompt and image_grid_thw disagree")
-                # Token order in [s, b] layout is position-major; image embeddings come batch-major.
-                order = mask.transpose(0, 1).reshape(-1).nonzero().squeeze(1)
+                # Image embeddings come batch-major, in token order.
+                order = mask.reshape(-1).nonzero().squeeze(1)
                 b, s = input_ids.shape
                 flat = emb.transpose(0, 1).reshape(b * s, -1).clone()
                 flat[order] = image_embeds

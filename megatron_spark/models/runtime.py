@@ -20,6 +20,7 @@ class Batch:
     pixel_values: Optional[Tensor] = None   # [patches, C*T*P*P]
     image_grid_thw: Optional[Tensor] = None  # [images, 3]
     labels: Optional[Tensor] = None         # [b, s]
+    image_mask: Optional[Tensor] = None     # [b, s] bool: positions that take image embeddings
 
 
 def causal_mask(input_ids: Tensor, pad_mask: Optional[Tensor] = None) -> Tensor:
@@ -34,21 +35,23 @@ def causal_mask(input_ids: Tensor, pad_mask: Optional[Tensor] = None) -> Tensor:
 
 def make_batch(shape, input_ids: Tensor, pixel_values=None, image_grid_thw=None, labels=None,
                pad_mask: Optional[Tensor] = None) -> Batch:
-    from megatron_spark.models.vision import mrope_position_ids
+    from megatron_spark.models.vision import mrope_positions_and_image_mask
 
     b, s = input_ids.shape
+    image_mask = None
     if shape.family == "qwen2_5_vl":
-        pos = mrope_position_ids(input_ids, image_grid_thw, shape.image_token_id, shape.vision.spatial_merge_size)
+        pos, image_mask = mrope_positions_and_image_mask(input_ids, image_grid_thw, shape.image_token_id,
+                                                         shape.vision.spatial_merge_size)
     else:
         pos = torch.arange(s, device=input_ids.device).unsqueeze(0).expand(b, s).contiguous()
-    return Batch(input_ids, pos, causal_mask(input_ids, pad_mask), pixel_values, image_grid_thw, labels)
+    return Batch(input_ids, pos, causal_mask(input_ids, pad_mask), pixel_values, image_grid_thw, labels, image_mask)
 
 
 def _call(model, batch: Batch, labels: Optional[Tensor] = None):
     kw = dict(input_ids=batch.input_ids, position_ids=batch.position_ids, attention_mask=batch.attention_mask,
               labels=labels)
     if batch.pixel_values is not None:
-        kw.update(pixel_values=batch.pixel_values, image_grid_thw=batch.image_grid_thw)
+        kw.update(pixel_values=batch.pixel_values, image_grid_thw=batch.image_grid_thw, image_mask=batch.image_mask)
     return model(**kw)
 
 

@@ -69,23 +69,34 @@ def vision_attention_masks(grid_thw: Tensor, cu_windows: Tensor, n: int, device)
 
 def mrope_position_ids(input_ids: Tensor, image_grid_thw: Tensor | None, image_token_id: int,
                        spatial_merge_size: int) -> Tensor:
-    """Multimodal RoPE positions [3, b, s]: text advances all three streams; an image spans (t, h, w) positions.
+    return mrope_positions_and_image_mask(input_ids, image_grid_thw, image_token_id, spatial_merge_size)[0]
 
-    After an image the text continues from start + max(h, w) / merge, as Qwen2.5-VL does.
+
+def mrope_positions_and_image_mask(input_ids: Tensor, image_grid_thw: Tensor | None, image_token_id: int,
+                                   spatial_merge_size: int) -> tuple[Tensor, Tensor]:
+    """Multimodal RoPE positions [3, b, s] and the [b, s] mask of positions that take image embeddings.
+
+    Text advances all three streams; an image spans (t, h, w) positions.
+
+    After an image the text continues from start + max(h, w) / merge, as Qwen2.5-VL does. Placeholder tokens
+    beyond the images of `image_grid_thw` (a completion can sample the placeholder id) count as text, as they do
+    in HF where only the processor marks image positions.
     """
     b, s = input_ids.shape
     pos = torch.zeros(3, b, s, dtype=torch.long, device=input_ids.device)
+    image_mask = torch.zeros(b, s, dtype=torch.bool, device=input_ids.device)
     grids = iter(image_grid_thw.tolist()) if image_grid_thw is not None else iter(())
     for bi in range(b):
         ids = input_ids[bi].tolist()
         cur, i = 0, 0
         while i < s:
-            if ids[i] != image_token_id:
+            grid = next(grids, None) if ids[i] == image_token_id else None
+            if grid is None:
                 pos[:, bi, i] = cur
                 cur += 1
                 i += 1
                 continue
-            t, h, w = next(grids)
+            t, h, w = grid
             gh, gw = h // spatial_merge_size, w // spatial_merge_size
             n = t * gh * gw
             tt = torch.arange(t).view(t, 1, 1).expand(t, gh, gw).reshape(-1)
@@ -95,6 +106,7 @@ def mrope_position_ids(input_ids: Tensor, image_grid_thw: Tensor | None, image_t
                 raise ValueError(f"sequence {bi}: an image of grid {(t, h, w)} needs {n} consecutive image tokens "
                                  f"at position {i}")
             pos[:, bi, i:i + n] = torch.stack([tt, hh, ww]).to(pos.device) + cur
+            image_mask[bi, i:i + n] = True
             cur += max(gh, gw)
             i += n
-    return pos
+    return pos, image_mask

@@ -5,7 +5,7 @@ from collections import defaultdict
 import pytest
 
 from megatron_spark.bridge.planner import plan, vllm_shard_rows
-from megatron_spark.mapping.qwen import WeightMap
+from megatron_spark.mapping.qwen import WeightMap, expected_hf_shapes as hf_shapes
 from megatron_spark.models.hf_config import parse_hf_config
 
 QWEN25_VL_32B = {
@@ -17,37 +17,6 @@ QWEN25_VL_32B = {
                       "out_hidden_size": 5120, "patch_size": 14, "spatial_merge_size": 2, "temporal_patch_size": 2,
                       "window_size": 112, "fullatt_block_indexes": [7, 15, 23, 31], "hidden_act": "silu"},
 }
-
-
-def hf_shapes(shape):
-    """HF tensor shapes implied by the config (what a real checkpoint holds)."""
-    t, v = shape.text, shape.vision
-    out = {"model.embed_tokens.weight": (t.vocab_size, t.hidden_size), "model.norm.weight": (t.hidden_size,),
-           "lm_head.weight": (t.vocab_size, t.hidden_size)}
-    for i in range(t.num_layers):
-        p = f"model.layers.{i}."
-        q, kv = t.num_heads * t.head_dim, t.num_kv_heads * t.head_dim
-        out.update({p + "input_layernorm.weight": (t.hidden_size,), p + "post_attention_layernorm.weight":
-                    (t.hidden_size,), p + "self_attn.q_proj.weight": (q, t.hidden_size), p + "self_attn.q_proj.bias":
-                    (q,), p + "self_attn.k_proj.weight": (kv, t.hidden_size), p + "self_attn.k_proj.bias": (kv,),
-                    p + "self_attn.v_proj.weight": (kv, t.hidden_size), p + "self_attn.v_proj.bias": (kv,),
-                    p + "self_attn.o_proj.weight": (t.hidden_size, q), p + "mlp.gate_proj.weight":
-                    (t.ffn_hidden_size, t.hidden_size), p + "mlp.up_proj.weight": (t.ffn_hidden_size, t.hidden_size),
-                    p + "mlp.down_proj.weight": (t.hidden_size, t.ffn_hidden_size)})
-    if v is not None:
-        h, f, m = v.hidden_size, v.ffn_hidden_size, v.hidden_size * v.spatial_merge_size ** 2
-        out["visual.patch_embed.proj.weight"] = (h, v.in_channels, v.temporal_patch_size, v.patch_size, v.patch_size)
-        out.update({"visual.merger.ln_q.weight": (h,), "visual.merger.mlp.0.weight": (m, m),
-                    "visual.merger.mlp.0.bias": (m,), "visual.merger.mlp.2.weight": (v.out_hidden_size, m),
-                    "visual.merger.mlp.2.bias": (v.out_hidden_size,)})
-        for i in range(v.depth):
-            p = f"visual.blocks.{i}."
-            out.update({p + "norm1.weight": (h,), p + "norm2.weight": (h,), p + "attn.qkv.weight": (3 * h, h),
-                        p + "attn.qkv.bias": (3 * h,), p + "attn.proj.weight": (h, h), p + "attn.proj.bias": (h,),
-                        p + "mlp.gate_proj.weight": (f, h), p + "mlp.gate_proj.bias": (f,), p + "mlp.up_proj.weight":
-                        (f, h), p + "mlp.up_proj.bias": (f,), p + "mlp.down_proj.weight": (h, f),
-                        p + "mlp.down_proj.bias": (h,)})
-    return out
 
 
 def stage_of(num_layers, pp):

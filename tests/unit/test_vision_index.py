@@ -35,3 +35,12 @@ def test_mrope_positions_match_hf_get_rope_index(tiny_models):
     ours = mrope_position_ids(enc["input_ids"], enc["image_grid_thw"], shape.image_token_id,
                               shape.vision.spatial_merge_size)
     assert torch.equal(ours, hf_pos)
+
+
+def test_sampled_placeholder_tokens_after_the_images_are_text():
+    from megatron_spark.models.vision import mrope_positions_and_image_mask
+
+    ids = torch.tensor([[5, 7, 7, 7, 7, 6, 7, 8]])  # 7 = placeholder; one 1x4x4 image (4 merged tokens), then a
+    pos, mask = mrope_positions_and_image_mask(ids, torch.tensor([[1, 4, 4]]), 7, 2)  # sampled placeholder
+    assert mask[0].tolist() == [False, True, True, True, True, False, False, False]
+    assert pos[:, 0, 6].tolist() == [4, 4, 4] and pos[:, 0, 7].tolist() == [5, 5, 5]

