@@ -1,9 +1,10 @@
 """Executing a bridge plan with torch.distributed point-to-point messages, bucket by bucket.
 
-Every rank runs the same deterministic plan. For each bucket of target tensors, a rank packs the slices it owns
-for each peer into one flat buffer, posts one send and one receive per peer (gloo on CPU, NCCL on GPU), copies
-its own slices locally, and yields the completed target tensors. Peak extra memory is one bucket of received
-tensors plus the send buffers for that bucket; nothing else is gathered.
+Every rank runs the same deterministic plan. For each bucket of target tensors, a rank posts its sends and
+receives for every peer (gloo on CPU, NCCL on GPU): row slices go straight from the parameter into the target
+tensor, column slices through one staging buffer per peer. It copies its own slices locally and yields the
+completed target tensors. Peak extra memory is one bucket of targets plus the column-slice staging; nothing
+else is gathered.
 """
 from __future__ import annotations
 
@@ -63,8 +64,9 @@ class P2PExecutor:
     """Runs routed transfers between global ranks of the default (or given) process group."""
 
     def __init__(self, routes: list[Route], dst_shapes: dict[str, tuple[int, ...]], local_params: dict[str, Tensor],
-                 dtype: torch.dtype, device: torch.device, bucket_bytes: int, group=None):
+                 dtype: torch.dtype, device: torch.device, bucket_bytes: int, group=None, zero_fill: bool = False):
         self.shapes, self.params = dst_shapes, local_params
+        self.zero_fill = zero_fill  # targets with padding rows that no transfer covers (vLLM vocab shards)
         self.dtype, self.device, self.group = dtype, device, group
         self.me = dist.get_rank()
         self.elem_bytes = torch.empty((), dtype=dtype).element_size()
@@ -78,51 +80,63 @@ class P2PExecutor:
         return self.params[t.param].detach().narrow(t.dim, t.src_offset, t.length)
 
     def stream(self) -> Iterator[tuple[str, Tensor]]:
-        """Yields (target name, tensor) for the targets this rank receives; every rank must drain it in step."""
+        """Yields (target name, tensor) for the targets this rank receives; every rank must drain it in step.
+
+        Row slices (dim 0) are contiguous on both sides and travel as their own messages, straight from the
+        parameter into the target tensor; column slices (row-parallel weights, dim 1) are packed into one staging
+        buffer per peer. Both sides post messages in plan order, so the pairing is implicit.
+        """
         self.stats = SyncStats()
         t_start = time.perf_counter()
         for bucket in self.buckets:
             t0 = time.perf_counter()
-            outgoing: dict[int, list[Tensor]] = defaultdict(list)
-            incoming: dict[int, list[tuple[Transfer, str]]] = defaultdict(list)
+            sends: dict[int, list[Transfer]] = defaultdict(list)
+            recvs: dict[int, list[Transfer]] = defaultdict(list)
             mine: dict[str, Tensor] = {}
             local: list[Transfer] = []
             for name in bucket:
                 for route in self.by_dst[name]:
                     t, src, dst = route.t, route.src, route.dst
                     if dst == self.me:
-                        if name not in mine:  # zeros: padding rows of a target shard are never sent
-                            mine[name] = torch.zeros(self.shapes[name], dtype=self.dtype, device=self.device)
-                        if src == self.me:
-                            local.append(t)
-                        else:
-                            incoming[src].append((t, name))
+                        if name not in mine:
+                            alloc = torch.zeros if self.zero_fill else torch.empty
+                            mine[name] = alloc(self.shapes[name], dtype=self.dtype, device=self.device)
+                        (local if src == self.me else recvs[src]).append(t)
                     elif src == self.me:
-                        outgoing[dst].append(self._src_view(t).reshape(-1))
-            reqs, recv_bufs = [], {}
-            for peer in sorted(set(outgoing) | set(incoming)):
-                if peer in outgoing:
-                    buf = torch.cat(outgoing[peer]).to(self.dtype).contiguous()
-                    self.stats.bytes_sent += buf.numel() * self.elem_bytes
+                        sends[dst].append(t)
+            reqs, keep, staged_in = [], [], {}
+            for peer in sorted(set(sends) | set(recvs)):
+                out = sends.get(peer, [])
+                for t in (x for x in out if x.dim == 0):
+                    buf = self._src_view(t).to(self.dtype).contiguous()
+                    keep.append(buf)
                     reqs.append(dist.isend(buf, peer, group=self.group))
-                    outgoing[peer] = [buf]  # keep alive until the send completes
-                if peer in incoming:
-                    n = sum(t.numel for t, _ in incoming[peer])
-                    recv_bufs[peer] = torch.empty(n, dtype=self.dtype, device=self.device)
-                    reqs.append(dist.irecv(recv_bufs[peer], peer, group=self.group))
+                cols = [self._src_view(t).to(self.dtype).reshape(-1) for t in out if t.dim != 0]
+                if cols:
+                    buf = torch.cat(cols)
+                    keep.append(buf)
+                    reqs.append(dist.isend(buf, peer, group=self.group))
+                self.stats.bytes_sent += sum(t.numel for t in out) * self.elem_bytes
+                inc = recvs.get(peer, [])
+                for t in (x for x in inc if x.dim == 0):
+                    reqs.append(dist.irecv(self._dst_view(mine[t.dst_name], t), peer, group=self.group))
+                n_cols = sum(t.numel for t in inc if t.dim != 0)
+                if n_cols:
+                    staged_in[peer] = torch.empty(n_cols, dtype=self.dtype, device=self.device)
+                    reqs.append(dist.irecv(staged_in[peer], peer, group=self.group))
+                self.stats.bytes_received += sum(t.numel for t in inc) * self.elem_bytes
             for t in local:
                 self._dst_view(mine[t.dst_name], t).copy_(self._src_view(t))
                 self.stats.bytes_local += t.numel * self.elem_bytes
             for r in reqs:
                 r.wait()
-            for peer, items in incoming.items():
+            for peer, buf in staged_in.items():
                 off = 0
-                buf = recv_bufs[peer]
-                for t, name in items:
-                    view = self._dst_view(mine[name], t)
+                for t in (x for x in recvs[peer] if x.dim != 0):
+                    view = self._dst_view(mine[t.dst_name], t)
                     view.copy_(buf[off:off + t.numel].view(view.shape))
                     off += t.numel
-                self.stats.bytes_received += off * self.elem_bytes
+            del keep, staged_in
             bucket_bytes = sum(v.numel() for v in mine.values()) * self.elem_bytes
             self.stats.peak_bucket_bytes = max(self.stats.peak_bucket_bytes, bucket_bytes)
             self.stats.buckets += 1
