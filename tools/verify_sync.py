@@ -52,9 +52,9 @@ def main() -> int:
         print(f"\nMegatron TP={a.train_tp} PP={a.train_pp} -> vLLM TP={a.rollout_tp}, world {world}")
         print(f"{'round':<18} {'tokens':>6} {'greedy':>7} {'HF':>5} {'max|dlogp|':>11} {'MB in':>7} {'sync s':>7}")
         for k, r in res.items():
-            good = r["greedy_match"] and r["max_logprob_diff"] <= a.tolerance and r.get("hf_greedy_equal", True)
+            good = r["greedy_match"] is not False and r["max_logprob_diff"] <= a.tolerance and r.get("hf_greedy_equal", True)
             ok &= good
-            print(f"{k:<18} {r['tokens']:>6} {'same' if r['greedy_match'] else 'DIFF':>7} "
+            print(f"{k:<18} {r['tokens']:>6} {({True: 'same', False: 'DIFF'}).get(r['greedy_match'], '-'):>7} "
                   f"{('-' if 'hf_greedy_equal' not in r else 'same' if r['hf_greedy_equal'] else 'DIFF'):>5} "
                   f"{r['max_logprob_diff']:>11.2e} {r.get('bytes_received', 0) / 2**20:>7.2f} "
                   f"{r.get('sync_s', 0):>7.3f}")

@@ -51,12 +51,16 @@ def sample_requests(hf_dir: str, shape) -> list[tuple[RolloutRequest, dict]]:
     return out
 
 
-def compare_with_megatron(engine, chunks, shape, requests, max_new_tokens: int = 12) -> dict:
-    """Greedy-generate with vLLM, then score prompt+completion with Megatron. Same result on every rank."""
-    samples = engine.generate([r for r, _ in requests], n=1, temperature=0.0, max_new_tokens=max_new_tokens,
-                              ignore_eos=True)
+def compare_with_megatron(engine, chunks, shape, requests, max_new_tokens: int = 12, n: int = 1,
+                          temperature: float = 0.0) -> dict:
+    """Generate with vLLM (greedy by default; sampled with n > 1), then score every prompt+completion with
+    Megatron: per-token logprob differences, and for greedy whether Megatron's argmax is the sampled token.
+    Same result on every rank."""
+    outs = engine.generate([r for r, _ in requests], n=n, temperature=temperature, max_new_tokens=max_new_tokens,
+                           ignore_eos=True, seed=0)
     worst, greedy_ok, prompt_ok, n_tok = 0.0, True, True, 0
-    for (req, enc), (s,) in zip(requests, samples):
+    pairs = [(enc, s) for (_, enc), group in zip(requests, outs) for s in group]
+    for enc, s in pairs:
         prompt_ok &= s.prompt_token_ids == enc["input_ids"][0].tolist()
         ids = torch.cat([enc["input_ids"], torch.tensor([s.token_ids])], dim=1)
         batch = make_batch(shape, ids, enc.get("pixel_values"), enc.get("image_grid_thw"))
@@ -72,8 +76,9 @@ def compare_with_megatron(engine, chunks, shape, requests, max_new_tokens: int =
         dist.all_gather_object(got, res)
         d, g = next(r for r in got if r is not None)
         worst, greedy_ok, n_tok = max(worst, d), greedy_ok and g, n_tok + len(s.token_ids)
-    return {"max_logprob_diff": worst, "greedy_match": greedy_ok, "prompt_tokens_match": prompt_ok,
-            "tokens": n_tok, "vllm_tokens": [s[0].token_ids for s in samples]}
+    return {"max_logprob_diff": worst, "greedy_match": greedy_ok if temperature == 0 else None,
+            "prompt_tokens_match": prompt_ok, "tokens": n_tok, "samples": len(pairs),
+            "vllm_tokens": [g[0].token_ids for g in outs]}
 
 
 def _hf_generate(hf_dir: str, shape, hf_weights: dict, requests, n: int) -> list[list[int]]:
@@ -149,4 +154,6 @@ def verify_sync(hf_dir: str, layouts: list[tuple[int, int]], rollout_tp: int, bu
             r["changed_vs_previous"] = r["vllm_tokens"] != prev
         prev = r["vllm_tokens"]
         results[f"round{rnd}_tp{tp}_pp{pp}"] = r
+    # Sampled rollouts (temperature 1, n=3): their logprobs are what the RL loss treats as the behaviour policy.
+    results["sampled"] = compare_with_megatron(engine, chunks, shape, requests, max_new_tokens, n=3, temperature=1.0)
     return results

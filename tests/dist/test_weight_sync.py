@@ -18,6 +18,8 @@ def sync_results(request, tiny_models, tmp_path_factory):
 
 def test_every_round_is_token_exact(sync_results):
     rounds = [k for k in sync_results if k.startswith("round")]
+    sampled = sync_results["sampled"]
+    assert sampled["samples"] == 6 and sampled["max_logprob_diff"] <= 1e-3, sampled
     assert rounds == ["round1_tp2_pp1", "round2_tp2_pp1", "round3_tp1_pp2"]
     for k in ["initial"] + rounds:
         r = sync_results[k]

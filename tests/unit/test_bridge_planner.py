@@ -32,9 +32,13 @@ def stage_of(num_layers, pp):
 @pytest.mark.parametrize("train_tp,train_pp,rollout_tp,kv_heads", [
     (8, 2, 4, 8), (4, 4, 8, 8), (2, 1, 1, 8), (2, 1, 4, 8),
     (4, 2, 8, 4),   # rollout TP > KV heads: vLLM replicates each KV head on two ranks
+    (2, 2, 4, -1),  # tied embeddings (the output layer is not sent twice)
 ])
 def test_every_target_element_covered_exactly_once(train_tp, train_pp, rollout_tp, kv_heads):
-    shape = parse_hf_config({**QWEN25_VL_32B, "num_key_value_heads": kv_heads})
+    cfg = {**QWEN25_VL_32B, "num_key_value_heads": abs(kv_heads) if kv_heads > 0 else 8}
+    if kv_heads < 0:
+        cfg["tie_word_embeddings"] = True
+    shape = parse_hf_config(cfg)
     wmap = WeightMap(shape, tp=train_tp)
     shapes = hf_shapes(shape)
     assert set(wmap.hf_names()) == set(shapes)
