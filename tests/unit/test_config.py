@@ -11,6 +11,7 @@ def test_defaults_validate():
 def test_yaml_and_overrides(tmp_path):
     p = tmp_path / "c.yaml"
     p.write_text("rollout:\n  temperature: 0.7\ntraining:\n  lr: 1.0e-6\n")
+    assert load_config(None, ["training.lr=5e-4"]).training.lr == 5e-4  # YAML reads this as a string
     cfg = load_config(p, ["rollout.n_samples_per_prompt=4", "parallel.tensor_model_parallel_size=2",
                           "algorithm.recycle.judge_cap=16", "model.hf_dir=null"])
     assert cfg.rollout.temperature == 0.7 and cfg.training.lr == 1e-6

@@ -1,0 +1,176 @@
+"""Save and resume everything, atomically, through megatron-core dist-checkpointing.
+
+Layout (Megatron-LM's): CKPT/iter_0000042/ (torch_dist model + optimizer, common.pt with scheduler/step/data
+cursor/FIFO, rng/rank_*.pt) and CKPT/latest_checkpointed_iteration.txt. A checkpoint is written into
+`iter_X.tmp`, renamed when every rank has finished, and only then named in the tracker file (itself replaced
+atomically): a crash never leaves a half checkpoint that looks complete. Resuming reshards the model and
+optimizer to the current TP/PP (dist-checkpointing), then re-syncs the rollout engine.
+"""
+from __future__ import annotations
+
+import os
+import random
+import shutil
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+TRACKER = "latest_checkpointed_iteration.txt"
+
+
+def iter_dir(root: Path, step: int) -> Path:
+    return root / f"iter_{step:07d}"
+
+
+def latest_step(root: str | Path) -> Optional[int]:
+    path = Path(root) / TRACKER
+    if not path.is_file():
+        return None
+    text = path.read_text().strip()
+    if not text.isdigit():
+        raise ValueError(f"'{path}' should hold an iteration number, found {text!r}")
+    step = int(text)
+    if not iter_dir(Path(root), step).is_dir():
+        raise ValueError(f"'{path}' names iteration {step} but '{iter_dir(Path(root), step)}' is missing")
+    return step
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+class CheckpointManager:
+    def __init__(self, ck_cfg, trainer):
+        self.cfg, self.t = ck_cfg, trainer
+        self.root = Path(ck_cfg.dir)
+        self.rank = dist.get_rank()
+        if self.rank == 0:
+            self.root.mkdir(parents=True, exist_ok=True)
+        self.last_saved: Optional[int] = None
+        self.current: Optional[int] = None
+
+    # -- state --------------------------------------------------------------------------------------------------
+    def _sharded_state(self, loading: bool = False) -> dict:
+        modules = self.t.policy.modules
+        model_sd = {f"model{i}": m.sharded_state_dict() for i, m in enumerate(modules)} if len(modules) > 1 \
+            else {"model": modules[0].sharded_state_dict()}
+        opt = self.t.policy.optimizer
+        if loading and hasattr(opt, "chained_optimizers"):
+            # torch's Adam has no state before its first step; give it shapes to load into (cpu_stack.md 5d)
+            for o in opt.chained_optimizers:
+                if hasattr(o, "_init_optimizer_states_with_dummy_values"):
+                    o._init_optimizer_states_with_dummy_values()
+        state = dict(model_sd)
+        state["optimizer"] = opt.sharded_state_dict(model_sd, is_loading=loading)
+        return state
+
+    def _common(self, step: int) -> dict:
+        t = self.t
+        return {"step": step, "optimizer_steps": t.policy.optimizer_steps,
+                "scheduler": t.policy.scheduler.state_dict(), "cursor": vars(t.data.cursor).copy(),
+                "queue": t.queue.state_dict(), "trainer_rng": t.rng.getstate(),
+                "parallel": {"tp": t.layout.tp, "pp": t.layout.pp, "world": t.layout.world_size}}
+
+    # -- save ---------------------------------------------------------------------------------------------------
+    def save(self, step: int) -> Path:
+        from megatron.core import dist_checkpointing
+
+        final = iter_dir(self.root, step)
+        tmp = final.with_name(final.name + ".tmp")
+        if self.rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+            (tmp / "rng").mkdir()
+        dist.barrier()
+        state = self._sharded_state()
+        state["common"] = self._common(step)
+        dist_checkpointing.save(state, str(tmp))
+        torch.save({"torch": torch.get_rng_state(), "python": random.getstate(),
+                    "cuda_tracker": _tracker_states()}, tmp / "rng" / f"rank_{self.rank}.pt")
+        dist.barrier()
+        if self.rank == 0:
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+            _atomic_write(self.root / TRACKER, str(step))
+            self._prune()
+        dist.barrier()
+        self.last_saved = step
+        return final
+
+    def _prune(self) -> None:
+        done = sorted(p for p in self.root.glob("iter_*") if p.is_dir() and not p.name.endswith(".tmp"))
+        for p in done[:-self.cfg.keep_last]:
+            shutil.rmtree(p, ignore_errors=True)
+
+    def on_step(self, step: int, metrics: dict) -> None:
+        self.current = step
+        if step % self.cfg.save_interval == 0 or self.t.stop_requested:
+            self.save(step)
+
+    def finish(self) -> None:
+        """A final checkpoint at the last completed step, unless the interval already wrote it."""
+        if self.current is not None and self.current != self.last_saved:
+            self.save(self.current)
+
+    # -- resume -------------------------------------------------------------------------------------------------
+    def resume(self) -> int:
+        """Load the latest complete checkpoint if there is one (and resume is on); returns the step to start at."""
+        from megatron.core import dist_checkpointing
+
+        if not self.cfg.resume:
+            return 0
+        step = latest_step(self.root)
+        if step is None:
+            return 0
+        path = iter_dir(self.root, step)
+        state = self._sharded_state(loading=True)
+        state["common"] = self._common(0)
+        loaded = dist_checkpointing.load(state, str(path))
+        modules = self.t.policy.modules
+        for i, m in enumerate(modules):
+            m.load_state_dict(loaded[f"model{i}" if len(modules) > 1 else "model"], strict=False)
+        with torch.no_grad():
+            self.t.policy.optimizer.load_state_dict(loaded["optimizer"])
+        c = loaded["common"]
+        t = self.t
+        t.policy.optimizer_steps = c["optimizer_steps"]
+        t.policy.scheduler.load_state_dict(c["scheduler"])
+        from megatron_spark.data import Cursor
+
+        t.data.cursor = Cursor(**c["cursor"])
+        t.queue.load_state_dict(c["queue"])
+        t.rng.setstate(_as_rng_state(c["trainer_rng"]))
+        rng_file = path / "rng" / f"rank_{self.rank}.pt"
+        if rng_file.is_file() and c["parallel"]["world"] == t.layout.world_size:
+            r = torch.load(rng_file, weights_only=False)
+            torch.set_rng_state(r["torch"])
+            random.setstate(r["python"])
+            _set_tracker_states(r["cuda_tracker"])
+        # The rollout engine still holds the initial weights: bring it to the resumed policy.
+        t.engine.update_weights(t.sync.stream())
+        self.last_saved = step
+        if self.rank == 0:
+            print(f"resumed from {path} (step {step})", flush=True)
+        return step
+
+
+def _as_rng_state(s):
+    """random.Random state round-trips through lists when stored; turn it back into tuples."""
+    return (s[0], tuple(s[1]), s[2]) if isinstance(s, (list, tuple)) else s
+
+
+def _tracker_states():
+    from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
+
+    return get_cuda_rng_tracker().get_states()
+
+
+def _set_tracker_states(states) -> None:
+    from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
+
+    get_cuda_rng_tracker().set_states(states)

@@ -1,0 +1,223 @@
+"""Training data: the Spark JSON format, prompts with images, bad-record handling, and the built-in shapes task.
+
+A Spark record is `{"message": "<JSON list of chat messages>", "answer": "<gold>"}`; the user turn holds an
+optional image item (`{"type": "image", "image": path, "max_pixels": ...}`) and the text item. Text-only records
+(the LLM variant) simply have no image item. Images go through qwen-vl-utils with the configured min/max pixels,
+the same for Megatron and for the rollout engine.
+"""
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from megatron_spark.templates import with_suffix
+
+
+class DataError(ValueError):
+    """A bad training record: the message names the record index and what to fix."""
+
+
+@dataclass
+class Example:
+    index: int
+    messages: list[dict]
+    answer: str
+    image: Optional[str] = None          # path of the (first) image, carried into recycled tasks
+    question: str = ""                   # the user text (with the answer-format suffix)
+
+
+@dataclass
+class LoadReport:
+    total: int = 0
+    skipped: dict[int, str] = field(default_factory=dict)
+
+
+def _parse_record(i: int, rec: Any, prompt_key: str, answer_key: str, base: Path) -> Example:
+    if not isinstance(rec, dict):
+        raise DataError(f"record {i}: expected an object with '{prompt_key}' and '{answer_key}', got "
+                        f"{type(rec).__name__}")
+    if prompt_key not in rec:
+        raise DataError(f"record {i}: missing field '{prompt_key}' (set data.prompt_key if it is named otherwise)")
+    raw = rec[prompt_key]
+    try:
+        messages = json.loads(raw) if isinstance(raw, str) else raw
+    except json.JSONDecodeError as e:
+        raise DataError(f"record {i}: field '{prompt_key}' is not valid JSON ({e.msg} at char {e.pos})") from None
+    if isinstance(messages, dict):
+        messages = [messages]
+    if not isinstance(messages, list) or not messages or not all(isinstance(m, dict) for m in messages):
+        raise DataError(f"record {i}: '{prompt_key}' must be a JSON list of chat messages")
+    answer = rec.get(answer_key)
+    if answer is None or not str(answer).strip():
+        raise DataError(f"record {i}: empty or missing '{answer_key}'; every record needs a gold answer")
+    image, question = None, ""
+    for m in messages:
+        content = m.get("content")
+        if isinstance(content, str):
+            question = content
+            continue
+        for item in content or []:
+            if item.get("type") == "image" or "image" in item:
+                path = Path(str(item.get("image", "")))
+                if not path.is_absolute():
+                    path = base / path
+                if not path.is_file():
+                    raise DataError(f"record {i}: image file '{item.get('image')}' not found")
+                item["image"] = str(path)
+                image = image or str(path)
+            elif item.get("type") == "text":
+                question = item.get("text", "")
+    return Example(i, messages, str(answer).strip(), image, question)
+
+
+def load_records(path: str | Path, prompt_key: str = "message", answer_key: str = "answer",
+                 skip_bad: bool = False) -> tuple[list[Example], LoadReport]:
+    """All valid examples; a bad record raises DataError naming its index, or is skipped and counted."""
+    p = Path(path)
+    try:
+        data = json.loads(p.read_text())
+    except json.JSONDecodeError as e:
+        raise DataError(f"'{p}' is not valid JSON ({e.msg}, line {e.lineno}); it must be a JSON list") from None
+    if not isinstance(data, list):
+        raise DataError(f"'{p}' must hold a JSON list of records, got {type(data).__name__}")
+    report = LoadReport(total=len(data))
+    out = []
+    for i, rec in enumerate(data):
+        try:
+            out.append(_parse_record(i, rec, prompt_key, answer_key, p.parent))
+        except DataError as e:
+            if not skip_bad:
+                raise
+            report.skipped[i] = str(e)
+    return out, report
+
+
+class PromptBuilder:
+    """Chat template + images -> (text prompt for the engine, token ids / pixels for Megatron)."""
+
+    def __init__(self, hf_dir: str, multimodal: bool, min_pixels: int, max_pixels: int):
+        from transformers import AutoProcessor, AutoTokenizer
+
+        self.multimodal = multimodal
+        self.min_pixels, self.max_pixels = min_pixels, max_pixels
+        self.processor = AutoProcessor.from_pretrained(hf_dir) if multimodal else None
+        self.tokenizer = self.processor.tokenizer if multimodal else AutoTokenizer.from_pretrained(hf_dir)
+
+    def _with_pixels(self, messages: list[dict]) -> list[dict]:
+        out = []
+        for m in messages:
+            content = m.get("content")
+            if isinstance(content, list):
+                content = [dict(c, min_pixels=self.min_pixels, max_pixels=min(self.max_pixels,
+                                                                             c.get("max_pixels", self.max_pixels)))
+                           if (c.get("type") == "image" or "image" in c) else c for c in content]
+            out.append(dict(m, content=content))
+        return out
+
+    def build(self, messages: list[dict]) -> dict:
+        """{'prompt': text, 'images': [PIL] or None, 'input_ids': [int], 'pixel_values', 'image_grid_thw'}."""
+        if not self.multimodal:
+            text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+            return {"prompt": text, "images": None, "input_ids": self.tokenizer(text)["input_ids"],
+                    "pixel_values": None, "image_grid_thw": None}
+        from qwen_vl_utils import process_vision_info
+
+        msgs = self._with_pixels(messages)
+        images, _ = process_vision_info(msgs)[:2]
+        text = self.processor.apply_chat_template(msgs, add_generation_prompt=True)
+        enc = self.processor(text=[text], images=images or None, return_tensors="pt")
+        return {"prompt": text, "images": images, "input_ids": enc["input_ids"][0].tolist(),
+                "pixel_values": enc.get("pixel_values"), "image_grid_thw": enc.get("image_grid_thw")}
+
+
+def check_lengths(examples: list[Example], builder: PromptBuilder, max_len: int, skip_bad: bool,
+                  report: LoadReport) -> list[Example]:
+    """Prompts over `max_len` tokens (images included) are errors naming the record, or skipped and counted."""
+    keep = []
+    for ex in examples:
+        n = len(builder.build(ex.messages)["input_ids"])
+        if n > max_len:
+            msg = (f"record {ex.index}: prompt is {n} tokens (images included), over data.prompt_max_len="
+                   f"{max_len}; raise the limit or shorten the record")
+            if not skip_bad:
+                raise DataError(msg)
+            report.skipped[ex.index] = msg
+            continue
+        keep.append(ex)
+    return keep
+
+
+@dataclass
+class Cursor:
+    """Where the data stream is: resumable exactly (saved in checkpoints)."""
+    episode: int = 0
+    position: int = 0
+
+
+class PromptStream:
+    """Episodes over the examples, shuffled per episode by (seed, episode); batches of `batch_size`."""
+
+    def __init__(self, examples: list[Example], batch_size: int, seed: int, cursor: Optional[Cursor] = None):
+        if len(examples) < batch_size:
+            raise DataError(f"only {len(examples)} usable records for a rollout batch of {batch_size}; lower "
+                            f"data.rollout_batch_size or add data")
+        self.examples, self.batch_size, self.seed = examples, batch_size, seed
+        self.cursor = cursor or Cursor()
+
+    def _order(self, episode: int) -> list[int]:
+        idx = list(range(len(self.examples)))
+        random.Random(self.seed * 7919 + episode).shuffle(idx)
+        return idx
+
+    @property
+    def steps_per_episode(self) -> int:
+        return len(self.examples) // self.batch_size
+
+    def next_batch(self) -> tuple[int, list[Example]]:
+        if self.cursor.position + self.batch_size > len(self.examples):
+            self.cursor = Cursor(self.cursor.episode + 1, 0)
+        order = self._order(self.cursor.episode)
+        batch = [self.examples[i] for i in order[self.cursor.position:self.cursor.position + self.batch_size]]
+        self.cursor = Cursor(self.cursor.episode, self.cursor.position + self.batch_size)
+        return self.cursor.episode, batch
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The built-in verifiable task of the demo: which colour fills the picture?
+
+COLOURS = [("red", (220, 30, 30)), ("green", (30, 170, 60)), ("blue", (40, 60, 220)), ("yellow", (230, 210, 40))]
+
+
+def shapes_question() -> str:
+    names = ", ".join(f"{i + 1} for {c}" for i, (c, _) in enumerate(COLOURS))
+    return f"Which colour fills most of the picture? Answer with its number: {names}."
+
+
+def make_shapes_task(out_dir: str | Path, n: int, seed: int, size: int = 56) -> Path:
+    """Writes n images (a dominant colour with a few small shapes of other colours) and a Spark-format JSON."""
+    from PIL import Image, ImageDraw
+
+    out = Path(out_dir)
+    (out / "images").mkdir(parents=True, exist_ok=True)
+    rnd = random.Random(seed)
+    records = []
+    for i in range(n):
+        k = rnd.randrange(len(COLOURS))
+        img = Image.new("RGB", (size, size), COLOURS[k][1])
+        draw = ImageDraw.Draw(img)
+        for _ in range(rnd.randint(0, 3)):
+            other = COLOURS[rnd.randrange(len(COLOURS))][1]
+            x, y = rnd.randint(0, size - 12), rnd.randint(0, size - 12)
+            draw.ellipse([x, y, x + 10, y + 10], fill=other)
+        path = out / "images" / f"{i:05d}.png"
+        img.save(path)
+        msg = [{"role": "user", "content": [{"type": "image", "image": f"images/{path.name}",
+                                             "max_pixels": 28 * 28 * 4},
+                                            {"type": "text", "text": with_suffix(shapes_question())}]}]
+        records.append({"message": json.dumps(msg), "answer": str(k + 1)})
+    path = out / "train.json"
+    path.write_text(json.dumps(records))
+    return path

@@ -1,0 +1,229 @@
+"""The Megatron side of RL: token log-probs and optimizer steps over micro-batches of rollouts, any TP/PP.
+
+Log-probs come from megatron-core's vocab-parallel cross-entropy (the model's `labels` path), so full-vocabulary
+logits are never gathered. Updates go through megatron-core's DDP, optimizer and pipeline schedule; the learning
+rate follows megatron-core's OptimizerParamScheduler, stepped once per optimizer step of either period.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from megatron_spark.algorithm import grpo_loss, masked_mean
+from megatron_spark.models.runtime import Batch
+
+
+@dataclass
+class Rollout:
+    """One sampled response to one prompt, with everything the update needs."""
+    prompt_ids: list[int]
+    response_ids: list[int]
+    group: str                            # prompt id: advantages are normalised within a group
+    pixel_values: Optional[Tensor] = None
+    image_grid_thw: Optional[Tensor] = None
+    reward: float = 0.0
+    advantage: float = 0.0
+    rollout_logprobs: Optional[list[float]] = None  # from vLLM (diagnostics: train/rollout drift)
+    old_logprobs: Optional[Tensor] = None            # [R] policy before the update (Megatron)
+    ref_logprobs: Optional[Tensor] = None            # [R] frozen reference (Megatron)
+    kind: str = "task"                                # task | pointwise | pairwise | reflection_cot | reflection_ans
+
+
+def collate(rollouts: list[Rollout], shape, pad_id: int, seq_len: int, n_real: Optional[int] = None) -> dict:
+    """Right-padded micro-batch. Response token j of a sample sits at position P+j and is predicted at P+j-1.
+
+    Rows from `n_real` on are fillers (a pipeline needs equal micro-batches): their loss mask is zero."""
+    from megatron_spark.models.runtime import make_batch
+
+    b = len(rollouts)
+    ids = torch.full((b, seq_len), pad_id, dtype=torch.long)
+    labels = torch.full((b, seq_len), pad_id, dtype=torch.long)
+    mask = torch.zeros(b, seq_len)
+    real = torch.zeros(b, seq_len, dtype=torch.bool)
+    old = torch.zeros(b, seq_len)
+    ref = torch.zeros(b, seq_len)
+    adv = torch.zeros(b)
+    for i, r in enumerate(rollouts):
+        seq = r.prompt_ids + r.response_ids
+        n, p, nr = len(seq), len(r.prompt_ids), len(r.response_ids)
+        ids[i, :n] = torch.tensor(seq)
+        labels[i, :n - 1] = torch.tensor(seq[1:])
+        real[i, :n] = True
+        if n_real is None or i < n_real:
+            mask[i, p - 1:p - 1 + nr] = 1.0
+        if r.old_logprobs is not None:
+            old[i, p - 1:p - 1 + nr] = r.old_logprobs
+        if r.ref_logprobs is not None:
+            ref[i, p - 1:p - 1 + nr] = r.ref_logprobs
+        adv[i] = r.advantage
+    pix = [r.pixel_values for r in rollouts if r.pixel_values is not None]
+    grids = [r.image_grid_thw for r in rollouts if r.image_grid_thw is not None]
+    batch = make_batch(shape, ids, torch.cat(pix) if pix else None, torch.cat(grids) if grids else None,
+                       labels=labels, pad_mask=real, grids_per_sequence=[r.image_grid_thw for r in rollouts])
+    return {"batch": batch, "mask": mask, "old": old, "ref": ref, "adv": adv}
+
+
+def _call(model, batch: Batch):
+    kw = dict(input_ids=batch.input_ids, position_ids=batch.position_ids, attention_mask=batch.attention_mask,
+              labels=batch.labels)
+    if batch.pixel_values is not None:
+        kw.update(pixel_values=batch.pixel_values, image_grid_thw=batch.image_grid_thw, image_mask=batch.image_mask)
+    return model(**kw)
+
+
+class Policy:
+    """Model chunks (DDP-wrapped when trainable) + optimizer + LR schedule."""
+
+    def __init__(self, chunks: list, shape, pad_id: int, micro_batch_size: int, optimizer=None, scheduler=None):
+        self.chunks, self.shape, self.pad_id, self.mbs = chunks, shape, pad_id, micro_batch_size
+        self.optimizer, self.scheduler = optimizer, scheduler
+        self.optimizer_steps = 0
+
+    # -- construction ------------------------------------------------------------------------------------------
+    @classmethod
+    def build(cls, shape, layout, hf_dir: str, *, dtype: torch.dtype, pad_id: int, micro_batch_size: int,
+              train_cfg=None, total_steps: int = 1, trainable: bool = True) -> "Policy":
+        from megatron.core import parallel_state as ps
+        from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+        from megatron.core.distributed import finalize_model_grads
+        from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+        from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+        from megatron_spark.mapping.qwen import WeightMap
+        from megatron_spark.models.qwen import build_model
+        from megatron_spark.models.weights import HFCheckpoint, load_hf_into_megatron
+
+        chunks = build_model(shape, layout, dtype=dtype)
+        load_hf_into_megatron(chunks, WeightMap(shape, tp=layout.tp), HFCheckpoint(hf_dir),
+                              ps.get_tensor_model_parallel_rank(), layout.tp)
+        if not trainable:
+            for c in chunks:
+                c.eval()
+                c.requires_grad_(False)
+            return cls(chunks, shape, pad_id, micro_batch_size)
+        t = train_cfg
+        use_dist_opt = bool(t.use_distributed_optimizer and torch.cuda.is_available())  # see cpu_stack.md 5d
+        ddp_cfg = DistributedDataParallelConfig(grad_reduce_in_fp32=True, use_distributed_optimizer=use_dist_opt)
+        wrapped = []
+        for c in chunks:
+            c.config.finalize_model_grads_func = finalize_model_grads
+            wrapped.append(DistributedDataParallel(c.config, ddp_cfg, c))
+        opt_cfg = OptimizerConfig(optimizer="adam", lr=t.lr, min_lr=t.lr * t.min_lr_ratio,
+                                  weight_decay=t.weight_decay, adam_beta1=t.adam_beta1, adam_beta2=t.adam_beta2,
+                                  clip_grad=t.clip_grad, bf16=dtype == torch.bfloat16, fp16=dtype == torch.float16,
+                                  params_dtype=dtype, use_distributed_optimizer=use_dist_opt)
+        optimizer = get_megatron_optimizer(opt_cfg, wrapped)
+        warmup = math.ceil(t.warmup_ratio * total_steps)
+        scheduler = OptimizerParamScheduler(
+            optimizer, init_lr=0.0 if warmup else t.lr, max_lr=t.lr, min_lr=t.lr * t.min_lr_ratio,
+            lr_warmup_steps=warmup, lr_decay_steps=max(total_steps, warmup + 1), lr_decay_style="cosine",
+            start_wd=t.weight_decay, end_wd=t.weight_decay, wd_incr_steps=1, wd_incr_style="constant")
+        return cls(wrapped, shape, pad_id, micro_batch_size, optimizer, scheduler)
+
+    @torch.no_grad()
+    def copy_weights_from(self, other: "Policy") -> None:
+        """Make this (frozen reference) model equal to `other`, e.g. after a supervised warm start."""
+        for mine, theirs in zip(self.modules, other.modules):
+            for p, q in zip(mine.parameters(), theirs.parameters()):
+                p.copy_(q)
+
+    @property
+    def modules(self) -> list:
+        """The unwrapped model chunks (what the bridge and checkpoints see)."""
+        return [getattr(c, "module", c) for c in self.chunks]
+
+    # -- passes ------------------------------------------------------------------------------------------------
+    def _run(self, rollouts: list[Rollout], loss_fn: Optional[Callable], forward_only: bool) -> list[dict]:
+        from megatron.core.pipeline_parallel import get_forward_backward_func
+
+        seq_len = max(len(r.prompt_ids) + len(r.response_ids) for r in rollouts)
+        seq_len = (seq_len + 7) // 8 * 8  # fewer distinct shapes for the pipeline's p2p buffers
+        micro = []
+        for i in range(0, len(rollouts), self.mbs):
+            part = rollouts[i:i + self.mbs]
+            n_real = len(part)
+            part = part + [part[0]] * (self.mbs - n_real)  # fillers keep every micro-batch the same shape
+            micro.append(dict(collate(part, self.shape, self.pad_id, seq_len, n_real), n_real=n_real))
+        outputs: list[dict] = []
+
+        def step(data_iter, model):
+            mb = next(data_iter)
+            out = _call(model, mb["batch"])
+
+            def finish(nll):
+                logp = -nll.float()
+                outputs.append({"logp": logp.detach(), "mask": mb["mask"], "n_real": mb["n_real"]})
+                if loss_fn is None:
+                    return nll.sum() * 0.0, {}
+                loss, metrics = loss_fn(logp, mb)
+                return loss, metrics
+            return out, finish
+
+        data = iter(micro)
+        get_forward_backward_func()(
+            forward_step_func=step, data_iterator=[data] if len(self.chunks) > 1 else data, model=self.chunks,
+            num_microbatches=len(micro), seq_length=seq_len, micro_batch_size=self.mbs, forward_only=forward_only,
+            decoder_seq_length=seq_len)
+        return outputs
+
+    def _from_last_stage(self, obj):
+        from megatron.core import parallel_state as ps
+
+        if ps.get_pipeline_model_parallel_world_size() == 1:
+            return obj
+        box = [obj]
+        src = ps.get_pipeline_model_parallel_last_rank()
+        dist.broadcast_object_list(box, src=src, group=ps.get_pipeline_model_parallel_group())
+        return box[0]
+
+    @torch.no_grad()
+    def token_logprobs(self, rollouts: list[Rollout]) -> list[Tensor]:
+        """Per-response-token log-probs [R_i] for every rollout, on every rank."""
+        outs = self._run(rollouts, None, forward_only=True)
+        res = []
+        for o in outs:
+            for row in range(o["n_real"]):
+                res.append(o["logp"][row][o["mask"][row] > 0].clone())
+        return self._from_last_stage(res)[:len(rollouts)]
+
+    def train_step(self, rollouts: list[Rollout], loss_fn: Callable) -> dict:
+        """One optimizer step on these rollouts (this rank's data-parallel share)."""
+        for c in self.chunks:
+            c.zero_grad_buffer()
+        self.optimizer.zero_grad()
+        metrics: list[dict] = []
+
+        def wrapped(logp, mb):
+            loss, m = loss_fn(logp, mb)
+            metrics.append({k: float(v) for k, v in m.items()})
+            return loss, {}
+        self._run(rollouts, wrapped, forward_only=False)
+        ok, grad_norm, _ = self.optimizer.step()
+        self.scheduler.step(increment=1)
+        self.optimizer_steps += 1
+        agg = {k: sum(m[k] for m in metrics) / len(metrics) for k in (metrics[0] if metrics else {})}
+        agg = self._from_last_stage(agg)
+        agg.update(grad_norm=float(grad_norm) if grad_norm is not None else float("nan"),
+                   lr=self.optimizer.param_groups[0]["lr"], update_ok=bool(ok))
+        return agg
+
+
+def grpo_loss_fn(alg) -> Callable:
+    """The RL loss of one micro-batch (SPARK/OpenRLHF: token-mean PPO-clip + k3 KL to the reference)."""
+    def fn(logp: Tensor, mb: dict):
+        out = grpo_loss(logp, mb["old"], mb["ref"] if alg.kl_coef > 0 else None, mb["adv"], mb["mask"],
+                        eps_low=alg.eps_clip_low, eps_high=alg.eps_clip_high, kl_coef=alg.kl_coef,
+                        reduction=alg.loss_reduction)
+        return out.loss, {"policy_loss": out.policy_loss, "kl": out.kl, "clip_fraction": out.clip_fraction}
+    return fn
+
+
+def sft_loss_fn(logp: Tensor, mb: dict):
+    """Supervised warm start: mean negative log-likelihood of the response tokens."""
+    loss = -masked_mean(logp, mb["mask"])
+    return loss, {"sft_loss": loss.detach()}

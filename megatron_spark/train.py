@@ -1,0 +1,113 @@
+"""`megatron-spark train` under torchrun: build every component from the config, then run the SPARK loop.
+
+    torchrun --nproc-per-node N -m megatron_spark.train --config CONFIG [section.field=value ...]
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from megatron_spark.config import SparkConfig, load_config
+from megatron_spark.models.qwen import DTYPES
+
+
+def build_components(cfg: SparkConfig, world: int) -> dict:
+    from megatron_spark.bridge.sync import WeightSync
+    from megatron_spark.data import PromptBuilder, PromptStream, check_lengths, load_records
+    from megatron_spark.mapping.qwen import WeightMap
+    from megatron_spark.metrics import MetricsLogger
+    from megatron_spark.models.hf_config import load_hf_config
+    from megatron_spark.parallel import ParallelLayout
+    from megatron_spark.policy import Policy
+    from megatron_spark.reward import RewardPool, VerifierConfig
+    from megatron_spark.rollout.engine import RolloutEngine
+    from megatron_spark.templates import TemplateBank
+
+    if cfg.model.hf_dir is None:
+        raise ValueError("config field 'model.hf_dir': set it to a Hugging Face model directory "
+                         "(or run `megatron-spark demo` for the built-in tiny model)")
+    if cfg.data.train_file is None:
+        raise ValueError("config field 'data.train_file': set it to a Spark-format JSON file")
+    shape = load_hf_config(cfg.model.hf_dir)
+    m = cfg.model
+    m.family = shape.family
+    m.num_layers, m.num_attention_heads, m.num_key_value_heads = (shape.text.num_layers, shape.text.num_heads,
+                                                                   shape.text.num_kv_heads)
+    m.vision_num_heads = shape.vision.num_heads if shape.vision else None
+    cfg.validate(world)
+    layout = ParallelLayout.from_config(cfg.parallel, world)
+    layout.initialize(seed=cfg.training.seed)
+    rank = dist.get_rank()
+    dtype = DTYPES[m.dtype]
+    multimodal = shape.family == "qwen2_5_vl"
+    prompts = PromptBuilder(m.hf_dir, multimodal, cfg.data.min_pixels, cfg.data.max_pixels)
+    examples, report = load_records(cfg.data.train_file, cfg.data.prompt_key, cfg.data.answer_key,
+                                    cfg.data.skip_bad_records)
+    examples = check_lengths(examples, prompts, cfg.data.prompt_max_len, cfg.data.skip_bad_records, report)
+    if report.skipped and rank == 0:
+        print(f"data: skipped {len(report.skipped)} of {report.total} records "
+              f"(first: {next(iter(report.skipped.values()))})", file=sys.stderr)
+    data = PromptStream(examples, cfg.data.rollout_batch_size, cfg.training.seed)
+    total_steps = cfg.training.max_steps or cfg.data.num_episodes * data.steps_per_episode
+    # The LR schedule counts every optimizer step, of both periods. Each infer period makes
+    # (rollout_batch x n / global_batch) steps and a reward period at most as many, so 2x the infer steps is an
+    # upper bound: the cosine decays over it and never rises again (the original's schedule overran).
+    per_period = cfg.data.rollout_batch_size * cfg.rollout.n_samples_per_prompt // cfg.training.global_batch_size
+    decay_steps = 2 * total_steps * per_period + cfg.training.sft_warmup_steps
+    pad_id = prompts.tokenizer.pad_token_id or 0
+    policy = Policy.build(shape, layout, m.hf_dir, dtype=dtype, pad_id=pad_id,
+                          micro_batch_size=cfg.training.micro_batch_size, train_cfg=cfg.training,
+                          total_steps=decay_steps)
+    reference = Policy.build(shape, layout, m.hf_dir, dtype=dtype, pad_id=pad_id,
+                             micro_batch_size=cfg.training.micro_batch_size, trainable=False)
+    engine = RolloutEngine(m.hf_dir, tensor_parallel_size=cfg.rollout.tensor_parallel_size,
+                           dtype={"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}[m.dtype],
+                           max_model_len=cfg.rollout.max_model_len, enforce_eager=cfg.rollout.enforce_eager,
+                           gpu_memory_utilization=cfg.rollout.gpu_memory_utilization, seed=cfg.training.seed,
+                           min_pixels=cfg.data.min_pixels, max_pixels=cfg.data.max_pixels,
+                           tied_embeddings=shape.text.tied_embeddings, multimodal=multimodal)
+    sync = WeightSync(policy.modules, WeightMap(shape, tp=layout.tp), layout,
+                      rollout_tp=cfg.rollout.tensor_parallel_size, bucket_mb=cfg.rollout.sync_bucket_mb)
+    pool = None
+    if rank == 0:
+        pool = RewardPool(cfg.algorithm.reward_workers, cfg.algorithm.reward_timeout_s,
+                          VerifierConfig(cfg.algorithm.accept_box_alias, cfg.algorithm.labels_case_insensitive))
+    logger = MetricsLogger(cfg.logging.dir, rank == 0, cfg.logging.tensorboard, cfg.logging.wandb_project,
+                           cfg.to_dict(), resume=cfg.checkpoint.resume)
+    return dict(shape=shape, layout=layout, prompts=prompts, data=data, policy=policy, reference=reference,
+                engine=engine, sync=sync, reward_pool=pool, templates=TemplateBank.load(
+                    cfg.algorithm.recycle.templates_file), logger=logger, total_steps=total_steps)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="megatron-spark train")
+    ap.add_argument("--config", default=None)
+    ap.add_argument("overrides", nargs="*")
+    a = ap.parse_args(argv)
+    cfg = load_config(a.config, a.overrides)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    from megatron_spark.checkpoint import CheckpointManager
+    from megatron_spark.trainer import SparkTrainer
+
+    comps = build_components(cfg, world)
+    total = comps.pop("total_steps")
+    trainer = SparkTrainer(cfg, comps)
+    ckpt = CheckpointManager(cfg.checkpoint, trainer) if cfg.checkpoint.dir else None
+    start = ckpt.resume() if ckpt else 0
+    trainer.run(start, total, on_step=ckpt.on_step if ckpt else None)
+    if ckpt is not None:
+        ckpt.finish()
+    if trainer.reward_pool is not None:
+        trainer.reward_pool.close()
+    dist.barrier()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
