@@ -26,7 +26,7 @@ def _demo(args) -> int:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "-m", "megatron_spark.demo",
            str(config), str(held_out), f"model.hf_dir={hf_dir}", f"data.train_file={train}",
            f"logging.dir={run}", f"training.seed={args.seed}",
-           f"algorithm.recycle.templates_file={examples / 'tiny_templates.yaml'}", *args.overrides]
+           f"algorithm.recycle.templates_file={examples / 'templates' / 'tiny.yaml'}", *args.overrides]
     rc = subprocess.call(cmd)
     print(f"demo finished in {time.time() - t0:.0f}s")
     return rc

@@ -70,6 +70,10 @@ def _parse_record(i: int, rec: Any, prompt_key: str, answer_key: str, base: Path
                 image = image or str(path)
             elif item.get("type") == "text":
                 question = item.get("text", "")
+    for marker in ("<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>"):
+        if marker in question:
+            raise DataError(f"record {i}: the question text contains the control token {marker}; images go in an "
+                            f"image item, not as text")
     return Example(i, messages, str(answer).strip(), image, question)
 
 

@@ -113,7 +113,7 @@ def main(argv=None) -> int:
     losses = warm_start(trainer, cfg.training.sft_warmup_steps, cfg.training.seed)
     before = evaluate(trainer, held_out, trainer.templates)
     if rank0:
-        print(f"warm start: {len(losses)} SFT steps, loss {losses[0]:.2f} -> {losses[-1]:.2f} "
+        print(f"warm start: {cfg.training.sft_warmup_steps} batches, {len(losses)} optimizer steps, loss {losses[0]:.2f} -> {losses[-1]:.2f} "
               f"({time.time() - t0:.0f}s); before RL: {before}", flush=True)
     t1 = time.time()
     trainer.run(0, total)

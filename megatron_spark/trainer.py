@@ -83,9 +83,13 @@ class SparkTrainer:
         golds = [t.answer for t, group in zip(tasks, outs) for _ in group]
         rewards = self.score(texts, golds)
         t2 = time.perf_counter()
+        # Recycled prompts quote responses: decode them without special tokens, so a sampled <|image_pad|> (or
+        # any chat-control token) can never reach a new prompt as markup.
+        tok = self.prompts.tokenizer
         groups, k = [], 0
         for t, group in zip(tasks, outs):
-            groups.append(Group(t.id, t.question, t.answer, [s.text for s in group],
+            groups.append(Group(t.id, t.question, t.answer,
+                                [tok.decode(s.token_ids, skip_special_tokens=True) for s in group],
                                 rewards[k:k + len(group)], t.image))
             k += len(group)
         rollouts, k = [], 0
@@ -164,9 +168,16 @@ class SparkTrainer:
                 bar.update(1)
                 bar.set_postfix(reward=f"{metrics['infer/reward_mean']:.2f}",
                                 judge=f"{metrics.get('reward/judge_accuracy', float('nan')):.2f}")
+            # A signal reaches the ranks at slightly different moments: agree on stopping after the same step,
+            # or one rank would enter the checkpoint collective while another starts the next step.
+            flag = torch.tensor([float(self.stop_requested)])
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            self.stop_requested = bool(flag.item())
             if on_step is not None:
                 on_step(step + 1, metrics)
             if self.stop_requested:
+                if self.rank == 0:
+                    print(f"stopping after step {step + 1} on request (signal)", flush=True)
                 break
         if bar is not None:
             bar.close()

