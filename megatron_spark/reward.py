@@ -112,6 +112,10 @@ def score(response: str, gold: str, cfg: VerifierConfig = VerifierConfig()) -> f
 
 
 def _worker(conn, cfg: VerifierConfig) -> None:
+    import signal
+
+    # SLURM signals every process of a job step; the trainer handles SIGUSR1, its helpers must not die of it.
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
     logging.getLogger("math_verify").setLevel(logging.CRITICAL)
     for name in ("math_verify.parser", "math_verify.grader"):
         logging.getLogger(name).setLevel(logging.CRITICAL)

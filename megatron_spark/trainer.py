@@ -12,6 +12,7 @@ rollouts into judge/reflection tasks, and a reward period whenever the FIFO hold
 from __future__ import annotations
 
 import json
+import os
 import random
 import signal
 import time
@@ -178,6 +179,9 @@ class SparkTrainer:
             if self.stop_requested:
                 if self.rank == 0:
                     print(f"stopping after step {step + 1} on request (signal)", flush=True)
+                    marker = os.environ.get("SPARK_STOP_MARKER")  # slurm/train.sbatch requeues when it exists
+                    if marker:
+                        Path(marker).write_text(str(step + 1))
                 break
         if bar is not None:
             bar.close()

@@ -1,0 +1,73 @@
+"""slurm/train.sbatch on a real single-node SLURM (started by `make test`): a preemption signal mid-run makes the
+job checkpoint, requeue itself and resume to the end."""
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def slurm_ready() -> bool:
+    if shutil.which("sbatch") is None:
+        return False
+    p = subprocess.run(["sinfo", "-h", "-o", "%t"], capture_output=True, text=True)
+    return p.returncode == 0 and any(s in p.stdout for s in ("idle", "mix", "alloc"))
+
+
+pytestmark = pytest.mark.skipif(not slurm_ready(), reason="no running SLURM (make test starts one)")
+
+
+def job_state(job: str) -> str:
+    p = subprocess.run(["scontrol", "show", "job", job], capture_output=True, text=True)
+    for tok in p.stdout.split():
+        if tok.startswith("JobState="):
+            return tok.split("=", 1)[1]
+    return "GONE"
+
+
+def test_preempted_job_checkpoints_requeues_and_resumes(tmp_path):
+    from megatron_spark.data import make_shapes_task
+    from megatron_spark.tiny import build_qwen2_5_vl
+
+    hf = build_qwen2_5_vl(tmp_path / "model", min_pixels=3136, max_pixels=3136)
+    train = make_shapes_task(tmp_path / "data", 64, seed=0)
+    run_dir, ck = tmp_path / "run", tmp_path / "ckpt"
+    overrides = [f"model.hf_dir={hf}", f"data.train_file={train}", f"logging.dir={run_dir}", f"checkpoint.dir={ck}",
+                 "data.rollout_batch_size=4", "training.global_batch_size=8", "training.micro_batch_size=4",
+                 "rollout.max_new_tokens=12", "algorithm.recycle.reward_batch_size=4", "training.max_steps=5",
+                 "checkpoint.save_interval=100", "logging.progress_bar=false",
+                 f"algorithm.recycle.templates_file={ROOT / 'examples' / 'templates' / 'tiny.yaml'}"]
+    env = {"GPUS_PER_NODE": "2", "SPARK_PYTHON": sys.executable}
+    import os
+
+    job = subprocess.run(["sbatch", "--parsable", "--nodes=1", f"--cpus-per-task={os.cpu_count()}",
+                          str(ROOT / "slurm" / "train.sbatch"), str(ROOT / "examples" / "tiny_cpu.yaml"),
+                          *overrides], cwd=tmp_path, env={**os.environ, **env}, capture_output=True, text=True,
+                         check=True).stdout.strip().split(";")[0]
+    out = tmp_path / f"spark-{job}.out"
+    try:
+        deadline = time.time() + 300
+        metrics = run_dir / "metrics.jsonl"
+        while time.time() < deadline and not (metrics.is_file() and metrics.read_text().count("\n") >= 1):
+            assert job_state(job) in ("PENDING", "RUNNING", "CONFIGURING"), out.read_text()[-3000:]
+            time.sleep(1)
+        subprocess.run(["scancel", "--signal=USR1", job], check=True)   # what SLURM does before a time limit
+        deadline = time.time() + 600
+        while time.time() < deadline:
+            tracker = ck / "latest_checkpointed_iteration.txt"
+            if tracker.is_file() and tracker.read_text().strip() == "5" and job_state(job) in ("COMPLETED", "GONE"):
+                break
+            time.sleep(2)
+    finally:
+        if job_state(job) in ("PENDING", "RUNNING", "REQUEUED", "CONFIGURING"):
+            subprocess.run(["scancel", job])
+    log = out.read_text()
+    assert "requeueing job" in log, log[-4000:]
+    assert "resumed from" in log, log[-4000:]
+    assert (ck / "latest_checkpointed_iteration.txt").read_text().strip() == "5", log[-4000:]
+    steps = [int(line.split('"step": ')[1].split(",")[0]) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert steps[-1] == 5 and sorted(set(steps)) == [1, 2, 3, 4, 5], steps
