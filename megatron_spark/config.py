@@ -367,6 +367,11 @@ def validate(cfg: SparkConfig, world_size: Optional[int] = None) -> None:
             _fail("training.global_batch_size", f"{tr.global_batch_size} is not divisible by micro_batch_size x "
                                                 f"data-parallel size = {tr.micro_batch_size} x {dp}")
     _positive("training.clip_grad", tr.clip_grad)
+    if tr.max_tokens_per_micro_batch is not None:
+        _positive("training.max_tokens_per_micro_batch", tr.max_tokens_per_micro_batch)
+        if par.pipeline_model_parallel_size > 1:
+            _fail("training.max_tokens_per_micro_batch", "token-packed micro-batches vary in shape, which the "
+                                                         "pipeline schedule cannot take; unset it when PP > 1")
     if tr.max_steps is not None:
         _positive("training.max_steps", tr.max_steps)
     ck = cfg.checkpoint

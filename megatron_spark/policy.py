@@ -79,10 +79,13 @@ def _call(model, batch: Batch):
 class Policy:
     """Model chunks (DDP-wrapped when trainable) + optimizer + LR schedule."""
 
-    def __init__(self, chunks: list, shape, pad_id: int, micro_batch_size: int, optimizer=None, scheduler=None):
+    def __init__(self, chunks: list, shape, pad_id: int, micro_batch_size: int, optimizer=None, scheduler=None,
+                 max_tokens_per_micro_batch: Optional[int] = None):
         self.chunks, self.shape, self.pad_id, self.mbs = chunks, shape, pad_id, micro_batch_size
         self.optimizer, self.scheduler = optimizer, scheduler
+        self.max_tokens = max_tokens_per_micro_batch
         self.optimizer_steps = 0
+        self.offloaded = False
 
     # -- construction ------------------------------------------------------------------------------------------
     @classmethod
@@ -123,7 +126,20 @@ class Policy:
             optimizer, init_lr=0.0 if warmup else t.lr, max_lr=t.lr, min_lr=t.lr * t.min_lr_ratio,
             lr_warmup_steps=warmup, lr_decay_steps=max(total_steps, warmup + 1), lr_decay_style="cosine",
             start_wd=t.weight_decay, end_wd=t.weight_decay, wd_incr_steps=1, wd_incr_style="constant")
-        return cls(wrapped, shape, pad_id, micro_batch_size, optimizer, scheduler)
+        return cls(wrapped, shape, pad_id, micro_batch_size, optimizer, scheduler, t.max_tokens_per_micro_batch)
+
+    def offload(self) -> None:
+        """Move the (frozen) weights to host memory between uses: the reference model on a tight GPU."""
+        if torch.cuda.is_available() and not self.offloaded:
+            for m in self.modules:
+                m.to("cpu")
+            self.offloaded = True
+
+    def onload(self) -> None:
+        if self.offloaded:
+            for m in self.modules:
+                m.to(torch.cuda.current_device())
+            self.offloaded = False
 
     @torch.no_grad()
     def copy_weights_from(self, other: "Policy") -> None:
@@ -144,11 +160,13 @@ class Policy:
         seq_len = max(len(r.prompt_ids) + len(r.response_ids) for r in rollouts)
         seq_len = (seq_len + 7) // 8 * 8  # fewer distinct shapes for the pipeline's p2p buffers
         micro = []
-        for i in range(0, len(rollouts), self.mbs):
-            part = rollouts[i:i + self.mbs]
-            n_real = len(part)
-            part = part + [part[0]] * (self.mbs - n_real)  # fillers keep every micro-batch the same shape
-            micro.append(dict(collate(part, self.shape, self.pad_id, seq_len, n_real), n_real=n_real))
+        for part in self._micro_batches(rollouts):
+            n_real, length = len(part), seq_len
+            if self.max_tokens is None:
+                part = part + [part[0]] * (self.mbs - n_real)  # fillers keep every micro-batch the same shape
+            else:  # token-packed (PP=1): each micro-batch only as long as its longest sequence
+                length = max(len(r.prompt_ids) + len(r.response_ids) for r in part)
+            micro.append(dict(collate(part, self.shape, self.pad_id, length, n_real), n_real=n_real))
         outputs: list[dict] = []
 
         def step(data_iter, model):
@@ -170,6 +188,21 @@ class Policy:
             num_microbatches=len(micro), seq_length=seq_len, micro_batch_size=self.mbs, forward_only=forward_only,
             decoder_seq_length=seq_len)
         return outputs
+
+    def _micro_batches(self, rollouts: list[Rollout]) -> list[list[Rollout]]:
+        """Fixed-size micro-batches, or (max_tokens_per_micro_batch, PP=1) consecutive runs under a token budget.
+        Order is kept, so per-rollout outputs line up with the input."""
+        if self.max_tokens is None:
+            return [rollouts[i:i + self.mbs] for i in range(0, len(rollouts), self.mbs)]
+        out, cur, longest = [], [], 0
+        for r in rollouts:
+            n = len(r.prompt_ids) + len(r.response_ids)
+            if cur and max(longest, n) * (len(cur) + 1) > self.max_tokens:
+                out.append(cur)
+                cur, longest = [], 0
+            cur.append(r)
+            longest = max(longest, n)
+        return out + ([cur] if cur else [])
 
     def _from_last_stage(self, obj):
         from megatron.core import parallel_state as ps

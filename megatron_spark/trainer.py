@@ -105,7 +105,12 @@ class SparkTrainer:
         for r, a in zip(rollouts, adv.tolist()):
             r.advantage = a
         old = self.policy.token_logprobs(rollouts)
-        ref = self.reference.token_logprobs(rollouts) if alg.kl_coef > 0 else [None] * len(rollouts)
+        ref = [None] * len(rollouts)
+        if alg.kl_coef > 0:
+            self.reference.onload()
+            ref = self.reference.token_logprobs(rollouts)
+            if tr.offload_reference:
+                self.reference.offload()
         drift = 0.0
         for r, o, f in zip(rollouts, old, ref):
             r.old_logprobs, r.ref_logprobs = o, f

