@@ -62,7 +62,8 @@ def _isolate_cpu_shm(token: str) -> None:
         return
     original = getattr(cls, "_spark_original_make_group_name", None) or cls.__dict__["make_group_name"].__func__
     cls._spark_original_make_group_name = original
-    cls.make_group_name = staticmethod(lambda communicator: f"{token}{original(communicator)}")
+    # the original name starts with the init method's "//" (shm_open wants one leading slash and no other)
+    cls.make_group_name = staticmethod(lambda communicator: f"/{token}{original(communicator).lstrip('/')}")
 
 
 class RolloutEngine:

@@ -122,3 +122,22 @@ def test_sigterm_leaves_a_loadable_checkpoint(setup):
     out = run(cmd(hf, train, d / "runD", ck, f"training.max_steps={step + 1}"))
     assert f"resumed from {ck / f'iter_{step:07d}'}" in out.stdout
     assert sorted(metrics(d / "runD")) == [step + 1]
+
+
+def test_resume_at_a_different_parallel_layout(full_run, setup):
+    """Written at TP=2 PP=1, resumed at TP=1 PP=2: dist-checkpointing reshards model and optimizer."""
+    d, ref = full_run
+    _, hf, train = setup
+    ck = d / "ckE"
+    ck.mkdir()
+    shutil.copytree(d / "ckA" / "iter_0000002", ck / "iter_0000002")
+    (ck / "latest_checkpointed_iteration.txt").write_text("2")
+    out = run(cmd(hf, train, d / "runE", ck, "training.max_steps=3", "parallel.tensor_model_parallel_size=1",
+                  "parallel.pipeline_model_parallel_size=2"))
+    assert "resumed from" in out.stdout
+    got = metrics(d / "runE")[3]
+    # same weights in the engine and the same sampling seed: the same rollouts and rewards as the TP=2 run
+    assert got["infer/reward_mean"] == ref[3]["infer/reward_mean"]
+    assert got["infer/response_len"] == ref[3]["infer/response_len"]
+    assert abs(got["infer/policy_loss"] - ref[3]["infer/policy_loss"]) < 1e-4
+    assert got["optimizer_steps"] == ref[3]["optimizer_steps"]
