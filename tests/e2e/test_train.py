@@ -54,6 +54,15 @@ def metrics(run_dir):
     return {r["step"]: r for r in map(json.loads, (Path(run_dir) / "metrics.jsonl").read_text().splitlines())}
 
 
+def checkpoint_at_step_2(d, name):
+    """A checkpoint directory holding only run A's step-2 checkpoint, as if the run had stopped there."""
+    ck = d / name
+    ck.mkdir()
+    shutil.copytree(d / "ckA" / "iter_0000002", ck / "iter_0000002")
+    (ck / "latest_checkpointed_iteration.txt").write_text("2")
+    return ck
+
+
 @pytest.fixture(scope="module")
 def full_run(setup):
     d, hf, train = setup
@@ -79,10 +88,7 @@ def test_both_periods_run_and_metrics_are_finite(full_run):
 def test_resume_reproduces_the_uninterrupted_run(full_run, setup):
     d, ref = full_run
     _, hf, train = setup
-    ck = d / "ckB"
-    ck.mkdir()
-    shutil.copytree(d / "ckA" / "iter_0000002", ck / "iter_0000002")
-    (ck / "latest_checkpointed_iteration.txt").write_text("2")
+    ck = checkpoint_at_step_2(d, "ckB")
     out = run(cmd(hf, train, d / "runB", ck, "training.max_steps=4", "checkpoint.save_interval=2"))
     assert "resumed from" in out.stdout
     got = metrics(d / "runB")
@@ -128,10 +134,7 @@ def test_resume_at_a_different_parallel_layout(full_run, setup):
     """Written at TP=2 PP=1, resumed at TP=1 PP=2: dist-checkpointing reshards model and optimizer."""
     d, ref = full_run
     _, hf, train = setup
-    ck = d / "ckE"
-    ck.mkdir()
-    shutil.copytree(d / "ckA" / "iter_0000002", ck / "iter_0000002")
-    (ck / "latest_checkpointed_iteration.txt").write_text("2")
+    ck = checkpoint_at_step_2(d, "ckE")
     out = run(cmd(hf, train, d / "runE", ck, "training.max_steps=3", "parallel.tensor_model_parallel_size=1",
                   "parallel.pipeline_model_parallel_size=2"))
     assert "resumed from" in out.stdout
