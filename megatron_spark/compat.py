@@ -3,17 +3,8 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
-from functools import lru_cache
 
 import torch
-from packaging.version import Version
-
-
-@lru_cache(maxsize=None)
-def mcore_version() -> Version:
-    import megatron.core
-
-    return Version(getattr(megatron.core, "__version__", "0.0.0"))
 
 
 def have_transformer_engine() -> bool:
@@ -48,9 +39,3 @@ def initialize_model_parallel(**kwargs) -> None:
 
     params = inspect.signature(parallel_state.initialize_model_parallel).parameters
     parallel_state.initialize_model_parallel(**{k: v for k, v in kwargs.items() if k in params})
-
-
-def model_forward_kwargs(model, **kwargs) -> dict:
-    """Keep only the forward kwargs the model's forward accepts (e.g. `packed_seq_params`, `loss_mask`)."""
-    params = inspect.signature(model.forward).parameters
-    return {k: v for k, v in kwargs.items() if k in params}

@@ -93,7 +93,3 @@ def install() -> bool:
     _install_cpu_rng_tracker()
     _INSTALLED = True
     return True
-
-
-def is_active() -> bool:
-    return _INSTALLED

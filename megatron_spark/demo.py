@@ -13,7 +13,6 @@ import random
 import sys
 import time
 
-import torch
 import torch.distributed as dist
 
 from megatron_spark.data import COLOURS, load_records

