@@ -55,9 +55,7 @@ class CheckpointManager:
 
     # -- state --------------------------------------------------------------------------------------------------
     def _sharded_state(self, loading: bool = False) -> dict:
-        modules = self.t.policy.modules
-        model_sd = {f"model{i}": m.sharded_state_dict() for i, m in enumerate(modules)} if len(modules) > 1 \
-            else {"model": modules[0].sharded_state_dict()}
+        model_sd = model_state_keys(self.t.policy.modules)
         opt = self.t.policy.optimizer
         if loading and hasattr(opt, "chained_optimizers"):
             # torch's Adam has no state before its first step; give it shapes to load into (cpu_stack.md 5d)
@@ -157,6 +155,24 @@ class CheckpointManager:
         if self.rank == 0:
             print(f"resumed from {path} (step {step})", flush=True)
         return step
+
+
+def model_state_keys(modules: list) -> dict:
+    """The model part of a checkpoint's state dict, named as Megatron-LM names it ("model", or "model0".. with VPP)."""
+    if len(modules) == 1:
+        return {"model": modules[0].sharded_state_dict()}
+    return {f"model{i}": m.sharded_state_dict() for i, m in enumerate(modules)}
+
+
+def load_model_weights(modules: list, path: str | Path) -> None:
+    """Load only the model weights of a torch_dist checkpoint (converted, or written by training at any layout)
+    into this rank's model chunks; dist-checkpointing reads just this rank's slices."""
+    from megatron.core import dist_checkpointing
+
+    state = model_state_keys(modules)
+    loaded = dist_checkpointing.load(state, str(path))
+    for name, m in zip(state, modules):
+        m.load_state_dict(loaded[name], strict=False)
 
 
 def _as_rng_state(s):

@@ -34,12 +34,10 @@ def main() -> int:
         print(f"error: --hf-dir '{a.hf_dir}' has no config.json", file=sys.stderr)
         return 2
     world = math.lcm(a.train_tp * a.train_pp, a.rollout_tp)
-    if "RANK" not in os.environ:
-        import subprocess
+    from megatron_spark.launch import relaunch_under_torchrun, under_torchrun, worker_exit
 
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(world),
-               os.path.abspath(__file__), *sys.argv[1:]]
-        return subprocess.call(cmd)
+    if not under_torchrun():
+        return relaunch_under_torchrun(__file__, sys.argv[1:], world)
 
     import torch.distributed as dist
 
@@ -62,7 +60,7 @@ def main() -> int:
     flag = [ok]
     dist.broadcast_object_list(flag, src=0)
     dist.barrier()
-    return 0 if flag[0] else 1
+    return worker_exit(0 if flag[0] else 1, dist.get_rank())
 
 
 if __name__ == "__main__":

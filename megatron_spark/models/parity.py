@@ -41,16 +41,24 @@ def to_batch(shape: ModelShape, kw: dict):
     return make_batch(shape, kw["input_ids"], kw.get("pixel_values"), kw.get("image_grid_thw"))
 
 
-def compare_logits(chunks, shape: ModelShape, ref, inputs) -> dict[str, dict]:
-    """Max |logit difference| and argmax agreement per input (filled on the last pipeline stage only)."""
+def hf_logits(ref, inputs) -> dict:
+    """The oracle's logits per input, computed once (the HF model can then be freed)."""
+    with torch.no_grad():
+        return {name: ref(**kw).logits.float() for name, kw in inputs}
+
+
+def compare_logits(chunks, shape: ModelShape, ref, inputs, reference: dict | None = None) -> dict[str, dict]:
+    """Max |logit difference| and argmax agreement per input (filled on the last pipeline stage only).
+    `reference`: precomputed HF logits by input name (else `ref` is run)."""
+    reference = reference if reference is not None else hf_logits(ref, inputs)
     out = {}
     for name, kw in inputs:
         logits = forward_logits(chunks, to_batch(shape, kw), shape.text.vocab_size)
         if logits is None:
             continue
-        with torch.no_grad():
-            hf_logits = ref(**kw).logits.float()
-        out[name] = {"max_abs_diff": (logits - hf_logits).abs().max().item(),
-                     "argmax_equal": bool((logits.argmax(-1) == hf_logits.argmax(-1)).all()),
-                     "tokens": int(kw["input_ids"].numel())}
+        ref_logits = reference[name]
+        agree = logits.argmax(-1) == ref_logits.argmax(-1)
+        out[name] = {"max_abs_diff": (logits - ref_logits).abs().max().item(), "argmax_equal": bool(agree.all()),
+                     "argmax_agree": int(agree.sum()), "tokens": int(kw["input_ids"].numel()),
+                     "max_abs_logit": ref_logits.abs().max().item()}
     return out

@@ -1,91 +1,21 @@
 """Moving weights between HF safetensors and in-memory megatron-core models, one tensor at a time.
 
-`HFCheckpoint` reads a (sharded) safetensors directory lazily through mmap and turns every way it can be broken
-(missing shard, truncated file, missing tensor) into an error naming the file. `load_hf_into_megatron` fills this
+`HFCheckpoint` (convert/safetensors_io.py) reads a safetensors directory lazily and turns every way it can be
+broken (missing shard, truncated file, missing tensor) into an error naming the file. `load_hf_into_megatron` fills this
 rank's shards; `megatron_named_params` yields (global megatron name, param) so that PP stages agree on layer ids.
 """
 from __future__ import annotations
 
-import json
 import re
-from pathlib import Path
 from typing import Iterator
 
 import torch
 from torch import Tensor
 
-from megatron_spark.mapping.qwen import ParamMap, WeightMap, canonical_hf_name, from_te_name
+from megatron_spark.convert.safetensors_io import HFCheckpoint
+from megatron_spark.mapping.qwen import ParamMap, WeightMap, from_te_name
 
-
-class HFCheckpoint:
-    """Lazy reader of an HF safetensors checkpoint (single file or index + shards)."""
-
-    def __init__(self, hf_dir: str | Path):
-        from safetensors import safe_open
-
-        self.dir = Path(hf_dir)
-        index = self.dir / "model.safetensors.index.json"
-        single = self.dir / "model.safetensors"
-        if index.is_file():
-            try:
-                weight_map = json.loads(index.read_text())["weight_map"]
-            except (json.JSONDecodeError, KeyError) as e:
-                raise ValueError(f"'{index}' is not a valid safetensors index ({e})") from e
-        elif single.is_file():
-            weight_map = None
-        else:
-            raise ValueError(f"'{self.dir}' has neither model.safetensors nor model.safetensors.index.json")
-        files = sorted(set(weight_map.values())) if weight_map else [single.name]
-        self._handles = {}
-        self._where: dict[str, str] = {}
-        self._raw_names: dict[str, str] = {}
-        for fname in files:
-            path = self.dir / fname
-            if not path.is_file():
-                raise ValueError(f"shard '{path}' is named in the index but missing; re-download or re-export it")
-            try:
-                h = safe_open(str(path), framework="pt")
-            except Exception as e:  # safetensors raises its own error types for bad headers
-                raise ValueError(f"'{path}' is not a readable safetensors file (truncated or corrupt?): {e}") from e
-            self._check_size(path, h)
-            self._handles[fname] = h
-            for k in h.keys():
-                self._where[canonical_hf_name(k)] = fname
-                self._raw_names[canonical_hf_name(k)] = k
-
-    @staticmethod
-    def _check_size(path: Path, handle) -> None:
-        """A truncated file still opens (the header is intact); compare its size with the header's end offset."""
-        with open(path, "rb") as f:
-            header_len = int.from_bytes(f.read(8), "little")
-            header = json.loads(f.read(header_len))
-        end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
-        actual = path.stat().st_size
-        if actual < 8 + header_len + end:
-            raise ValueError(f"'{path}' is truncated: {actual} bytes on disk, its header needs "
-                             f"{8 + header_len + end}; re-download or re-export it")
-
-    def keys(self) -> list[str]:
-        return list(self._where)
-
-    def __contains__(self, name: str) -> bool:
-        return name in self._where
-
-    def shape(self, name: str) -> tuple[int, ...]:
-        return tuple(self._handles[self._where[name]].get_slice(self._raw_names[name]).get_shape())
-
-    def get(self, name: str) -> Tensor:
-        if name not in self._where:
-            raise ValueError(f"tensor '{name}' is missing from the checkpoint in '{self.dir}'")
-        return self._handles[self._where[name]].get_tensor(self._raw_names[name])
-
-    def read_rows(self, name: str, dim: int, start: int, length: int) -> Tensor:
-        """Rows [start, start+length) along `dim` (0 or 1) of one tensor, read through mmap without the rest."""
-        if name not in self._where:
-            raise ValueError(f"tensor '{name}' is missing from the checkpoint in '{self.dir}'")
-        sl = self._handles[self._where[name]].get_slice(self._raw_names[name])
-        return sl[start:start + length] if dim == 0 else sl[:, start:start + length]
-
+__all__ = ["HFCheckpoint", "load_hf_into_megatron", "megatron_named_params", "export_megatron_to_hf", "read_shard"]
 
 
 def _layer_prefixes(model: torch.nn.Module) -> dict[str, str]:

@@ -1,0 +1,264 @@
+"""HF <-> megatron-core torch_dist conversion for Qwen2 / Qwen2.5 / Qwen2.5-VL, streamed one tensor at a time.
+
+Both directions walk the same weight map (mapping/qwen.py) and the same checkpoint layout (layout.py), so there is
+one path per concern: the typed transforms (QKV interleave, gate/up fuse, vocab pad) turn the HF tensors of one
+parameter into its full megatron tensor and back, and dist-checkpointing does every TP/PP resharding at load time.
+Memory: one parameter (plus its HF pieces) at a time; the largest is the embedding or the fused fc1 of one layer.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from megatron_spark.convert.layout import (ASSETS_DIR, checkpoint_layout, copy_hf_assets, none_object_bytes,
+                                           read_model_metadata, write_model_metadata)
+from megatron_spark.convert.output import begin_output, finish_output, progress
+from megatron_spark.convert.safetensors_io import HFCheckpoint, ShardedSafetensorsWriter, TensorSpec
+from megatron_spark.mapping.qwen import WeightMap, expected_hf_shapes
+from megatron_spark.mapping.transforms import padded_vocab_size
+from megatron_spark.models.hf_config import ModelShape, load_hf_config, parse_hf_config
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
+HF_DTYPE_NAMES = {torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float32: "float32"}
+TRACKER = "latest_checkpointed_iteration.txt"
+
+
+@dataclass
+class ConvertReport:
+    out: Path
+    tensors: int
+    bytes_written: int
+    seconds: float
+    dtype: str
+    padded_vocab: int
+
+    def summary(self) -> str:
+        gb = self.bytes_written / 1e9
+        return (f"wrote {self.out}: {self.tensors} tensors, {gb:.3f} GB {self.dtype} in {self.seconds:.1f} s "
+                f"({gb / max(self.seconds, 1e-9):.2f} GB/s), vocabulary padded to {self.padded_vocab}")
+
+
+def _nbytes(shape, dtype: torch.dtype) -> int:
+    n = torch.empty((), dtype=dtype).element_size()
+    for s in shape:
+        n *= s
+    return n
+
+
+def cast_checked(t: Tensor, dtype: torch.dtype, name: str) -> Tensor:
+    """Cast, refusing a dtype the weights cannot take (fp16 overflow) rather than writing infinities."""
+    if t.dtype == dtype:
+        return t
+    out = t.to(dtype)
+    if dtype == torch.float16 and torch.isinf(out).any() and not torch.isinf(t).any():
+        raise ValueError(f"--dtype fp16: tensor '{name}' has values beyond fp16's range (max |x| = "
+                         f"{t.abs().max().item():.4g} > 65504); use --dtype bf16 or fp32")
+    return out
+
+
+def check_layout_args(shape: ModelShape, tp: int, pp: int) -> None:
+    t = shape.text
+    if tp < 1 or pp < 1:
+        raise ValueError("--tp and --pp must be >= 1")
+    if t.num_kv_heads % tp and tp % t.num_kv_heads:
+        raise ValueError(f"--tp {tp}: the model has {t.num_kv_heads} KV heads; TP must divide them (or be a "
+                         f"multiple of them)")
+    if t.num_heads % tp:
+        raise ValueError(f"--tp {tp} does not divide the {t.num_heads} attention heads")
+    if t.num_layers % pp:
+        raise ValueError(f"--pp {pp} does not divide the {t.num_layers} layers")
+
+
+def check_hf_checkpoint(ckpt: HFCheckpoint, shape: ModelShape) -> torch.dtype:
+    """Every tensor the config implies exists with its shape and a float dtype, and none is unmapped.
+    Returns the checkpoint's dtype (that of the embedding)."""
+    expected = expected_hf_shapes(shape)
+    for name, want in expected.items():
+        if name not in ckpt:
+            raise ValueError(f"tensor '{name}' is missing from '{ckpt.dir}' (config.json implies it); the "
+                             f"checkpoint is incomplete or belongs to another model")
+        if ckpt.shape(name) != want:
+            raise ValueError(f"'{ckpt.file_of(name)}': tensor '{name}' has shape {ckpt.shape(name)} but config.json "
+                             f"implies {want}")
+        if not ckpt.dtype(name).is_floating_point or ckpt.dtype(name) not in DTYPE_NAMES:
+            raise ValueError(f"'{ckpt.file_of(name)}': tensor '{name}' is {ckpt.dtype(name)}; only unquantized "
+                             f"bf16/fp16/fp32 checkpoints can be converted")
+    ignorable = {"lm_head.weight"} if shape.text.tied_embeddings else set()
+    extra = sorted(k for k in ckpt.keys() if k not in expected and k not in ignorable)
+    if extra:
+        raise ValueError(f"'{ckpt.dir}' holds {len(extra)} tensors this converter has no mapping for (e.g. "
+                         f"{extra[:3]}); refusing to drop them silently")
+    return ckpt.dtype("model.embed_tokens.weight")
+
+
+def _unwrap_checkpoint_exception(e: Exception) -> Exception:
+    """DCP wraps errors raised while writing; surface our own ValueErrors as they are."""
+    for v in getattr(e, "failures", {}).values():
+        inner = v[0] if isinstance(v, tuple) else v
+        if isinstance(inner, ValueError):
+            return inner
+    return e
+
+
+def hf_to_megatron(hf_dir: str | Path, out: str | Path, *, dtype: Optional[str] = None, tp: int = 1, pp: int = 1,
+                   force: bool = False, sync_files: bool = True) -> ConvertReport:
+    """HF directory -> megatron-core torch_dist checkpoint (Megatron-LM layout), loadable at any TP/PP.
+
+    `tp` matters only for vocabulary padding (to a multiple of lcm(128, tp): the same for every power-of-two TP up
+    to 128); `pp` is only checked against the layer count.
+    """
+    from megatron_spark.convert.dist_io import ChunkSource, write_torch_dist
+
+    t0 = time.time()
+    hf_dir = Path(hf_dir)
+    shape = load_hf_config(hf_dir)
+    check_layout_args(shape, tp, pp)
+    if dtype is not None and dtype not in DTYPES:
+        raise ValueError(f"--dtype {dtype!r}: choose one of {sorted(DTYPES)}")
+    ckpt = HFCheckpoint(hf_dir)
+    try:
+        src_dtype = check_hf_checkpoint(ckpt, shape)
+        out_dtype = DTYPES[dtype] if dtype else src_dtype
+        padded = padded_vocab_size(shape.text.vocab_size, 128, tp)
+        wmap = WeightMap(shape, make_vocab_size_divisible_by=128, tp=tp)
+        layout = checkpoint_layout(shape, padded)
+        tmp = begin_output(out, force)
+        try:
+            chunks = []
+            for e in layout.params.values():
+                offsets, sizes = e.region()
+
+                def produce(pm=wmap[e.param], e=e, sizes=sizes) -> Tensor:
+                    full = cast_checked(pm.to_megatron(ckpt.get), out_dtype, e.param)
+                    assert tuple(full.shape) == e.full_shape, (e.param, full.shape, e.full_shape)
+                    return full.reshape(sizes)
+                chunks.append(ChunkSource(e.key, e.global_shape, offsets, sizes, out_dtype, produce))
+            total = sum(_nbytes(c.sizes, out_dtype) for c in chunks)
+            bar = progress(total, "hf -> megatron")
+            it = tmp / "iter_0000000"
+            it.mkdir()
+            common = {"checkpoint_version": 3.0, "iteration": 0,
+                      "megatron_spark": {"converted_from": str(hf_dir), "dtype": DTYPE_NAMES[out_dtype]}}
+            try:
+                write_torch_dist(it, chunks, {k: none_object_bytes() for k in layout.objects}, common,
+                                 on_chunk=lambda c: bar.update(_nbytes(c.sizes, out_dtype)), sync_files=sync_files)
+            except Exception as e:
+                inner = _unwrap_checkpoint_exception(e)
+                raise inner from (None if inner is e else e)
+            finally:
+                bar.close()
+            (tmp / TRACKER).write_text("0")
+            write_model_metadata(tmp, json.loads((hf_dir / "config.json").read_text()), shape, padded,
+                                 DTYPE_NAMES[out_dtype], str(hf_dir.absolute()), hf_dir)
+            final = finish_output(tmp, out)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+    finally:
+        ckpt.close()
+    return ConvertReport(final, len(chunks), total, time.time() - t0, DTYPE_NAMES[out_dtype], padded)
+
+
+# -- megatron -> HF -------------------------------------------------------------------------------------------------
+def resolve_checkpoint(ckpt: str | Path, iteration: Optional[int] = None) -> tuple[Path, Path]:
+    """(checkpoint root, iteration directory) for a root (tracker file) or an `iter_*` directory."""
+    from megatron_spark.checkpoint import iter_dir, latest_step
+
+    path = Path(ckpt)
+    if not path.is_dir():
+        raise ValueError(f"--ckpt '{path}' is not a directory")
+    if (path / ".metadata").is_file():  # an iteration directory itself
+        return path.parent, path
+    if iteration is None:
+        iteration = latest_step(path)
+        if iteration is None:
+            raise ValueError(f"--ckpt '{path}' has no {TRACKER} and no .metadata: not a megatron checkpoint "
+                             f"(root or iter_* directory)")
+    d = iter_dir(path, iteration)
+    if not d.is_dir():
+        have = sorted(p.name for p in path.glob("iter_*") if p.is_dir() and not p.name.endswith(".tmp"))
+        raise ValueError(f"--iteration {iteration}: '{d}' does not exist; available: {have or 'none'}")
+    return path, d
+
+
+def _language_prefix(shape: ModelShape) -> str:
+    return "language_model." if shape.family == "qwen2_5_vl" else ""
+
+
+def _hf_config_for_export(cfg: dict, dtype: torch.dtype) -> dict:
+    cfg = json.loads(json.dumps(cfg))
+    name = HF_DTYPE_NAMES[dtype]
+    for d in [cfg, cfg.get("text_config") or {}, cfg.get("vision_config") or {}]:
+        for k in ("torch_dtype", "dtype"):
+            if k in d:
+                d[k] = name
+    if "torch_dtype" not in cfg and "dtype" not in cfg:
+        cfg["torch_dtype"] = name
+    return cfg
+
+
+def megatron_to_hf(ckpt: str | Path, out: str | Path, *, iteration: Optional[int] = None,
+                   dtype: Optional[str] = None, hf_config_dir: Optional[str | Path] = None, force: bool = False,
+                   max_shard_bytes: int = 5 * 2 ** 30) -> ConvertReport:
+    """A converted or training checkpoint (any TP/PP/VPP it was written at) -> HF directory."""
+    from megatron_spark.convert.dist_io import DistCheckpointReader
+
+    t0 = time.time()
+    root, it = resolve_checkpoint(ckpt, iteration)
+    if dtype is not None and dtype not in DTYPES:
+        raise ValueError(f"--dtype {dtype!r}: choose one of {sorted(DTYPES)}")
+    if hf_config_dir is not None:
+        cfg_path = Path(hf_config_dir) / "config.json"
+        if not cfg_path.is_file():
+            raise ValueError(f"--hf-config-dir: '{cfg_path}' not found")
+        hf_config, assets = json.loads(cfg_path.read_text()), Path(hf_config_dir)
+    else:
+        hf_config, assets = read_model_metadata(root)["hf_config"], root / ASSETS_DIR
+    shape = parse_hf_config(hf_config, source=str(root))
+    reader = DistCheckpointReader(it)
+    emb_key = _language_prefix(shape) + "embedding.word_embeddings.weight"
+    padded = reader.shape(emb_key)[0]
+    if padded < shape.text.vocab_size:
+        raise ValueError(f"'{it}': the embedding has {padded} rows, fewer than vocab_size={shape.text.vocab_size}"
+                         f" of the config; is the HF config the one this checkpoint was made from?")
+    layout = checkpoint_layout(shape, padded)
+    for e in layout.params.values():
+        if reader.shape(e.key) != e.global_shape:
+            raise ValueError(f"'{it}': '{e.key}' has shape {reader.shape(e.key)} but the HF config implies "
+                             f"{e.global_shape}; is the config the one this checkpoint was made from?")
+    out_dtype = DTYPES[dtype] if dtype else reader.dtype(emb_key)
+    if out_dtype not in DTYPE_NAMES:
+        raise ValueError(f"the checkpoint's weights are {out_dtype}; pass --dtype bf16, fp16 or fp32")
+    wmap = WeightMap(shape, make_vocab_size_divisible_by=padded, tp=1)
+    hf_shapes = expected_hf_shapes(shape)
+    params = wmap.export_params()
+    specs = [TensorSpec(n, hf_shapes[n], out_dtype) for p in params for n in p.hf]
+    tmp = begin_output(out, force)
+    try:
+        writer = ShardedSafetensorsWriter(tmp, specs, max_shard_bytes)
+        total = sum(s.nbytes for s in specs)
+        with progress(total, "megatron -> hf") as bar:
+            for p in params:
+                e = layout.params[p.megatron]
+                full = reader.read(e.key, *e.region()).reshape(e.full_shape)
+                for name, t in p.to_hf(full).items():
+                    t = cast_checked(t, out_dtype, name)
+                    writer.write(name, t)
+                    bar.update(_nbytes(t.shape, out_dtype))
+        total = writer.close()
+        if assets.is_dir():
+            copy_hf_assets(assets, tmp)
+        (tmp / "config.json").write_text(json.dumps(_hf_config_for_export(hf_config, out_dtype), indent=2) + "\n")
+        final = finish_output(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return ConvertReport(final, len(specs), total, time.time() - t0, DTYPE_NAMES[out_dtype], padded)

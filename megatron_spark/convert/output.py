@@ -1,0 +1,46 @@
+"""Output safety shared by the converters: never write into a non-empty directory unless forced, build the result
+in a temporary sibling, and make it visible with one rename at the end, so a crash never leaves a half output
+that looks complete. Also the progress bar."""
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+from pathlib import Path
+
+
+def begin_output(out: str | Path, force: bool) -> Path:
+    """Check `out` and return the (fresh, empty) temporary sibling directory to write into."""
+    out = Path(out).absolute()
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out '{out}' exists and is not a directory")
+    if out.is_dir() and any(out.iterdir()) and not force:
+        raise ValueError(f"--out '{out}' is not empty; choose a new directory or pass --force to replace it")
+    if not out.parent.is_dir():
+        raise ValueError(f"--out '{out}': the parent directory '{out.parent}' does not exist")
+    tmp = out.with_name(f".{out.name}.partial-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    return tmp
+
+
+def finish_output(tmp: Path, out: str | Path) -> Path:
+    """Atomically replace `out` with the finished `tmp` (the old output is removed only after the swap)."""
+    out = Path(out).absolute()
+    old = None
+    if out.exists():
+        old = out.with_name(f".{out.name}.old-{os.getpid()}")
+        os.replace(out, old)
+    os.replace(tmp, out)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+    return out
+
+
+def progress(total: int, desc: str, unit: str = "B"):
+    """A tqdm bar on stderr when it is a terminal (or SPARK_PROGRESS=1), silent otherwise."""
+    from tqdm import tqdm
+
+    show = os.environ.get("SPARK_PROGRESS") == "1" or sys.stderr.isatty()
+    return tqdm(total=total, desc=desc, unit=unit, unit_scale=True, unit_divisor=1024, disable=not show,
+                dynamic_ncols=True, file=sys.stderr)

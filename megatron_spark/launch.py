@@ -1,0 +1,48 @@
+"""Self-relaunch of single-command tools under torchrun (the verification tools need several ranks).
+
+The workers report the tool's exit code through a file rather than their own exit status, so an expected
+"verification failed" (exit 1) prints the tool's report, not torchrun's crash dump.
+"""
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+
+_EXIT_FILE = "SPARK_TOOL_EXIT_FILE"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def under_torchrun() -> bool:
+    return "RANK" in os.environ and "WORLD_SIZE" in os.environ
+
+
+def relaunch_under_torchrun(script: str, argv: list[str], nproc: int) -> int:
+    """Run `script argv` as `nproc` local ranks (gloo on CPU, NCCL on GPU); returns the tool's exit code."""
+    with tempfile.NamedTemporaryFile("w+", suffix=".exit") as f:
+        env = dict(os.environ, **{_EXIT_FILE: f.name})
+        # Library deprecation chatter from every rank buries the report; the tool's own errors still print.
+        env.setdefault("PYTHONWARNINGS", "ignore::FutureWarning,ignore::UserWarning,ignore::DeprecationWarning")
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
+               "--master-port", str(free_port()), os.path.abspath(script), *argv]
+        rc = subprocess.call(cmd, env=env)
+        text = open(f.name).read().strip()
+    return int(text) if rc == 0 and text else rc
+
+
+def worker_exit(code: int, rank: int) -> int:
+    """Called by every worker with the tool's exit code: rank 0 records it; workers then exit 0."""
+    path = os.environ.get(_EXIT_FILE)
+    if path is None:
+        return code
+    if rank == 0:
+        with open(path, "w") as f:
+            f.write(str(code))
+    return 0

@@ -1,0 +1,45 @@
+#!/usr/bin/env python
+"""Export a megatron-core torch_dist checkpoint (converted, or written by `megatron-spark train` at any TP/PP/VPP)
+to a Hugging Face directory that transformers and vLLM load as the original model type.
+
+    python tools/convert/megatron_to_hf.py --ckpt runs/spark-vl-32b/checkpoints --out spark-vl-32b-hf [--iteration 400]
+
+--ckpt is a checkpoint root (the latest iteration is used unless --iteration says otherwise) or one iter_*
+directory. The model's HF config and tokenizer come from the checkpoint's megatron_spark.json and hf_assets/;
+for a checkpoint written by another tool pass --hf-config-dir with the original HF directory. Writes sharded
+safetensors with an index, config.json (dtype updated), generation config and tokenizer/processor files.
+Streams one tensor at a time; writes OUT atomically.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--ckpt", required=True, help="checkpoint root or iter_* directory")
+    ap.add_argument("--out", required=True, help="HF directory to create")
+    ap.add_argument("--iteration", type=int, help="default: latest_checkpointed_iteration.txt")
+    ap.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], help="default: the checkpoint's dtype")
+    ap.add_argument("--hf-config-dir", help="original HF directory (for checkpoints without megatron_spark.json)")
+    ap.add_argument("--max-shard-size-gb", type=float, default=5.0)
+    ap.add_argument("--force", action="store_true", help="replace a non-empty --out")
+    a = ap.parse_args()
+    from megatron_spark.convert.converters import megatron_to_hf
+
+    try:
+        report = megatron_to_hf(a.ckpt, a.out, iteration=a.iteration, dtype=a.dtype, hf_config_dir=a.hf_config_dir,
+                                force=a.force, max_shard_bytes=int(a.max_shard_size_gb * 2 ** 30))
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(report.summary())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
