@@ -91,6 +91,7 @@ class CheckpointManager:
                     "cuda_tracker": _tracker_states()}, tmp / "rng" / f"rank_{self.rank}.pt")
         dist.barrier()
         if self.rank == 0:
+            self._describe_model()
             if final.exists():
                 shutil.rmtree(final)
             os.replace(tmp, final)
@@ -99,6 +100,21 @@ class CheckpointManager:
         dist.barrier()
         self.last_saved = step
         return final
+
+    def _describe_model(self) -> None:
+        """megatron_spark.json + hf_assets/ at the root, so tools/convert/megatron_to_hf.py can export any iteration
+        without the original HF directory."""
+        import json
+
+        from megatron_spark.convert.layout import META_FILE, write_model_metadata
+
+        if (self.root / META_FILE).is_file():
+            return
+        from megatron_spark.mapping.qwen import WeightMap
+
+        t, hf_dir = self.t, Path(self.t.cfg.model.hf_dir)
+        write_model_metadata(self.root, json.loads((hf_dir / "config.json").read_text()), t.shape,
+                             WeightMap(t.shape, tp=t.layout.tp).padded_vocab, t.cfg.model.dtype, str(hf_dir), hf_dir)
 
     def _prune(self) -> None:
         done = sorted(p for p in self.root.glob("iter_*") if p.is_dir() and not p.name.endswith(".tmp"))

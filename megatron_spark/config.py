@@ -22,7 +22,8 @@ MODEL_FAMILIES = ("qwen2", "qwen2_5_vl")
 class ModelConfig:
     family: str = "qwen2_5_vl"            # qwen2 (Qwen2/Qwen2.5 text) or qwen2_5_vl
     hf_dir: Optional[str] = None          # HF checkpoint dir (config.json, tokenizer); None = built-in tiny model
-    megatron_ckpt: Optional[str] = None   # torch_dist checkpoint written by tools/convert/hf_to_megatron.py
+    megatron_ckpt: Optional[str] = None   # initial weights from a torch_dist checkpoint (tools/convert/
+                                          # hf_to_megatron.py); hf_dir still gives config and tokenizer
     dtype: Literal["fp32", "bf16", "fp16"] = "bf16"
     make_vocab_size_divisible_by: int = 128
     transformer_impl: Literal["auto", "local", "transformer_engine"] = "auto"  # auto: TE on GPU, local on CPU
@@ -263,6 +264,10 @@ def validate(cfg: SparkConfig, world_size: Optional[int] = None) -> None:
         _fail("model.family", f"unknown model family '{m.family}'{hint}; supported: {', '.join(MODEL_FAMILIES)}")
     if m.hf_dir is not None and not Path(m.hf_dir).is_dir():
         _fail("model.hf_dir", f"directory '{m.hf_dir}' does not exist; point it at a HF checkpoint directory")
+    if m.megatron_ckpt is not None and not (Path(m.megatron_ckpt) / "latest_checkpointed_iteration.txt").is_file() \
+            and not (Path(m.megatron_ckpt) / ".metadata").is_file():
+        _fail("model.megatron_ckpt", f"'{m.megatron_ckpt}' is not a megatron checkpoint (no "
+              f"latest_checkpointed_iteration.txt or .metadata); write one with tools/convert/hf_to_megatron.py")
     for name in ("tensor_model_parallel_size", "pipeline_model_parallel_size", "context_parallel_size"):
         _positive(f"parallel.{name}", getattr(par, name))
     tp, pp = par.tensor_model_parallel_size, par.pipeline_model_parallel_size

@@ -90,7 +90,10 @@ class Policy:
     # -- construction ------------------------------------------------------------------------------------------
     @classmethod
     def build(cls, shape, layout, hf_dir: str, *, dtype: torch.dtype, pad_id: int, micro_batch_size: int,
-              train_cfg=None, total_steps: int = 1, trainable: bool = True) -> "Policy":
+              train_cfg=None, total_steps: int = 1, trainable: bool = True,
+              megatron_ckpt: Optional[str] = None) -> "Policy":
+        """Build this rank's chunks and fill them from the HF directory (reading only this rank's slices), or from
+        a torch_dist checkpoint (tools/convert/hf_to_megatron.py, or a training run) when `megatron_ckpt` is set."""
         from megatron.core import parallel_state as ps
         from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
         from megatron.core.distributed import finalize_model_grads
@@ -102,8 +105,14 @@ class Policy:
         from megatron_spark.models.weights import HFCheckpoint, load_hf_into_megatron
 
         chunks = build_model(shape, layout, dtype=dtype)
-        load_hf_into_megatron(chunks, WeightMap(shape, tp=layout.tp), HFCheckpoint(hf_dir),
-                              ps.get_tensor_model_parallel_rank(), layout.tp)
+        if megatron_ckpt:
+            from megatron_spark.checkpoint import load_model_weights
+            from megatron_spark.convert.converters import resolve_checkpoint
+
+            load_model_weights(chunks, resolve_checkpoint(megatron_ckpt)[1])
+        else:
+            load_hf_into_megatron(chunks, WeightMap(shape, tp=layout.tp), HFCheckpoint(hf_dir),
+                                  ps.get_tensor_model_parallel_rank(), layout.tp)
         if not trainable:
             for c in chunks:
                 c.eval()

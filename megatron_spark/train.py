@@ -59,9 +59,10 @@ def build_components(cfg: SparkConfig, world: int) -> dict:
     pad_id = prompts.tokenizer.pad_token_id or 0
     policy = Policy.build(shape, layout, m.hf_dir, dtype=dtype, pad_id=pad_id,
                           micro_batch_size=cfg.training.micro_batch_size, train_cfg=cfg.training,
-                          total_steps=decay_steps)
+                          total_steps=decay_steps, megatron_ckpt=m.megatron_ckpt)
     reference = Policy.build(shape, layout, m.hf_dir, dtype=dtype, pad_id=pad_id,
-                             micro_batch_size=cfg.training.micro_batch_size, trainable=False)
+                             micro_batch_size=cfg.training.micro_batch_size, trainable=False,
+                             megatron_ckpt=m.megatron_ckpt)
     engine = RolloutEngine(m.hf_dir, tensor_parallel_size=cfg.rollout.tensor_parallel_size,
                            dtype={"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}[m.dtype],
                            max_model_len=cfg.rollout.max_model_len, enforce_eager=cfg.rollout.enforce_eager,

@@ -99,7 +99,7 @@ def check_hf_checkpoint(ckpt: HFCheckpoint, shape: ModelShape) -> torch.dtype:
     return ckpt.dtype("model.embed_tokens.weight")
 
 
-def _unwrap_checkpoint_exception(e: Exception) -> Exception:
+def _unwrap_checkpoint_exception(e: BaseException) -> BaseException:
     """DCP wraps errors raised while writing; surface our own ValueErrors as they are."""
     for v in getattr(e, "failures", {}).values():
         inner = v[0] if isinstance(v, tuple) else v
@@ -150,9 +150,11 @@ def hf_to_megatron(hf_dir: str | Path, out: str | Path, *, dtype: Optional[str] 
             try:
                 write_torch_dist(it, chunks, {k: none_object_bytes() for k in layout.objects}, common,
                                  on_chunk=lambda c: bar.update(_nbytes(c.sizes, out_dtype)), sync_files=sync_files)
-            except Exception as e:
+            except BaseException as e:  # DCP's CheckpointException derives from BaseException
                 inner = _unwrap_checkpoint_exception(e)
-                raise inner from (None if inner is e else e)
+                if inner is e:
+                    raise
+                raise inner from None
             finally:
                 bar.close()
             (tmp / TRACKER).write_text("0")

@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -117,13 +118,15 @@ def none_object_bytes() -> bytes:
 # -- self-describing checkpoints ----------------------------------------------------------------------------------
 def write_model_metadata(root: Path, hf_config: dict, shape: ModelShape, padded_vocab: int, dtype: str,
                          source: Optional[str], hf_assets_from: Optional[Path]) -> None:
-    """`megatron_spark.json` and `hf_assets/` at a checkpoint root (written into a not-yet-visible directory)."""
+    """`hf_assets/` then `megatron_spark.json` (replaced atomically: its presence means both are complete)."""
+    if hf_assets_from is not None:
+        copy_hf_assets(hf_assets_from, root / ASSETS_DIR)
     meta = {"format": "megatron-spark-checkpoint/1", "tool_version": __version__, "family": shape.family,
             "vocab_size": shape.text.vocab_size, "padded_vocab_size": padded_vocab, "dtype": dtype,
             "source": source, "hf_config": hf_config}
-    (root / META_FILE).write_text(json.dumps(meta, indent=1) + "\n")
-    if hf_assets_from is not None:
-        copy_hf_assets(hf_assets_from, root / ASSETS_DIR)
+    tmp = root / (META_FILE + ".tmp")
+    tmp.write_text(json.dumps(meta, indent=1) + "\n")
+    os.replace(tmp, root / META_FILE)
 
 
 def copy_hf_assets(src: Path, dst: Path) -> list[str]:

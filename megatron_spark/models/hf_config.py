@@ -70,7 +70,7 @@ def _rope(cfg: dict) -> tuple[float, Optional[tuple[int, ...]]]:
 def parse_hf_config(cfg: dict, source: str = "config.json") -> ModelShape:
     archs = cfg.get("architectures") or []
     family = next((ARCHITECTURES[a] for a in archs if a in ARCHITECTURES), None)
-    if family is None:
+    if family is None and not archs:  # only configs without `architectures` are identified by model_type
         mt = cfg.get("model_type")
         family = {"qwen2": "qwen2", "qwen2_5_vl": "qwen2_5_vl"}.get(mt)
     if family is None:
