@@ -196,6 +196,9 @@ class DistCheckpointReader:
         from torch.distributed.checkpoint.planner import LoadItemType, LoadPlan, ReadItem
 
         md = self._md(key)
+        whole = self._whole_file_chunk(key, md, offsets, sizes)
+        if whole is not None:
+            return whole
         dest = torch.empty(tuple(sizes), dtype=md.properties.dtype)
         items, covered = [], 0
         for c in md.chunks:
@@ -217,3 +220,22 @@ class DistCheckpointReader:
         _, planner_cls = _planner_classes()
         self._reader.read_data(LoadPlan(items), planner_cls(dest)).wait()
         return dest
+
+    def _whole_file_chunk(self, key: str, md, offsets, sizes) -> Optional[Tensor]:
+        """Fast path for checkpoints written one chunk per file (ours): when the request is exactly one saved chunk
+        that fills its file, memory-map it instead of loading it and copying it into a second buffer."""
+        from torch.distributed.checkpoint.metadata import MetadataIndex
+
+        for c in md.chunks:
+            if tuple(c.offsets) == tuple(offsets) and tuple(c.sizes) == tuple(sizes):
+                info = self.metadata.storage_data.get(MetadataIndex(key, c.offsets))
+                f = self.path / info.relative_path if info is not None else None
+                if (info is None or info.offset != 0 or getattr(info, "transform_descriptors", None)
+                        or f.stat().st_size != info.length):
+                    return None
+                t = torch.load(f, mmap=True, weights_only=True, map_location="cpu")
+                if tuple(t.shape) != tuple(sizes) or t.dtype != md.properties.dtype:
+                    raise ValueError(f"'{f}': holds {tuple(t.shape)} {t.dtype} for '{key}', the metadata says "
+                                     f"{tuple(sizes)} {md.properties.dtype}; the checkpoint is corrupt")
+                return t
+        return None

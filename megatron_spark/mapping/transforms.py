@@ -193,6 +193,8 @@ class VocabPad(Transform):
         (t,) = hf
         if t.shape[0] != self.vocab:
             raise ValueError(f"vocabulary tensor has {t.shape[0]} rows, the config says vocab_size={self.vocab}")
+        if self.padded == self.vocab:
+            return t  # no copy: this is the largest tensor of the model
         pad = t.new_zeros(self.padded - self.vocab, *t.shape[1:])
         return torch.cat([t, pad], dim=0)
 
