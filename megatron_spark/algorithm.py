@@ -82,6 +82,17 @@ def entropy_from_logits(logits: Tensor) -> Tensor:
     return -(logp.exp() * logp).sum(-1)
 
 
+def sampled_entropy_surrogate(logp: Tensor) -> Tensor:
+    """Per-token entropy bonus term from the sampled tokens' log-probs alone.
+
+    The trainer never holds full-vocabulary logits (megatron's vocab-parallel cross-entropy returns the labels'
+    log-probs), so the entropy itself is out of reach; its gradient is not: for y ~ pi,
+    grad H = -E[(log pi(y) + 1) grad log pi(y)] = -E[log pi(y) grad log pi(y)], the expected gradient of
+    -stopgrad(log pi(y)) * log pi(y). The value of this term is not the entropy (report -log pi(y) for that).
+    """
+    return -(logp.detach() * logp)
+
+
 def grpo_loss(logp: Tensor, old_logp: Tensor, ref_logp: Tensor | None, advantages: Tensor, mask: Tensor, *,
               eps_low: float = 0.2, eps_high: float = 0.2, kl_coef: float = 1e-3, entropy: Tensor | None = None,
               entropy_coef: float = 0.0, reduction: Literal["token_mean", "seq_mean"] = "token_mean") -> LossOutput:

@@ -14,7 +14,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from megatron_spark.algorithm import grpo_loss, masked_mean
+from megatron_spark.algorithm import grpo_loss, masked_mean, sampled_entropy_surrogate
 from megatron_spark.models.runtime import Batch
 
 
@@ -260,8 +260,11 @@ def grpo_loss_fn(alg) -> Callable:
     def fn(logp: Tensor, mb: dict):
         out = grpo_loss(logp, mb["old"], mb["ref"] if alg.kl_coef > 0 else None, mb["adv"], mb["mask"],
                         eps_low=alg.eps_clip_low, eps_high=alg.eps_clip_high, kl_coef=alg.kl_coef,
-                        reduction=alg.loss_reduction)
-        return out.loss, {"policy_loss": out.policy_loss, "kl": out.kl, "clip_fraction": out.clip_fraction}
+                        entropy=sampled_entropy_surrogate(logp) if alg.entropy_coef else None,
+                        entropy_coef=alg.entropy_coef, reduction=alg.loss_reduction)
+        # entropy: the Monte-Carlo estimate E[-log pi(y)] over the sampled response tokens
+        return out.loss, {"policy_loss": out.policy_loss, "kl": out.kl, "clip_fraction": out.clip_fraction,
+                          "entropy": masked_mean(-logp.detach(), mb["mask"], "token_mean")}
     return fn
 
 

@@ -44,3 +44,19 @@ def progress(total: int, desc: str, unit: str = "B"):
     show = os.environ.get("SPARK_PROGRESS") == "1" or sys.stderr.isatty()
     return tqdm(total=total, desc=desc, unit=unit, unit_scale=True, unit_divisor=1024, disable=not show,
                 dynamic_ncols=True, file=sys.stderr)
+
+
+def run_cli(convert) -> int:
+    """The converter CLIs' contract: print the report (exit 0) or one error line naming the problem (exit 2)."""
+    import warnings
+
+    # megatron-core warns at import about optional GPU libraries (Apex, TE) a converter never uses
+    warnings.filterwarnings("ignore", category=UserWarning, module=r"megatron\.")
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    try:
+        report = convert()
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(report.summary())
+    return 0

@@ -68,3 +68,16 @@ def test_loss_gradient_sign():
     out = grpo_loss(logp, torch.zeros(1, 2), None, torch.tensor([2.0]), torch.ones(1, 2), kl_coef=0)
     out.loss.backward()
     assert (logp.grad < 0).all()  # positive advantage pushes log-probs up
+
+
+def test_sampled_entropy_surrogate_has_the_entropy_gradient():
+    """Weighted by pi(y) over every token y, the surrogate's gradient is exactly the entropy's gradient."""
+    from megatron_spark.algorithm import sampled_entropy_surrogate
+
+    logits = torch.randn(6, generator=torch.Generator().manual_seed(3), requires_grad=True)
+    entropy_from_logits(logits).backward()
+    exact = logits.grad.clone()
+    logits.grad = None
+    logp = torch.log_softmax(logits, -1)
+    (logp.exp().detach() * sampled_entropy_surrogate(logp)).sum().backward()
+    assert torch.allclose(logits.grad, exact, atol=1e-6)

@@ -93,17 +93,23 @@ def test_shape_disagrees_with_config(hf, tmp_path):
         hf_to_megatron(hf, tmp_path / "out")
 
 
-def test_fp16_overflow_is_refused_and_leaves_nothing(hf, tmp_path):
+def _edit_weights(hf, edit) -> None:
+    """Rewrite the checkpoint's shards with `edit(tensors)` applied."""
     ck = HFCheckpoint(hf)
-    names = ck.keys()
-    tensors = {n: ck.get(n).clone() for n in names}
-    tensors["model.layers.1.mlp.down_proj.weight"][0, 0] = 1e6
+    tensors = {n: ck.get(n).clone() for n in ck.keys()}
+    edit(tensors)
     for f in _shards(hf) + [hf / "model.safetensors.index.json"]:
         f.unlink()
     w = ShardedSafetensorsWriter(hf, [TensorSpec(n, tuple(t.shape), t.dtype) for n, t in tensors.items()])
     for n, t in tensors.items():
         w.write(n, t)
     w.close()
+
+
+def test_fp16_overflow_is_refused_and_leaves_nothing(hf, tmp_path):
+    def big(t):
+        t["model.layers.1.mlp.down_proj.weight"][0, 0] = 1e6
+    _edit_weights(hf, big)
     with pytest.raises(ValueError, match=r"--dtype fp16: tensor 'decoder.layers.1.mlp.linear_fc2.weight' has "
                                          r"values beyond fp16's range .* use --dtype bf16 or fp32"):
         hf_to_megatron(hf, tmp_path / "out", dtype="fp16")
@@ -111,15 +117,9 @@ def test_fp16_overflow_is_refused_and_leaves_nothing(hf, tmp_path):
 
 
 def test_quantized_weights_are_refused(hf, tmp_path):
-    ck = HFCheckpoint(hf)
-    tensors = {n: ck.get(n) for n in ck.keys()}
-    tensors["model.layers.0.self_attn.q_proj.weight"] = tensors["model.layers.0.self_attn.q_proj.weight"].to(torch.int8)
-    for f in _shards(hf) + [hf / "model.safetensors.index.json"]:
-        f.unlink()
-    w = ShardedSafetensorsWriter(hf, [TensorSpec(n, tuple(t.shape), t.dtype) for n, t in tensors.items()])
-    for n, t in tensors.items():
-        w.write(n, t)
-    w.close()
+    def quantize(t):
+        t["model.layers.0.self_attn.q_proj.weight"] = t["model.layers.0.self_attn.q_proj.weight"].to(torch.int8)
+    _edit_weights(hf, quantize)
     with pytest.raises(ValueError, match=r"tensor 'model.layers.0.self_attn.q_proj.weight' is torch.int8; only "
                                          r"unquantized"):
         hf_to_megatron(hf, tmp_path / "out")

@@ -30,15 +30,10 @@ def main() -> int:
     ap.add_argument("--no-fsync", action="store_true", help="skip fsync of each file (faster, less crash-safe)")
     a = ap.parse_args()
     from megatron_spark.convert.converters import hf_to_megatron
+    from megatron_spark.convert.output import run_cli
 
-    try:
-        report = hf_to_megatron(a.hf_dir, a.out, dtype=a.dtype, tp=a.tp, pp=a.pp, force=a.force,
-                                sync_files=not a.no_fsync)
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(report.summary())
-    return 0
+    return run_cli(lambda: hf_to_megatron(a.hf_dir, a.out, dtype=a.dtype, tp=a.tp, pp=a.pp, force=a.force,
+                                          sync_files=not a.no_fsync))
 
 
 if __name__ == "__main__":

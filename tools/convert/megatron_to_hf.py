@@ -30,15 +30,11 @@ def main() -> int:
     ap.add_argument("--force", action="store_true", help="replace a non-empty --out")
     a = ap.parse_args()
     from megatron_spark.convert.converters import megatron_to_hf
+    from megatron_spark.convert.output import run_cli
 
-    try:
-        report = megatron_to_hf(a.ckpt, a.out, iteration=a.iteration, dtype=a.dtype, hf_config_dir=a.hf_config_dir,
-                                force=a.force, max_shard_bytes=int(a.max_shard_size_gb * 2 ** 30))
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(report.summary())
-    return 0
+    return run_cli(lambda: megatron_to_hf(a.ckpt, a.out, iteration=a.iteration, dtype=a.dtype,
+                                          hf_config_dir=a.hf_config_dir, force=a.force,
+                                          max_shard_bytes=int(a.max_shard_size_gb * 2 ** 30)))
 
 
 if __name__ == "__main__":
