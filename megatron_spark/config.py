@@ -56,6 +56,8 @@ class RolloutConfig:
     gpu_memory_utilization: float = 0.5
     enforce_eager: bool = False
     sync_bucket_mb: int = 512             # bridge transfer bucket size
+    sync_double_buffer: Optional[bool] = None  # post bucket k+1 while vLLM loads bucket k (peak: 2 buckets);
+                                          # None = on GPU only (on CPU gloo and the copy share the cores: no gain)
     sync_backend: Literal["auto", "gloo", "nccl", "cuda_ipc"] = "auto"
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import torch
 import torch.distributed as dist
 
 from megatron_spark.config import SparkConfig, load_config
@@ -70,7 +71,9 @@ def build_components(cfg: SparkConfig, world: int) -> dict:
                            min_pixels=cfg.data.min_pixels, max_pixels=cfg.data.max_pixels,
                            tied_embeddings=shape.text.tied_embeddings, multimodal=multimodal)
     sync = WeightSync(policy.modules, WeightMap(shape, tp=layout.tp), layout,
-                      rollout_tp=cfg.rollout.tensor_parallel_size, bucket_mb=cfg.rollout.sync_bucket_mb)
+                      rollout_tp=cfg.rollout.tensor_parallel_size, bucket_mb=cfg.rollout.sync_bucket_mb,
+                      double_buffer=(torch.cuda.is_available() if cfg.rollout.sync_double_buffer is None
+                                     else cfg.rollout.sync_double_buffer))
     pool = None
     if rank == 0:
         pool = RewardPool(cfg.algorithm.reward_workers, cfg.algorithm.reward_timeout_s,

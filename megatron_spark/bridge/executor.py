@@ -3,8 +3,9 @@
 Every rank runs the same deterministic plan. For each bucket of target tensors, a rank posts its sends and
 receives for every peer (gloo on CPU, NCCL on GPU): row slices go straight from the parameter into the target
 tensor, column slices through one staging buffer per peer. It copies its own slices locally and yields the
-completed target tensors. Peak extra memory is one bucket of targets plus the column-slice staging; nothing
-else is gathered.
+completed target tensors. Peak extra memory is one bucket of targets plus the column-slice staging (two with
+double buffering); nothing else is gathered. The engine runs in the trainer's own process (vLLM's external
+launcher), so local slices are plain copies and no CUDA-IPC handles are needed.
 """
 from __future__ import annotations
 
@@ -64,8 +65,10 @@ class P2PExecutor:
     """Runs routed transfers between global ranks of the default (or given) process group."""
 
     def __init__(self, routes: list[Route], dst_shapes: dict[str, tuple[int, ...]], local_params: dict[str, Tensor],
-                 dtype: torch.dtype, device: torch.device, bucket_bytes: int, group=None, zero_fill: bool = False):
+                 dtype: torch.dtype, device: torch.device, bucket_bytes: int, group=None, zero_fill: bool = False,
+                 double_buffer: bool = False):
         self.shapes, self.params = dst_shapes, local_params
+        self.double_buffer = double_buffer
         self.zero_fill = zero_fill  # targets with padding rows that no transfer covers (vLLM vocab shards)
         self.dtype, self.device, self.group = dtype, device, group
         self.me = dist.get_rank()
@@ -84,67 +87,83 @@ class P2PExecutor:
 
         Row slices (dim 0) are contiguous on both sides and travel as their own messages, straight from the
         parameter into the target tensor; column slices (row-parallel weights, dim 1) are packed into one staging
-        buffer per peer. Both sides post messages in plan order, so the pairing is implicit.
+        buffer per peer. Both sides post messages in plan order, so the pairing is implicit. With
+        `double_buffer`, bucket k+1's messages are posted before bucket k is handed to the consumer, so the
+        engine's loader works while the next bucket is on the wire (peak: two buckets instead of one).
         """
         self.stats = SyncStats()
         t_start = time.perf_counter()
-        for bucket in self.buckets:
-            t0 = time.perf_counter()
-            sends: dict[int, list[Transfer]] = defaultdict(list)
-            recvs: dict[int, list[Transfer]] = defaultdict(list)
-            mine: dict[str, Tensor] = {}
-            local: list[Transfer] = []
-            for name in bucket:
-                for route in self.by_dst[name]:
-                    t, src, dst = route.t, route.src, route.dst
-                    if dst == self.me:
-                        if name not in mine:
-                            alloc = torch.zeros if self.zero_fill else torch.empty
-                            mine[name] = alloc(self.shapes[name], dtype=self.dtype, device=self.device)
-                        (local if src == self.me else recvs[src]).append(t)
-                    elif src == self.me:
-                        sends[dst].append(t)
-            reqs, keep, staged_in = [], [], {}
-            for peer in sorted(set(sends) | set(recvs)):
-                out = sends.get(peer, [])
-                for t in (x for x in out if x.dim == 0):
-                    buf = self._src_view(t).to(self.dtype).contiguous()
-                    keep.append(buf)
-                    reqs.append(dist.isend(buf, peer, group=self.group))
-                cols = [self._src_view(t).to(self.dtype).reshape(-1) for t in out if t.dim != 0]
-                if cols:
-                    buf = torch.cat(cols)
-                    keep.append(buf)
-                    reqs.append(dist.isend(buf, peer, group=self.group))
-                self.stats.bytes_sent += sum(t.numel for t in out) * self.elem_bytes
-                inc = recvs.get(peer, [])
-                for t in (x for x in inc if x.dim == 0):
-                    reqs.append(dist.irecv(self._dst_view(mine[t.dst_name], t), peer, group=self.group))
-                n_cols = sum(t.numel for t in inc if t.dim != 0)
-                if n_cols:
-                    staged_in[peer] = torch.empty(n_cols, dtype=self.dtype, device=self.device)
-                    reqs.append(dist.irecv(staged_in[peer], peer, group=self.group))
-                self.stats.bytes_received += sum(t.numel for t in inc) * self.elem_bytes
-            for t in local:
-                self._dst_view(mine[t.dst_name], t).copy_(self._src_view(t))
-                self.stats.bytes_local += t.numel * self.elem_bytes
-            for r in reqs:
-                r.wait()
-            for peer, buf in staged_in.items():
-                off = 0
-                for t in (x for x in recvs[peer] if x.dim != 0):
-                    view = self._dst_view(mine[t.dst_name], t)
-                    view.copy_(buf[off:off + t.numel].view(view.shape))
-                    off += t.numel
-            del keep, staged_in
-            bucket_bytes = sum(v.numel() for v in mine.values()) * self.elem_bytes
-            self.stats.peak_bucket_bytes = max(self.stats.peak_bucket_bytes, bucket_bytes)
-            self.stats.buckets += 1
-            self.stats.per_bucket_s.append(time.perf_counter() - t0)
+        pending = self._post(self.buckets[0]) if self.buckets else None
+        for i, bucket in enumerate(self.buckets):
+            nxt = self._post(self.buckets[i + 1]) if self.double_buffer and i + 1 < len(self.buckets) else None
+            mine = self._finish(pending)
             for name in bucket:
                 if name in mine:
                     yield name, mine.pop(name)
+            if not self.double_buffer and i + 1 < len(self.buckets):
+                nxt = self._post(self.buckets[i + 1])
+            pending = nxt
         self.stats.seconds = time.perf_counter() - t_start
+
+    def _post(self, bucket: list[str]) -> dict:
+        """Allocate this bucket's targets, post its sends and receives, copy the local slices."""
+        t0 = time.perf_counter()
+        sends: dict[int, list[Transfer]] = defaultdict(list)
+        recvs: dict[int, list[Transfer]] = defaultdict(list)
+        mine: dict[str, Tensor] = {}
+        local: list[Transfer] = []
+        for name in bucket:
+            for route in self.by_dst[name]:
+                t, src, dst = route.t, route.src, route.dst
+                if dst == self.me:
+                    if name not in mine:
+                        alloc = torch.zeros if self.zero_fill else torch.empty
+                        mine[name] = alloc(self.shapes[name], dtype=self.dtype, device=self.device)
+                    (local if src == self.me else recvs[src]).append(t)
+                elif src == self.me:
+                    sends[dst].append(t)
+        reqs, keep, staged_in = [], [], {}
+        for peer in sorted(set(sends) | set(recvs)):
+            out = sends.get(peer, [])
+            for t in (x for x in out if x.dim == 0):
+                buf = self._src_view(t).to(self.dtype).contiguous()
+                keep.append(buf)
+                reqs.append(dist.isend(buf, peer, group=self.group))
+            cols = [self._src_view(t).to(self.dtype).reshape(-1) for t in out if t.dim != 0]
+            if cols:
+                buf = torch.cat(cols)
+                keep.append(buf)
+                reqs.append(dist.isend(buf, peer, group=self.group))
+            self.stats.bytes_sent += sum(t.numel for t in out) * self.elem_bytes
+            inc = recvs.get(peer, [])
+            for t in (x for x in inc if x.dim == 0):
+                reqs.append(dist.irecv(self._dst_view(mine[t.dst_name], t), peer, group=self.group))
+            n_cols = sum(t.numel for t in inc if t.dim != 0)
+            if n_cols:
+                staged_in[peer] = torch.empty(n_cols, dtype=self.dtype, device=self.device)
+                reqs.append(dist.irecv(staged_in[peer], peer, group=self.group))
+            self.stats.bytes_received += sum(t.numel for t in inc) * self.elem_bytes
+        for t in local:
+            self._dst_view(mine[t.dst_name], t).copy_(self._src_view(t))
+            self.stats.bytes_local += t.numel * self.elem_bytes
+        return dict(t0=t0, mine=mine, reqs=reqs, keep=keep, staged_in=staged_in, recvs=recvs)
+
+    def _finish(self, p: dict) -> dict[str, Tensor]:
+        """Wait for a posted bucket, unpack its column slices; returns its completed targets."""
+        for r in p["reqs"]:
+            r.wait()
+        mine = p["mine"]
+        for peer, buf in p["staged_in"].items():
+            off = 0
+            for t in (x for x in p["recvs"][peer] if x.dim != 0):
+                view = self._dst_view(mine[t.dst_name], t)
+                view.copy_(buf[off:off + t.numel].view(view.shape))
+                off += t.numel
+        bucket_bytes = sum(v.numel() for v in mine.values()) * self.elem_bytes
+        self.stats.peak_bucket_bytes = max(self.stats.peak_bucket_bytes, bucket_bytes)
+        self.stats.buckets += 1
+        self.stats.per_bucket_s.append(time.perf_counter() - p["t0"])
+        return mine
 
     @staticmethod
     def _dst_view(target: Tensor, t: Transfer) -> Tensor:

@@ -17,7 +17,7 @@ from megatron_spark.models.weights import megatron_named_params
 
 class WeightSync:
     def __init__(self, chunks: list[torch.nn.Module], wmap: WeightMap, layout, rollout_tp: int,
-                 target: str = "hf_full", bucket_mb: int = 512):
+                 target: str = "hf_full", bucket_mb: int = 512, double_buffer: bool = False):
         world = dist.get_world_size()
         if world % rollout_tp:
             raise ValueError(f"rollout TP {rollout_tp} does not divide the world size {world}")
@@ -41,7 +41,8 @@ class WeightSync:
         if target != "hf_full":
             raise NotImplementedError("in-place vLLM shard writes (target 'vllm_tp') need the GPU executors")
         param = next(iter(self.local.values()))
-        self.executor = P2PExecutor(routes, shapes, self.local, param.dtype, param.device, bucket_mb << 20)
+        self.executor = P2PExecutor(routes, shapes, self.local, param.dtype, param.device, bucket_mb << 20,
+                                    double_buffer=double_buffer)
         self.num_transfers = len(transfers)
 
     def stream(self):

@@ -129,7 +129,9 @@ def verify_sync(hf_dir: str, layouts: list[tuple[int, int]], rollout_tp: int, bu
             layout.initialize(seed=1)
             chunks = build_model(shape, layout, dtype=torch.float32)
             load_hf_into_megatron(chunks, wmap, HFCheckpoint(hf_dir), ps.get_tensor_model_parallel_rank(), tp)
-            sync = WeightSync(chunks, wmap, layout, rollout_tp=rollout_tp, bucket_mb=bucket_mb)
+            # double-buffered at TP=2 (as training runs it), single-buffered at PP=2: both modes are checked
+            sync = WeightSync(chunks, wmap, layout, rollout_tp=rollout_tp, bucket_mb=bucket_mb,
+                              double_buffer=pp == 1)
             built = (tp, pp)
         if engine is None:
             engine = RolloutEngine(hf_dir, tensor_parallel_size=rollout_tp, max_model_len=512,
