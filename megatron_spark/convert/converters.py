@@ -68,9 +68,8 @@ def check_layout_args(shape: ModelShape, tp: int, pp: int) -> None:
     t = shape.text
     if tp < 1 or pp < 1:
         raise ValueError("--tp and --pp must be >= 1")
-    if t.num_kv_heads % tp and tp % t.num_kv_heads:
-        raise ValueError(f"--tp {tp}: the model has {t.num_kv_heads} KV heads; TP must divide them (or be a "
-                         f"multiple of them)")
+    if t.num_kv_heads % tp:
+        raise ValueError(f"--tp {tp}: the model has {t.num_kv_heads} KV heads; TP must divide them")
     if t.num_heads % tp:
         raise ValueError(f"--tp {tp} does not divide the {t.num_heads} attention heads")
     if t.num_layers % pp:

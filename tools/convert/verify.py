@@ -7,8 +7,9 @@
 Builds the Megatron model at each TP x PP, loads CKPT through dist-checkpointing (resharding), runs text inputs
 (and two image+text inputs for Qwen2.5-VL) and compares the full-vocabulary logits with HF transformers, both in
 fp32. Prints max |logit difference| and argmax agreement per layout and input; exits 1 beyond --atol, 2 on bad
-input. Relaunches itself under torchrun (world = lcm of the TP x PP products). For a training checkpoint, HF is
-the model it started from: expect differences, use this on converted checkpoints and exports.
+input. Relaunches itself under torchrun on this node (world = lcm of the TP x PP products); started by your own
+torchrun/srun (e.g. across nodes) it runs in place, with a world that every TP x PP divides. For a training
+checkpoint, HF is the model it started from: expect differences, use this on converted checkpoints and exports.
 """
 from __future__ import annotations
 
