@@ -72,6 +72,9 @@ def check_layout_args(shape: ModelShape, tp: int, pp: int) -> None:
         raise ValueError(f"--tp {tp}: the model has {t.num_kv_heads} KV heads; TP must divide them")
     if t.num_heads % tp:
         raise ValueError(f"--tp {tp} does not divide the {t.num_heads} attention heads")
+    if shape.vision is not None and shape.vision.num_heads % tp:
+        raise ValueError(f"--tp {tp} does not divide the vision tower's {shape.vision.num_heads} heads (it is "
+                         f"tensor-parallel over the same group)")
     if t.num_layers % pp:
         raise ValueError(f"--pp {pp} does not divide the {t.num_layers} layers")
 

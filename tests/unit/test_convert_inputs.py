@@ -141,6 +141,15 @@ def test_bad_layout_arguments(hf, tmp_path):
         hf_to_megatron(hf, tmp_path / "out", tp=3)
 
 
+def test_vision_heads_must_divide_tp(tiny_models, tmp_path):
+    cfg = json.loads((Path(tiny_models["vl_tied"]) / "config.json").read_text())
+    cfg["vision_config"]["num_heads"] = 1   # layout checks run before any weight is read
+    (tmp_path / "hf").mkdir()
+    (tmp_path / "hf" / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match=r"--tp 2 does not divide the vision tower's 1 heads"):
+        hf_to_megatron(tmp_path / "hf", tmp_path / "out", tp=2)
+
+
 def test_export_errors(tmp_path):
     with pytest.raises(ValueError, match=r"--ckpt '.*' is not a directory"):
         megatron_to_hf(tmp_path / "nope", tmp_path / "out")
