@@ -55,7 +55,7 @@ class CheckpointManager:
 
     # -- state --------------------------------------------------------------------------------------------------
     def _sharded_state(self, loading: bool = False) -> dict:
-        model_sd = model_state_keys(self.t.policy.modules)
+        model_sd = model_sharded_state(self.t.policy.modules)
         opt = self.t.policy.optimizer
         if loading and hasattr(opt, "chained_optimizers"):
             # torch's Adam has no state before its first step; give it shapes to load into (cpu_stack.md 5d)
@@ -173,7 +173,7 @@ class CheckpointManager:
         return step
 
 
-def model_state_keys(modules: list) -> dict:
+def model_sharded_state(modules: list) -> dict:
     """The model part of a checkpoint's state dict, named as Megatron-LM names it ("model", or "model0".. with VPP)."""
     if len(modules) == 1:
         return {"model": modules[0].sharded_state_dict()}
@@ -185,7 +185,7 @@ def load_model_weights(modules: list, path: str | Path) -> None:
     into this rank's model chunks; dist-checkpointing reads just this rank's slices."""
     from megatron.core import dist_checkpointing
 
-    state = model_state_keys(modules)
+    state = model_sharded_state(modules)
     loaded = dist_checkpointing.load(state, str(path))
     for name, m in zip(state, modules):
         m.load_state_dict(loaded[name], strict=False)

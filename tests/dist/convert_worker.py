@@ -19,7 +19,7 @@ def main():
     from megatron.core import dist_checkpointing
     from megatron.core import parallel_state as ps
 
-    from megatron_spark.checkpoint import load_model_weights, model_state_keys
+    from megatron_spark.checkpoint import load_model_weights, model_sharded_state
     from megatron_spark.convert.converters import resolve_checkpoint
     from megatron_spark.convert.layout import META_FILE
     from megatron_spark.convert.verify import verify_checkpoint
@@ -40,7 +40,7 @@ def main():
             if dist.get_rank() == 0:
                 (out / "iter_0000003").mkdir(parents=True)
             dist.barrier()
-            dist_checkpointing.save(model_state_keys(chunks), str(out / "iter_0000003"))
+            dist_checkpointing.save(model_sharded_state(chunks), str(out / "iter_0000003"))
             if dist.get_rank() == 0:
                 (out / "latest_checkpointed_iteration.txt").write_text("3")
                 shutil.copy(Path(c["ckpt"]) / META_FILE, out / META_FILE)
