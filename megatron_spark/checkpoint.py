@@ -166,7 +166,7 @@ class CheckpointManager:
             random.setstate(r["python"])
             _set_tracker_states(r["cuda_tracker"])
         # The rollout engine still holds the initial weights: bring it to the resumed policy.
-        t.engine.update_weights(t.sync.stream())
+        t.sync.push(t.engine)
         self.last_saved = step
         if self.rank == 0:
             print(f"resumed from {path} (step {step})", flush=True)

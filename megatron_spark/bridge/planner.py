@@ -3,7 +3,8 @@
 Both layouts are described in the same coordinates: rows (or, for row-parallel weights, columns) of the HF tensors.
 A Megatron shard is a run of rows of the Megatron full tensor (`Transform.segments` maps those to HF rows); a vLLM
 shard is the list of HF row runs vLLM's fused layers hold on one rank (QKVParallelLinear: its query heads, then its
-KV head, replicated when TP > KV heads; MergedColumnParallelLinear: [gate_r; up_r]; vocab padded to 64 then split).
+KV head, replicated when TP > KV heads; MergedColumnParallelLinear: [gate_r; up_r]; vocab padded to a multiple of 64,
+then split evenly).
 Intersecting the two gives every transfer: which Megatron rank sends which rows of which parameter to which vLLM
 rank and where they land. Each element of each target shard is covered exactly once; nothing is ever gathered.
 """
@@ -52,7 +53,10 @@ def _runs_of_vllm_shard(pm: ParamMap, hf_rows: list[int], rank: int, tp: int) ->
     if isinstance(t, GateUpFuse):  # vLLM's MergedColumnParallelLinear holds [gate_r; up_r] like Megatron
         return t.shard_runs(pm.hf, hf_rows, rank, tp)
     if isinstance(t, VocabPad):
-        padded = -(-t.vocab // (VLLM_VOCAB_PADDING * tp)) * VLLM_VOCAB_PADDING * tp
+        # vLLM's VocabParallelEmbedding: pad to a multiple of 64, then split evenly (it asserts divisibility)
+        padded = -(-t.vocab // VLLM_VOCAB_PADDING) * VLLM_VOCAB_PADDING
+        if padded % tp:
+            raise ValueError(f"vLLM cannot shard a vocabulary of {t.vocab} (padded to {padded}) over TP={tp}")
         per = padded // tp
         lo, hi = rank * per, (rank + 1) * per
         runs = []
@@ -89,7 +93,7 @@ def vllm_name(pm: ParamMap) -> str:
     return n
 
 
-def _shard_dim_rows(pm: ParamMap, hf_shapes: dict[str, tuple[int, ...]]) -> tuple[int, list[int]]:
+def shard_dim_rows(pm: ParamMap, hf_shapes: dict[str, tuple[int, ...]]) -> tuple[int, list[int]]:
     dim = 1 if pm.transform.tp_dim == 1 else 0
     return dim, [hf_shapes[n][dim] for n in pm.hf]
 
@@ -121,7 +125,7 @@ def plan(wmap: WeightMap, hf_shapes: dict[str, tuple[int, ...]], train_tp: int, 
     out: list[Transfer] = []
     for pm in wmap.export_params():
         t = pm.transform
-        dim, hf_rows = _shard_dim_rows(pm, hf_shapes)
+        dim, hf_rows = shard_dim_rows(pm, hf_shapes)
         row_numel = math.prod(hf_shapes[pm.hf[0]]) // hf_rows[0]
         stage = layer_stage(pm.megatron)
         for dst in range(rollout_tp):
@@ -139,7 +143,7 @@ def vllm_shard_rows(wmap: WeightMap, hf_shapes: dict[str, tuple[int, ...]], roll
     """(megatron name, vLLM name, dst rank) -> (rows to receive, padding rows) for coverage checks."""
     out = {}
     for pm in wmap.export_params():
-        _, hf_rows = _shard_dim_rows(pm, hf_shapes)
+        _, hf_rows = shard_dim_rows(pm, hf_shapes)
         for dst in range(rollout_tp):
             runs = _runs_of_vllm_shard(pm, hf_rows, dst, rollout_tp)
             out[(pm.megatron, vllm_name(pm), dst)] = (sum(r.length for r in runs if r.hf is not None),

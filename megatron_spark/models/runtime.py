@@ -5,7 +5,7 @@ megatron-core's own schedule (`get_forward_backward_func`), so PP here is the re
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Optional
 
 import torch
@@ -21,6 +21,10 @@ class Batch:
     image_grid_thw: Optional[Tensor] = None  # [images, 3]
     labels: Optional[Tensor] = None         # [b, s]
     image_mask: Optional[Tensor] = None     # [b, s] bool: positions that take image embeddings
+
+    def to(self, device, non_blocking: bool = False) -> "Batch":
+        return Batch(**{f.name: None if getattr(self, f.name) is None
+                        else getattr(self, f.name).to(device, non_blocking=non_blocking) for f in fields(self)})
 
 
 def causal_mask(input_ids: Tensor, pad_mask: Optional[Tensor] = None) -> Tensor:
@@ -49,7 +53,7 @@ def make_batch(shape, input_ids: Tensor, pixel_values=None, image_grid_thw=None,
     return Batch(input_ids, pos, causal_mask(input_ids, pad_mask), pixel_values, image_grid_thw, labels, image_mask)
 
 
-def _call(model, batch: Batch, labels: Optional[Tensor] = None):
+def call_model(model, batch: Batch, labels: Optional[Tensor] = None):
     kw = dict(input_ids=batch.input_ids, position_ids=batch.position_ids, attention_mask=batch.attention_mask,
               labels=labels)
     if batch.pixel_values is not None:
@@ -65,6 +69,26 @@ def gather_vocab(logits: Tensor, vocab_size: int) -> Tensor:
     if ps.get_tensor_model_parallel_world_size() > 1:
         logits = gather_from_tensor_model_parallel_region(logits)
     return logits[..., :vocab_size]
+
+
+def token_logprobs(vocab_parallel_logits: Tensor, labels: Tensor, vocab_size: int) -> Tensor:
+    """log p(label) [b, s] from this rank's vocab-parallel logits [b, s, V/tp], over the true vocabulary.
+
+    The vocabulary is padded for TP; the padded output rows produce real logits (zero weights -> logit 0), which
+    megatron-core's `labels` path leaves in the softmax. vLLM and HF normalise over the true vocabulary only, so
+    the padded columns are masked out here; without this the trainer's log-probs sit below the rollout's by
+    log(1 + sum of the phantom tokens' probabilities)."""
+    from megatron.core import parallel_state as ps
+    from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
+
+    logits = vocab_parallel_logits.float()  # a fresh tensor when the model runs in bf16: masked in place below
+    per_rank = logits.shape[-1]
+    first_padded = vocab_size - ps.get_tensor_model_parallel_rank() * per_rank
+    if first_padded < per_rank:
+        if logits is vocab_parallel_logits:
+            logits = logits.clone()
+        logits[..., max(first_padded, 0):] = float("-inf")
+    return -vocab_parallel_cross_entropy(logits, labels)
 
 
 @torch.no_grad()
@@ -85,7 +109,7 @@ def forward_backward(chunks: list, batch: Batch, vocab_size: int, loss_fn=None, 
 
     def step(data_iter, model):
         b = next(data_iter)
-        output = _call(model, b)
+        output = call_model(model, b)
 
         def finish(out):
             logits = gather_vocab(out.float(), vocab_size)

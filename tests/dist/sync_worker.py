@@ -3,7 +3,8 @@
 Usage: torchrun --nproc-per-node 2 tests/dist/sync_worker.py HF_DIR OUT_JSON
 Rounds 1 and 2 perturb the Megatron weights (as a training step would), sync, and compare vLLM greedy tokens and
 logprobs with the Megatron forward, and the greedy tokens with HF generate on the same weights. Round 3 rebuilds
-the trainer at PP=2 and syncs into the same engine.
+the trainer at PP=2 and syncs into the same engine. Every round also checks the in-place target ('vllm_tp')
+against vLLM's own loaders (bridge.verify.check_inplace_layout).
 """
 import json
 import sys
@@ -14,7 +15,8 @@ import torch.distributed as dist
 def main():
     from megatron_spark.bridge.verify import verify_sync
 
-    res = verify_sync(sys.argv[1], layouts=[(2, 1), (2, 1), (1, 2)], rollout_tp=2, bucket_mb=1)
+    res = verify_sync(sys.argv[1], layouts=[(2, 1), (2, 1), (1, 2)], rollout_tp=2, bucket_mb=1,
+                      check_inplace=True)
     if dist.get_rank() == 0:
         with open(sys.argv[2], "w") as f:
             json.dump(res, f, indent=1)

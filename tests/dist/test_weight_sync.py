@@ -48,3 +48,15 @@ def test_bytes_and_buckets(sync_results):
     r = sync_results["round1_tp2_pp1"]
     assert r["buckets"] >= 2                       # 1 MiB buckets on a ~1.7-2.5 MB model
     assert r["peak_bucket_bytes"] <= 1 << 20 or r["buckets"] == 1
+
+
+def test_inplace_target_matches_vllm_loaders(sync_results):
+    """'vllm_tp' (in place, GPU default): the bridge's shards of vLLM's fused qkv / gate_up / padded-vocabulary
+    weights are bit-identical to what vLLM's own loaders make of the whole HF tensors, from TP=2 and from PP=2."""
+    for k in [k for k in sync_results if k.startswith("round")]:
+        for r in sync_results[k]["inplace"]["ranks"]:
+            assert r["params"] > 0 and r["planned"] == r["params"] and not r["unplanned"], (k, r)
+            assert not r["mismatched"], (k, r)
+            # every element written once; only vLLM's vocabulary padding rows (zeros) are not written
+            assert 0.95 * r["engine_bytes"] <= r["bytes_written"] <= r["engine_bytes"], (k, r)
+            assert r["peak_bucket_bytes"] == 0, (k, r)  # in place: no target buffers
