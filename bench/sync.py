@@ -40,6 +40,22 @@ def plan_32b() -> dict:
             "elements_moved_per_engine": moved, "ratio": round(moved / model, 4)}
 
 
+def vllm_shard_tensors(wmap, hf_shapes: dict, tp: int, rank: int, dtype, device) -> dict:
+    """Stand-ins for one vLLM rank's weights (fused qkv / gate_up, padded vocabulary) with the planned shapes."""
+    import torch
+
+    from megatron_spark.bridge.planner import shard_dim_rows, vllm_shard_rows
+
+    out = {}
+    for (megatron, name, dst), (rows, pad) in vllm_shard_rows(wmap, hf_shapes, tp).items():
+        if dst == rank:
+            dim, _ = shard_dim_rows(wmap[megatron], hf_shapes)
+            shp = list(hf_shapes[wmap[megatron].hf[0]])
+            shp[dim] = rows + pad
+            out[name] = torch.zeros(shp, dtype=dtype, device=device)
+    return out
+
+
 def measured(a) -> dict:
     import psutil
     import torch
@@ -79,11 +95,14 @@ def measured(a) -> dict:
             for p in c.parameters():
                 p.normal_()
     proc = psutil.Process()
-    sync = WeightSync(chunks, WeightMap(shape, tp=world), layout, rollout_tp=world, bucket_mb=a.bucket_mb,
-                      double_buffer=a.double_buffer)
-    # The consumer: vLLM's loader copies each received tensor into its own weights; emulate that copy.
     hf_shapes = expected_hf_shapes(shape)
-    engine = {n: torch.zeros(s, dtype=dtype, device=dev) for n, s in hf_shapes.items()}
+    wmap = WeightMap(shape, tp=world)
+    if a.target == "vllm_tp":  # the engine's weights: this rank's vLLM shards, written in place
+        engine = vllm_shard_tensors(wmap, hf_shapes, world, dist.get_rank(), dtype, dev)
+    else:  # the consumer: vLLM's loader copies each received HF tensor into its own weights; emulate that copy
+        engine = {n: torch.zeros(s, dtype=dtype, device=dev) for n, s in hf_shapes.items()}
+    sync = WeightSync(chunks, wmap, layout, rollout_tp=world, bucket_mb=a.bucket_mb, double_buffer=a.double_buffer,
+                      target=a.target, engine_params=engine if a.target == "vllm_tp" else None)
     times = []
     for _ in range(a.repeats):
         dist.barrier()
@@ -94,7 +113,8 @@ def measured(a) -> dict:
         peak = mem0
         t0 = time.perf_counter()
         for name, t in sync.stream():
-            engine[name].copy_(t)
+            if a.target == "hf_full":
+                engine[name].copy_(t)
             if not on_gpu:
                 peak = max(peak, proc.memory_info().rss)
         fence()
@@ -131,7 +151,7 @@ def measured(a) -> dict:
            "dtype": str(dtype), "model_bytes": sum(math.prod(s) for s in hf_shapes.values()) * esize,
            "local_shard_bytes": local_bytes, "bytes_received_total": received,
            "bytes_over_wire": st.bytes_received, "bucket_bytes": a.bucket_mb << 20,
-           "buckets": st.buckets, "double_buffer": a.double_buffer, "sync_s_median": sorted(times)[len(times) // 2],
+           "buckets": st.buckets, "double_buffer": a.double_buffer, "target": a.target, "sync_s_median": sorted(times)[len(times) // 2],
            "memcpy_same_bytes_s": memcpy_s, "p2p_wire_bytes_s": wire_s, "peak_extra_bytes": peak - mem0}
     res = [None] * world
     dist.all_gather_object(res, out)
@@ -148,6 +168,9 @@ def main() -> int:
     ap.add_argument("--double-buffer", action="store_true", help="post bucket k+1 before handing out bucket k")
     ap.add_argument("--model", choices=["small", "32b"], default="small",
                     help="32b: real Qwen2.5-32B layer shapes (use few --layers); small: --hidden wide")
+    ap.add_argument("--target", choices=["hf_full", "vllm_tp"], default="hf_full",
+                    help="vllm_tp: write vLLM-shaped shards in place (the GPU default); hf_full: whole HF tensors + "
+                         "the loader's copy")
     ap.add_argument("--ranks", type=int, default=2, help="ranks (Megatron TP = rollout TP = ranks)")
     a = ap.parse_args()
     if "RANK" not in os.environ:
