@@ -82,3 +82,13 @@ def test_model_bytes_once_when_no_kv_replication():
     total = sum(math.prod(s) for s in shapes.values())
     assert sum(tr.numel for tr in transfers) == total  # TP_rollout=1: one copy of everything
     assert replicated < total
+
+
+def test_vllm_vocab_shards_follow_vllm_padding():
+    """vLLM pads the vocabulary to a multiple of 64 and then splits it evenly: 600 -> 640 = 4 x 160."""
+    shape = parse_hf_config({**QWEN25_VL_32B, "vocab_size": 600, "num_hidden_layers": 2})
+    rows = vllm_shard_rows(WeightMap(shape, tp=2), hf_shapes(shape), 4)
+    emb = {dst: v for (_, name, dst), v in rows.items() if name.endswith("embed_tokens.weight")}
+    assert emb == {0: (160, 0), 1: (160, 0), 2: (160, 0), 3: (120, 40)}
+    with pytest.raises(ValueError, match="cannot shard a vocabulary of 600"):
+        vllm_shard_rows(WeightMap(shape, tp=2), hf_shapes(shape), 3)
