@@ -11,10 +11,11 @@ data-parallel replica e % DP. The plan is computed once from the shapes. Two tar
 """
 from __future__ import annotations
 
+import math
+from typing import Callable, Optional
+
 import torch
 import torch.distributed as dist
-
-from typing import Callable, Optional
 
 from megatron_spark.bridge.executor import P2PExecutor, Route, SyncStats
 from megatron_spark.bridge.planner import plan, shard_dim_rows, vllm_shard_rows
@@ -29,6 +30,8 @@ class WeightSync:
                  engine_name: Callable[[str], str] = lambda name: name):
         """`engine_params` / `engine_name` (target 'vllm_tp'): this rank's engine weights by the engine's names,
         and the map from the plan's fused HF-style names (`planner.vllm_name`) to them."""
+        if target not in ("hf_full", "vllm_tp"):
+            raise ValueError(f"unknown sync target {target!r}: use 'hf_full' or 'vllm_tp'")
         world = dist.get_world_size()
         if world % rollout_tp:
             raise ValueError(f"rollout TP {rollout_tp} does not divide the world size {world}")
@@ -55,11 +58,9 @@ class WeightSync:
             if engine_params is None:
                 raise ValueError("target 'vllm_tp' writes into the engine's weights: pass engine_params")
             rank_in_engine = me % rollout_tp
-            targets = _bind_targets(wmap, shapes, rollout_tp, rank_in_engine, engine_params, engine_name,
+            targets = bind_engine_targets(wmap, shapes, rollout_tp, rank_in_engine, engine_params, engine_name,
                                     param.dtype)
             shapes = {n: tuple(t.shape) for n, t in targets.items()}
-        elif target != "hf_full":
-            raise ValueError(f"unknown sync target {target!r}: use 'hf_full' or 'vllm_tp'")
         self.executor = P2PExecutor(routes, shapes, self.local, param.dtype, param.device, bucket_mb << 20,
                                     double_buffer=double_buffer, targets=targets)
         self.num_transfers = len(transfers)
@@ -86,7 +87,7 @@ class WeightSync:
         return self.executor.stats
 
 
-def _bind_targets(wmap: WeightMap, hf_shapes: dict, rollout_tp: int, rank: int, engine_params: dict,
+def bind_engine_targets(wmap: WeightMap, hf_shapes: dict, rollout_tp: int, rank: int, engine_params: dict,
                   engine_name: Callable[[str], str], dtype: torch.dtype) -> dict[str, torch.Tensor]:
     """The engine tensors this rank's shards land in, by planned name; every mismatch with the plan is an error
     here, before any byte moves (a vLLM version with another layout must fail loudly, not corrupt weights)."""
@@ -97,9 +98,11 @@ def _bind_targets(wmap: WeightMap, hf_shapes: dict, rollout_tp: int, rank: int, 
         key = engine_name(name)
         t = engine_params.get(key)
         dim, _ = shard_dim_rows(wmap[megatron], hf_shapes)
+        full = hf_shapes[wmap[megatron].hf[0]]
+        numel = (rows + pad) * math.prod(full) // full[dim]
         if t is None:
             problems.append(f"{name}: the engine has no parameter {key!r}")
-        elif t.shape[dim] != rows + pad or t.dtype != dtype:
+        elif t.dim() <= dim or t.shape[dim] != rows + pad or t.numel() != numel or t.dtype != dtype:
             problems.append(f"{key}: the engine holds {tuple(t.shape)} {t.dtype}, the plan expects {rows + pad} "
                             f"along dim {dim} in {dtype}")
         else:
