@@ -1,8 +1,9 @@
 """The Megatron side of RL: token log-probs and optimizer steps over micro-batches of rollouts, any TP/PP.
 
-Log-probs come from megatron-core's vocab-parallel cross-entropy over the true vocabulary
-(`runtime.token_logprobs`: the TP padding columns are masked), so full-vocabulary logits are never gathered. Updates go through megatron-core's DDP, optimizer and pipeline schedule; the learning
-rate follows megatron-core's OptimizerParamScheduler, stepped once per optimizer step of either period.
+Log-probs come from megatron-core's vocab-parallel cross-entropy over the true vocabulary (`runtime.token_logprobs`:
+the TP padding columns are masked), so full-vocabulary logits are never gathered. Updates go through megatron-core's
+DDP, optimizer and pipeline schedule; the learning rate follows megatron-core's OptimizerParamScheduler, stepped
+once per optimizer step of either period.
 """
 from __future__ import annotations
 
