@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The checks only a GPU can run, in one go: the GPU test tier (CUDA logits and policy log-probs vs HF, the
 # distributed optimizer; TE spec when Transformer Engine is installed), trainer MFU on real 7B/32B layer shapes,
-# and the bridge executor on real 32B shapes against the device's copy bandwidth. Logs go to $OUT (or
+# and the bridge executor on real 32B shapes (in place and hf_full) against the device's copy bandwidth. Logs go to $OUT (or
 # runs/gpu_checks). Each step has its own time limit so one failure does not hide the others.
 set -u
 out=${OUT:-runs/gpu_checks}
@@ -20,4 +20,7 @@ print(torch.__version__, torch.version.cuda, transformers.__version__, m.__versi
 step tests 180 $py -m pytest -q -p no:cacheprovider -o addopts= tests/gpu -rs
 step mfu_7b 120 $py bench/mfu.py --model 7b --layers 8 --seq 2048 --micro-batches 4
 step mfu_32b 120 $py bench/mfu.py --model 32b --layers 2 --seq 2048 --micro-batches 4
-step sync_32b 90 $py bench/sync.py --model 32b --layers 4 --ranks 1 --bucket-mb 512 --repeats 3
+for target in vllm_tp hf_full; do
+  step sync_32b_$target 90 $py bench/sync.py --model 32b --layers 4 --ranks 1 --bucket-mb 512 --repeats 5 \
+    --target $target
+done
