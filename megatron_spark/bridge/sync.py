@@ -57,16 +57,24 @@ class WeightSync:
         if target == "vllm_tp":
             if engine_params is None:
                 raise ValueError("target 'vllm_tp' writes into the engine's weights: pass engine_params")
-            rank_in_engine = me % rollout_tp
-            targets = bind_engine_targets(wmap, shapes, rollout_tp, rank_in_engine, engine_params, engine_name,
-                                    param.dtype)
+            error = None
+            try:
+                targets = bind_engine_targets(wmap, shapes, rollout_tp, me % rollout_tp, engine_params,
+                                              engine_name, param.dtype)
+            except ValueError as e:
+                error = f"rank {me}: {e}"
+            errors: list = [None] * world
+            dist.all_gather_object(errors, error)  # fail on every rank, not only where the layout differs
+            if any(errors):
+                raise ValueError(next(e for e in errors if e))
             shapes = {n: tuple(t.shape) for n, t in targets.items()}
         self.executor = P2PExecutor(routes, shapes, self.local, param.dtype, param.device, bucket_mb << 20,
                                     double_buffer=double_buffer, targets=targets)
         self.num_transfers = len(transfers)
 
     def stream(self):
-        """(HF name, tensor) for this rank's engine; all ranks must consume it together."""
+        """(target name, tensor) for this rank's engine as buckets complete: whole HF tensors ('hf_full') or, in
+        place, vLLM's fused shards ('vllm_tp'); all ranks must consume it together."""
         return self.executor.stream()
 
     def push(self, engine) -> None:

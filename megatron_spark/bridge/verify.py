@@ -68,7 +68,7 @@ def compare_with_megatron(engine, chunks, shape, requests, max_new_tokens: int =
         res = None
         if logits is not None:
             p = enc["input_ids"].shape[1]
-            lp = torch.log_softmax(logits[0, p - 1:-1].float(), dim=-1)
+            lp = torch.log_softmax(logits[0, p - 1:-1].float(), dim=-1).cpu()
             tok = torch.tensor(s.token_ids)
             mg_lp = lp[torch.arange(len(tok)), tok]
             res = ((mg_lp - torch.tensor(s.logprobs)).abs().max().item(), bool((lp.argmax(-1) == tok).all()))
@@ -94,7 +94,8 @@ def _unpacked_engine_copy(worker, weights: list) -> tuple[dict, object]:
     cfg.compilation_config.static_forward_context = {}
     torch.set_default_dtype(cfg.model_config.dtype)
     try:
-        with set_current_vllm_config(cfg):
+        # on the device vLLM's own loader builds the model on (the executor's NCCL receives land there)
+        with set_current_vllm_config(cfg), torch.device(cfg.load_config.device or cfg.device_config.device or "cpu"):
             model = initialize_model(vllm_config=cfg)
             model.load_weights(iter(weights))
     finally:

