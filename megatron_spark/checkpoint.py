@@ -147,7 +147,7 @@ class CheckpointManager:
         loaded = dist_checkpointing.load(state, str(path))
         modules = self.t.policy.modules
         for i, m in enumerate(modules):
-            m.load_state_dict(loaded[f"model{i}" if len(modules) > 1 else "model"], strict=False)
+            load_strict(m, loaded["model" if len(modules) == 1 else f"model{i}"], path)
         with torch.no_grad():
             self.t.policy.optimizer.load_state_dict(loaded["optimizer"])
         c = loaded["common"]
@@ -188,7 +188,18 @@ def load_model_weights(modules: list, path: str | Path) -> None:
     state = model_sharded_state(modules)
     loaded = dist_checkpointing.load(state, str(path))
     for name, m in zip(state, modules):
-        m.load_state_dict(loaded[name], strict=False)
+        load_strict(m, loaded[name], path)
+
+
+def load_strict(module, state: dict, path) -> None:
+    """Every parameter of the module must come from the checkpoint and every checkpoint entry must be used: a
+    silently skipped tensor would resume (or export) a model that is partly the initial one."""
+    result = module.load_state_dict(state, strict=False)
+    missing, unexpected = list(result.missing_keys), list(result.unexpected_keys)
+    if missing or unexpected:
+        raise ValueError(f"checkpoint '{path}' does not fit this model: missing {missing[:5]}"
+                         f"{' ...' if len(missing) > 5 else ''}, unexpected {unexpected[:5]}; was it written for "
+                         f"another model (check model.hf_dir)?")
 
 
 def _as_rng_state(s):

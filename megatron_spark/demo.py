@@ -62,33 +62,35 @@ def evaluate(trainer, examples, bank) -> dict:
             "judge_accuracy": acc(judge_items(examples, bank, 0))}
 
 
+def warm_start_pairs(ex, families: dict, rnd: random.Random) -> list[tuple[list[dict], str]]:
+    """(messages, target text) pairs of the warm start for one example: every task family with a RANDOM label of the
+    right shape (so task and judge accuracy stay at chance and what RL adds is measured from there), plus naming
+    the picture's colour with the TRUE colour name."""
+    q = strip_suffix(ex.question)
+    a, b = str(rnd.randint(1, 4)), str(rnd.randint(1, 4))
+    digit = lambda: f"\\boxed{{{rnd.randint(1, len(COLOURS))}}}"  # noqa: E731
+    return [(ex.messages, digit()),
+            (_with_text(ex.messages, rnd.choice(families["pointwise"]).render(question=q, answer=a)),
+             rnd.choice(["\\boxed{Yes}", "\\boxed{No}"])),
+            (_with_text(ex.messages, rnd.choice(families["pairwise"]).render(question=q, answer_a=a, answer_b=b)),
+             rnd.choice(["\\boxed{A}", "\\boxed{B}"])),
+            (_with_text(ex.messages, rnd.choice(families["reflection_ans"]).render(question=q, answer=a)), digit()),
+            (_with_text(ex.messages, NAME_QUESTION), f"\\boxed{{{COLOURS[int(ex.answer) - 1][0]}}}")]
+
+
 def warm_start(trainer, steps: int, seed: int) -> list[float]:
-    """Format and perception SFT, no task labels: every task family with a RANDOM label of the right shape (so task
-    and judge accuracy stay at chance and what RL adds is measured from there), plus naming the picture's colour
-    with the TRUE colour name. The naming gives the tiny vision tower features that tell the colours apart, as a
-    pretrained VLM's would; which number answers which colour is left for RL to find."""
+    """Format and perception SFT, no task labels (`warm_start_pairs`). The colour naming gives the tiny vision tower
+    features that tell the colours apart, as a pretrained VLM's would; which number answers which colour is left
+    for RL to find."""
     rnd = random.Random(seed)
-    fam = trainer.templates.families
     tok = trainer.prompts.tokenizer
     eos = tok.convert_tokens_to_ids("<|im_end|>")
-    digit = lambda: f"\\boxed{{{rnd.randint(1, len(COLOURS))}}}"  # noqa: E731
     losses = []
     for _ in range(steps):
         _, batch = trainer.data.next_batch()
         rollouts = []
         for ex in batch:
-            q = strip_suffix(ex.question)
-            a, b = str(rnd.randint(1, 4)), str(rnd.randint(1, 4))
-            pairs = [(ex.messages, digit()),
-                     (_with_text(ex.messages, rnd.choice(fam["pointwise"]).render(question=q, answer=a)),
-                      rnd.choice(["\\boxed{Yes}", "\\boxed{No}"])),
-                     (_with_text(ex.messages, rnd.choice(fam["pairwise"]).render(question=q, answer_a=a,
-                                                                                  answer_b=b)),
-                      rnd.choice(["\\boxed{A}", "\\boxed{B}"])),
-                     (_with_text(ex.messages, rnd.choice(fam["reflection_ans"]).render(question=q, answer=a)),
-                      digit())]
-            pairs.append((_with_text(ex.messages, NAME_QUESTION), f"\\boxed{{{COLOURS[int(ex.answer) - 1][0]}}}"))
-            for msgs, target in pairs:
+            for msgs, target in warm_start_pairs(ex, trainer.templates.families, rnd):
                 b = trainer.prompts.build(msgs)
                 rollouts.append(Rollout(b["input_ids"], tok(target)["input_ids"] + [eos], "sft", b["pixel_values"],
                                         b["image_grid_thw"]))

@@ -81,3 +81,37 @@ def test_sampled_entropy_surrogate_has_the_entropy_gradient():
     logp = torch.log_softmax(logits, -1)
     (logp.exp().detach() * sampled_entropy_surrogate(logp)).sum().backward()
     assert torch.allclose(logits.grad, exact, atol=1e-6)
+
+
+def test_ppo_clip_negative_advantages_with_asymmetric_bounds():
+    """A<0 is clipped at 1-eps_low from below (the pessimistic side), never at 1+eps_high; hand-computed."""
+    logp = torch.log(torch.tensor([[1.5, 0.5, 0.75, 1.1]]))
+    old = torch.zeros(1, 4)
+    mask = torch.ones(1, 4)
+    loss, clip = policy_loss(logp, old, torch.tensor([-2.0]), mask, eps_low=0.2, eps_high=0.28)
+    # per token -min(rho*A, clip(rho, 0.8, 1.28)*A) with A=-2:
+    # rho 1.5  -> -min(-3.0, -2.56) = 3.0  (unclipped: a negative sample pushed further is fully penalised)
+    # rho 0.5  -> -min(-1.0, -1.6)  = 1.6  (clipped at 1 - eps_low = 0.8)
+    # rho 0.75 -> -min(-1.5, -1.6)  = 1.6  (clipped at 0.8)
+    # rho 1.1  -> 2.2 (inside both bounds)
+    assert loss.item() == pytest.approx((3.0 + 1.6 + 1.6 + 2.2) / 4, rel=1e-6)
+    assert clip.item() == pytest.approx(0.5)
+    # swapping the bounds changes the clipped tokens: eps_low=0.28 clips at 0.72
+    loss2, _ = policy_loss(logp, old, torch.tensor([-2.0]), mask, eps_low=0.28, eps_high=0.2)
+    assert loss2.item() == pytest.approx((3.0 + 1.44 + 1.5 + 2.2) / 4, rel=1e-6)
+    # and the gradient of a clipped token is zero, of an unclipped one is not
+    lp = logp.clone().requires_grad_(True)
+    policy_loss(lp, old, torch.tensor([-2.0]), mask, eps_low=0.2, eps_high=0.28)[0].backward()
+    assert lp.grad[0, 1] == 0 and lp.grad[0, 2] == 0 and lp.grad[0, 0] > 0 and lp.grad[0, 3] > 0
+
+
+def test_group_advantages_eps_dtype_and_bad_shapes():
+    r = torch.tensor([1., 0., 0.])
+    # eps enters the denominator: std of [1, 0, 0] (unbiased) = sqrt(1/3); with eps = 1 the scale is 1/(sqrt(1/3)+1)
+    adv = group_advantages(r, [0, 0, 0], eps=1.0)
+    assert adv[0].item() == pytest.approx((2 / 3) / (math.sqrt(1 / 3) + 1.0), rel=1e-6)
+    assert adv.dtype == torch.float32 and group_advantages(r.double(), [0, 0, 0]).dtype == torch.float64
+    with pytest.raises(ValueError, match=r"rewards \(3,\) must be \[N\] with N = 2 prompt ids"):
+        group_advantages(r, [0, 0])
+    with pytest.raises(ValueError, match=r"rewards \(1, 3\) must be \[N\] with N = 3"):
+        group_advantages(r[None], [0, 0, 0])  # right element count, wrong rank

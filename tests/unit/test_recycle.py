@@ -138,3 +138,95 @@ def test_queue_never_leaks_across_episodes(pushes, batch):
         q.push([type("T", (), {"ep": ep})() for _ in range(n)])
         while (b := q.pop_batch()) is not None:
             assert all(t.ep == ep for t in b)
+
+
+# -- independent oracles: labels read back from the prompt text, never from the code's own bookkeeping -----------
+MARKED = TemplateBank({
+    "pointwise": [Template("{question} || judged: {answer} || yes or no", "yesno"),
+                  Template("{question} || judged: {answer} || A or B", "ab")],
+    "pairwise": [Template("{question} || A: {answer_a} || B: {answer_b} ||")],
+    "reflection_cot": [Template("{question} || wrong work: {cot} ||")],
+    "reflection_ans": [Template("{question} || wrong answer: {answer} ||")],
+})
+
+
+def field(prompt: str, key: str) -> str:
+    return prompt.split(f"|| {key}: ", 1)[1].split(" ||", 1)[0]
+
+
+def hand_group(pid: int, rewards: list[int]) -> Group:
+    """Every response has its own answer: c<i> for a correct one, w<i> for a wrong one."""
+    answers = [f"{'c' if r else 'w'}{i}" for i, r in enumerate(rewards)]
+    return Group(pid, "Q?", "gold", [f"step {i} \\boxed{{{a}}}" for i, a in enumerate(answers)],
+                 [float(r) for r in rewards])
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_every_label_is_the_judged_answers_correctness(seed):
+    rnd = random.Random(seed)
+    groups = [hand_group(i, [rnd.randint(0, 1) for _ in range(rnd.randint(1, 6))]) for i in range(64)]
+    tasks = recycle(groups, MARKED, RecycleSettings(judge_cap=64, reflection_cap=64), random.Random(seed))
+    by_id = {g.prompt_id: g for g in groups}
+    assert len(tasks) > 40
+    for t in tasks:
+        g = by_id[t.source_prompt_id]
+        if t.kind == "pointwise":
+            correct = field(t.prompt, "judged").startswith("c")
+            yes = "yes or no" in t.prompt
+            assert t.answer == (("Yes" if correct else "No") if yes else ("A" if correct else "B")), t
+        elif t.kind == "pairwise":
+            a, b = field(t.prompt, "A"), field(t.prompt, "B")
+            assert {a[0], b[0]} == {"c", "w"}, t.prompt
+            assert t.answer == ("A" if a.startswith("c") else "B")
+        elif t.kind == "reflection_ans":
+            assert field(t.prompt, "wrong answer").startswith("w") and t.answer == "gold"
+        else:
+            work = field(t.prompt, "wrong work")
+            assert work in g.responses and g.rewards[g.responses.index(work)] == 0 and t.answer == "gold"
+
+
+def test_mixed_groups_split_pointwise_pairwise_at_the_configured_rate():
+    """Over 4000 mixed groups: pointwise with probability 0.3 (else pairwise), the judged class and the correct
+    answer's slot each 50/50; every rate within 4.5 binomial standard deviations."""
+    n, p = 4000, 0.3
+    rng = random.Random(0)
+    tasks = [judge_task(hand_group(i, [1, 0, 1, 0]), MARKED, RecycleSettings(pointwise_prob_mixed=p), rng)
+             for i in range(n)]
+
+    def within(k, m, q):
+        return abs(k / m - q) <= 4.5 * (q * (1 - q) / m) ** 0.5
+
+    point = [t for t in tasks if t.kind == "pointwise"]
+    pair = [t for t in tasks if t.kind == "pairwise"]
+    assert len(point) + len(pair) == n
+    assert within(len(point), n, p), len(point) / n
+    assert within(sum(field(t.prompt, "judged").startswith("c") for t in point), len(point), 0.5)
+    assert within(sum(t.answer == "A" for t in pair), len(pair), 0.5)
+
+
+def test_mixed_group_falls_back_to_the_class_that_has_an_answer():
+    """A mixed group whose correct (or wrong) responses have no boxed answer can only be judged on the other class."""
+    no_good = Group(0, "Q?", "gold", ["seven, no box", "\\boxed{w1}"], [1.0, 0.0])
+    no_bad = Group(1, "Q?", "gold", ["\\boxed{c0}", "three, no box"], [1.0, 0.0])
+    for seed in range(30):
+        t = judge_task(no_good, MARKED, RecycleSettings(pointwise_prob_mixed=1.0), random.Random(seed))
+        assert field(t.prompt, "judged") == "w1" and t.answer in ("No", "B") and t.source_correct is False
+        t = judge_task(no_bad, MARKED, RecycleSettings(pointwise_prob_mixed=1.0), random.Random(seed))
+        assert field(t.prompt, "judged") == "c0" and t.answer in ("Yes", "A") and t.source_correct is True
+        # pairwise needs one answer of each class: none
+        assert judge_task(no_good, MARKED, RecycleSettings(pointwise_prob_mixed=0.0), random.Random(seed)) is None
+
+
+def test_default_caps_keep_32_judge_and_32_reflection_tasks_of_64_groups():
+    groups = [hand_group(i, [1, 0, 0, 1]) for i in range(64)]
+    s = RecycleSettings()
+    assert (s.judge_cap, s.reflection_cap) == (32, 32)
+    tasks = recycle(groups, MARKED, s, random.Random(3))
+    judge = [t for t in tasks if t.kind in ("pointwise", "pairwise")]
+    refl = [t for t in tasks if t.kind.startswith("reflection")]
+    assert len(judge) == 32 and len(refl) == 32 and tasks == judge + refl
+    assert len({t.source_prompt_id for t in judge}) == 32 and len({t.source_prompt_id for t in refl}) == 32
+    # a random subset, not the first 32 groups
+    assert max(t.source_prompt_id for t in judge) >= 32 and max(t.source_prompt_id for t in refl) >= 32
+    # groups 0..31 feed CoT reflections, 32..63 answer-only ones (cot_fraction 0.5 of all 64 groups)
+    assert all((t.kind == "reflection_cot") == (t.source_prompt_id < 32) for t in refl)
