@@ -181,6 +181,11 @@ class Qwen25VLModel(_MegatronModule):
     def set_input_tensor(self, input_tensor) -> None:
         self.language_model.set_input_tensor(input_tensor)
 
+    def shared_embedding_or_output_weight(self) -> Optional[Tensor]:
+        """The tied word embedding (first stage) or output-layer copy (last stage): megatron-core's
+        finalize_model_grads all-reduces its gradient between the two stages so the copies stay equal."""
+        return self.language_model.shared_embedding_or_output_weight()
+
     def forward(self, input_ids: Tensor, position_ids: Tensor, attention_mask: Optional[Tensor],
                 pixel_values: Optional[Tensor] = None, image_grid_thw: Optional[Tensor] = None,
                 labels: Optional[Tensor] = None, image_mask: Optional[Tensor] = None, **kwargs) -> Tensor:
@@ -227,4 +232,26 @@ def build_model(shape: ModelShape, layout, *, dtype: torch.dtype = torch.float32
             chunks.append(build_gpt(shape.text, layout, **common))
         else:
             chunks.append(Qwen25VLModel(shape, layout, **common))
+    mark_tensor_parallel_params(chunks, shape, layout.tp, make_vocab_size_divisible_by)
     return chunks
+
+
+def mark_tensor_parallel_params(chunks: list[torch.nn.Module], shape: ModelShape, tp: int,
+                                make_vocab_size_divisible_by: int = 128) -> None:
+    """Tag every TP-sharded weight with megatron-core's `tensor_model_parallel` / `partition_dim` attributes.
+
+    megatron-core sets them only while it initialises weights (`perform_initialization`), which we skip (the weights
+    come from a checkpoint). Untagged, a sharded weight counts as a TP duplicate: the optimizer leaves it out of the
+    gradient norm on every TP rank but the first, so gradient clipping would depend on the TP size."""
+    from megatron.core.tensor_parallel.layers import set_defaults_if_not_set_tensor_model_parallel_attributes
+
+    from megatron_spark.mapping.qwen import WeightMap
+    from megatron_spark.models.weights import megatron_named_params
+
+    wmap = WeightMap(shape, make_vocab_size_divisible_by, tp=tp)
+    for chunk in chunks:
+        for name, p in megatron_named_params(chunk):
+            dim = wmap[name].transform.tp_dim
+            if dim is not None and tp > 1:
+                p.tensor_model_parallel, p.partition_dim, p.partition_stride = True, dim, 1
+            set_defaults_if_not_set_tensor_model_parallel_attributes(p)

@@ -3,13 +3,83 @@
 Usage: torchrun --nproc-per-node 2 tests/dist/parity_worker.py MODELS_JSON OUT_JSON
 MODELS_JSON maps a case name to an HF dir. For each layout (TP=1 (DP=2), TP=2, PP=2) and model it compares the
 full-vocabulary logits and the trainer's per-token log-probs with HF on text and image+text inputs; at TP=2 it also compares gradients mapped back to
-HF names. Rank 0 writes the figures to OUT_JSON; pytest asserts on them.
+HF names. Two models also take optimizer steps through the trainer's Policy (megatron-core DDP + optimizer + pipeline
+schedule) at every layout: the loss must fall, and TP-replicated parameters and their gradients must stay identical
+on both TP ranks. Rank 0 writes the figures to OUT_JSON; pytest asserts on them.
 """
 import json
 import sys
 import time
+from dataclasses import replace
+from types import SimpleNamespace
 
 import torch
+
+TRAIN_CASES = ("q2_untied_gqa4", "vl_tied")
+
+
+def train_check(chunks, shape, inputs) -> dict:
+    """Optimizer steps through Policy on fixed sequences: SFT steps must lower the NLL; GRPO steps (no KL) must raise
+    the log-probs of positive-advantage samples and lower those of negative ones; replicated parameters (norms,
+    biases of row-parallel layers, the vision patch embedding...) and their gradients equal on every TP rank."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
+
+    from megatron_spark.models.parity import response_rollouts
+    from megatron_spark.policy import Policy, grpo_loss_fn, sft_loss_fn
+
+    cfg = SimpleNamespace(lr=2e-3, min_lr_ratio=1.0, warmup_ratio=0.0, weight_decay=0.0, adam_beta1=0.9,
+                          adam_beta2=0.95, clip_grad=1.0, use_distributed_optimizer=False,
+                          max_tokens_per_micro_batch=None)
+    policy = Policy.for_training(chunks, shape, dtype=torch.float32, pad_id=0, micro_batch_size=2, train_cfg=cfg,
+                                 total_steps=100)
+    # GRPO first (a fresh model): the sampled responses pushed up, the same responses reversed pushed down
+    rollouts = []
+    for r in [r for n in (6, 4) for r in response_rollouts(inputs, n)][:2]:
+        rollouts.append(r)
+        rollouts.append(replace(r, response_ids=r.response_ids[::-1], group=r.group + "-reversed"))
+    for i, r in enumerate(rollouts):
+        r.advantage = 1.0 if i % 2 == 0 else -1.0
+    before = policy.token_logprobs(rollouts)
+    for r, lp in zip(rollouts, before):
+        r.old_logprobs = lp
+    alg = SimpleNamespace(kl_coef=0.0, eps_clip_low=0.2, eps_clip_high=0.2, entropy_coef=0.0,
+                          loss_reduction="token_mean")
+    grpo = [policy.train_step(rollouts, grpo_loss_fn(alg)) for _ in range(3)]
+    after = policy.token_logprobs(rollouts)
+    moved = [(a.mean() - b.mean()).item() * r.advantage for r, a, b in zip(rollouts, after, before)]
+    # then supervised steps on the sampled responses: the NLL must fall
+    sft = [policy.train_step(rollouts[::2] * 2, sft_loss_fn)["sft_loss"] for _ in range(6)]
+    # replicated tensors: the same on both TP ranks, bit for bit
+    worst_p, worst_g, n_rep, differing = 0.0, 0.0, 0, {}
+    group = ps.get_tensor_model_parallel_group()
+    if ps.get_tensor_model_parallel_world_size() > 1:
+        for c in policy.chunks:
+            for name, p in c.module.named_parameters():
+                if getattr(p, "tensor_model_parallel", False):
+                    continue
+                n_rep += 1
+                for t, kind in ((p.data, "p"), (p.main_grad, "g")):
+                    parts = [torch.empty_like(t) for _ in range(dist.get_world_size(group))]
+                    dist.all_gather(parts, t.contiguous(), group=group)
+                    d = max((x - parts[0]).abs().max().item() for x in parts)
+                    if d > 0:
+                        differing[f"{kind}:{name}"] = d
+                    if kind == "p":
+                        worst_p = max(worst_p, d)
+                    else:
+                        worst_g = max(worst_g, d)
+    # tied embeddings under PP: the first stage's embedding and the last stage's output-layer copy stay equal
+    tied_diff = None
+    if shape.text.tied_embeddings and ps.get_pipeline_model_parallel_world_size() > 1:
+        w = policy.modules[0].shared_embedding_or_output_weight().data
+        parts = [torch.empty_like(w) for _ in range(dist.get_world_size(ps.get_embedding_group()))]
+        dist.all_gather(parts, w.contiguous(), group=ps.get_embedding_group())
+        tied_diff = max((x - parts[0]).abs().max().item() for x in parts)
+    return {"tied_copies_max_diff": tied_diff, "sft_losses": sft, "grpo_grad_norms": [m["grad_norm"] for m in grpo], "logprob_moves": moved,
+            "replicated_params": n_rep, "replicated_param_max_diff": worst_p, "replicated_grad_max_diff": worst_g,
+            "replicated_differing": differing,
+            "optimizer_steps": policy.optimizer_steps}
 
 
 def main():
@@ -74,6 +144,8 @@ def main():
                     results[f"grad/{case}/{inp_name}"] = {"max_abs_diff": worst, "max_rel_diff": rel_worst,
                                                           "worst": worst_name, "n_params": len(mg_grads),
                                                           "missing": missing}
+            if case in TRAIN_CASES:  # last: wraps the chunks in DDP and changes their weights
+                results[f"train/{layout_name}/{case}"] = train_check(chunks, shape, inputs)
             if dist.get_rank() == 0:
                 print(f"[{layout_name}] {case}: {time.time() - t0:.1f}s", flush=True)
             del chunks
