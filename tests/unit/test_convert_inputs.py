@@ -68,6 +68,7 @@ def test_corrupt_header(hf, tmp_path):
     f.write_bytes(bytes(raw))
     with pytest.raises(ValueError, match=rf"'{f}' is not a readable safetensors file"):
         hf_to_megatron(hf, tmp_path / "out")
+    _no_leftovers(tmp_path / "out")
 
 
 def test_missing_shard(hf, tmp_path):
@@ -75,6 +76,7 @@ def test_missing_shard(hf, tmp_path):
     f.unlink()
     with pytest.raises(ValueError, match=rf"shard '{f}' is named in the index but missing"):
         hf_to_megatron(hf, tmp_path / "out")
+    _no_leftovers(tmp_path / "out")
 
 
 def test_unsupported_architecture(hf, tmp_path):
@@ -83,6 +85,7 @@ def test_unsupported_architecture(hf, tmp_path):
     (hf / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(ValueError, match=r"config.json: unsupported architecture \['LlamaForCausalLM'\]"):
         hf_to_megatron(hf, tmp_path / "out")
+    _no_leftovers(tmp_path / "out")
 
 
 def test_shape_disagrees_with_config(hf, tmp_path):
@@ -91,6 +94,7 @@ def test_shape_disagrees_with_config(hf, tmp_path):
     (hf / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(ValueError, match=r"tensor 'model.layers.0.mlp.gate_proj.weight' has shape .* but config"):
         hf_to_megatron(hf, tmp_path / "out")
+    _no_leftovers(tmp_path / "out")
 
 
 def _edit_weights(hf, edit) -> None:
@@ -123,6 +127,7 @@ def test_quantized_weights_are_refused(hf, tmp_path):
     with pytest.raises(ValueError, match=r"tensor 'model.layers.0.self_attn.q_proj.weight' is torch.int8; only "
                                          r"unquantized"):
         hf_to_megatron(hf, tmp_path / "out")
+    _no_leftovers(tmp_path / "out")
 
 
 def test_non_empty_output_needs_force(hf, tmp_path):
@@ -139,6 +144,7 @@ def test_bad_layout_arguments(hf, tmp_path):
         hf_to_megatron(hf, tmp_path / "out", pp=3)
     with pytest.raises(ValueError, match=r"--tp 3: the model has 2 KV heads"):
         hf_to_megatron(hf, tmp_path / "out", tp=3)
+    _no_leftovers(tmp_path / "out")
 
 
 def test_vision_heads_must_divide_tp(tiny_models, tmp_path):
@@ -148,6 +154,44 @@ def test_vision_heads_must_divide_tp(tiny_models, tmp_path):
     (tmp_path / "hf" / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(ValueError, match=r"--tp 2 does not divide the vision tower's 1 heads"):
         hf_to_megatron(tmp_path / "hf", tmp_path / "out", tp=2)
+
+
+@pytest.fixture()
+def megatron_ckpt(hf, tmp_path):
+    """A converted torch_dist checkpoint (root with tracker, iter_0000000, megatron_spark.json)."""
+    return hf_to_megatron(hf, tmp_path / "mg").out
+
+
+def test_export_of_a_truncated_distcp_file_fails_and_leaves_nothing(megatron_ckpt, tmp_path):
+    f = max((megatron_ckpt / "iter_0000000").glob("*.distcp"), key=lambda p: p.stat().st_size)
+    f.write_bytes(f.read_bytes()[:-64])
+    with pytest.raises(ValueError, match=rf"'{f}' is truncated: '.*' needs bytes up to \d+, the file has \d+"):
+        megatron_to_hf(megatron_ckpt, tmp_path / "out")
+    _no_leftovers(tmp_path / "out")
+
+
+def test_export_of_a_missing_iteration_names_the_available_ones(megatron_ckpt, tmp_path):
+    with pytest.raises(ValueError, match=r"--iteration 7: '.*iter_0000007' does not exist; available: "
+                                         r"\['iter_0000000'\]"):
+        megatron_to_hf(megatron_ckpt, tmp_path / "out", iteration=7)
+    _no_leftovers(tmp_path / "out")
+
+
+def test_export_without_model_metadata_asks_for_the_hf_config(megatron_ckpt, hf, tmp_path):
+    (megatron_ckpt / "megatron_spark.json").unlink()
+    with pytest.raises(ValueError, match=r"megatron_spark.json' not found: .* pass --hf-config-dir"):
+        megatron_to_hf(megatron_ckpt, tmp_path / "out")
+    _no_leftovers(tmp_path / "out")
+    assert megatron_to_hf(megatron_ckpt, tmp_path / "out", hf_config_dir=hf).out.is_dir()  # the fix works
+
+
+def test_export_of_an_interrupted_save_is_refused(megatron_ckpt, tmp_path):
+    """A save killed before torch_dist wrote its .metadata: the iteration directory is not a checkpoint."""
+    (megatron_ckpt / "iter_0000000" / ".metadata").unlink()
+    with pytest.raises(ValueError, match=r"\.metadata' is missing: .* is not a complete megatron torch_dist "
+                                         r"checkpoint"):
+        megatron_to_hf(megatron_ckpt, tmp_path / "out")
+    _no_leftovers(tmp_path / "out")
 
 
 def test_export_errors(tmp_path):

@@ -54,6 +54,9 @@ def test_pool_matches_sequential_and_times_out_pathological_item():
     responses = ["Reasoning... \\boxed{\\frac{3}{4}}", "\\boxed{0.75}", "\\boxed{1}", "\\boxed{Yes}"]
     golds = ["0.75", "\\frac{3}{4}", "2", "Yes"]
     pathological = "\\boxed{9^{9^{9^{9^{9^{9^{9}}}}}}}"
+    t0 = time.monotonic()
+    with RewardPool(workers=1, timeout_s=1.5):
+        respawn = time.monotonic() - t0  # what replacing a timed-out worker costs on this machine, now
     with RewardPool(workers=2, timeout_s=1.5) as pool:
         assert pool.score(responses, golds) == [score(r, g) for r, g in zip(responses, golds)]
         t0 = time.monotonic()
@@ -61,7 +64,8 @@ def test_pool_matches_sequential_and_times_out_pathological_item():
         elapsed = time.monotonic() - t0
         assert out == [1.0, 1.0, 0.0, 0.0, 1.0]
         assert pool.stats.timeouts == 1
-        assert elapsed < 1.5 + 15.0, elapsed  # the limit, plus a worker respawn (slow on a loaded machine)
+        # the item's limit plus one worker respawn (measured 1.86-1.93 s with respawns of 0.35 s, 2 busy cores)
+        assert 1.5 <= elapsed < 1.5 + 2 * respawn + 1.0, (elapsed, respawn)
         assert pool.score(["\\boxed{2}"], ["2"]) == [1.0]  # the replaced worker serves again
 
 
