@@ -58,7 +58,7 @@ class CheckpointManager:
         model_sd = model_sharded_state(self.t.policy.modules)
         opt = self.t.policy.optimizer
         if loading and hasattr(opt, "chained_optimizers"):
-            # torch's Adam has no state before its first step; give it shapes to load into (cpu_stack.md 5d)
+            # torch's Adam has no state before its first step; give it shapes to load into (docs/cpu.md)
             for o in opt.chained_optimizers:
                 if hasattr(o, "_init_optimizer_states_with_dummy_values"):
                     o._init_optimizer_states_with_dummy_values()

@@ -1,7 +1,7 @@
 """CPU support for megatron-core: the only place that bends CUDA assumptions, and only when CUDA is absent.
 
 megatron-core targets GPUs and hard-codes CUDA in a few places that matter for us on CPU (tests, CI, the tiny
-demo). Each patch below exists for one measured failure (see ../shared/reference/cpu_stack.md); none touches
+demo). Each patch below exists for one measured failure (docs/cpu.md); none touches
 megatron-core's files, and `install()` is a no-op when `torch.cuda.is_available()`, so GPU runs take the real
 CUDA paths.
 """

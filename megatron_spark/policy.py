@@ -120,7 +120,7 @@ class Policy:
         from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
         t = train_cfg
-        use_dist_opt = bool(t.use_distributed_optimizer and torch.cuda.is_available())  # see cpu_stack.md 5d
+        use_dist_opt = bool(t.use_distributed_optimizer and torch.cuda.is_available())  # see docs/cpu.md
         ddp_cfg = DistributedDataParallelConfig(grad_reduce_in_fp32=True, use_distributed_optimizer=use_dist_opt)
         wrapped = []
         for c in chunks:

@@ -1,6 +1,6 @@
 """SPARK's recycling: one batch of rollouts and their 0/1 rewards -> new verifiable tasks for the same model.
 
-Per prompt group (spark_method.md 1.3):
+Per prompt group (as the SPARK release does, arXiv 2509.22624):
 - all correct -> pointwise judgement of a correct answer (label Yes / A);
 - all wrong   -> pointwise judgement of a wrong answer (label No / B);
 - mixed       -> pointwise (probability `pointwise_prob_mixed`, the judged answer's class drawn uniformly) or

@@ -243,7 +243,8 @@ def test_training_starts_from_a_converted_checkpoint(full_run, setup):
     run(cmd(hf, train, d / "runF", d / "ckF", "training.max_steps=1", f"model.megatron_ckpt={conv}"))
     got = comparable(metrics(d / "runF")[1])
     want = comparable(ref[1])
-    # the LR schedule's length follows max_steps (1 here, 4 there): the first step's LR is the same, later ones not
-    lr_keys = {"infer/lr", "reward/lr"}
     assert got.keys() == want.keys()
-    assert {k: v for k, v in got.items() if k not in lr_keys} == {k: v for k, v in want.items() if k not in lr_keys}
+    # The LR schedule's length follows max_steps (1 here, 4 there), so from the second optimizer step on the runs
+    # differ by design; the infer period's rollouts, rewards and losses come before that and must be identical.
+    infer = [k for k in want if k.startswith("infer/") and k != "infer/lr"]
+    assert len(infer) >= 8 and {k: got[k] for k in infer} == {k: want[k] for k in infer}

@@ -1,0 +1,75 @@
+"""Which rank does what, decided in one place.
+
+    ranks:    0 1 2 3 4 5 6 7                          (world = 8)
+    engines:  [ e0  ][ e1  ][ e2  ][ e3  ]            rollout TP x PP = 2: consecutive blocks (vLLM external launcher)
+    prompts:  e0 gets prompts 0..15, e1 16..31, ...   contiguous shares, sizes differ by at most one; a prompt and
+                                                      its n samples (one GRPO group) never leave their engine
+    training: ParallelLayout's DP ranks; each optimizer step's global batch is split over them by cost
+              (Karmarkar-Karp on sequence length); PP stages and TP ranks of one DP replica see the same samples
+
+Everything here is a pure function of sizes and seeds, so every rank computes the same answer without talking.
+"""
+from __future__ import annotations
+
+import heapq
+import itertools
+from dataclasses import dataclass
+from typing import Sequence
+
+
+@dataclass(frozen=True)
+class RolloutPlacement:
+    """Rollout engines over the trainer's world: `world / engine_size` engines of `engine_size` consecutive ranks."""
+    world: int
+    engine_size: int  # rollout tensor parallel x rollout pipeline parallel
+
+    def __post_init__(self) -> None:
+        if self.engine_size < 1 or self.world % self.engine_size:
+            raise ValueError(f"rollout TP x PP = {self.engine_size} must divide the world size {self.world}; "
+                             f"choose rollout.tensor_parallel_size accordingly")
+
+    @property
+    def engines(self) -> int:
+        return self.world // self.engine_size
+
+    def engine_of(self, rank: int) -> int:
+        return rank // self.engine_size
+
+    def is_leader(self, rank: int) -> bool:
+        """The first rank of its engine: the one that reports the engine's outputs (all its ranks hold them)."""
+        return rank % self.engine_size == 0
+
+    def prompt_share(self, n_prompts: int, engine: int) -> range:
+        """Contiguous, balanced: the first `n_prompts % engines` engines take one prompt more."""
+        base, extra = divmod(n_prompts, self.engines)
+        start = engine * base + min(engine, extra)
+        return range(start, start + base + (engine < extra))
+
+
+def sampling_seed(base_seed: int, step: int, period: str, engine: int) -> int:
+    """Reproducible, and different for every engine, step and period: no two engines draw the same samples."""
+    return (base_seed * 100_003 + step * 2 + (period == "reward")) * 1_009 + engine
+
+
+def balanced_partition(costs: Sequence[float], parts: int) -> list[list[int]]:
+    """Indices of `costs` split into `parts` sets of near-equal total cost (Karmarkar-Karp largest differencing).
+
+    Every index appears exactly once; each set lists its indices in increasing order; deterministic. Sets may hold
+    different numbers of items (that is what balancing by cost means)."""
+    if parts < 1:
+        raise ValueError(f"balanced_partition: parts must be >= 1, got {parts}")
+    tie = itertools.count()
+    heap: list = []
+    for i, c in enumerate(costs):
+        sets = [(float(c), [i])] + [(0.0, []) for _ in range(parts - 1)]
+        heapq.heappush(heap, (-float(c), next(tie), sets))
+    if not heap:
+        return [[] for _ in range(parts)]
+    while len(heap) > 1:
+        _, _, a = heapq.heappop(heap)
+        _, _, b = heapq.heappop(heap)
+        # pair a's heaviest set with b's lightest: the differences cancel
+        merged = [(sa + sb, ia + ib) for (sa, ia), (sb, ib) in zip(a, reversed(b))]
+        merged.sort(key=lambda s: -s[0])
+        heapq.heappush(heap, (-(merged[0][0] - merged[-1][0]), next(tie), merged))
+    return [sorted(items) for _, items in heap[0][2]]

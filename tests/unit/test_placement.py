@@ -1,0 +1,57 @@
+"""Which rank does what: engine blocks, prompt shares, seeds, and the cost-balanced DP split."""
+import random
+
+import pytest
+
+from megatron_spark.placement import RolloutPlacement, balanced_partition, sampling_seed
+
+
+def test_engines_are_consecutive_rank_blocks():
+    p = RolloutPlacement(world=8, engine_size=2)
+    assert p.engines == 4
+    assert [p.engine_of(r) for r in range(8)] == [0, 0, 1, 1, 2, 2, 3, 3]
+    assert [r for r in range(8) if p.is_leader(r)] == [0, 2, 4, 6]
+    with pytest.raises(ValueError, match="rollout TP x PP = 3 must divide the world size 8"):
+        RolloutPlacement(world=8, engine_size=3)
+
+
+@pytest.mark.parametrize("n,engines", [(16, 4), (17, 4), (3, 4), (0, 2), (64, 8), (7, 1)])
+def test_prompt_shares_cover_every_prompt_once_and_balance(n, engines):
+    p = RolloutPlacement(world=engines * 2, engine_size=2)
+    shares = [p.prompt_share(n, e) for e in range(engines)]
+    assert [i for s in shares for i in s] == list(range(n))  # contiguous, in order, each prompt once
+    sizes = [len(s) for s in shares]
+    assert max(sizes) - min(sizes) <= 1 and sorted(sizes, reverse=True) == sizes
+
+
+def test_sampling_seeds_differ_across_engines_steps_and_periods():
+    seeds = {sampling_seed(42, step, period, e) for step in range(50) for period in ("infer", "reward")
+             for e in range(8)}
+    assert len(seeds) == 50 * 2 * 8
+    assert sampling_seed(42, 3, "infer", 1) == sampling_seed(42, 3, "infer", 1)
+
+
+def test_karmarkar_karp_hand_case():
+    # the classic example: {8, 7, 6, 5, 4} into 2 sets -> KK finds sums 16 / 14 ({8, 6} + ... ) within 2 of optimum
+    parts = balanced_partition([8, 7, 6, 5, 4], 2)
+    sums = sorted(sum([8, 7, 6, 5, 4][i] for i in s) for s in parts)
+    assert sorted(i for s in parts for i in s) == [0, 1, 2, 3, 4]
+    assert sums[1] - sums[0] <= 2
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_balanced_partition_beats_round_robin_and_covers_everything(seed):
+    rnd = random.Random(seed)
+    costs = [rnd.randint(300, 3000) + rnd.randint(20, 768) for _ in range(64)]
+    for parts in (2, 4, 8):
+        sets = balanced_partition(costs, parts)
+        assert len(sets) == parts
+        assert sorted(i for s in sets for i in s) == list(range(64))
+        assert all(s == sorted(s) for s in sets)
+        loads = [sum(costs[i] for i in s) for s in sets]
+        rr = [sum(costs[i::parts]) for i in range(parts)]
+        assert max(loads) - min(loads) <= max(rr) - min(rr)
+        assert max(loads) <= sum(costs) / parts + max(costs)  # never worse than one item above the mean
+    assert balanced_partition(costs, 1) == [list(range(64))]
+    assert balanced_partition([], 3) == [[], [], []]
+    assert balanced_partition(costs, 3) == balanced_partition(costs, 3)  # deterministic
