@@ -1,6 +1,12 @@
 """GRPO pieces as pure tensor functions: group advantages, PPO-clip policy loss, k3 KL, entropy.
 
 Shapes: per-sample tensors are [N]; per-token tensors are [N, T] with a `mask` [N, T] (1 = response token).
+
+Reductions and layout: with `batch=BatchSize(...)` every mean divides by the counts of the whole global batch, so a
+micro-batch's loss is its share of the batch's loss and the shares add up to the same number however the batch is
+cut into micro-batches and data-parallel ranks. Without it (`micro_batch` normalisation, as SPARK/OpenRLHF do) each
+micro-batch is averaged on its own and the micro-batch means are averaged, which weighs a token by the size of the
+micro-batch it happened to land in.
 """
 from __future__ import annotations
 
@@ -36,13 +42,26 @@ def group_advantages(rewards: Tensor, prompt_ids: Sequence[Hashable], std: Liter
     return adv.to(rewards.dtype)
 
 
-def masked_mean(x: Tensor, mask: Tensor, reduction: Literal["token_mean", "seq_mean"] = "token_mean") -> Tensor:
-    """token_mean: mean over all valid tokens of the batch; seq_mean: mean over sequences of per-sequence means."""
+@dataclass(frozen=True)
+class BatchSize:
+    """Response tokens and sequences of the global batch (one optimizer step) that a micro-batch belongs to."""
+    tokens: int
+    sequences: int
+
+
+def masked_mean(x: Tensor, mask: Tensor, reduction: Literal["token_mean", "seq_mean"] = "token_mean",
+                batch: BatchSize | None = None) -> Tensor:
+    """token_mean: mean over all valid tokens; seq_mean: mean over sequences of per-sequence means. Rows with no
+    valid token (pipeline fillers) count as no sequence. With `batch`, the sums are divided by the global batch's
+    token / sequence count instead of this tensor's own (see the module docstring)."""
     mask = mask.to(x.dtype)
     if reduction == "token_mean":
-        return (x * mask).sum() / mask.sum().clamp(min=1)
-    per_seq = (x * mask).sum(-1) / mask.sum(-1).clamp(min=1)
-    return per_seq.mean()
+        denom = mask.sum().clamp(min=1) if batch is None else batch.tokens
+        return (x * mask).sum() / denom
+    n = mask.sum(-1)
+    per_seq = (x * mask).sum(-1) / n.clamp(min=1)
+    denom = (n > 0).sum().clamp(min=1) if batch is None else batch.sequences
+    return per_seq.sum() / denom
 
 
 @dataclass
@@ -55,8 +74,8 @@ class LossOutput:
 
 
 def policy_loss(logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor, eps_low: float = 0.2,
-                eps_high: float = 0.2, reduction: Literal["token_mean", "seq_mean"] = "token_mean"
-                ) -> tuple[Tensor, Tensor]:
+                eps_high: float = 0.2, reduction: Literal["token_mean", "seq_mean"] = "token_mean",
+                batch: BatchSize | None = None) -> tuple[Tensor, Tensor]:
     """PPO-clip: -min(rho*A, clip(rho, 1-eps_low, 1+eps_high)*A) per token; returns (loss, clip fraction).
 
     `advantages` is [N] (broadcast over the response) or [N, T]. eps_low != eps_high gives asymmetric clipping.
@@ -66,8 +85,8 @@ def policy_loss(logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor
     unclipped = ratio * adv
     clipped = ratio.clamp(1.0 - eps_low, 1.0 + eps_high) * adv
     per_token = -torch.minimum(unclipped, clipped)
-    clip_frac = masked_mean((clipped < unclipped).to(logp.dtype), mask, "token_mean")
-    return masked_mean(per_token, mask, reduction), clip_frac.detach()
+    clip_frac = masked_mean((clipped < unclipped).to(logp.dtype), mask, "token_mean", batch)
+    return masked_mean(per_token, mask, reduction, batch), clip_frac.detach()
 
 
 def kl_k3(logp: Tensor, ref_logp: Tensor) -> Tensor:
@@ -95,12 +114,13 @@ def sampled_entropy_surrogate(logp: Tensor) -> Tensor:
 
 def grpo_loss(logp: Tensor, old_logp: Tensor, ref_logp: Tensor | None, advantages: Tensor, mask: Tensor, *,
               eps_low: float = 0.2, eps_high: float = 0.2, kl_coef: float = 1e-3, entropy: Tensor | None = None,
-              entropy_coef: float = 0.0, reduction: Literal["token_mean", "seq_mean"] = "token_mean") -> LossOutput:
+              entropy_coef: float = 0.0, reduction: Literal["token_mean", "seq_mean"] = "token_mean",
+              batch: BatchSize | None = None) -> LossOutput:
     """loss = PPO-clip + kl_coef * k3 KL - entropy_coef * entropy, all masked and reduced the same way."""
-    pl, clip_frac = policy_loss(logp, old_logp, advantages, mask, eps_low, eps_high, reduction)
+    pl, clip_frac = policy_loss(logp, old_logp, advantages, mask, eps_low, eps_high, reduction, batch)
     zero = logp.new_zeros(())
-    kl = masked_mean(kl_k3(logp, ref_logp), mask, reduction) if ref_logp is not None else zero
-    ent = masked_mean(entropy, mask, reduction) if entropy is not None else zero
+    kl = masked_mean(kl_k3(logp, ref_logp), mask, reduction, batch) if ref_logp is not None else zero
+    ent = masked_mean(entropy, mask, reduction, batch) if entropy is not None else zero
     loss = pl + kl_coef * kl - entropy_coef * ent
     return LossOutput(loss=loss, policy_loss=pl.detach(), kl=kl.detach(), entropy=ent.detach(),
                       clip_fraction=clip_frac)

@@ -81,6 +81,9 @@ class AlgorithmConfig:
     kl_coef: float = 1e-3                 # k3 KL to the frozen reference, as a loss term
     entropy_coef: float = 0.0
     loss_reduction: Literal["token_mean", "seq_mean"] = "token_mean"
+    # global_batch: token (or sequence) means over the whole global batch, the same update at any DP size, micro-batch
+    # size or packing; micro_batch: each micro-batch's own mean, averaged (SPARK/OpenRLHF; layout-dependent)
+    loss_normalization: Literal["global_batch", "micro_batch"] = "global_batch"
     advantage_std: Literal["unbiased", "population"] = "unbiased"
     accept_box_alias: bool = True         # also accept \box{...} as the final answer (see reward.py)
     labels_case_insensitive: bool = True  # Yes/No/A/B labels compare case-insensitively

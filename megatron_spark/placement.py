@@ -47,8 +47,9 @@ class RolloutPlacement:
 
 
 def sampling_seed(base_seed: int, step: int, period: str, engine: int) -> int:
-    """Reproducible, and different for every engine, step and period: no two engines draw the same samples."""
-    return (base_seed * 100_003 + step * 2 + (period == "reward")) * 1_009 + engine
+    """Reproducible, and different for every engine, step and period (below 500k steps): no two engines draw the
+    same samples. Engine 0 keeps the seed a single engine has always used, so one-engine runs reproduce."""
+    return base_seed * 100_003 + step * 2 + (period == "reward") + engine * 1_000_003
 
 
 def balanced_partition(costs: Sequence[float], parts: int) -> list[list[int]]:

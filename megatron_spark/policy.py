@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from megatron_spark.algorithm import grpo_loss, masked_mean, sampled_entropy_surrogate
+from megatron_spark.algorithm import BatchSize, grpo_loss, masked_mean, sampled_entropy_surrogate
 from megatron_spark.models.runtime import call_model, token_logprobs
 
 
@@ -79,6 +79,8 @@ class Policy:
         self.max_tokens = max_tokens_per_micro_batch
         self.optimizer_steps = 0
         self.offloaded = False
+        self.tokens_real = 0       # tokens of real samples in the micro-batches computed so far (this rank)
+        self.tokens_computed = 0   # tokens computed, padding and pipeline fillers included
 
     # -- construction ------------------------------------------------------------------------------------------
     @classmethod
@@ -164,7 +166,10 @@ class Policy:
         return [getattr(c, "module", c) for c in self.chunks]
 
     # -- passes ------------------------------------------------------------------------------------------------
-    def _run(self, rollouts: list[Rollout], loss_fn: Optional[Callable], forward_only: bool) -> list[dict]:
+    def _run(self, rollouts: list[Rollout], loss_fn: Optional[Callable], forward_only: bool,
+             loss_scale: float = 1.0) -> list[dict]:
+        """Forward (and backward) over micro-batches. `loss_scale` multiplies each micro-batch's loss before
+        megatron-core divides it by the number of micro-batches (and DDP averages over data-parallel ranks)."""
         from megatron.core.pipeline_parallel import get_forward_backward_func
 
         device = next(self.modules[0].parameters()).device  # batches are built on the host
@@ -179,6 +184,8 @@ class Policy:
                 length = max(len(r.prompt_ids) + len(r.response_ids) for r in part)
             mb = collate(part, self.shape, self.pad_id, length, n_real)
             micro.append(dict({k: v.to(device, non_blocking=True) for k, v in mb.items()}, n_real=n_real))
+            self.tokens_real += sum(len(r.prompt_ids) + len(r.response_ids) for r in part[:n_real])
+            self.tokens_computed += len(part) * length
         outputs: list[dict] = []
 
         vocab = self.shape.text.vocab_size
@@ -193,7 +200,7 @@ class Policy:
                 if loss_fn is None:
                     return logp.sum() * 0.0, {}
                 loss, metrics = loss_fn(logp, mb)
-                return loss, metrics
+                return loss * loss_scale, metrics
             return out, finish
 
         data = iter(micro)
@@ -238,8 +245,15 @@ class Policy:
                 res.append(o["logp"][row][o["mask"][row] > 0].cpu())
         return self._from_last_stage(res)[:len(rollouts)]
 
-    def train_step(self, rollouts: list[Rollout], loss_fn: Callable) -> dict:
-        """One optimizer step on these rollouts (this rank's data-parallel share)."""
+    def train_step(self, rollouts: list[Rollout], loss_fn: Callable, share_of_batch: bool = False) -> dict:
+        """One optimizer step on these rollouts (this rank's data-parallel share of the global batch).
+
+        share_of_batch=False: `loss_fn` returns a micro-batch mean; megatron-core averages them over micro-batches
+        and data-parallel ranks (and so do the metrics). True: `loss_fn` returns the micro-batch's share of the
+        global batch's loss (sums over its tokens divided by the batch's counts, `algorithm.BatchSize`); the shares
+        of all micro-batches on all DP ranks add up to the batch loss, whatever the layout (and so do the metrics)."""
+        from megatron.core import parallel_state as ps
+
         for c in self.chunks:
             c.zero_grad_buffer()
         self.optimizer.zero_grad()
@@ -249,27 +263,39 @@ class Policy:
             loss, m = loss_fn(logp, mb)
             metrics.append({k: float(v) for k, v in m.items()})
             return loss, {}
-        self._run(rollouts, wrapped, forward_only=False)
+        dp = ps.get_data_parallel_world_size(with_context_parallel=True)
+        n_micro = len(self._micro_batches(rollouts))
+        # megatron-core divides each micro-batch loss by the micro-batch count and averages gradients over DP
+        self._run(rollouts, wrapped, forward_only=False, loss_scale=n_micro * dp if share_of_batch else 1.0)
         ok, grad_norm, _ = self.optimizer.step()
         self.scheduler.step(increment=1)
         self.optimizer_steps += 1
-        agg = {k: sum(m[k] for m in metrics) / len(metrics) for k in (metrics[0] if metrics else {})}
+        keys = list(metrics[0]) if metrics else []
+        if share_of_batch:
+            agg = {k: sum(m[k] for m in metrics) for k in keys}
+        else:
+            agg = {k: sum(m[k] for m in metrics) / len(metrics) for k in keys}
         agg = self._from_last_stage(agg)
+        if dp > 1 and agg:
+            t = torch.tensor([agg[k] for k in keys], dtype=torch.float64)
+            dist.all_reduce(t, group=ps.get_data_parallel_group(with_context_parallel=True))
+            agg = {k: v / (1 if share_of_batch else dp) for k, v in zip(keys, t.tolist())}
         agg.update(grad_norm=float(grad_norm) if grad_norm is not None else float("nan"),
                    lr=self.optimizer.param_groups[0]["lr"], update_ok=bool(ok))
         return agg
 
 
-def grpo_loss_fn(alg) -> Callable:
-    """The RL loss of one micro-batch (SPARK/OpenRLHF: token-mean PPO-clip + k3 KL to the reference)."""
+def grpo_loss_fn(alg, batch: Optional[BatchSize] = None) -> Callable:
+    """The RL loss of one micro-batch: PPO-clip + k3 KL to the reference (+ entropy bonus). With `batch` it is the
+    micro-batch's share of the global batch's loss (train_step(..., share_of_batch=True)); without, its own mean."""
     def fn(logp: Tensor, mb: dict):
         out = grpo_loss(logp, mb["old"], mb["ref"] if alg.kl_coef > 0 else None, mb["adv"], mb["mask"],
                         eps_low=alg.eps_clip_low, eps_high=alg.eps_clip_high, kl_coef=alg.kl_coef,
                         entropy=sampled_entropy_surrogate(logp) if alg.entropy_coef else None,
-                        entropy_coef=alg.entropy_coef, reduction=alg.loss_reduction)
+                        entropy_coef=alg.entropy_coef, reduction=alg.loss_reduction, batch=batch)
         # entropy: the Monte-Carlo estimate E[-log pi(y)] over the sampled response tokens
         return out.loss, {"policy_loss": out.policy_loss, "kl": out.kl, "clip_fraction": out.clip_fraction,
-                          "entropy": masked_mean(-logp.detach(), mb["mask"], "token_mean")}
+                          "entropy": masked_mean(-logp.detach(), mb["mask"], "token_mean", batch)}
     return fn
 
 

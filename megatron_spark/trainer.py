@@ -4,6 +4,7 @@ rollouts into judge/reflection tasks, and a reward period whenever the FIFO hold
     for step in steps:
         episode, batch = data.next_batch()             # task prompts
         groups = period("infer", batch)                # rollouts -> rewards -> advantages -> updates -> sync
+                                                       # (each engine and DP rank does only its share: placement.py)
         queue.push(recycle(groups))                    # new verifiable tasks from the same rollouts
         if (aux := queue.pop_batch()) is not None:
             period("reward", aux)                      # same GRPO update on the auxiliary tasks
@@ -23,8 +24,9 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from megatron_spark.algorithm import group_advantages
+from megatron_spark.algorithm import BatchSize, group_advantages
 from megatron_spark.config import SparkConfig
+from megatron_spark.placement import RolloutPlacement, balanced_partition, sampling_seed
 from megatron_spark.policy import Rollout, grpo_loss_fn
 from megatron_spark.recycle import AuxQueue, AuxTask, Group, RecycleSettings, recycle
 from megatron_spark.rollout.engine import RolloutRequest
@@ -46,6 +48,34 @@ class Task:
         return cls(i, msgs, t.answer, t.image, t.prompt, t.kind)
 
 
+@dataclass
+class TrainBatch:
+    """This DP rank's part of one global batch (one optimizer step), and the size of the whole batch."""
+    rollouts: list[Rollout]
+    size: BatchSize
+
+
+class PromptCache:
+    """Chat template + image processing per prompt, done only for the prompts this rank needs (its engine's share
+    and the samples it trains on), once each."""
+
+    def __init__(self, builder, tasks: list[Task]):
+        self.builder, self.tasks, self.done = builder, tasks, {}
+
+    def __getitem__(self, i: int) -> dict:
+        if i not in self.done:
+            self.done[i] = self.builder.build(self.tasks[i].messages)
+        return self.done[i]
+
+    def prompt_mismatches(self, outs: list) -> int:
+        """Samples whose prompt tokens (as vLLM saw them) differ from the trainer's, over the prompts built here;
+        summed over all ranks."""
+        n = sum(int(s.prompt_token_ids != b["input_ids"]) for i, b in self.done.items() for s in outs[i])
+        t = torch.tensor([float(n)])
+        dist.all_reduce(t)
+        return int(t.item())
+
+
 class SparkTrainer:
     def __init__(self, cfg: SparkConfig, components: dict):
         """`components` is built by `megatron_spark.train.build_components` (layout, models, engine, data...)."""
@@ -53,6 +83,9 @@ class SparkTrainer:
         for k, v in components.items():
             setattr(self, k, v)
         self.rank = dist.get_rank()
+        self.placement = RolloutPlacement(dist.get_world_size(), cfg.rollout.tensor_parallel_size)
+        self.engine_id = self.placement.engine_of(self.rank)
+        self.dp_rank = self.layout.coords(self.rank)["dp"]
         self.rng = random.Random(cfg.training.seed)
         self.recycle_settings = RecycleSettings.from_config(cfg.algorithm.recycle)
         self.queue = getattr(self, "queue", None) or AuxQueue(cfg.algorithm.recycle.reward_batch_size)
@@ -64,50 +97,84 @@ class SparkTrainer:
         # SLURM preemption: finish the current step, write a checkpoint, exit cleanly (requeue resumes).
         self.stop_requested = True
 
-    # -- pieces ------------------------------------------------------------------------------------------------
+    # -- the stages of a period, in order -----------------------------------------------------------------------
+    def generate(self, name: str, tasks: list[Task], built: "PromptCache", step: int) -> tuple[list, dict]:
+        """This engine generates only its share of the prompts (each prompt's n samples stay on one engine);
+        every rank then holds all samples, in prompt order."""
+        ro = self.cfg.rollout
+        share = self.placement.prompt_share(len(tasks), self.engine_id)
+        t0 = time.perf_counter()
+        local = self.engine.generate([RolloutRequest(built[i]["prompt"], built[i]["images"]) for i in share],
+                                     n=ro.n_samples_per_prompt, temperature=ro.temperature, top_p=ro.top_p,
+                                     top_k=ro.top_k, max_new_tokens=ro.max_new_tokens,
+                                     seed=sampling_seed(self.cfg.training.seed, step, name, self.engine_id))
+        seconds = time.perf_counter() - t0
+        mine = (list(share), local, seconds) if self.placement.is_leader(self.rank) else None
+        gathered = [None] * dist.get_world_size()
+        dist.all_gather_object(gathered, mine)
+        outs: list = [None] * len(tasks)
+        counts, times = [], []
+        for item in filter(None, gathered):
+            idx, samples, secs = item
+            for i, s in zip(idx, samples):
+                outs[i] = s
+            counts.append(sum(len(s) for s in samples))
+            times.append(secs)
+        missing = [i for i, o in enumerate(outs) if o is None]
+        if missing:
+            raise RuntimeError(f"prompts {missing[:5]} were generated by no engine (placement bug)")
+        return outs, {f"{name}/samples_generated": sum(counts), f"{name}/engine_samples_min": min(counts),
+                      f"{name}/engine_samples_max": max(counts), f"time/{name}_engine_rollout_max": max(times),
+                      f"time/{name}_engine_rollout_mean": sum(times) / len(times)}
+
     def score(self, responses: list[str], golds: list[str]) -> list[float]:
-        """Rewards on rank 0 (one process pool), broadcast to all ranks."""
+        """Rewards once per sample, on rank 0 (one process pool), broadcast to all ranks."""
         box = [self.reward_pool.score(responses, golds) if self.rank == 0 else None]
         dist.broadcast_object_list(box, src=0)
         return box[0]
 
-    def period(self, name: str, tasks: list[Task], step: int) -> tuple[dict, list[Group]]:
-        ro, alg, tr = self.cfg.rollout, self.cfg.algorithm, self.cfg.training
-        t0 = time.perf_counter()
-        built = [self.prompts.build(t.messages) for t in tasks]
-        outs = self.engine.generate([RolloutRequest(b["prompt"], b["images"]) for b in built],
-                                    n=ro.n_samples_per_prompt, temperature=ro.temperature, top_p=ro.top_p,
-                                    top_k=ro.top_k, max_new_tokens=ro.max_new_tokens,
-                                    seed=tr.seed * 100_003 + step * 2 + (name == "reward"))
-        self.engine.sleep()  # GPU: free the KV cache and offload vLLM's weights while Megatron trains (CPU: no-op)
-        t1 = time.perf_counter()
-        texts = [s.text for group in outs for s in group]
-        golds = [t.answer for t, group in zip(tasks, outs) for _ in group]
-        rewards = self.score(texts, golds)
-        t2 = time.perf_counter()
-        # Recycled prompts quote responses: decode them without special tokens, so a sampled <|image_pad|> (or
-        # any chat-control token) can never reach a new prompt as markup.
-        tok = self.prompts.tokenizer
-        groups, k = [], 0
+    def groups(self, tasks: list[Task], outs: list, rewards: list[float]) -> list[Group]:
+        """Per prompt: its responses and rewards, for recycling. Recycled prompts quote responses: decode them
+        without special tokens, so a sampled <|image_pad|> (or any chat-control token) never becomes markup."""
+        tok, groups, k = self.prompts.tokenizer, [], 0
         for t, group in zip(tasks, outs):
             groups.append(Group(t.id, t.question, t.answer,
                                 [tok.decode(s.token_ids, skip_special_tokens=True) for s in group],
                                 rewards[k:k + len(group)], t.image))
             k += len(group)
-        rollouts, k = [], 0
-        prompt_mismatch = 0
-        for t, b, group in zip(tasks, built, outs):
-            for s in group:
-                prompt_mismatch += int(s.prompt_token_ids != b["input_ids"])
-                rollouts.append(Rollout(b["input_ids"], s.token_ids, f"{name}:{t.id}", b["pixel_values"],
-                                        b["image_grid_thw"], rewards[k], rollout_logprobs=s.logprobs, kind=t.kind))
-                k += 1
-        adv = group_advantages(torch.tensor(rewards), [r.group for r in rollouts], alg.advantage_std)
-        for r, a in zip(rollouts, adv.tolist()):
-            r.advantage = a
-        old = self.policy.token_logprobs(rollouts)
+        return groups
+
+    def global_batches(self, name: str, tasks: list[Task], outs: list, rewards: list[float]) -> list[list[tuple]]:
+        """Every sample as (prompt index, sample, reward, advantage), shuffled (the same on every rank) and cut into
+        global batches of `training.global_batch_size` (one optimizer step each)."""
+        flat = [(i, s, rewards[k]) for k, (i, s) in enumerate((i, s) for i, g in enumerate(outs) for s in g)]
+        adv = group_advantages(torch.tensor(rewards), [i for i, _, _ in flat], self.cfg.algorithm.advantage_std)
+        items = [(i, s, r, a) for (i, s, r), a in zip(flat, adv.tolist())]
+        self.rng.shuffle(items)
+        gbs = self.cfg.training.global_batch_size
+        return [items[j:j + gbs] for j in range(0, len(items) - gbs + 1, gbs)]
+
+    def my_share(self, name: str, tasks: list[Task], built: "PromptCache", batch: list[tuple]) -> TrainBatch:
+        """This DP rank's samples of one global batch: a cost-balanced split (sequence length) over DP ranks."""
+        costs = [len(s.prompt_token_ids) + len(s.token_ids) for _, s, _, _ in batch]
+        part = balanced_partition(costs, self.layout.dp)[self.dp_rank]
+        rollouts = []
+        for j in part:
+            i, s, reward, advantage = batch[j]
+            b = built[i]
+            rollouts.append(Rollout(b["input_ids"], s.token_ids, f"{name}:{tasks[i].id}", b["pixel_values"],
+                                    b["image_grid_thw"], reward, advantage, rollout_logprobs=s.logprobs,
+                                    kind=tasks[i].kind))
+        return TrainBatch(rollouts, BatchSize(tokens=sum(len(s.token_ids) for _, s, _, _ in batch),
+                                              sequences=len(batch)))
+
+    def fill_logprobs(self, rollouts: list[Rollout]) -> float:
+        """Old (policy) and reference log-probs of this rank's samples only; returns the largest train/rollout
+        log-prob difference over all ranks (a wrong weight sync shows here at once)."""
+        alg, tr = self.cfg.algorithm, self.cfg.training
+        old = self.policy.token_logprobs(rollouts) if rollouts else []
         ref = [None] * len(rollouts)
-        if alg.kl_coef > 0:
+        if alg.kl_coef > 0 and rollouts:
             self.reference.onload()
             ref = self.reference.token_logprobs(rollouts)
             if tr.offload_reference:
@@ -115,30 +182,64 @@ class SparkTrainer:
         drift = 0.0
         for r, o, f in zip(rollouts, old, ref):
             r.old_logprobs, r.ref_logprobs = o, f
-            drift = max(drift, (o - torch.tensor(r.rollout_logprobs)).abs().max().item() if len(o) else 0.0)
-        self.rng.shuffle(rollouts)
-        train_metrics = []
-        gbs = tr.global_batch_size
-        dp, dp_rank = self.layout.dp, self.layout.coords(self.rank)["dp"]
-        for i in range(0, len(rollouts) - gbs + 1, gbs):
-            chunk = rollouts[i:i + gbs]
-            share = chunk[dp_rank * gbs // dp:(dp_rank + 1) * gbs // dp]
-            train_metrics.append(self.policy.train_step(share, grpo_loss_fn(alg)))
+            if len(o):
+                drift = max(drift, (o - torch.tensor(r.rollout_logprobs)).abs().max().item())
+        t = torch.tensor([drift])
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return t.item()
+
+    def train(self, batches: list[TrainBatch]) -> list[dict]:
+        alg = self.cfg.algorithm
+        if alg.loss_normalization == "global_batch":
+            return [self.policy.train_step(b.rollouts, grpo_loss_fn(alg, b.size), share_of_batch=True)
+                    for b in batches]
+        return [self.policy.train_step(b.rollouts, grpo_loss_fn(alg)) for b in batches]
+
+    # -- one period ---------------------------------------------------------------------------------------------
+    def period(self, name: str, tasks: list[Task], step: int) -> tuple[dict, list[Group]]:
+        """generate (this engine's prompts) -> score (once) -> advantages (global) -> this DP rank's share ->
+        its log-probs -> updates -> weight sync."""
+        t0 = time.perf_counter()
+        built = PromptCache(self.prompts, tasks)
+        outs, gen_metrics = self.generate(name, tasks, built, step)
+        self.engine.sleep()  # GPU: free the KV cache and offload vLLM's weights while Megatron trains (CPU: no-op)
+        t1 = time.perf_counter()
+        rewards = self.score([s.text for g in outs for s in g], [t.answer for t, g in zip(tasks, outs) for _ in g])
+        t2 = time.perf_counter()
+        groups = self.groups(tasks, outs, rewards)
+        mine = [self.my_share(name, tasks, built, b) for b in self.global_batches(name, tasks, outs, rewards)]
+        my_rollouts = [r for b in mine for r in b.rollouts]
+        real0, computed0 = self.policy.tokens_real, self.policy.tokens_computed
+        drift = self.fill_logprobs(my_rollouts)
+        train_metrics = self.train(mine)
         t3 = time.perf_counter()
         self.engine.wake_up()  # weights back in place before the sync writes them
         self.sync.push(self.engine)
         t4 = time.perf_counter()
+        # what every rank did: samples it computed log-probs for, and how much of its compute was real tokens
+        work = torch.tensor([float(len(my_rollouts)), float(self.policy.tokens_real - real0),
+                             float(self.policy.tokens_computed - computed0)])
+        per_rank = [torch.zeros(3) for _ in range(dist.get_world_size())]
+        dist.all_gather(per_rank, work)
+        dp_first = [per_rank[r] for r in range(len(per_rank)) if self.layout.coords(r)["tp"] == 0
+                    and self.layout.coords(r)["pp"] == 0]  # one rank per DP replica
         m = {f"{name}/reward_mean": sum(rewards) / len(rewards),
-             f"{name}/response_len": sum(len(r.response_ids) for r in rollouts) / len(rollouts),
-             f"{name}/train_rollout_logprob_drift": drift, f"{name}/prompt_token_mismatch": prompt_mismatch,
-             f"{name}/optimizer_steps": len(train_metrics)}
+             f"{name}/response_len": sum(len(s.token_ids) for g in outs for s in g) / len(rewards),
+             f"{name}/train_rollout_logprob_drift": drift,
+             f"{name}/prompt_token_mismatch": built.prompt_mismatches(outs),
+             f"{name}/optimizer_steps": len(train_metrics),
+             f"{name}/logprob_samples_min": min(w[0].item() for w in dp_first),
+             f"{name}/logprob_samples_max": max(w[0].item() for w in dp_first),
+             f"{name}/real_token_fraction": sum(w[1].item() for w in dp_first) / max(1.0, sum(
+                 w[2].item() for w in dp_first)),
+             **gen_metrics}
         for key in (train_metrics[0] if train_metrics else {}):
             vals = [x[key] for x in train_metrics if isinstance(x[key], (int, float))]
             if vals:
                 m[f"{name}/{key}"] = sum(vals) / len(vals)
         by_kind: dict[str, list[float]] = {}
-        for r in rollouts:
-            by_kind.setdefault(r.kind, []).append(r.reward)
+        for t, r in zip((t for t, g in zip(tasks, outs) for _ in g), rewards):
+            by_kind.setdefault(t.kind, []).append(r)
         judge = by_kind.get("pointwise", []) + by_kind.get("pairwise", [])
         refl = by_kind.get("reflection_cot", []) + by_kind.get("reflection_ans", [])
         if judge:

@@ -248,3 +248,33 @@ def test_training_starts_from_a_converted_checkpoint(full_run, setup):
     # differ by design; the infer period's rollouts, rewards and losses come before that and must be identical.
     infer = [k for k in want if k.startswith("infer/") and k != "infer/lr"]
     assert len(infer) >= 8 and {k: got[k] for k in infer} == {k: want[k] for k in infer}
+
+
+def test_data_parallel_run_does_each_share_once_and_resumes_exactly(setup):
+    """TP=1 on 2 ranks: two engines of vLLM TP=1 and DP=2. Each engine generates half of the prompts' samples, each
+    DP rank computes log-probs and gradients for its half of every global batch, and a resume at step 2 reproduces
+    step 3 (metrics and the step-3 checkpoint, piece by piece)."""
+    d, hf, train = setup
+    dp = ("parallel.tensor_model_parallel_size=1", "rollout.tensor_parallel_size=1")
+    run(cmd(hf, train, d / "runG", d / "ckG", "training.max_steps=3", "checkpoint.save_interval=2", *dp))
+    m = metrics(d / "runG")
+    assert sorted(m) == [1, 2, 3]
+    for r in m.values():
+        for period in ("infer", "reward"):
+            n = r[f"{period}/samples_generated"]
+            assert n == 16  # 4 prompts x 4 samples, each generated once
+            assert r[f"{period}/engine_samples_min"] == r[f"{period}/engine_samples_max"] == n / 2
+            # two global batches of 8, each split 4 + 4 by cost: every sample's log-probs on exactly one DP rank
+            assert r[f"{period}/logprob_samples_min"] + r[f"{period}/logprob_samples_max"] == n
+            assert r[f"{period}/logprob_samples_min"] > 0
+            assert r[f"{period}/train_rollout_logprob_drift"] < 1e-4 and r[f"{period}/grad_norm"] > 1e-3
+            assert 0.5 < r[f"{period}/real_token_fraction"] <= 1.0
+    assert any(0 < r["infer/reward_mean"] < 1 for r in m.values())
+    ck = d / "ckG2"
+    ck.mkdir()
+    shutil.copytree(d / "ckG" / "iter_0000002", ck / "iter_0000002")
+    (ck / "latest_checkpointed_iteration.txt").write_text("2")
+    out = run(cmd(hf, train, d / "runG2", ck, "training.max_steps=3", "checkpoint.save_interval=2", *dp))
+    assert "resumed from" in out.stdout
+    assert comparable(metrics(d / "runG2")[3]) == comparable(m[3])
+    assert checkpoint_differences(d / "ckG" / "iter_0000003", ck / "iter_0000003") == []

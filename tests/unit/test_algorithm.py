@@ -115,3 +115,33 @@ def test_group_advantages_eps_dtype_and_bad_shapes():
         group_advantages(r, [0, 0])
     with pytest.raises(ValueError, match=r"rewards \(1, 3\) must be \[N\] with N = 3"):
         group_advantages(r[None], [0, 0, 0])  # right element count, wrong rank
+
+
+@pytest.mark.parametrize("reduction", ["token_mean", "seq_mean"])
+def test_batch_normalised_loss_is_the_same_however_the_batch_is_cut(reduction):
+    """Shares of the global batch add up to the whole batch's loss for any split into micro-batches (rows with no
+    response token, i.e. pipeline fillers, count for nothing); per-micro-batch means do not."""
+    from megatron_spark.algorithm import BatchSize
+
+    g = torch.Generator().manual_seed(0)
+    n, t = 6, 9
+    logp, old, ref = (-torch.rand(n, t, generator=g) for _ in range(3))
+    adv = torch.randn(n, generator=g)
+    lengths = torch.tensor([9, 2, 5, 7, 1, 4])
+    mask = (torch.arange(t)[None] < lengths[:, None]).float()
+    kw = dict(eps_low=0.2, eps_high=0.28, kl_coef=0.1, reduction=reduction)
+    whole = grpo_loss(logp, old, ref, adv, mask, **kw)
+    batch = BatchSize(tokens=int(mask.sum()), sequences=n)
+    for cuts in ([0, 6], [0, 2, 6], [0, 1, 3, 6], [0, 1, 2, 3, 4, 5, 6]):
+        parts = [grpo_loss(logp[a:b], old[a:b], ref[a:b], adv[a:b], mask[a:b], batch=batch, **kw)
+                 for a, b in zip(cuts, cuts[1:])]
+        for field in ("loss", "policy_loss", "kl", "clip_fraction"):
+            assert sum(getattr(p, field) for p in parts).item() == pytest.approx(getattr(whole, field).item(),
+                                                                                 rel=1e-6, abs=1e-7), field
+    # a filler row changes nothing
+    pad = grpo_loss(torch.cat([logp, logp[:1]]), torch.cat([old, old[:1]]), torch.cat([ref, ref[:1]]),
+                    torch.cat([adv, adv[:1]]), torch.cat([mask, torch.zeros(1, t)]), **kw)
+    assert pad.loss.item() == pytest.approx(whole.loss.item(), rel=1e-6)
+    # per-micro-batch means (no BatchSize) do depend on the cut
+    halves = [grpo_loss(logp[a:b], old[a:b], ref[a:b], adv[a:b], mask[a:b], **kw).loss for a, b in ((0, 1), (1, 6))]
+    assert abs((halves[0] + halves[1]).item() / 2 - whole.loss.item()) > 1e-3
