@@ -114,6 +114,7 @@ class TrainingConfig:
     weight_decay: float = 0.0
     adam_beta1: float = 0.9
     adam_beta2: float = 0.95
+    adam_eps: float = 1e-8
     clip_grad: float = 1.0
     global_batch_size: int = 64           # sequences per optimizer step
     micro_batch_size: int = 8

@@ -130,6 +130,7 @@ class Policy:
             wrapped.append(DistributedDataParallel(c.config, ddp_cfg, c))
         opt_cfg = OptimizerConfig(optimizer="adam", lr=t.lr, min_lr=t.lr * t.min_lr_ratio,
                                   weight_decay=t.weight_decay, adam_beta1=t.adam_beta1, adam_beta2=t.adam_beta2,
+                                  adam_eps=t.adam_eps,
                                   clip_grad=t.clip_grad, bf16=dtype == torch.bfloat16, fp16=dtype == torch.float16,
                                   params_dtype=dtype, use_distributed_optimizer=use_dist_opt)
         optimizer = get_megatron_optimizer(opt_cfg, wrapped)

@@ -16,6 +16,84 @@ from types import SimpleNamespace
 import torch
 
 TRAIN_CASES = ("q2_untied_gqa4", "vl_tied")
+ONE_STEP = {}  # case -> HF tensors after the reference step (rank 0), for the layout-invariance check
+
+
+def one_step_variants(tp: int, pp: int) -> dict:
+    """(micro_batch_size, max_tokens_per_micro_batch, loss normalisation) per variant run at this layout."""
+    if pp > 1:
+        return {"mbs2": (2, None, "global_batch")}
+    out = {"mbs4": (4, None, "global_batch"), "mbs2": (2, None, "global_batch"),
+           "tokens": (4, 64, "global_batch")}
+    if tp == 1:  # DP=2: the old per-micro-batch mean, which must NOT match (the check can fail)
+        out["mbs2_micro_batch_mean"] = (2, None, "micro_batch")
+    return out
+
+
+def one_step(path, shape, layout, case, variant) -> dict:
+    """The same 8 fixed rollouts, one optimizer step through Policy; returns the HF tensors after it (rank 0)."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
+
+    from megatron_spark.algorithm import BatchSize
+    from megatron_spark.mapping.qwen import WeightMap
+    from megatron_spark.models.parity import response_rollouts, sample_inputs
+    from megatron_spark.models.qwen import build_model
+    from megatron_spark.models.weights import HFCheckpoint, export_megatron_to_hf, load_hf_into_megatron
+    from megatron_spark.placement import balanced_partition
+    from megatron_spark.policy import Policy, grpo_loss_fn
+
+    mbs, max_tokens, norm = variant
+    wmap = WeightMap(shape, tp=layout.tp)
+    chunks = build_model(shape, layout, dtype=torch.float32)
+    load_hf_into_megatron(chunks, wmap, HFCheckpoint(path), ps.get_tensor_model_parallel_rank(), layout.tp)
+    # Adam's first step is lr * sign(grad) for eps << |grad|, which turns round-off in a near-zero gradient into a
+    # full +-lr flip; a large eps makes the step proportional to the gradient, so parameters compare smoothly
+    cfg = SimpleNamespace(lr=1e-3, min_lr_ratio=1.0, warmup_ratio=0.0, weight_decay=0.0, adam_beta1=0.9,
+                          adam_beta2=0.95, adam_eps=1.0, clip_grad=1e9, use_distributed_optimizer=False,
+                          max_tokens_per_micro_batch=max_tokens)
+    policy = Policy.for_training(chunks, shape, dtype=torch.float32, pad_id=0, micro_batch_size=mbs,
+                                 train_cfg=cfg, total_steps=10)
+    inputs = sample_inputs(path, shape)
+    rollouts = [r for n in (3, 5, 7, 4, 6, 8, 2, 9) for r in response_rollouts(inputs, n)][:8]
+    for r, a in zip(rollouts, [1.0, -1.0, 0.5, -0.5, 2.0, -2.0, 0.3, -0.3]):
+        r.advantage = a
+    # old log-probs fixed from the unmodified weights (so every layout optimises exactly the same objective)
+    for r in rollouts:
+        r.old_logprobs = -0.5 - 0.01 * torch.arange(len(r.response_ids), dtype=torch.float32)
+        r.ref_logprobs = r.old_logprobs - 0.1
+    alg = SimpleNamespace(kl_coef=0.05, eps_clip_low=0.2, eps_clip_high=0.28, entropy_coef=0.0,
+                          loss_reduction="token_mean")
+    size = BatchSize(tokens=sum(len(r.response_ids) for r in rollouts), sequences=len(rollouts))
+    part = balanced_partition([len(r.prompt_ids) + len(r.response_ids) for r in rollouts], layout.dp)
+    mine = [rollouts[i] for i in part[layout.coords(dist.get_rank())["dp"]]]
+    if norm == "global_batch":
+        policy.train_step(mine, grpo_loss_fn(alg, size), share_of_batch=True)
+    else:
+        policy.train_step(mine, grpo_loss_fn(alg))
+    group = ps.get_tensor_model_parallel_group()
+    out = {}
+    for kind, grads in (("param", False), ("grad", True)):  # grads: what the optimizer got, after DP averaging
+        local = export_megatron_to_hf(policy.modules, wmap, group, grads=grads)
+        stages = [None] * dist.get_world_size()
+        dist.all_gather_object(stages, {k: v.clone() for k, v in local.items()})
+        for st in stages:
+            out.update({(kind, k): v for k, v in st.items()})
+    return out
+
+
+def compare_to_reference(case, merged, path) -> dict:
+    from megatron_spark.models.weights import HFCheckpoint
+
+    ref = ONE_STEP[case]
+    init = HFCheckpoint(path)
+    params = [k for k in ref if k[0] == "param"]
+    grads = [k for k in ref if k[0] == "grad"]
+    return {"max_abs_diff": max((merged[k] - ref[k]).abs().max().item() for k in params),
+            "max_update": max((ref[k] - init.get(k[1]).float()).abs().max().item() for k in params),
+            "grad_max_rel_diff": max((merged[k] - ref[k]).abs().max().item() / max(ref[k].abs().max().item(), 1e-12)
+                                     for k in grads),
+            "tensors": len(params), "missing": sorted(k for _, k in set(ref) - set(merged))}
 
 
 def train_check(chunks, shape, inputs) -> dict:
@@ -29,7 +107,7 @@ def train_check(chunks, shape, inputs) -> dict:
     from megatron_spark.policy import Policy, grpo_loss_fn, sft_loss_fn
 
     cfg = SimpleNamespace(lr=2e-3, min_lr_ratio=1.0, warmup_ratio=0.0, weight_decay=0.0, adam_beta1=0.9,
-                          adam_beta2=0.95, clip_grad=1.0, use_distributed_optimizer=False,
+                          adam_beta2=0.95, adam_eps=1e-8, clip_grad=1.0, use_distributed_optimizer=False,
                           max_tokens_per_micro_batch=None)
     policy = Policy.for_training(chunks, shape, dtype=torch.float32, pad_id=0, micro_batch_size=2, train_cfg=cfg,
                                  total_steps=100)
@@ -146,6 +224,13 @@ def main():
                                                           "missing": missing}
             if case in TRAIN_CASES:  # last: wraps the chunks in DDP and changes their weights
                 results[f"train/{layout_name}/{case}"] = train_check(chunks, shape, inputs)
+                del chunks
+                for vname, variant in one_step_variants(tp, pp).items():
+                    merged = one_step(path, shape, layout, case, variant)
+                    if case not in ONE_STEP:  # the first layout's first variant is the reference: TP1 DP2 mbs 4
+                        ONE_STEP[case] = merged
+                    results[f"one_step/{layout_name}/{vname}/{case}"] = compare_to_reference(case, merged, path)
+                chunks = None
             if dist.get_rank() == 0:
                 print(f"[{layout_name}] {case}: {time.time() - t0:.1f}s", flush=True)
             del chunks

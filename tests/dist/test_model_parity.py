@@ -69,3 +69,19 @@ def test_gradient_norm_does_not_depend_on_the_layout(parity, case):
     acts on it). Untagged TP-sharded weights once dropped out of the norm on TP rank 1 (measured 20-40% low)."""
     norms = {lay: parity[f"train/{lay}/{case}"]["grpo_grad_norms"][0] for lay in ("tp1", "tp2", "pp2")}
     assert max(norms.values()) - min(norms.values()) <= 1e-5 * norms["tp1"], norms  # measured <= 1e-6 relative
+
+
+@pytest.mark.parametrize("case", ["q2_untied_gqa4", "vl_tied"])
+def test_one_update_does_not_depend_on_the_layout(parity, case):
+    """The same 8 rollouts, one optimizer step: TP1 DP2 (mbs 4, mbs 2, token budget), TP2 (mbs 4, mbs 2, token
+    budget) and PP2 give the same weights within fp32 round-off, because every micro-batch's loss is its share of
+    the global batch's. The per-micro-batch mean (SPARK/OpenRLHF's) does not: it weighs tokens by where they land."""
+    runs = {k.split("/")[1] + "/" + k.split("/")[2]: v for k, v in parity.items()
+            if k.startswith("one_step/") and k.endswith("/" + case)}
+    assert len(runs) == 8, sorted(runs)
+    for name, r in runs.items():
+        assert not r["missing"] and r["max_update"] > 1e-4, (name, r)
+        if name.endswith("micro_batch_mean"):  # the negative control: a layout-dependent loss (measured 1.95e-3,
+            assert r["max_abs_diff"] > 1e-4 and r["grad_max_rel_diff"] > 1e-2, (name, r)  # grads 10-24 % off)
+        else:  # measured: params <= 1.15e-6 for updates up to 1e-3; gradients <= 5.8e-6 relative
+            assert r["max_abs_diff"] <= 2e-6 and r["grad_max_rel_diff"] <= 2e-5, (name, r)
