@@ -67,8 +67,9 @@ def extract_boxed(text: str, accept_box_alias: bool = True) -> Optional[str]:
 
 def normalize(ans: str) -> str:
     s = ans.strip()
-    for _ in range(3):  # \text{...}, \mathrm{...}, \textbf{...} wrappers, possibly nested
-        s = re.sub(r"\\(?:text|mathrm|textbf|mathbf)\s*\{([^{}]*)\}", r"\1", s)
+    prev = None
+    while prev != s:  # \text{...}, \mathrm{...}, \textbf{...} wrappers, nested any depth
+        prev, s = s, re.sub(r"\\(?:text|mathrm|textbf|mathbf)\s*\{([^{}]*)\}", r"\1", s)
     s = s.replace("$", "").replace("\\!", "").replace("\\,", "").replace("\\ ", "")
     s = re.sub(r"\s+", "", s)
     s = s.rstrip(".")

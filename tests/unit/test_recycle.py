@@ -1,4 +1,5 @@
 """Recycling: every branch by hand, and properties over random batches."""
+import json
 import random
 
 import pytest
@@ -230,3 +231,61 @@ def test_default_caps_keep_32_judge_and_32_reflection_tasks_of_64_groups():
     assert max(t.source_prompt_id for t in judge) >= 32 and max(t.source_prompt_id for t in refl) >= 32
     # groups 0..31 feed CoT reflections, 32..63 answer-only ones (cot_fraction 0.5 of all 64 groups)
     assert all((t.kind == "reflection_cot") == (t.source_prompt_id < 32) for t in refl)
+
+
+# -- tests written for mutants that survived the first mutation run (scripts/mutants.sh) ----------------------------
+def test_record_format_is_the_spark_chat_format():
+    t = recycle([hand_group(0, [1, 0])], MARKED, RecycleSettings(), random.Random(0))[0]
+    t.image = "img.png"
+    rec = t.to_record(max_pixels=3136)
+    assert set(rec) == {"message", "answer"} and rec["answer"] == t.answer
+    assert json.loads(rec["message"]) == [{"role": "user", "content": [
+        {"type": "image", "image": "img.png", "max_pixels": 3136}, {"type": "text", "text": t.prompt}]}]
+    t.image = None
+    assert json.loads(t.to_record()["message"])[0]["content"] == [{"type": "text", "text": t.prompt}]
+
+
+def test_every_task_quotes_the_question_without_the_answer_suffix_and_a_real_answer():
+    suffix = "\nPlease first conduct reasoning, and then answer the question. Repeat the final answer using a " \
+             "'\\boxed{}'."
+    groups = [Group(i, "Q?" + suffix, "gold", [f"\\boxed{{{'c' if r else 'w'}{j}}}" for j, r in enumerate(rw)],
+                    [float(r) for r in rw]) for i, rw in enumerate([[1, 1], [0, 0], [1, 0], [0, 1, 0]] * 4)]
+    for seed in range(10):
+        tasks = recycle(groups, MARKED, RecycleSettings(pointwise_prob_mixed=0.5, judge_cap=64, reflection_cap=64,
+                                                        cot_fraction=0.5), random.Random(seed))
+        assert {t.kind for t in tasks} == {"pointwise", "pairwise", "reflection_cot", "reflection_ans"}
+        for t in tasks:
+            assert t.prompt.startswith("Q? || ") and "Please first conduct" not in t.prompt, t.prompt
+            g = groups[t.source_prompt_id]
+            answers = {f"{'c' if r else 'w'}{j}" for j, r in enumerate(g.rewards)}
+            for key in ("judged", "A", "B", "wrong answer"):
+                if f"|| {key}: " in t.prompt:
+                    assert field(t.prompt, key) in answers, t.prompt
+
+
+def test_groups_without_a_boxed_answer_give_no_judge_task():
+    def unboxed(rewards):
+        return Group(0, "Q?", "gold", ["no box"] * len(rewards), [float(r) for r in rewards])
+    for p in (0.0, 1.0):
+        for rewards in ([1, 1], [0, 0], [1, 0]):
+            assert judge_task(unboxed(rewards), MARKED, RecycleSettings(pointwise_prob_mixed=p),
+                              random.Random(0)) is None
+    assert reflection_task(unboxed([0, 0]), False, MARKED, random.Random(0)) is None
+
+
+def test_partial_credit_of_one_half_counts_as_correct():
+    t = judge_task(Group(0, "Q?", "gold", ["\\boxed{x}"], [0.5]), MARKED, RecycleSettings(), random.Random(0))
+    assert t.source_correct is True
+    assert reflection_task(Group(0, "Q?", "gold", ["\\boxed{x}"], [0.5]), True, MARKED, random.Random(0)) is None
+
+
+def test_caps_keep_order_and_draw_nothing_when_not_exceeded():
+    groups = [hand_group(i, [1, 0]) for i in range(4)]
+    rng = random.Random(0)
+    tasks = recycle(groups, MARKED, RecycleSettings(judge_cap=4, reflection_cap=4), rng)
+    assert [t.source_prompt_id for t in tasks] == [0, 1, 2, 3, 0, 1, 2, 3]  # exactly at the cap: group order
+
+
+def test_queue_push_before_an_episode_says_so():
+    with pytest.raises(RuntimeError, match="AuxQueue.push before start_episode"):
+        AuxQueue(2).push([])

@@ -72,3 +72,49 @@ def test_pool_matches_sequential_and_times_out_pathological_item():
 def test_pool_rejects_bad_arguments():
     with pytest.raises(ValueError, match="workers"):
         RewardPool(workers=0)
+
+
+# -- tests written for mutants that survived the first mutation run (scripts/mutants.sh) ----------------------------
+@pytest.mark.parametrize("text,expected", [
+    ("\\boxed{1}\\boxed{2}", "2"),              # adjacent boxes: scanning resumes right after the first one
+    ("\\boxed{1}}\\boxed{2}", "2"),
+    ("\\boxed{{1}}x\\boxed{2", "{1}"),          # an unclosed last box: the last complete one
+])
+def test_extract_boxed_scans_past_each_box(text, expected):
+    assert extract_boxed(text) == expected
+
+
+def test_boxed_still_found_without_the_alias():
+    assert extract_boxed("so \\boxed{7}", accept_box_alias=False) == "7"
+    assert extract_boxed("\\boxed {7}", accept_box_alias=False) == "7"
+    assert score("\\box{7}", "7", VerifierConfig(accept_box_alias=False)) == 0.0
+    assert score("\\box{7}", "7", VerifierConfig(accept_box_alias=True)) == 1.0
+
+
+@pytest.mark.parametrize("raw,normal", [
+    ("$42$", "42"), ("1\\!000", "1000"), ("1\\,000", "1000"), ("1\\ 000", "1000"), (" 4 2 ", "42"),
+    ("42.", "42"), (".5", ".5"), ("(a)", "a"), ("b:", "b"), ("\\text{\\textbf{\\mathrm{\\mathbf{Yes}}}}", "Yes"),
+])
+def test_normalize(raw, normal):
+    from megatron_spark.reward import normalize
+
+    assert normalize(raw) == normal
+
+
+def test_unparseable_answers_are_wrong_not_crashes():
+    from megatron_spark.reward import check
+
+    assert check("\\frac{", "\\sqrt{", VerifierConfig()) is False
+    assert check("x", "y", VerifierConfig()) is False
+
+
+def test_pool_argument_boundaries_and_stats():
+    with pytest.raises(ValueError, match="RewardPool: timeout_s must be > 0, got 0"):
+        RewardPool(workers=1, timeout_s=0)
+    with RewardPool(workers=1, timeout_s=0.5) as pool:  # one worker and sub-second limits are fine
+        with pytest.raises(ValueError, match="RewardPool.score: 2 responses but 1 gold answers"):
+            pool.score(["a", "b"], ["a"])
+        assert pool.score(["\\boxed{1}", "\\boxed{2}"], ["1", "1"]) == [1.0, 0.0]
+        assert pool.score(["\\boxed{3}"], ["3"]) == [1.0]
+        assert pool.stats.items == 3 and 0 < pool.stats.seconds < 60 and pool.stats.timeouts == 0
+        assert 0 < pool.stats.worst_item_s < 60
