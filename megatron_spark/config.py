@@ -42,6 +42,11 @@ class ParallelConfig:
     virtual_pipeline_model_parallel_size: Optional[int] = None
     context_parallel_size: int = 1
     sequence_parallel: bool = False
+    # Uneven pipelines: layers on the first / last stage (the others split the rest evenly). Unset: an even split,
+    # or, when PP does not divide the layers, equal middle stages and the remainder on the first and last stages
+    # (the first, which also holds the embedding and the vision tower, never heavier than the last).
+    num_layers_in_first_pipeline_stage: Optional[int] = None
+    num_layers_in_last_pipeline_stage: Optional[int] = None
 
 
 @dataclass
@@ -290,9 +295,15 @@ def validate(cfg: SparkConfig, world_size: Optional[int] = None) -> None:
         _fail("parallel.tensor_model_parallel_size",
               f"TP={tp} does not divide the vision tower's {m.vision_num_heads} heads (it is tensor-parallel); "
               f"choose a divisor")
-    if m.num_layers is not None and pp > m.num_layers:
-        _fail("parallel.pipeline_model_parallel_size",
-              f"PP={pp} exceeds the model's {m.num_layers} layers; use PP <= {m.num_layers}")
+    if m.num_layers is not None:
+        from megatron_spark.parallel import stage_layers
+
+        try:
+            stage_layers(m.num_layers, pp, par.num_layers_in_first_pipeline_stage,
+                         par.num_layers_in_last_pipeline_stage)
+        except ValueError as e:
+            field_name, _, msg = str(e).partition(": ")
+            _fail(field_name, msg)
     vpp = par.virtual_pipeline_model_parallel_size
     if vpp is not None:
         _positive("parallel.virtual_pipeline_model_parallel_size", vpp)
@@ -302,6 +313,9 @@ def validate(cfg: SparkConfig, world_size: Optional[int] = None) -> None:
         if m.num_layers is not None and m.num_layers % (pp * vpp):
             _fail("parallel.virtual_pipeline_model_parallel_size",
                   f"{m.num_layers} layers do not split into PP*VPP={pp * vpp} equal chunks; pick another VPP")
+        if par.num_layers_in_first_pipeline_stage is not None or par.num_layers_in_last_pipeline_stage is not None:
+            _fail("parallel.virtual_pipeline_model_parallel_size", "uneven first/last pipeline stages with virtual "
+                                                                   "stages are not supported; unset one of the two")
     if par.sequence_parallel and tp == 1:
         _fail("parallel.sequence_parallel", "sequence parallelism needs TP > 1; set it to false")
     if world_size is not None:
@@ -382,9 +396,9 @@ def validate(cfg: SparkConfig, world_size: Optional[int] = None) -> None:
     _positive("training.clip_grad", tr.clip_grad)
     if tr.max_tokens_per_micro_batch is not None:
         _positive("training.max_tokens_per_micro_batch", tr.max_tokens_per_micro_batch)
-        if par.pipeline_model_parallel_size > 1:
-            _fail("training.max_tokens_per_micro_batch", "token-packed micro-batches vary in shape, which the "
-                                                         "pipeline schedule cannot take; unset it when PP > 1")
+        if par.virtual_pipeline_model_parallel_size is not None:
+            _fail("training.max_tokens_per_micro_batch", "token-budget micro-batches with virtual pipeline stages "
+                                                         "are not supported yet; unset one of the two")
     if tr.max_steps is not None:
         _positive("training.max_steps", tr.max_steps)
     ck = cfg.checkpoint

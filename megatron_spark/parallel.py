@@ -19,6 +19,8 @@ class ParallelLayout:
     cp: int = 1
     world_size: int = 1
     sequence_parallel: bool = False
+    first_stage_layers: Optional[int] = None  # None: chosen by `stage_layers` (even when PP divides the layers)
+    last_stage_layers: Optional[int] = None
 
     def __post_init__(self):
         for name in ("tp", "pp", "cp", "world_size"):
@@ -30,6 +32,10 @@ class ParallelLayout:
         if self.vpp is not None and self.pp == 1:
             raise ValueError("parallel layout: virtual pipeline stages (vpp) need pp > 1")
 
+    def stage_layers(self, num_layers: int) -> list[int]:
+        """Transformer layers per pipeline stage of this layout (see `stage_layers`)."""
+        return stage_layers(num_layers, self.pp, self.first_stage_layers, self.last_stage_layers)
+
     @property
     def dp(self) -> int:
         return self.world_size // (self.tp * self.pp * self.cp)
@@ -39,7 +45,9 @@ class ParallelLayout:
         ws = world_size if world_size is not None else int(os.environ.get("WORLD_SIZE", "1"))
         return cls(tp=par.tensor_model_parallel_size, pp=par.pipeline_model_parallel_size,
                    vpp=par.virtual_pipeline_model_parallel_size, cp=par.context_parallel_size, world_size=ws,
-                   sequence_parallel=par.sequence_parallel)
+                   sequence_parallel=par.sequence_parallel,
+                   first_stage_layers=par.num_layers_in_first_pipeline_stage,
+                   last_stage_layers=par.num_layers_in_last_pipeline_stage)
 
     def coords(self, rank: int) -> dict[str, int]:
         """megatron-core's default rank order 'tp-cp-ep-dp-pp': TP fastest, PP slowest."""
@@ -73,3 +81,33 @@ class ParallelLayout:
                 tensor_model_parallel_size=self.tp, pipeline_model_parallel_size=self.pp,
                 virtual_pipeline_model_parallel_size=self.vpp, context_parallel_size=self.cp)
         model_parallel_cuda_manual_seed(seed)
+
+
+def stage_layers(num_layers: int, pp: int, first: Optional[int] = None, last: Optional[int] = None) -> list[int]:
+    """Transformer layers per pipeline stage. Even when PP divides the layer count and no stage is pinned;
+    otherwise the middle stages take equal shares and the first and last stages the rest, the first (which also
+    holds the embedding and the vision tower) never more than the last. Raises naming the config field to fix."""
+    if pp == 1:
+        return [num_layers]
+    if num_layers < pp:
+        raise ValueError(f"parallel.pipeline_model_parallel_size: PP={pp} exceeds the model's {num_layers} layers; "
+                         f"use PP <= {num_layers}")
+    if first is None and last is None:
+        if num_layers % pp == 0:
+            return [num_layers // pp] * pp
+        m = -(-num_layers // pp)
+        while num_layers - (pp - 2) * m < 2:
+            m -= 1
+        rest = num_layers - (pp - 2) * m
+        return [rest // 2] + [m] * (pp - 2) + [rest - rest // 2]
+    for name, v in (("num_layers_in_first_pipeline_stage", first), ("num_layers_in_last_pipeline_stage", last)):
+        if v is not None and v < 1:
+            raise ValueError(f"parallel.{name}: must be >= 1, got {v}")
+    middle = pp - (first is not None) - (last is not None)
+    rest = num_layers - (first or 0) - (last or 0)
+    if (middle == 0 and rest != 0) or (middle > 0 and (rest < middle or rest % middle)):
+        raise ValueError(f"parallel.num_layers_in_first_pipeline_stage: first={first}, last={last} leave {rest} of "
+                         f"the {num_layers} layers for {middle} other stage(s), which must split them evenly (at "
+                         f"least one each); unset both for {stage_layers(num_layers, pp)}")
+    share = rest // middle if middle else 0
+    return [first if first is not None else share] + [share] * (pp - 2) + [last if last is not None else share]

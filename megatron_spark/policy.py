@@ -171,6 +171,7 @@ class Policy:
              loss_scale: float = 1.0) -> list[dict]:
         """Forward (and backward) over micro-batches. `loss_scale` multiplies each micro-batch's loss before
         megatron-core divides it by the number of micro-batches (and DDP averages over data-parallel ranks)."""
+        from megatron.core import parallel_state as ps
         from megatron.core.pipeline_parallel import get_forward_backward_func
 
         device = next(self.modules[0].parameters()).device  # batches are built on the host
@@ -181,7 +182,7 @@ class Policy:
             n_real, length = len(part), seq_len
             if self.max_tokens is None:
                 part = part + [part[0]] * (self.mbs - n_real)  # fillers keep every micro-batch the same shape
-            else:  # token-packed (PP=1): each micro-batch only as long as its longest sequence
+            else:  # token budget: each micro-batch only as long and as wide as it needs
                 length = max(len(r.prompt_ids) + len(r.response_ids) for r in part)
             mb = collate(part, self.shape, self.pad_id, length, n_real)
             micro.append(dict({k: v.to(device, non_blocking=True) for k, v in mb.items()}, n_real=n_real))
@@ -204,6 +205,10 @@ class Policy:
                 return loss * loss_scale, metrics
             return out, finish
 
+        if self.max_tokens is not None and ps.get_pipeline_model_parallel_world_size() > 1:
+            # micro-batches of different shapes: the pipeline sends each activation's shape before the tensor
+            for c in self.modules:
+                c.config.variable_seq_lengths = True
         data = iter(micro)
         get_forward_backward_func()(
             forward_step_func=step, data_iterator=[data] if len(self.chunks) > 1 else data, model=self.chunks,
@@ -212,7 +217,7 @@ class Policy:
         return outputs
 
     def _micro_batches(self, rollouts: list[Rollout]) -> list[list[Rollout]]:
-        """Fixed-size micro-batches, or (max_tokens_per_micro_batch, PP=1) consecutive runs under a token budget.
+        """Fixed-size micro-batches, or (max_tokens_per_micro_batch) consecutive runs under a token budget.
         Order is kept, so per-rollout outputs line up with the input."""
         if self.max_tokens is None:
             return [rollouts[i:i + self.mbs] for i in range(0, len(rollouts), self.mbs)]

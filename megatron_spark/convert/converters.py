@@ -75,8 +75,8 @@ def check_layout_args(shape: ModelShape, tp: int, pp: int) -> None:
     if shape.vision is not None and shape.vision.num_heads % tp:
         raise ValueError(f"--tp {tp} does not divide the vision tower's {shape.vision.num_heads} heads (it is "
                          f"tensor-parallel over the same group)")
-    if t.num_layers % pp:
-        raise ValueError(f"--pp {pp} does not divide the {t.num_layers} layers")
+    if pp > t.num_layers:
+        raise ValueError(f"--pp {pp} exceeds the model's {t.num_layers} layers")
 
 
 def check_hf_checkpoint(ckpt: HFCheckpoint, shape: ModelShape) -> torch.dtype:

@@ -58,9 +58,18 @@ def text_transformer_config(t: TextShape, layout, dtype: torch.dtype, use_te: bo
         add_qkv_bias=True, add_bias_linear=False, layernorm_epsilon=t.rms_norm_eps,
         pipeline_model_parallel_size=layout.pp,
         virtual_pipeline_model_parallel_size=layout.vpp,
+        **_uneven_stages(layout, t.num_layers),
         mrope_section=list(t.mrope_section) if t.mrope_section else None,
         recompute_granularity="full" if recompute else None,
         recompute_method="uniform" if recompute else None, recompute_num_layers=1 if recompute else None)
+
+
+def _uneven_stages(layout, num_layers: int) -> dict:
+    """megatron-core's first/last-stage layer counts when the stages are not all equal."""
+    stages = layout.stage_layers(num_layers)
+    if len(set(stages)) <= 1:
+        return {}
+    return {"num_layers_in_first_pipeline_stage": stages[0], "num_layers_in_last_pipeline_stage": stages[-1]}
 
 
 def vision_transformer_config(v: VisionShape, layout, dtype: torch.dtype, use_te: bool):

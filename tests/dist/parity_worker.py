@@ -15,14 +15,14 @@ from types import SimpleNamespace
 
 import torch
 
-TRAIN_CASES = ("q2_untied_gqa4", "vl_tied")
+TRAIN_CASES = ("q2_untied_gqa4", "vl_tied", "q2_3layers")
 ONE_STEP = {}  # case -> HF tensors after the reference step (rank 0), for the layout-invariance check
 
 
 def one_step_variants(tp: int, pp: int) -> dict:
     """(micro_batch_size, max_tokens_per_micro_batch, loss normalisation) per variant run at this layout."""
-    if pp > 1:
-        return {"mbs2": (2, None, "global_batch")}
+    if pp > 1:  # the token budget makes micro-batches of different shapes: the pipeline must carry them
+        return {"mbs2": (2, None, "global_batch"), "tokens": (2, 64, "global_batch")}
     out = {"mbs4": (4, None, "global_batch"), "mbs2": (2, None, "global_batch"),
            "tokens": (4, 64, "global_batch")}
     if tp == 1:  # DP=2: the old per-micro-batch mean, which must NOT match (the check can fail)

@@ -109,3 +109,16 @@ def test_verify_cli_passes_a_good_checkpoint_and_fails_a_wrong_one(converted, tm
                          capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert bad.returncode == 1, bad.stdout + bad.stderr[-3000:]
     assert "FAIL" in bad.stdout and "Traceback" not in bad.stderr
+
+
+def test_a_layer_count_pp_does_not_divide_converts_and_verifies(tmp_path):
+    """3 layers at PP=2 (1 + 2 layers): the converter accepts --pp 2 and verify builds that uneven pipeline."""
+    from megatron_spark.tiny import build_qwen2
+
+    hf = build_qwen2(tmp_path / "hf3", layers=3, tied=False, seed=5)
+    mg = hf_to_megatron(hf, tmp_path / "mg", pp=2).out
+    tool = str(ROOT / "tools" / "convert" / "verify.py")
+    p = subprocess.run([sys.executable, tool, "--hf-dir", str(hf), "--ckpt", str(mg), "--tp", "1", "--pp", "2",
+                        "--atol", "1e-4"], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert p.returncode == 0, p.stdout + p.stderr[-3000:]
+    assert "verify: OK" in p.stdout and "tp1_pp2" in p.stdout

@@ -7,7 +7,8 @@ from tests.conftest import torchrun
 
 
 LAYOUTS = {"q2_untied_gqa4": "2x1,2x1,1x2", "vl_tied": "2x1,2x1,1x2",
-           # one KV head: the trainer runs TP=1 (DP=2, then PP=2) and vLLM's TP=2 replicates the head on both ranks
+           # one KV head: the trainer runs TP=1 (DP=2, then PP=2) and vLLM's TP=2 replicates the head on both ranks;
+           # 3 layers, so PP=2 splits them unevenly (1 + 2)
            "q2_kv1": "1x1,1x2"}
 
 
@@ -22,7 +23,7 @@ def sync_results(request, tiny_models, tmp_path_factory):
     if request.param == "q2_kv1":
         from megatron_spark.tiny import build_qwen2
 
-        hf = str(build_qwen2(d / "kv1", hidden=128, heads=4, kv_heads=1, ffn=512, tied=False, seed=3))
+        hf = str(build_qwen2(d / "kv1", hidden=128, heads=4, kv_heads=1, ffn=512, layers=3, tied=False, seed=3))
     else:
         hf = tiny_models[request.param]
     if request.param == "vl_tied":

@@ -48,7 +48,34 @@ CASES = [
     (["parallel.sequence_parallel=true"], {}, None, ["parallel.sequence_parallel", "needs TP > 1"]),
     (["rollout.max_model_len=100"], {}, None, ["rollout.max_model_len"]),
     (["parallel.tensor_model_parallel_size=4"], {"vision_num_heads": 6}, None, ["vision tower's 6 heads"]),
+    (["parallel.pipeline_model_parallel_size=4", "parallel.num_layers_in_first_pipeline_stage=3"],
+     {"num_layers": 28}, None, ["parallel.num_layers_in_first_pipeline_stage", "leave 25 of the 28 layers for 3",
+                                "unset both for [7, 7, 7, 7]"]),
+    (["parallel.pipeline_model_parallel_size=2", "parallel.num_layers_in_last_pipeline_stage=0"],
+     {"num_layers": 3}, None, ["parallel.num_layers_in_last_pipeline_stage", "must be >= 1"]),
+    (["training.max_tokens_per_micro_batch=4096", "parallel.pipeline_model_parallel_size=2",
+      "parallel.virtual_pipeline_model_parallel_size=2"], {}, None, ["training.max_tokens_per_micro_batch"]),
 ]
+
+
+@pytest.mark.parametrize("layers,pp,first,last,want", [
+    (3, 2, None, None, [1, 2]),                      # the first stage (embedding, vision tower) holds fewer
+    (28, 8, None, None, [2, 4, 4, 4, 4, 4, 4, 2]),   # Qwen2.5-VL-7B at PP=8
+    (64, 4, None, None, [16, 16, 16, 16]),
+    (29, 8, None, None, [2, 4, 4, 4, 4, 4, 4, 3]),
+    (5, 4, None, None, [1, 1, 1, 2]),
+    (28, 4, 1, 3, [1, 12, 12, 3]),
+    (3, 2, 2, None, [2, 1]),
+])
+def test_pipeline_stage_layers(layers, pp, first, last, want):
+    from megatron_spark.parallel import stage_layers
+
+    got = stage_layers(layers, pp, first, last)
+    assert got == want and sum(got) == layers and min(got) >= 1
+    assert got[0] <= got[-1] or first is not None
+    load_config(None, [f"parallel.pipeline_model_parallel_size={pp}"] +
+                ([f"parallel.num_layers_in_first_pipeline_stage={first}"] if first else []) +
+                ([f"parallel.num_layers_in_last_pipeline_stage={last}"] if last else [])).validate()
 
 
 @pytest.mark.parametrize("overrides,model,world,fragments", CASES)

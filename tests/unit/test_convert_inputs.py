@@ -140,7 +140,7 @@ def test_non_empty_output_needs_force(hf, tmp_path):
 
 
 def test_bad_layout_arguments(hf, tmp_path):
-    with pytest.raises(ValueError, match=r"--pp 3 does not divide the 2 layers"):
+    with pytest.raises(ValueError, match=r"--pp 3 exceeds the model's 2 layers"):
         hf_to_megatron(hf, tmp_path / "out", pp=3)
     with pytest.raises(ValueError, match=r"--tp 3: the model has 2 KV heads"):
         hf_to_megatron(hf, tmp_path / "out", tp=3)
