@@ -225,3 +225,19 @@ def make_shapes_task(out_dir: str | Path, n: int, seed: int, size: int = 56) -> 
     path = out / "train.json"
     path.write_text(json.dumps(records))
     return path
+
+
+def make_colour_text_task(out_dir: str | Path, n: int, seed: int) -> Path:
+    """The shapes task as text only (the text-model path): the prompt names the colour and asks for its number."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    rnd = random.Random(seed)
+    records = []
+    for _ in range(n):
+        k = rnd.randrange(len(COLOURS))
+        q = f"The picture is {COLOURS[k][0]}. " + shapes_question()
+        msg = [{"role": "user", "content": [{"type": "text", "text": with_suffix(q)}]}]
+        records.append({"message": json.dumps(msg), "answer": str(k + 1)})
+    path = out / "train.json"
+    path.write_text(json.dumps(records))
+    return path

@@ -250,11 +250,27 @@ def test_training_starts_from_a_converted_checkpoint(full_run, setup):
     assert len(infer) >= 8 and {k: got[k] for k in infer} == {k: want[k] for k in infer}
 
 
-def test_data_parallel_run_does_each_share_once_and_resumes_exactly(setup):
+@pytest.fixture(scope="module")
+def text_setup(setup):
+    """The text-only path (SPARK-7B's): a warm-started tiny Qwen2 and text-only records."""
+    from megatron_spark.data import make_colour_text_task
+    from megatron_spark.tiny import build_qwen2
+    from tests.e2e.warm import warm_started
+
+    d = setup[0]
+    base = build_qwen2(d / "text_base", tied=False, seed=4)
+    train = make_colour_text_task(d / "text_data", 64, seed=0)
+    return d, warm_started(base, train, TEMPLATES, d / "text_model"), train
+
+
+@pytest.mark.parametrize("variant", ["vl", "text"])
+def test_data_parallel_run_does_each_share_once_and_resumes_exactly(variant, request):
     """TP=1 on 2 ranks: two engines of vLLM TP=1 and DP=2. Each engine generates half of the prompts' samples, each
     DP rank computes log-probs and gradients for its half of every global batch, and a resume at step 2 reproduces
-    step 3 (metrics and the step-3 checkpoint, piece by piece)."""
-    d, hf, train = setup
+    step 3 (metrics and the step-3 checkpoint, piece by piece). For the VL model and the text-only path."""
+    d, hf, train = request.getfixturevalue("setup" if variant == "vl" else "text_setup")
+    d = d / variant
+    d.mkdir()
     dp = ("parallel.tensor_model_parallel_size=1", "rollout.tensor_parallel_size=1")
     run(cmd(hf, train, d / "runG", d / "ckG", "training.max_steps=3", "checkpoint.save_interval=2", *dp))
     m = metrics(d / "runG")
@@ -267,8 +283,10 @@ def test_data_parallel_run_does_each_share_once_and_resumes_exactly(setup):
             # two global batches of 8, each split 4 + 4 by cost: every sample's log-probs on exactly one DP rank
             assert r[f"{period}/logprob_samples_min"] + r[f"{period}/logprob_samples_max"] == n
             assert r[f"{period}/logprob_samples_min"] > 0
-            assert r[f"{period}/train_rollout_logprob_drift"] < 1e-4 and r[f"{period}/grad_norm"] > 1e-3
+            assert r[f"{period}/train_rollout_logprob_drift"] < 1e-4
             assert 0.5 < r[f"{period}/real_token_fraction"] <= 1.0
+        # (a period whose samples all fail has no gradient at the first step, when the policy equals the reference)
+        assert max(r["infer/grad_norm"], r["reward/grad_norm"]) > 1e-3
     assert any(0 < r["infer/reward_mean"] < 1 for r in m.values())
     ck = d / "ckG2"
     ck.mkdir()
