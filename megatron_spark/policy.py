@@ -178,10 +178,13 @@ class Policy:
         seq_len = max(len(r.prompt_ids) + len(r.response_ids) for r in rollouts)
         seq_len = (seq_len + 7) // 8 * 8  # fewer distinct shapes for the pipeline's p2p buffers
         micro = []
+        pp = ps.get_pipeline_model_parallel_world_size()
         for part in self._micro_batches(rollouts):
             n_real, length = len(part), seq_len
-            if self.max_tokens is None:
+            if self.max_tokens is None and pp > 1:
                 part = part + [part[0]] * (self.mbs - n_real)  # fillers keep every micro-batch the same shape
+            elif self.max_tokens is None:  # no pipeline buffers to keep equal: pad only to this micro-batch's longest
+                length = (max(len(r.prompt_ids) + len(r.response_ids) for r in part) + 7) // 8 * 8
             else:  # token budget: each micro-batch only as long and as wide as it needs
                 length = max(len(r.prompt_ids) + len(r.response_ids) for r in part)
             mb = collate(part, self.shape, self.pad_id, length, n_real)
@@ -205,7 +208,7 @@ class Policy:
                 return loss * loss_scale, metrics
             return out, finish
 
-        if self.max_tokens is not None and ps.get_pipeline_model_parallel_world_size() > 1:
+        if self.max_tokens is not None and pp > 1:
             # micro-batches of different shapes: the pipeline sends each activation's shape before the tensor
             for c in self.modules:
                 c.config.variable_seq_lengths = True

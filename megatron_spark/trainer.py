@@ -157,7 +157,9 @@ class SparkTrainer:
     def my_share(self, name: str, tasks: list[Task], built: "PromptCache", batch: list[tuple]) -> TrainBatch:
         """This DP rank's samples of one global batch: a cost-balanced split (sequence length) over DP ranks."""
         costs = [len(s.prompt_token_ids) + len(s.token_ids) for _, s, _, _ in batch]
-        part = balanced_partition(costs, self.layout.dp)[self.dp_rank]
+        # longest first: micro-batches (fixed-size or under a token budget) then hold sequences of similar length,
+        # so little of what is computed is padding; the loss is a sum over the batch, so the order does not matter
+        part = sorted(balanced_partition(costs, self.layout.dp)[self.dp_rank], key=lambda j: (-costs[j], j))
         rollouts = []
         for j in part:
             i, s, reward, advantage = batch[j]
@@ -210,7 +212,9 @@ class SparkTrainer:
         mine = [self.my_share(name, tasks, built, b) for b in self.global_batches(name, tasks, outs, rewards)]
         my_rollouts = [r for b in mine for r in b.rollouts]
         real0, computed0 = self.policy.tokens_real, self.policy.tokens_computed
+        t_lp = time.perf_counter()
         drift = self.fill_logprobs(my_rollouts)
+        t_lp = time.perf_counter() - t_lp
         train_metrics = self.train(mine)
         t3 = time.perf_counter()
         self.engine.wake_up()  # weights back in place before the sync writes them
@@ -247,7 +251,7 @@ class SparkTrainer:
         if refl:
             m[f"{name}/reflection_success"] = sum(refl) / len(refl)
         m.update({f"time/{name}_rollout": t1 - t0, f"time/{name}_reward": t2 - t1,
-                  f"time/{name}_train": t3 - t2, f"time/{name}_sync": t4 - t3})
+                  f"time/{name}_train": t3 - t2, f"time/{name}_logprobs": t_lp, f"time/{name}_sync": t4 - t3})
         return m, groups
 
     # -- the loop ----------------------------------------------------------------------------------------------

