@@ -289,3 +289,10 @@ def test_caps_keep_order_and_draw_nothing_when_not_exceeded():
 def test_queue_push_before_an_episode_says_so():
     with pytest.raises(RuntimeError, match="AuxQueue.push before start_episode"):
         AuxQueue(2).push([])
+
+
+def test_queue_releases_a_batch_as_soon_as_it_is_full():
+    q = AuxQueue(batch_size=2)
+    q.start_episode(0)
+    q.push(recycle([hand_group(0, [1, 0])], MARKED, RecycleSettings(), random.Random(0)))  # 2 tasks
+    assert len(q) == 2 and len(q.pop_batch()) == 2 and len(q) == 0

@@ -93,7 +93,7 @@ def test_boxed_still_found_without_the_alias():
 
 @pytest.mark.parametrize("raw,normal", [
     ("$42$", "42"), ("1\\!000", "1000"), ("1\\,000", "1000"), ("1\\ 000", "1000"), (" 4 2 ", "42"),
-    ("42.", "42"), (".5", ".5"), ("(a)", "a"), ("b:", "b"), ("\\text{\\textbf{\\mathrm{\\mathbf{Yes}}}}", "Yes"),
+    ("42.", "42"), (".5", ".5"), ("2X", "2X"), ("(a)", "a"), ("b:", "b"), ("\\text{\\textbf{\\mathrm{\\mathbf{Yes}}}}", "Yes"),
 ])
 def test_normalize(raw, normal):
     from megatron_spark.reward import normalize
