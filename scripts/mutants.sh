@@ -34,6 +34,9 @@ git ls-files -z | tar --null -cf - -T - | tar -xf - -C "$WORK"
 cd "$WORK"
 ln -s "$ROOT/.venv" .venv
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false PYTHONWARNINGS=ignore
+# mutmut forks a worker per mutant from a process that already ran torch: with torch's OpenMP pool alive the forked
+# child can deadlock in the first parallel op, and mutmut then reports a "timeout" that says nothing about the tests
+export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1
 # mutmut's own progress line is long; keep its last status and the summary
 .venv/bin/mutmut run --max-children "${MUTMUT_JOBS:-2}" 2>&1 | tr '\r' '\n' | tail -n 3
 .venv/bin/mutmut results --all true > results.txt 2>&1 || true

@@ -145,3 +145,66 @@ def test_batch_normalised_loss_is_the_same_however_the_batch_is_cut(reduction):
     # per-micro-batch means (no BatchSize) do depend on the cut
     halves = [grpo_loss(logp[a:b], old[a:b], ref[a:b], adv[a:b], mask[a:b], **kw).loss for a, b in ((0, 1), (1, 6))]
     assert abs((halves[0] + halves[1]).item() / 2 - whole.loss.item()) > 1e-3
+
+
+def test_defaults_and_entropy_reduction():
+    """The defaults are the paper's symmetric 0.2 clip; the entropy term is reduced like the other terms."""
+    import inspect
+
+    for fn in (policy_loss, grpo_loss):
+        sig = inspect.signature(fn).parameters
+        assert sig["eps_low"].default == 0.2 and sig["eps_high"].default == 0.2
+    logp = torch.log(torch.tensor([[0.5, 0.5, 0.5], [0.25, 0.0 + 1e-9, 0.0 + 1e-9]]))
+    mask = torch.tensor([[1., 1., 1.], [1., 0., 0.]])
+    ent = torch.tensor([[1., 1., 1.], [4., 0., 0.]])
+    tok = grpo_loss(logp, logp.detach(), None, torch.zeros(2), mask, entropy=ent, entropy_coef=1.0)
+    seq = grpo_loss(logp, logp.detach(), None, torch.zeros(2), mask, entropy=ent, entropy_coef=1.0,
+                    reduction="seq_mean")
+    assert tok.entropy.item() == pytest.approx(7 / 4) and seq.entropy.item() == pytest.approx(5 / 2)
+    # the clip fraction always counts tokens, whatever the reduction
+    assert tok.clip_fraction.item() == seq.clip_fraction.item() == 0.0
+
+
+def _k3(d):
+    return math.exp(d) - 1 - d
+
+
+def test_grpo_loss_hand_computed_with_real_old_and_reference_logprobs():
+    """Two sequences of different lengths, non-zero old log-probs, asymmetric clipping, per-token reference gaps:
+    every term by hand, for both reductions (token mean over 5 tokens; mean over the 2 sequences' means)."""
+    rho = [[1.5, 0.5, 1.0], [1.1, 0.7, 9.9]]
+    old = torch.full((2, 3), -0.5)
+    logp = old + torch.log(torch.tensor(rho))
+    gap = [[0.1, 0.2, 0.3], [0.4, 0.5, 0.6]]
+    ref = logp + torch.tensor(gap)
+    mask = torch.tensor([[1., 1., 1.], [1., 1., 0.]])
+    adv = torch.tensor([1.0, -1.0])
+    # PPO-clip per token, eps_low 0.2 / eps_high 0.28: A=+1 row: -1.28, -0.5, -1.0; A=-1 row: 1.1, 0.8 (masked: -)
+    pl_tok = [[-1.28, -0.5, -1.0], [1.1, 0.8]]
+    kl_tok = [[_k3(g) for g in gap[0]], [_k3(g) for g in gap[1][:2]]]
+    clip_tok = [[1, 0, 0], [0, 1]]
+    for reduction in ("token_mean", "seq_mean"):
+        def red(rows):
+            if reduction == "token_mean":
+                return sum(sum(r) for r in rows) / 5
+            return sum(sum(r) / len(r) for r in rows) / 2
+        out = grpo_loss(logp, old, ref, adv, mask, eps_low=0.2, eps_high=0.28, kl_coef=0.5, reduction=reduction)
+        assert out.policy_loss.item() == pytest.approx(red(pl_tok), rel=1e-5), reduction
+        assert out.kl.item() == pytest.approx(red(kl_tok), rel=1e-5), reduction
+        assert out.loss.item() == pytest.approx(red(pl_tok) + 0.5 * red(kl_tok), rel=1e-5), reduction
+        assert out.clip_fraction.item() == pytest.approx(2 / 5), reduction  # always over tokens
+    # the defaults: symmetric 0.2 clip, KL 1e-3, no entropy term, token mean
+    d = grpo_loss(logp, old, ref, adv, mask, entropy=torch.ones(2, 3))
+    e = grpo_loss(logp, old, ref, adv, mask, eps_low=0.2, eps_high=0.2, kl_coef=1e-3, entropy_coef=0.0,
+                  reduction="token_mean")
+    assert d.loss.item() == e.loss.item() and d.clip_fraction.item() == e.clip_fraction.item()
+
+
+def test_per_token_advantages_and_single_token_means():
+    logp = torch.log(torch.tensor([[1.5, 0.5]]))
+    adv = torch.tensor([[1.0, -1.0]])  # [N, T]: one advantage per token
+    loss, _ = policy_loss(logp, torch.zeros(1, 2), adv, torch.ones(1, 2), 0.2, 0.2)
+    assert loss.item() == pytest.approx((-1.2 + 0.8) / 2, rel=1e-6)  # token 1: -min(-0.5, -0.8) = 0.8
+    one = torch.tensor([[5.0, 7.0]])
+    m = torch.tensor([[1.0, 0.0]])
+    assert masked_mean(one, m, "token_mean").item() == 5.0 and masked_mean(one, m, "seq_mean").item() == 5.0
