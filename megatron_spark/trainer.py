@@ -144,7 +144,7 @@ class SparkTrainer:
             k += len(group)
         return groups
 
-    def global_batches(self, name: str, tasks: list[Task], outs: list, rewards: list[float]) -> list[list[tuple]]:
+    def global_batches(self, outs: list, rewards: list[float]) -> list[list[tuple]]:
         """Every sample as (prompt index, sample, reward, advantage), shuffled (the same on every rank) and cut into
         global batches of `training.global_batch_size` (one optimizer step each)."""
         flat = [(i, s, rewards[k]) for k, (i, s) in enumerate((i, s) for i, g in enumerate(outs) for s in g)]
@@ -209,7 +209,7 @@ class SparkTrainer:
         rewards = self.score([s.text for g in outs for s in g], [t.answer for t, g in zip(tasks, outs) for _ in g])
         t2 = time.perf_counter()
         groups = self.groups(tasks, outs, rewards)
-        mine = [self.my_share(name, tasks, built, b) for b in self.global_batches(name, tasks, outs, rewards)]
+        mine = [self.my_share(name, tasks, built, b) for b in self.global_batches(outs, rewards)]
         my_rollouts = [r for b in mine for r in b.rollouts]
         real0, computed0 = self.policy.tokens_real, self.policy.tokens_computed
         t_lp = time.perf_counter()
