@@ -129,21 +129,24 @@ def test_batch_normalised_loss_is_the_same_however_the_batch_is_cut(reduction):
     adv = torch.randn(n, generator=g)
     lengths = torch.tensor([9, 2, 5, 7, 1, 4])
     mask = (torch.arange(t)[None] < lengths[:, None]).float()
-    kw = dict(eps_low=0.2, eps_high=0.28, kl_coef=0.1, reduction=reduction)
+    ent = torch.rand(n, t, generator=g)
+    kw = dict(eps_low=0.2, eps_high=0.28, kl_coef=0.1, reduction=reduction, entropy=ent, entropy_coef=0.01)
     whole = grpo_loss(logp, old, ref, adv, mask, **kw)
     batch = BatchSize(tokens=int(mask.sum()), sequences=n)
     for cuts in ([0, 6], [0, 2, 6], [0, 1, 3, 6], [0, 1, 2, 3, 4, 5, 6]):
-        parts = [grpo_loss(logp[a:b], old[a:b], ref[a:b], adv[a:b], mask[a:b], batch=batch, **kw)
-                 for a, b in zip(cuts, cuts[1:])]
-        for field in ("loss", "policy_loss", "kl", "clip_fraction"):
+        parts = [grpo_loss(logp[a:b], old[a:b], ref[a:b], adv[a:b], mask[a:b], batch=batch,
+                           **{**kw, "entropy": ent[a:b]}) for a, b in zip(cuts, cuts[1:])]
+        for field in ("loss", "policy_loss", "kl", "clip_fraction", "entropy"):
             assert sum(getattr(p, field) for p in parts).item() == pytest.approx(getattr(whole, field).item(),
                                                                                  rel=1e-6, abs=1e-7), field
     # a filler row changes nothing
     pad = grpo_loss(torch.cat([logp, logp[:1]]), torch.cat([old, old[:1]]), torch.cat([ref, ref[:1]]),
-                    torch.cat([adv, adv[:1]]), torch.cat([mask, torch.zeros(1, t)]), **kw)
+                    torch.cat([adv, adv[:1]]), torch.cat([mask, torch.zeros(1, t)]),
+                    **{**kw, "entropy": torch.cat([ent, ent[:1]])})
     assert pad.loss.item() == pytest.approx(whole.loss.item(), rel=1e-6)
     # per-micro-batch means (no BatchSize) do depend on the cut
-    halves = [grpo_loss(logp[a:b], old[a:b], ref[a:b], adv[a:b], mask[a:b], **kw).loss for a, b in ((0, 1), (1, 6))]
+    halves = [grpo_loss(logp[a:b], old[a:b], ref[a:b], adv[a:b], mask[a:b], **{**kw, "entropy": ent[a:b]}).loss
+              for a, b in ((0, 1), (1, 6))]
     assert abs((halves[0] + halves[1]).item() / 2 - whole.loss.item()) > 1e-3
 
 
@@ -208,3 +211,15 @@ def test_per_token_advantages_and_single_token_means():
     one = torch.tensor([[5.0, 7.0]])
     m = torch.tensor([[1.0, 0.0]])
     assert masked_mean(one, m, "token_mean").item() == 5.0 and masked_mean(one, m, "seq_mean").item() == 5.0
+
+
+def test_default_arguments_behave_as_documented():
+    """Called without them: clip at 0.8 / 1.2 and token means (signatures cannot show this under mutation tools)."""
+    logp = torch.log(torch.tensor([[1.5, 0.5, 1.0], [1.0, 1.0, 1.0]]))
+    mask = torch.tensor([[1., 1., 1.], [1., 0., 0.]])
+    loss, clip = policy_loss(logp, torch.zeros(2, 3), torch.tensor([1.0, 0.0]), mask)
+    assert loss.item() == pytest.approx(-(1.2 + 0.5 + 1.0) / 4, rel=1e-6) and clip.item() == pytest.approx(0.25)
+    x = torch.tensor([[1., 1., 1.], [4., 0., 0.]])
+    assert masked_mean(x, mask).item() == pytest.approx(7 / 4)
+    out = grpo_loss(logp, torch.zeros(2, 3), torch.zeros(2, 3), torch.tensor([1.0, 0.0]), mask)
+    assert out.loss.item() == pytest.approx(loss.item() + 1e-3 * out.kl.item(), rel=1e-6)
