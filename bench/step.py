@@ -33,25 +33,20 @@ sys.path.insert(0, str(ROOT))
 
 # -- tokens ---------------------------------------------------------------------------------------------------------
 def fraction(shares: list[list[int]], mode: str, mbs: int = 2) -> float:
-    """Real tokens / computed tokens over every rank's micro-batches, as Policy._run builds them."""
+    """Real tokens / computed tokens over every rank's micro-batches, laid out by `Policy.micro_batch_layout`.
+    "previous" is the earlier trainer: shares in shuffled order, every micro-batch mbs rows padded to the share's
+    longest (today's PP > 1 layout without a budget)."""
     from megatron_spark.policy import Policy, Rollout
 
     budget = {"budget_8k": 8192, "budget_16k": 16384}.get(mode)
     pol = Policy([], None, 0, mbs, max_tokens_per_micro_batch=budget)
     real = computed = 0
     for share in shares:
-        lengths = sorted(share, reverse=True) if mode != "previous" else share
+        lengths = share if mode == "previous" else sorted(share, reverse=True)
         rollouts = [Rollout([0] * (n - 1), [0], "g") for n in lengths]
-        longest = (max(lengths) + 7) // 8 * 8
-        for part in pol._micro_batches(rollouts):
-            n = [len(r.prompt_ids) + 1 for r in part]
-            real += sum(n)
-            if budget is not None:
-                computed += len(part) * max(n)
-            elif mode == "sorted":
-                computed += len(part) * ((max(n) + 7) // 8 * 8)
-            else:  # previous trainer / PP > 1: mbs rows padded to the share's longest
-                computed += mbs * longest
+        for part, n_real, length in pol.micro_batch_layout(rollouts, pp=2 if mode == "previous" else 1):
+            real += sum(len(r.prompt_ids) + 1 for r in part[:n_real])
+            computed += len(part) * length
     return real / computed
 
 

@@ -167,30 +167,40 @@ class Policy:
         return [getattr(c, "module", c) for c in self.chunks]
 
     # -- passes ------------------------------------------------------------------------------------------------
+    def micro_batch_layout(self, rollouts: list[Rollout], pp: int) -> list[tuple[list[Rollout], int, int]]:
+        """(rows, real rows, padded length) of each micro-batch `_run` computes: under a pipeline without a token
+        budget every micro-batch has `mbs` rows (fillers) padded to the longest sequence of the call, since the
+        pipeline's buffers are one shape; otherwise each is padded only to its own longest."""
+        seq_len = (max(len(r.prompt_ids) + len(r.response_ids) for r in rollouts) + 7) // 8 * 8
+        out = []
+        for part in self._micro_batches(rollouts):
+            n_real, longest = len(part), max(len(r.prompt_ids) + len(r.response_ids) for r in part)
+            if self.max_tokens is None and pp > 1:
+                out.append((part + [part[0]] * (self.mbs - n_real), n_real, seq_len))
+            elif self.max_tokens is None:
+                out.append((part, n_real, (longest + 7) // 8 * 8))
+            else:  # token budget: each micro-batch only as long and as wide as it needs
+                out.append((part, n_real, longest))
+        return out
+
     def _run(self, rollouts: list[Rollout], loss_fn: Optional[Callable], forward_only: bool,
-             loss_scale: float = 1.0) -> list[dict]:
-        """Forward (and backward) over micro-batches. `loss_scale` multiplies each micro-batch's loss before
-        megatron-core divides it by the number of micro-batches (and DDP averages over data-parallel ranks)."""
+             share_of_batch: bool = False) -> list[dict]:
+        """Forward (and backward) over micro-batches. With `share_of_batch` each micro-batch's loss is scaled by
+        micro-batches x DP ranks, which megatron-core divides back out (it averages micro-batches and DP ranks)."""
         from megatron.core import parallel_state as ps
         from megatron.core.pipeline_parallel import get_forward_backward_func
 
         device = next(self.modules[0].parameters()).device  # batches are built on the host
-        seq_len = max(len(r.prompt_ids) + len(r.response_ids) for r in rollouts)
-        seq_len = (seq_len + 7) // 8 * 8  # fewer distinct shapes for the pipeline's p2p buffers
-        micro = []
         pp = ps.get_pipeline_model_parallel_world_size()
-        for part in self._micro_batches(rollouts):
-            n_real, length = len(part), seq_len
-            if self.max_tokens is None and pp > 1:
-                part = part + [part[0]] * (self.mbs - n_real)  # fillers keep every micro-batch the same shape
-            elif self.max_tokens is None:  # no pipeline buffers to keep equal: pad only to this micro-batch's longest
-                length = (max(len(r.prompt_ids) + len(r.response_ids) for r in part) + 7) // 8 * 8
-            else:  # token budget: each micro-batch only as long and as wide as it needs
-                length = max(len(r.prompt_ids) + len(r.response_ids) for r in part)
+        layout, micro = self.micro_batch_layout(rollouts, pp), []
+        for part, n_real, length in layout:
             mb = collate(part, self.shape, self.pad_id, length, n_real)
             micro.append(dict({k: v.to(device, non_blocking=True) for k, v in mb.items()}, n_real=n_real))
             self.tokens_real += sum(len(r.prompt_ids) + len(r.response_ids) for r in part[:n_real])
             self.tokens_computed += len(part) * length
+        seq_len = max(length for _, _, length in layout)  # what the pipeline's buffers are sized for
+        loss_scale = len(micro) * ps.get_data_parallel_world_size(with_context_parallel=True) \
+            if share_of_batch else 1.0
         outputs: list[dict] = []
 
         vocab = self.shape.text.vocab_size
@@ -273,9 +283,7 @@ class Policy:
             metrics.append({k: float(v) for k, v in m.items()})
             return loss, {}
         dp = ps.get_data_parallel_world_size(with_context_parallel=True)
-        n_micro = len(self._micro_batches(rollouts))
-        # megatron-core divides each micro-batch loss by the micro-batch count and averages gradients over DP
-        self._run(rollouts, wrapped, forward_only=False, loss_scale=n_micro * dp if share_of_batch else 1.0)
+        self._run(rollouts, wrapped, forward_only=False, share_of_batch=share_of_batch)
         ok, grad_norm, _ = self.optimizer.step()
         self.scheduler.step(increment=1)
         self.optimizer_steps += 1
