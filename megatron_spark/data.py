@@ -241,3 +241,26 @@ def make_colour_text_task(out_dir: str | Path, n: int, seed: int) -> Path:
     path = out / "train.json"
     path.write_text(json.dumps(records))
     return path
+
+
+def make_shapes_benchmark(out_dir: str | Path, n: int, seed: int, size: int = 56) -> Path:
+    """The shapes task as a benchmark file in the released Spark format ({dataset, problem, answer, image_path},
+    image paths relative to the file), plus `judge.json`: balanced pointwise and pairwise judge tasks on it."""
+    src = make_shapes_task(out_dir, n, seed, size)
+    rnd = random.Random(seed + 1)
+    items, judge = [], []
+    for i, rec in enumerate(json.loads(src.read_text())):
+        image = json.loads(rec["message"])[0]["content"][0]["image"]
+        items.append({"dataset": "shapes", "problem": shapes_question(), "answer": rec["answer"], "image_path": image})
+        wrong = rnd.choice([str(k) for k in range(1, len(COLOURS) + 1) if str(k) != rec["answer"]])
+        right = i % 2 == 0
+        judge.append({"kind": "pointwise", "question": shapes_question(), "answer": rec["answer"] if right else wrong,
+                      "label": "Yes" if right else "No", "image_path": image})
+        a_right = (i // 2) % 2 == 0
+        judge.append({"kind": "pairwise", "question": shapes_question(),
+                      "answer_a": rec["answer"] if a_right else wrong, "answer_b": wrong if a_right else rec["answer"],
+                      "label": "A" if a_right else "B", "image_path": image})
+    (Path(out_dir) / "judge.json").write_text(json.dumps(judge))
+    path = Path(out_dir) / "bench.json"
+    path.write_text(json.dumps(items))
+    return path

@@ -112,7 +112,17 @@ def score(response: str, gold: str, cfg: VerifierConfig = VerifierConfig()) -> f
 # Process pool with hard per-item deadlines
 
 
-def _worker(conn, cfg: VerifierConfig) -> None:
+def _resolve(fn: Optional[str]):
+    """'module:function' -> the function (a picklable way to hand a scorer to a spawned worker); None -> score."""
+    if fn is None:
+        return score
+    import importlib
+
+    module, _, name = fn.partition(":")
+    return getattr(importlib.import_module(module), name)
+
+
+def _worker(conn, cfg: VerifierConfig, fn: Optional[str] = None) -> None:
     import signal
 
     # SLURM signals every process of a job step; the trainer handles SIGUSR1, its helpers must not die of it.
@@ -120,7 +130,8 @@ def _worker(conn, cfg: VerifierConfig) -> None:
     logging.getLogger("math_verify").setLevel(logging.CRITICAL)
     for name in ("math_verify.parser", "math_verify.grader"):
         logging.getLogger(name).setLevel(logging.CRITICAL)
-    score("\\boxed{\\frac{1}{2}}", "0.5", cfg)  # import and warm math-verify before taking timed work
+    scorer = _resolve(fn)
+    scorer("\\boxed{\\frac{1}{2}}", "0.5", cfg)  # import and warm math-verify before taking timed work
     conn.send("ready")
     while True:
         try:
@@ -131,9 +142,9 @@ def _worker(conn, cfg: VerifierConfig) -> None:
             return
         idx, response, gold = item
         try:
-            conn.send((idx, score(response, gold, cfg)))
+            conn.send((idx, scorer(response, gold, cfg)))
         except Exception:
-            conn.send((idx, 0.0))
+            conn.send((idx, None))
 
 
 @dataclass
@@ -146,14 +157,17 @@ class PoolStats:
 
 class RewardPool:
     """`workers` processes scoring (response, gold) pairs; any item over `timeout_s` scores 0 and its worker is
-    replaced. Deterministic output order; safe to call from any thread."""
+    replaced. Deterministic output order; safe to call from any thread. `fn` ('module:function', called as
+    fn(response, gold, cfg)) replaces the default 0/1 score, e.g. to return several scores at once; an item that
+    times out or raises gets `failed_value`."""
 
-    def __init__(self, workers: int = 2, timeout_s: float = 5.0, cfg: VerifierConfig = VerifierConfig()):
+    def __init__(self, workers: int = 2, timeout_s: float = 5.0, cfg: VerifierConfig = VerifierConfig(),
+                 fn: Optional[str] = None, failed_value=0.0):
         if workers < 1:
             raise ValueError(f"RewardPool: workers must be >= 1, got {workers}")
         if timeout_s <= 0:
             raise ValueError(f"RewardPool: timeout_s must be > 0, got {timeout_s}")
-        self.timeout_s, self.cfg = timeout_s, cfg
+        self.timeout_s, self.cfg, self.fn, self.failed_value = timeout_s, cfg, fn, failed_value
         self._ctx = mp.get_context("spawn")  # fork is unsafe in a process that runs torch threads
         self._procs = [self._spawn() for _ in range(workers)]
         self.stats = PoolStats()
@@ -162,7 +176,7 @@ class RewardPool:
         """A new worker, returned once it has imported and warmed math-verify: the per-item deadline then
         measures the item alone, not the interpreter start (seconds on a loaded machine)."""
         parent, child = self._ctx.Pipe()
-        proc = self._ctx.Process(target=_worker, args=(child, self.cfg), daemon=True)
+        proc = self._ctx.Process(target=_worker, args=(child, self.cfg, self.fn), daemon=True)
         proc.start()
         child.close()
         if not parent.poll(startup_timeout_s) or parent.recv() != "ready":
@@ -170,7 +184,7 @@ class RewardPool:
             raise RuntimeError(f"RewardPool: a worker did not start within {startup_timeout_s:.0f} s")
         return proc, parent
 
-    def score(self, responses: Sequence[str], golds: Sequence[str]) -> list[float]:
+    def score(self, responses: Sequence[str], golds: Sequence[str]) -> list:
         if len(responses) != len(golds):
             raise ValueError(f"RewardPool.score: {len(responses)} responses but {len(golds)} gold answers")
         t0 = time.monotonic()
@@ -193,20 +207,20 @@ class RewardPool:
                     try:
                         _, value = conn.recv()
                     except EOFError:  # the worker died (e.g. recursion crash in a parser): score 0, replace it
-                        value = 0.0
+                        value = None
                         self._replace(slot)
-                    out[i] = value
+                    out[i] = self.failed_value if value is None else value
                     del busy[slot]
                     self.stats.worst_item_s = max(self.stats.worst_item_s, time.monotonic() - start)
                 elif time.monotonic() - start >= self.timeout_s:
-                    out[i] = 0.0
+                    out[i] = self.failed_value
                     self.stats.timeouts += 1
                     self._replace(slot)
                     del busy[slot]
                     self.stats.worst_item_s = max(self.stats.worst_item_s, time.monotonic() - start)
         self.stats.items += len(responses)
         self.stats.seconds += time.monotonic() - t0
-        return [float(x) for x in out]
+        return [float(x) for x in out] if self.fn is None else out
 
     def _replace(self, slot: int) -> None:
         proc, conn = self._procs[slot]

