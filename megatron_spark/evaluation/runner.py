@@ -83,8 +83,9 @@ class ResultStore:
 
 
 def pending_items(items: Sequence[Item], done: set[str], shard: int = 0, num_shards: int = 1) -> list[Item]:
-    todo = [it for it in items if it.id not in done]
-    return todo[shard::num_shards]
+    """This shard's items not done yet. Shards split the whole file by position, not the pending list: engines
+    start at different times and see different `done` sets, and must still never share an item."""
+    return [it for it in items[shard::num_shards] if it.id not in done]
 
 
 def math_prompt(item: MathItem, s: EvalSettings) -> str:
