@@ -93,7 +93,7 @@ def main(argv=None) -> int:
               f"{cfg.rollout.tensor_parallel_size}, {total} steps ({trainer.policy.optimizer_steps} optimizer "
               f"steps incl. warm start) in {rl_s:.0f}s")
         print(f"{'held-out (' + str(len(held_out)) + ' prompts, greedy)':<36} {'before':>8} {'after':>8}")
-        for k in ("task_accuracy", "judge_accuracy"):
+        for k in ("task_accuracy", "judge_accuracy"):  # (the dicts also hold the item count)
             print(f"{k:<36} {before[k]:>8.3f} {after[k]:>8.3f}")
         print(f"metrics: {cfg.logging.dir}/metrics.jsonl  (plot: megatron-spark plot {cfg.logging.dir})")
         with open(os.path.join(cfg.logging.dir, "demo_result.json"), "w") as f:

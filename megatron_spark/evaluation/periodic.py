@@ -90,4 +90,5 @@ def held_out_accuracy(trainer, examples: Sequence[Example], bank: TemplateBank, 
     gathered: list = [None] * dist.get_world_size()
     dist.all_gather_object(gathered, counts if leader else [0.0] * 4)
     total = [sum(c[k] for c in gathered) for k in range(4)]
-    return {"task_accuracy": total[0] / max(1, total[1]), "judge_accuracy": total[2] / max(1, total[3])}
+    return {"task_accuracy": total[0] / max(1, total[1]), "judge_accuracy": total[2] / max(1, total[3]),
+            "items": total[1]}

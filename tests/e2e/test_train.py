@@ -271,10 +271,15 @@ def test_data_parallel_run_does_each_share_once_and_resumes_exactly(variant, req
     d, hf, train = request.getfixturevalue("setup" if variant == "vl" else "text_setup")
     d = d / variant
     d.mkdir()
-    dp = ("parallel.tensor_model_parallel_size=1", "rollout.tensor_parallel_size=1")
+    # held-out evaluation every 2 steps and after the last, each engine on its share; it must not disturb the run
+    # (the resumed run below skips step 2's evaluation and must still reproduce step 3 exactly)
+    dp = ("parallel.tensor_model_parallel_size=1", "rollout.tensor_parallel_size=1", f"eval.file={train}",
+          "eval.interval=2", "eval.max_items=6")
     run(cmd(hf, train, d / "runG", d / "ckG", "training.max_steps=3", "checkpoint.save_interval=2", *dp))
     m = metrics(d / "runG")
     assert sorted(m) == [1, 2, 3]
+    assert "eval/task_accuracy" not in m[1] and {"eval/task_accuracy", "eval/judge_accuracy"} <= set(m[2]) & set(m[3])
+    assert m[2]["eval/items"] == m[3]["eval/items"] == 6  # 3 + 3 over the two engines, none twice, none lost
     for r in m.values():
         for period in ("infer", "reward"):
             n = r[f"{period}/samples_generated"]
