@@ -1,4 +1,4 @@
-"""`megatron-spark` command line: demo (the `make run` job), train, plot, eval, score."""
+"""`megatron-spark` command line: demo (the `make run` job), train, plot, eval, score, plan, sweep."""
 from __future__ import annotations
 
 import argparse
@@ -75,8 +75,21 @@ def _score(args) -> int:
     return run_score(args)
 
 
+def _plan(args) -> int:
+    from megatron_spark.planner.cli import run_plan
+
+    return run_plan(args)
+
+
+def _sweep(args) -> int:
+    from megatron_spark.planner.cli import run_sweep
+
+    return run_sweep(args)
+
+
 def main(argv=None) -> int:
     from megatron_spark.evaluation.cli import add_eval_args, add_score_args
+    from megatron_spark.planner.cli import add_plan_args, add_sweep_args
 
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = argparse.ArgumentParser(prog="megatron-spark")
@@ -97,10 +110,15 @@ def main(argv=None) -> int:
     add_eval_args(ev)
     sc = sub.add_parser("score", help="re-score eval results (or the released Spark scripts' results JSON)")
     add_score_args(sc)
+    pl = sub.add_parser("plan", help="memory and step time of every layout for a model on N GPUs (no GPU needed)")
+    add_plan_args(pl)
+    sw = sub.add_parser("sweep", help="short training runs over a grid of layouts (locally or sbatch --array)")
+    add_sweep_args(sw)
     args = parser.parse_args(argv)
     args.argv = argv
     try:
-        return {"demo": _demo, "train": _train, "plot": _plot, "eval": _eval, "score": _score}[args.cmd](args)
+        return {"demo": _demo, "train": _train, "plot": _plot, "eval": _eval, "score": _score,
+                "plan": _plan, "sweep": _sweep}[args.cmd](args)
     except ValueError as e:  # configuration / input errors: one clear line, no traceback
         print(f"error: {e}", file=sys.stderr)
         return 2

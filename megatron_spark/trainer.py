@@ -241,6 +241,7 @@ class SparkTrainer:
              f"{name}/logprob_samples_max": max(w[0].item() for w in dp_first),
              f"{name}/real_token_fraction": sum(w[1].item() for w in dp_first) / max(1.0, sum(
                  w[2].item() for w in dp_first)),
+             f"{name}/tokens": sum(len(s.prompt_token_ids) + len(s.token_ids) for g in outs for s in g),
              **gen_metrics}
         for key in (train_metrics[0] if train_metrics else {}):
             vals = [x[key] for x in train_metrics if isinstance(x[key], (int, float))]
@@ -281,6 +282,10 @@ class SparkTrainer:
                 metrics.update(m2)
             metrics.update({"episode": episode, "queue": len(self.queue), "reward_period": int(aux is not None),
                             "time/step": time.perf_counter() - t0, "optimizer_steps": self.policy.optimizer_steps})
+            if torch.cuda.is_available():  # the sweep's memory figure (the planner's comparison)
+                peak = torch.tensor([torch.cuda.max_memory_allocated() / 2 ** 30])
+                dist.all_reduce(peak, op=dist.ReduceOp.MAX)
+                metrics["memory/max_allocated_gib"] = peak.item()
             if self.held_out and ((step + 1) % self.cfg.eval.interval == 0 or step + 1 == total_steps):
                 from megatron_spark.evaluation.periodic import held_out_accuracy
 

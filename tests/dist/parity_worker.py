@@ -96,6 +96,23 @@ def compare_to_reference(case, merged, path) -> dict:
             "tensors": len(params), "missing": sorted(k for _, k in set(ref) - set(merged))}
 
 
+def live_static_bytes(policy) -> dict:
+    """What this rank's trainer holds after optimizer steps, counted from the live objects: parameters, DDP gradient
+    buffers and Adam's moment tensors; with its pipeline stage and coordinates (for the planner comparison)."""
+    from megatron.core import parallel_state as ps
+
+    params = [p for m in policy.modules for p in m.parameters()]
+    grads = [b.grad_data for c in policy.chunks for b in list(c.buffers) + list(c.expert_parallel_buffers)]
+    opt = policy.optimizer
+    states = [st for o in getattr(opt, "chained_optimizers", [opt]) for st in o.optimizer.state.values()]
+    moments = [t for st in states for k, t in st.items() if k in ("exp_avg", "exp_avg_sq")]
+    size = lambda ts: sum(t.numel() * t.element_size() for t in ts)  # noqa: E731
+    return {"stage": ps.get_pipeline_model_parallel_rank(), "tp": ps.get_tensor_model_parallel_world_size(),
+            "pp": ps.get_pipeline_model_parallel_world_size(), "dp": ps.get_data_parallel_world_size(),
+            "param_elements": sum(p.numel() for p in params), "params": size(params), "grads": size(grads),
+            "optimizer": size(moments), "rank": torch.distributed.get_rank()}
+
+
 def train_check(chunks, shape, inputs) -> dict:
     """Optimizer steps through Policy on fixed sequences: SFT steps must lower the NLL; GRPO steps (no KL) must raise
     the log-probs of positive-advantage samples and lower those of negative ones; replicated parameters (norms,
@@ -154,7 +171,7 @@ def train_check(chunks, shape, inputs) -> dict:
         parts = [torch.empty_like(w) for _ in range(dist.get_world_size(ps.get_embedding_group()))]
         dist.all_gather(parts, w.contiguous(), group=ps.get_embedding_group())
         tied_diff = max((x - parts[0]).abs().max().item() for x in parts)
-    return {"tied_copies_max_diff": tied_diff, "sft_losses": sft, "grpo_grad_norms": [m["grad_norm"] for m in grpo], "logprob_moves": moved,
+    return {"static": live_static_bytes(policy), "tied_copies_max_diff": tied_diff, "sft_losses": sft, "grpo_grad_norms": [m["grad_norm"] for m in grpo], "logprob_moves": moved,
             "replicated_params": n_rep, "replicated_param_max_diff": worst_p, "replicated_grad_max_diff": worst_g,
             "replicated_differing": differing,
             "optimizer_steps": policy.optimizer_steps}
@@ -224,6 +241,8 @@ def main():
                                                           "missing": missing}
             if case in TRAIN_CASES:  # last: wraps the chunks in DDP and changes their weights
                 results[f"train/{layout_name}/{case}"] = train_check(chunks, shape, inputs)
+                results[f"static/{layout_name}/{case}/rank{dist.get_rank()}"] = \
+                    results[f"train/{layout_name}/{case}"].pop("static")
                 del chunks
                 for vname, variant in one_step_variants(tp, pp).items():
                     merged = one_step(path, shape, layout, case, variant)

@@ -19,6 +19,7 @@ def parity(tiny_models, tmp_path_factory):
     torchrun("tests/dist/parity_worker.py", str(d / "models.json"), str(d / "out.json"))
     res = json.loads((d / "out.json").read_text())
     print(json.dumps(res, indent=1))
+    res["_paths"] = models
     return res
 
 
@@ -89,3 +90,22 @@ def test_one_update_does_not_depend_on_the_layout(parity, case):
             assert r["max_abs_diff"] > 1e-4 and r["grad_max_rel_diff"] > 1e-2, (name, r)  # grads 10-24 % off)
         else:  # measured: params <= 1.15e-6 for updates up to 1e-3; gradients <= 5.8e-6 relative
             assert r["max_abs_diff"] <= 2e-6 and r["grad_max_rel_diff"] <= 2e-5, (name, r)
+
+
+@pytest.mark.parametrize("layout", ["tp1", "tp2", "pp2"])
+@pytest.mark.parametrize("case", ["q2_untied_gqa4", "vl_tied", "q2_3layers"])
+def test_planner_static_memory_equals_the_live_trainer(parity, layout, case):
+    """`megatron-spark plan`'s static terms (parameters, fp32 gradient buffers, Adam moments) against the bytes the
+    trainer's Policy really holds after optimizer steps, on every rank: TP1 (DP2), TP2 and PP2 (the 3-layer model
+    split 1 + 2; the tied VL model keeps an output-layer copy on the last stage), fp32 as on CPU."""
+    from megatron_spark.models.hf_config import load_hf_config
+    from megatron_spark.planner.memory import state_bytes
+    from megatron_spark.planner.model import stage_params
+
+    shape = load_hf_config(parity["_paths"][case])
+    for live in [parity[f"static/{layout}/{case}/rank{r}"] for r in range(2)]:
+        stages = stage_params(shape, live["tp"], live["pp"])
+        n = stages[live["stage"]].total
+        params, grads, optimizer = state_bytes(n, "fp32", live["dp"], distributed_optimizer=False)
+        assert live["param_elements"] == n, (live, n)
+        assert (live["params"], live["grads"], live["optimizer"]) == (params, grads, optimizer), live

@@ -1,5 +1,6 @@
 """slurm/train.sbatch on a real single-node SLURM (started by `make test`): a preemption signal mid-run makes the
 job checkpoint, requeue itself and resume to the end."""
+import json
 import shutil
 import subprocess
 import sys
@@ -118,3 +119,40 @@ def test_eval_job_stops_requeues_and_finishes_every_item_once(tmp_path):
     ids = [json.loads(x)["id"] for x in results.read_text().splitlines()]
     assert len(ids) == len(set(ids)) == 24, text[-3000:]
     assert json.loads((out / "metrics.json").read_text())["plain"]["items"] == 24
+
+
+def test_sweep_array_job_records_every_layout_and_reports(tmp_path):
+    """`megatron-spark sweep GRID --slurm`: one array task per layout on the real SLURM; a layout the config
+    refuses is recorded as invalid with the config's reason, the others as measured runs; the report has a row each."""
+    import os
+
+    import yaml
+
+    from megatron_spark.data import make_shapes_task
+    from megatron_spark.tiny import build_qwen2_5_vl
+
+    hf = build_qwen2_5_vl(tmp_path / "model", min_pixels=3136, max_pixels=3136)
+    train = make_shapes_task(tmp_path / "data", 16, seed=0)
+    grid = tmp_path / "grid.yaml"
+    grid.write_text(yaml.safe_dump({
+        "config": str(ROOT / "examples" / "tiny_cpu.yaml"), "nproc_per_node": 2, "steps": 1, "timeout_s": 400,
+        "overrides": [f"model.hf_dir={hf}", f"data.train_file={train}", "data.rollout_batch_size=4",
+                      "rollout.n_samples_per_prompt=2", "training.global_batch_size=8", "training.micro_batch_size=4",
+                      "rollout.max_new_tokens=8", "algorithm.recycle.reward_batch_size=4",
+                      f"algorithm.recycle.templates_file={ROOT / 'examples' / 'templates' / 'tiny.yaml'}"],
+        "grid": {"parallel.tensor_model_parallel_size": [1, 2], "rollout.tensor_parallel_size": [1, 2]},
+        "runs": [{"parallel.tensor_model_parallel_size": 3}]}))
+    out = tmp_path / "sweep"
+    p = subprocess.run([sys.executable, "-m", "megatron_spark.cli", "sweep", str(grid), "--out", str(out), "--slurm",
+                        "--wait", f"--sbatch-args=--cpus-per-task={os.cpu_count()}"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=1500)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    rows = [json.loads((out / f"run_{i:03d}" / "result.json").read_text()) for i in range(5)]
+    assert [r["status"] for r in rows] == ["ok"] * 4 + ["invalid"], [(r["status"], r.get("reason")) for r in rows]
+    assert "tensor_model_parallel_size" in rows[4]["reason"] and "TP=3" in rows[4]["reason"]
+    for r in rows[:4]:
+        assert r["step_s"] > 0 and r["tokens_per_s"] > 0 and r["peak_rss_gib"] > 0.1
+        assert {"infer_rollout", "infer_train", "infer_sync"} <= set(r["split_s"])
+        assert r["predicted"]["static_gib"] > 0
+    report = (out / "report.md").read_text()
+    assert report.count("\n| ") == 6 and "| invalid |" in report and (out / "report.png").stat().st_size > 1000

@@ -1,0 +1,129 @@
+"""`megatron-spark plan`: every layout that the trainer accepts for a model on N GPUs, its memory per stage and
+phase and its predicted step time; feasible ones ranked by tokens/s/GPU, infeasible ones with the reason."""
+from __future__ import annotations
+
+import itertools
+import json
+from dataclasses import asdict, dataclass
+from typing import Optional
+
+from megatron_spark.models.hf_config import ModelShape
+from megatron_spark.planner.hardware import Gpu
+from megatron_spark.planner.memory import GIB, Layout, StageMemory, Workload, infeasible_reason, plan_memory
+from megatron_spark.planner.model import param_counts
+from megatron_spark.planner.steptime import StepTime, plan_time
+
+RECOMPUTE = ("none", "selective", "full")
+
+
+@dataclass
+class Plan:
+    layout: Layout
+    memory: list[StageMemory]
+    time: StepTime
+    reason: Optional[str]
+
+    @property
+    def feasible(self) -> bool:
+        return self.reason is None
+
+    @property
+    def peak(self) -> StageMemory:
+        return max(self.memory, key=lambda m: m.peak)
+
+    def tokens_per_gpu_s(self) -> float:
+        return self.time.tokens / self.time.total / self.layout.gpus
+
+
+def layout_problem(shape: ModelShape, layout: Layout, work: Workload) -> Optional[str]:
+    """Why the trainer would refuse this layout (the config's own rules), or None."""
+    t, v = shape.text, shape.vision
+    if t.num_heads % layout.tp or t.num_kv_heads % layout.tp:
+        return f"TP={layout.tp} does not divide {t.num_heads} heads / {t.num_kv_heads} KV heads"
+    if v is not None and v.num_heads % layout.tp:
+        return f"TP={layout.tp} does not divide the vision tower's {v.num_heads} heads"
+    if layout.pp > t.num_layers:
+        return f"PP={layout.pp} exceeds {t.num_layers} layers"
+    r, kv = layout.rollout_tp, t.num_kv_heads
+    if (r > kv and r % kv) or (r <= kv and kv % r):
+        return f"rollout TP={r} with {kv} KV heads"
+    if layout.gpus % layout.rollout_tp:
+        return f"rollout TP={r} does not divide {layout.gpus} GPUs"
+    gb = work.global_batch or work.prompts * work.n_samples
+    if gb % (work.micro_batch_size * layout.dp):
+        return f"global batch {gb} is not divisible by micro-batch x DP = {work.micro_batch_size} x {layout.dp}"
+    return None
+
+
+def evaluate(shape: ModelShape, layout: Layout, work: Workload, hw: Gpu, gpus_per_node: int, mfu: float) -> Plan:
+    mem = plan_memory(shape, layout, work, hw.memory_gib * GIB)
+    return Plan(layout, mem, plan_time(shape, layout, work, hw, gpus_per_node, mfu, layout.reference_on_gpu,
+                                       mem[0].concurrency),
+                infeasible_reason(mem, hw.memory_gib * GIB, layout))
+
+
+def search(shape: ModelShape, gpus: int, gpus_per_node: int, hw: Gpu, work: Workload, mfu: float = 0.30,
+           distributed_optimizer: bool = True, reference_on_gpu: bool = True) -> list[Plan]:
+    if gpus < 1 or gpus_per_node < 1:
+        raise ValueError("--gpus and --gpus-per-node must be >= 1")
+    sizes = [k for k in (1, 2, 4, 8, 16) if k <= gpus_per_node and gpus % k == 0]
+    plans = []
+    for tp, pp, rtp, rc in itertools.product(sizes, (1, 2, 4, 8, 16), sizes, RECOMPUTE):
+        if gpus % (tp * pp) or (rc == "selective" and work.attention == "flash"):
+            continue  # (selective recompute only drops the s x s attention tensors that flash never stores)
+        layout = Layout(tp, pp, gpus // (tp * pp), rtp, rc, distributed_optimizer, False, reference_on_gpu)
+        if layout_problem(shape, layout, work) is None:
+            plans.append(evaluate(shape, layout, work, hw, gpus_per_node, mfu))
+    plans.sort(key=lambda p: (not p.feasible, -p.tokens_per_gpu_s(), p.peak.peak))
+    return plans
+
+
+def header(shape: ModelShape, name: str) -> str:
+    c = param_counts(shape)
+    vision = f", vision tower {c.vision / 1e9:.2f} B" if c.vision else ""
+    return f"{name}: {c.total / 1e9:.2f} B parameters (language model {c.language / 1e9:.2f} B{vision})"
+
+
+def _row(i: int, p: Plan) -> str:
+    m, t = p.peak, p.time
+    g = lambda x: f"{x / GIB:.1f}"  # noqa: E731
+    return (f"| {i} | {p.layout.describe()} | {g(m.peak)} (stage {m.stage}, {m.peak_phase}) | {g(m.static)} | "
+            f"{g(m.activations + m.logits)} | {g(m.vllm_weights)} + {g(m.kv_cache)} ({m.concurrency} seqs) | {t.total:.0f} ({t.rollout:.0f} / "
+            f"{t.logprobs:.0f} / {t.update:.0f} / {t.sync:.1f}) | {p.tokens_per_gpu_s():.0f} |")
+
+
+def report(plans: list[Plan], top: int = 8, infeasible_shown: int = 5) -> str:
+    feasible = [p for p in plans if p.feasible]
+    lines = ["| # | layout | peak GiB | static GiB | activations+logits GiB | vLLM weights + KV GiB | "
+             "step s (rollout / log-probs / update / sync) | tokens/s/GPU |", "|---|---|---|---|---|---|---|---|"]
+    lines += [_row(i + 1, p) for i, p in enumerate(feasible[:top])]
+    if not feasible:
+        lines.append("| - | no feasible layout | | | | | | |")
+    bad = [p for p in plans if not p.feasible]
+    lines.append(f"\n{len(feasible)} feasible of {len(plans)} valid layouts"
+                 + (f"; the fastest infeasible ones fail because:" if bad else ""))
+    bad.sort(key=lambda p: -p.tokens_per_gpu_s())
+    lines += [f"- {p.layout.describe()}: {p.reason}" for p in bad[:infeasible_shown]]
+    return "\n".join(lines)
+
+
+def to_json(plans: list[Plan]) -> str:
+    return json.dumps([{"layout": asdict(p.layout), "feasible": p.feasible, "reason": p.reason,
+                        "peak_gib": p.peak.peak / GIB, "peak_stage": p.peak.stage, "phase": p.peak.peak_phase,
+                        "step_s": asdict(p.time), "tokens_per_gpu_s": p.tokens_per_gpu_s(),
+                        "stages": [{"stage": m.stage, "train_gib": m.train / GIB, "rollout_gib": m.rollout / GIB,
+                                    "static_gib": m.static / GIB, "activations_gib": m.activations / GIB}
+                                   for m in p.memory]} for p in plans], indent=1)
+
+
+def from_config(cfg) -> tuple[Layout, Workload]:
+    """The layout and workload a SparkConfig asks for (megatron_spark.config)."""
+    par, ro, d, tr, alg = cfg.parallel, cfg.rollout, cfg.data, cfg.training, cfg.algorithm
+    rc = "full" if getattr(cfg.model, "recompute_activations", False) else "none"
+    return (Layout(par.tensor_model_parallel_size, par.pipeline_model_parallel_size, 1, ro.tensor_parallel_size, rc,
+                   tr.use_distributed_optimizer, par.sequence_parallel,
+                   alg.kl_coef > 0 and not tr.offload_reference, par.num_layers_in_first_pipeline_stage,
+                   par.num_layers_in_last_pipeline_stage),
+            Workload(d.rollout_batch_size, alg.recycle.reward_batch_size, ro.n_samples_per_prompt, d.prompt_max_len,
+                     0, ro.max_new_tokens, tr.micro_batch_size, tr.global_batch_size,
+                     dtype={"bf16": "bf16", "fp16": "fp16"}.get(cfg.model.dtype, "fp32")))

@@ -1,0 +1,122 @@
+"""The planner's arithmetic against hand-computed cases and the published model sizes, its calibration error on the
+GPU measurements, the layout rules it shares with the trainer, and the CLI (fast, first line = parameter counts).
+The static terms are compared with the live trainer's tensors in tests/dist (parity_worker: static memory)."""
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from megatron_spark.planner import calibration
+from megatron_spark.planner.hardware import GPUS
+from megatron_spark.planner.memory import GIB, Layout, Workload, layer_activation_bytes, plan_memory, state_bytes
+from megatron_spark.planner.model import kv_bytes_per_token, load_model, param_counts, stage_params
+from megatron_spark.planner.search import from_config, layout_problem, search
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.mark.parametrize("name,total,language,vision", [
+    ("qwen2.5-vl-7b", 8.29, 7.62, 0.68), ("qwen2.5-vl-32b", 33.45, 32.76, 0.69), ("qwen2.5-vl-72b", 73.41, 72.71, 0.70),
+    ("qwen2.5-7b", 7.62, 7.62, 0.0)])
+def test_parameter_counts_match_the_published_sizes(name, total, language, vision):
+    c = param_counts(load_model(name))
+    assert (round(c.total / 1e9, 2), round(c.language / 1e9, 2), round(c.vision / 1e9, 2)) == (total, language, vision)
+
+
+def test_stage_params_by_hand():
+    s = load_model("qwen2.5-7b")
+    h, f, q, kv, v = 3584, 18944, 3584, 512, 152064
+    layer = 2 * h + (q + 2 * kv) * h + (q + 2 * kv) + h * q + 3 * h * f
+    (one,) = stage_params(s, 1, 1)
+    assert one.total == 28 * layer + 2 * v * h + h == param_counts(s).total
+    # TP=2: the norms stay whole on each rank, everything else halves; the vocabulary pads to lcm(128, 2) = 128
+    (two,) = stage_params(s, 2, 1)
+    assert two.total == 28 * (2 * h + (layer - 2 * h) // 2) + v * h + h
+    # PP=2 with 28 layers: 14 + 14; the embedding on stage 0, the final norm and output layer on stage 1
+    a, b = stage_params(s, 1, 2)
+    assert (a.layers, b.layers) == (14, 14) and a.total == 14 * layer + v * h and b.total == 14 * layer + v * h + h
+    # the VL model's vision tower lives on stage 0 only
+    vl = stage_params(load_model("qwen2.5-vl-7b"), 1, 2)
+    assert vl[0].vision == param_counts(load_model("qwen2.5-vl-7b")).vision and vl[1].vision == 0
+
+
+def test_bytes_per_parameter():
+    n = 1000
+    assert sum(state_bytes(n, "bf16", 4, False)) == 18 * n              # 2 + 4 + (4 + 8)
+    assert sum(state_bytes(n, "bf16", 4, True)) == 6 * n + 12 * n // 4   # 6 + 12 / DP
+    assert sum(state_bytes(n, "fp32", 1, False)) == 16 * n              # fp32 params: no master copy
+    assert sum(state_bytes(n, "fp32", 2, True)) == 8 * n + 8 * n // 2
+
+
+def test_kv_bytes_per_token():
+    assert [kv_bytes_per_token(load_model(m)) // 1024 for m in ("qwen2.5-vl-7b", "qwen2.5-vl-32b", "qwen2.5-vl-72b")] \
+        == [56, 256, 320]
+    s = load_model("qwen2.5-vl-7b")
+    assert kv_bytes_per_token(s, 4) == 56 * 1024 // 4
+    assert kv_bytes_per_token(s, 8) == 56 * 1024 // 4  # 4 KV heads at TP 8: each rank keeps one (replicated)
+
+
+def test_layer_activations_by_hand():
+    h, f, a, kv, d, s = 3584, 18944, 28, 4, 128, 2048
+    unfused = 8 * s * h + 2 * s * (a * d + 2 * kv * d) + 2 * s * h + 6 * s * f + 4 * a * s * s
+    assert layer_activation_bytes(h, f, a, kv, d, s, 1, "unfused", "none", False) == unfused
+    flash = unfused - 4 * a * s * s + 4 * s * a
+    assert layer_activation_bytes(h, f, a, kv, d, s, 1, "flash", "none", False) == flash
+    tp2 = 8 * s * h + (unfused - 8 * s * h) / 2
+    assert layer_activation_bytes(h, f, a, kv, d, s, 2, "unfused", "none", False) == tp2
+    assert layer_activation_bytes(h, f, a, kv, d, s, 2, "unfused", "none", True) == unfused / 2
+
+
+def test_calibration_error_within_ten_percent():
+    errs = calibration.errors()
+    assert len(errs) == 4 and all(abs(e) < 0.10 for _, _, e in errs), [(m.model, m.seq, p, e) for m, p, e in errs]
+
+
+def test_in_flight_micro_batches_follow_1f1b():
+    s = load_model("qwen2.5-7b")
+    work = Workload(prompts=8, reward_prompts=0, n_samples=4, prompt_len=512, response_len=512)
+    mem = plan_memory(s, Layout(tp=1, pp=4, dp=1), work)
+    per_layer = [m.activations / m.parts["layers"] for m in mem]
+    assert [round(x / per_layer[-1]) for x in per_layer] == [4, 3, 2, 1]
+
+
+def test_layout_rules_and_reasons():
+    s = load_model("qwen2.5-vl-32b")
+    w = Workload()
+    assert "does not divide" in layout_problem(s, Layout(tp=3), w)
+    assert "rollout TP=3" in layout_problem(s, Layout(rollout_tp=3), w)
+    plans = search(s, 8, 8, GPUS["h100-80gb"], w)
+    bad = [p for p in plans if not p.feasible]
+    assert bad and all("GiB" in p.reason for p in bad)
+    tp1 = next(p for p in bad if p.layout.tp == 1 and p.layout.pp == 1)
+    assert tp1.reason.startswith("stage 0 needs") or tp1.reason.startswith("rollout")
+    ranked = [p.tokens_per_gpu_s() for p in plans if p.feasible]
+    assert ranked == sorted(ranked, reverse=True)
+
+
+def test_example_config_fits_and_its_vllm_budget_is_possible():
+    from megatron_spark.config import load_config
+
+    cfg = load_config(ROOT / "examples" / "spark_vl_32b.yaml")
+    layout, work = from_config(cfg)
+    assert (layout.tp, layout.pp, layout.recompute) == (8, 2, "full")
+    from dataclasses import replace
+    mem = plan_memory(load_model("qwen2.5-vl-32b"), replace(layout, dp=1), work, GPUS["h100-80gb"].memory_gib * GIB)
+    worst = max(mem, key=lambda m: m.peak)
+    assert worst.peak <= GPUS["h100-80gb"].memory_gib * GIB and worst.concurrency >= 16
+    # vLLM starts only if its share fits next to the trainer's state, which stays on the GPU
+    assert cfg.rollout.gpu_memory_utilization <= 1 - max(m.static for m in mem) / (GPUS["h100-80gb"].memory_gib * GIB)
+
+
+def test_plan_cli_is_fast_and_leads_with_the_parameter_counts():
+    t0 = time.time()
+    p = subprocess.run([sys.executable, "-m", "megatron_spark.cli", "plan", "--model", "qwen2.5-vl-32b", "--gpus", "16",
+                        "--gpu", "h100-80gb"], capture_output=True, text=True, cwd=ROOT, timeout=60)
+    took = time.time() - t0
+    assert p.returncode == 0, p.stderr
+    lines = p.stdout.splitlines()
+    assert lines[0] == "qwen2.5-vl-32b: 33.45 B parameters (language model 32.76 B, vision tower 0.69 B)"
+    assert "| 1 | TP" in p.stdout and "feasible of" in p.stdout
+    assert took < 10  # the planner itself takes < 2 s; the rest is the interpreter and imports on a busy CI core
