@@ -42,7 +42,7 @@ def make_synthetic(d: Path, layers: int) -> int:
     """A bf16 HF checkpoint with random weights, streamed to 5 GB shards; returns its tensor bytes."""
     import torch
 
-    from megatron_spark.convert.safetensors_io import ShardedSafetensorsWriter, TensorSpec
+    from megatron_spark.io.safetensors import ShardedSafetensorsWriter, TensorSpec
     from megatron_spark.mapping.qwen import expected_hf_shapes
     from megatron_spark.models.hf_config import parse_hf_config
 
@@ -119,7 +119,7 @@ def run_child(call: str) -> dict:
 def same_tensors(a_dir: Path, b_dir: Path) -> bool:
     import torch
 
-    from megatron_spark.convert.safetensors_io import HFCheckpoint
+    from megatron_spark.io.safetensors import HFCheckpoint
 
     a, b = HFCheckpoint(a_dir), HFCheckpoint(b_dir)
     return sorted(a.keys()) == sorted(b.keys()) and all(torch.equal(a.get(n), b.get(n)) for n in a.keys())

@@ -17,25 +17,7 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-TRACKER = "latest_checkpointed_iteration.txt"
-
-
-def iter_dir(root: Path, step: int) -> Path:
-    return root / f"iter_{step:07d}"
-
-
-def latest_step(root: str | Path) -> Optional[int]:
-    path = Path(root) / TRACKER
-    if not path.is_file():
-        return None
-    text = path.read_text().strip()
-    if not text.isdigit():
-        raise ValueError(f"'{path}' should hold an iteration number, found {text!r}")
-    step = int(text)
-    if not iter_dir(Path(root), step).is_dir():
-        raise ValueError(f"'{path}' names iteration {step} but '{iter_dir(Path(root), step)}' is missing")
-    return step
-
+from megatron_spark.io.checkpoint_layout import TRACKER, iter_dir, latest_step, load_strict, model_sharded_state
 
 def _atomic_write(path: Path, text: str) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
@@ -171,35 +153,6 @@ class CheckpointManager:
         if self.rank == 0:
             print(f"resumed from {path} (step {step})", flush=True)
         return step
-
-
-def model_sharded_state(modules: list) -> dict:
-    """The model part of a checkpoint's state dict, named as Megatron-LM names it ("model", or "model0".. with VPP)."""
-    if len(modules) == 1:
-        return {"model": modules[0].sharded_state_dict()}
-    return {f"model{i}": m.sharded_state_dict() for i, m in enumerate(modules)}
-
-
-def load_model_weights(modules: list, path: str | Path) -> None:
-    """Load only the model weights of a torch_dist checkpoint (converted, or written by training at any layout)
-    into this rank's model chunks; dist-checkpointing reads just this rank's slices."""
-    from megatron.core import dist_checkpointing
-
-    state = model_sharded_state(modules)
-    loaded = dist_checkpointing.load(state, str(path))
-    for name, m in zip(state, modules):
-        load_strict(m, loaded[name], path)
-
-
-def load_strict(module, state: dict, path) -> None:
-    """Every parameter of the module must come from the checkpoint and every checkpoint entry must be used: a
-    silently skipped tensor would resume (or export) a model that is partly the initial one."""
-    result = module.load_state_dict(state, strict=False)
-    missing, unexpected = list(result.missing_keys), list(result.unexpected_keys)
-    if missing or unexpected:
-        raise ValueError(f"checkpoint '{path}' does not fit this model: missing {missing[:5]}"
-                         f"{' ...' if len(missing) > 5 else ''}, unexpected {unexpected[:5]}; was it written for "
-                         f"another model (check model.hf_dir)?")
 
 
 def _as_rng_state(s):

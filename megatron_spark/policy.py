@@ -97,7 +97,7 @@ class Policy:
 
         chunks = build_model(shape, layout, dtype=dtype)
         if megatron_ckpt:
-            from megatron_spark.checkpoint import load_model_weights
+            from megatron_spark.io.checkpoint_layout import load_model_weights
             from megatron_spark.convert.converters import resolve_checkpoint
 
             load_model_weights(chunks, resolve_checkpoint(megatron_ckpt)[1])

@@ -20,7 +20,7 @@ from torch import Tensor
 from megatron_spark.convert.layout import (ASSETS_DIR, checkpoint_layout, copy_hf_assets, none_object_bytes,
                                            read_model_metadata, write_model_metadata)
 from megatron_spark.convert.output import begin_output, finish_output, progress
-from megatron_spark.convert.safetensors_io import HFCheckpoint, ShardedSafetensorsWriter, TensorSpec
+from megatron_spark.io.safetensors import HFCheckpoint, ShardedSafetensorsWriter, TensorSpec
 from megatron_spark.mapping.qwen import WeightMap, expected_hf_shapes
 from megatron_spark.mapping.transforms import padded_vocab_size
 from megatron_spark.models.hf_config import ModelShape, load_hf_config, parse_hf_config
@@ -174,7 +174,7 @@ def hf_to_megatron(hf_dir: str | Path, out: str | Path, *, dtype: Optional[str] 
 # -- megatron -> HF -------------------------------------------------------------------------------------------------
 def resolve_checkpoint(ckpt: str | Path, iteration: Optional[int] = None) -> tuple[Path, Path]:
     """(checkpoint root, iteration directory) for a root (tracker file) or an `iter_*` directory."""
-    from megatron_spark.checkpoint import iter_dir, latest_step
+    from megatron_spark.io.checkpoint_layout import iter_dir, latest_step
 
     path = Path(ckpt)
     if not path.is_dir():

@@ -43,7 +43,7 @@ def verify_checkpoint(hf_dir: str, ckpt: str, layouts: list[tuple[int, int]],
 
     from megatron.core import parallel_state as ps
 
-    from megatron_spark.checkpoint import load_model_weights
+    from megatron_spark.io.checkpoint_layout import load_model_weights
     from megatron_spark.models.parity import compare_logits, hf_logits, hf_reference, sample_inputs
     from megatron_spark.models.qwen import build_model
     from megatron_spark.parallel import ParallelLayout

@@ -1,6 +1,6 @@
 """Moving weights between HF safetensors and in-memory megatron-core models, one tensor at a time.
 
-`HFCheckpoint` (convert/safetensors_io.py) reads a safetensors directory lazily and turns every way it can be
+`HFCheckpoint` (io/safetensors.py) reads a safetensors directory lazily and turns every way it can be
 broken (missing shard, truncated file, missing tensor) into an error naming the file. `load_hf_into_megatron` fills this
 rank's shards; `megatron_named_params` yields (global megatron name, param) so that PP stages agree on layer ids.
 """
@@ -12,7 +12,7 @@ from typing import Iterator
 import torch
 from torch import Tensor
 
-from megatron_spark.convert.safetensors_io import HFCheckpoint
+from megatron_spark.io.safetensors import HFCheckpoint
 from megatron_spark.mapping.qwen import ParamMap, WeightMap, from_te_name
 
 __all__ = ["HFCheckpoint", "load_hf_into_megatron", "megatron_named_params", "export_megatron_to_hf", "read_shard"]

@@ -11,9 +11,12 @@ import json
 import sys
 import time
 from dataclasses import replace
+from pathlib import Path
 from types import SimpleNamespace
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # `tests.oracle` when torchrun runs this file
 
 TRAIN_CASES = ("q2_untied_gqa4", "vl_tied", "q2_3layers")
 ONE_STEP = {}  # case -> HF tensors after the reference step (rank 0), for the layout-invariance check
@@ -37,7 +40,8 @@ def one_step(path, shape, layout, case, variant) -> dict:
 
     from megatron_spark.algorithm import BatchSize
     from megatron_spark.mapping.qwen import WeightMap
-    from megatron_spark.models.parity import response_rollouts, sample_inputs
+    from megatron_spark.models.parity import sample_inputs
+    from tests.oracle import response_rollouts
     from megatron_spark.models.qwen import build_model
     from megatron_spark.models.weights import HFCheckpoint, export_megatron_to_hf, load_hf_into_megatron
     from megatron_spark.placement import balanced_partition
@@ -120,7 +124,7 @@ def train_check(chunks, shape, inputs) -> dict:
     import torch.distributed as dist
     from megatron.core import parallel_state as ps
 
-    from megatron_spark.models.parity import response_rollouts
+    from tests.oracle import response_rollouts
     from megatron_spark.policy import Policy, grpo_loss_fn, sft_loss_fn
 
     cfg = SimpleNamespace(lr=2e-3, min_lr_ratio=1.0, warmup_ratio=0.0, weight_decay=0.0, adam_beta1=0.9,
@@ -185,8 +189,8 @@ def main():
     from megatron_spark.mapping.qwen import WeightMap, canonical_hf_name
     from megatron_spark.models.hf_config import load_hf_config
     from megatron_spark.models.qwen import build_model
-    from megatron_spark.models.parity import (compare_logits, compare_token_logprobs, hf_reference, sample_inputs,
-                                              to_batch)
+    from megatron_spark.models.parity import compare_logits, hf_reference, sample_inputs, to_batch
+    from tests.oracle import compare_token_logprobs
     from megatron_spark.models.runtime import forward_backward
     from megatron_spark.models.weights import HFCheckpoint, export_megatron_to_hf, load_hf_into_megatron
     from megatron_spark.parallel import ParallelLayout

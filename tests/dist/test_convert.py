@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from megatron_spark.convert.converters import hf_to_megatron, megatron_to_hf
-from megatron_spark.convert.safetensors_io import HFCheckpoint
+from megatron_spark.io.safetensors import HFCheckpoint
 from tests.conftest import ROOT, torchrun
 
 CASES = ["q2_tied", "q2_untied_gqa4", "vl_untied", "vl_tied"]

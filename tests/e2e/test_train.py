@@ -213,7 +213,7 @@ def test_resume_at_a_different_parallel_layout(full_run, setup):
 def test_training_checkpoints_export_to_hf(full_run, setup):
     """A checkpoint written by training (TP=2) exports to an HF directory whose logits equal Megatron's, and whose
     weights are the trained ones (not the initial ones)."""
-    from megatron_spark.convert.safetensors_io import HFCheckpoint
+    from megatron_spark.io.safetensors import HFCheckpoint
 
     d, _ = full_run
     _, hf, _ = setup

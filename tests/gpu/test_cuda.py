@@ -56,7 +56,8 @@ def test_policy_logprobs_and_update_on_cuda(tiny_models, world, name):
     """Host-built batches reach the GPU; log-probs match HF; the distributed optimizer lowers the NLL."""
     from megatron_spark.config import TrainingConfig
     from megatron_spark.models.hf_config import load_hf_config
-    from megatron_spark.models.parity import compare_token_logprobs, hf_reference, response_rollouts, sample_inputs
+    from megatron_spark.models.parity import hf_reference, sample_inputs
+    from tests.oracle import compare_token_logprobs, response_rollouts
     from megatron_spark.policy import Policy, sft_loss_fn
 
     path = tiny_models[name]

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from megatron_spark.convert.converters import hf_to_megatron, megatron_to_hf
-from megatron_spark.convert.safetensors_io import HFCheckpoint, ShardedSafetensorsWriter, TensorSpec
+from megatron_spark.io.safetensors import HFCheckpoint, ShardedSafetensorsWriter, TensorSpec
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -1,0 +1,78 @@
+"""The repository stands alone and its layering holds (docs/architecture.md, "Import directions").
+
+- No tracked file refers to a path outside the repository (developer notes, absolute paths of this machine).
+- The model code, weight tables, low-level I/O, converters and planner import nothing of the trainer; the SPARK
+  algorithm core imports no Megatron and no vLLM code. Imports are read with `ast`, function-level ones included.
+"""
+import ast
+import re
+import subprocess
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+TRAINER = ("megatron_spark.policy", "megatron_spark.trainer", "megatron_spark.train", "megatron_spark.checkpoint",
+           "megatron_spark.demo", "megatron_spark.rollout", "megatron_spark.bridge", "megatron_spark.evaluation")
+LOW_LEVEL = ("models", "mapping", "io", "convert", "planner")
+CORE = ("algorithm", "recycle", "reward", "templates", "reflection", "placement")
+
+
+def tracked() -> list[Path]:
+    out = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    return [ROOT / p for p in out.splitlines()]
+
+
+def imports(path: Path) -> set[str]:
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+            names |= {node.module} | {f"{node.module}.{a.name}" for a in node.names}
+    return names
+
+
+def test_no_file_points_outside_the_repository():
+    outside = re.compile(r"\.\./shared|/work/|/root/|(?<![\w/.-])(cpu_stack|spark_method|anchors|scaleout|"
+                         r"style_anchors|modelopt_cpu)\.md")
+    bad = []
+    for p in tracked():
+        if p.suffix in (".png", ".jpg", ".whl") or not p.is_file() or p == Path(__file__).resolve():
+            continue
+        for n, line in enumerate(p.read_text(errors="replace").splitlines(), 1):
+            if outside.search(line):
+                bad.append(f"{p.relative_to(ROOT)}:{n}: {line.strip()[:100]}")
+    assert not bad, "\n".join(bad)
+
+
+def test_docs_name_only_files_that_exist():
+    missing = []
+    for p in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]:
+        for ref in re.findall(r"`?((?:docs|bench|scripts|slurm|examples|tools)/[\w./-]+\.(?:md|py|sh|sbatch|yaml))",
+                              p.read_text()):
+            if not (ROOT / ref).exists():
+                missing.append(f"{p.name}: {ref}")
+    assert not missing, missing
+
+
+@pytest.mark.parametrize("package", LOW_LEVEL)
+def test_models_io_converters_and_planner_know_nothing_of_the_trainer(package):
+    bad = {str(p.relative_to(ROOT)): sorted(i for i in imports(p) if i.startswith(TRAINER))
+           for p in (ROOT / "megatron_spark" / package).rglob("*.py")}
+    assert not {k: v for k, v in bad.items() if v}
+
+
+@pytest.mark.parametrize("module", CORE)
+def test_algorithm_core_imports_no_megatron_or_vllm(module):
+    got = imports(ROOT / "megatron_spark" / f"{module}.py")
+    bad = sorted(i for i in got if i.split(".")[0] in ("megatron", "vllm", "transformer_engine")
+                 or i.startswith(TRAINER + ("megatron_spark.models", "megatron_spark.parallel")))
+    assert not bad, bad
+
+
+@pytest.mark.parametrize("package", ("models", "mapping", "io"))
+def test_model_code_reads_files_through_io_not_the_converters(package):
+    bad = {str(p.relative_to(ROOT)): sorted(i for i in imports(p) if i.startswith("megatron_spark.convert"))
+           for p in (ROOT / "megatron_spark" / package).rglob("*.py")}
+    assert not {k: v for k, v in bad.items() if v}
