@@ -37,6 +37,15 @@ def main() -> int:
     if not os.path.isfile(os.path.join(a.hf_dir, "config.json")):
         print(f"error: --hf-dir '{a.hf_dir}' has no config.json", file=sys.stderr)
         return 2
+    from megatron_spark.models.hf_config import load_hf_config
+    from megatron_spark.parallel import check_model_layout
+
+    try:  # before any process starts or any weight is read
+        check_model_layout(load_hf_config(a.hf_dir), a.train_tp, a.train_pp, a.rollout_tp,
+                           ("--train-tp", "--train-pp", "--rollout-tp"))
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     world = math.lcm(a.train_tp * a.train_pp, a.rollout_tp)
     from megatron_spark.launch import relaunch_under_torchrun, under_torchrun, worker_exit
 

@@ -65,18 +65,9 @@ def cast_checked(t: Tensor, dtype: torch.dtype, name: str) -> Tensor:
 
 
 def check_layout_args(shape: ModelShape, tp: int, pp: int) -> None:
-    t = shape.text
-    if tp < 1 or pp < 1:
-        raise ValueError("--tp and --pp must be >= 1")
-    if t.num_kv_heads % tp:
-        raise ValueError(f"--tp {tp}: the model has {t.num_kv_heads} KV heads; TP must divide them")
-    if t.num_heads % tp:
-        raise ValueError(f"--tp {tp} does not divide the {t.num_heads} attention heads")
-    if shape.vision is not None and shape.vision.num_heads % tp:
-        raise ValueError(f"--tp {tp} does not divide the vision tower's {shape.vision.num_heads} heads (it is "
-                         f"tensor-parallel over the same group)")
-    if pp > t.num_layers:
-        raise ValueError(f"--pp {pp} exceeds the model's {t.num_layers} layers")
+    from megatron_spark.parallel import check_model_layout
+
+    check_model_layout(shape, tp, pp)
 
 
 def check_hf_checkpoint(ckpt: HFCheckpoint, shape: ModelShape) -> torch.dtype:

@@ -16,8 +16,9 @@ def begin_output(out: str | Path, force: bool) -> Path:
         raise ValueError(f"--out '{out}' exists and is not a directory")
     if out.is_dir() and any(out.iterdir()) and not force:
         raise ValueError(f"--out '{out}' is not empty; choose a new directory or pass --force to replace it")
-    if not out.parent.is_dir():
-        raise ValueError(f"--out '{out}': the parent directory '{out.parent}' does not exist")
+    if out.parent.exists() and not out.parent.is_dir():
+        raise ValueError(f"--out '{out}': '{out.parent}' exists and is not a directory")
+    out.parent.mkdir(parents=True, exist_ok=True)  # as save_pretrained and Megatron-LM do
     tmp = out.with_name(f".{out.name}.partial-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()

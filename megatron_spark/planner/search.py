@@ -37,16 +37,13 @@ class Plan:
 
 def layout_problem(shape: ModelShape, layout: Layout, work: Workload) -> Optional[str]:
     """Why the trainer would refuse this layout (the config's own rules), or None."""
-    t, v = shape.text, shape.vision
-    if t.num_heads % layout.tp or t.num_kv_heads % layout.tp:
-        return f"TP={layout.tp} does not divide {t.num_heads} heads / {t.num_kv_heads} KV heads"
-    if v is not None and v.num_heads % layout.tp:
-        return f"TP={layout.tp} does not divide the vision tower's {v.num_heads} heads"
-    if layout.pp > t.num_layers:
-        return f"PP={layout.pp} exceeds {t.num_layers} layers"
-    r, kv = layout.rollout_tp, t.num_kv_heads
-    if (r > kv and r % kv) or (r <= kv and kv % r):
-        return f"rollout TP={r} with {kv} KV heads"
+    from megatron_spark.parallel import check_model_layout
+
+    r = layout.rollout_tp
+    try:
+        check_model_layout(shape, layout.tp, layout.pp, r, ("TP", "PP", "rollout TP"))
+    except ValueError as e:
+        return str(e)
     if layout.gpus % layout.rollout_tp:
         return f"rollout TP={r} does not divide {layout.gpus} GPUs"
     gb = work.global_batch or work.prompts * work.n_samples

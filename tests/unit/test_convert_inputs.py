@@ -139,6 +139,22 @@ def test_non_empty_output_needs_force(hf, tmp_path):
     assert (out / "precious.txt").read_text() == "keep me"
 
 
+def test_missing_parent_directories_are_created(hf, tmp_path):
+    """`--out A/B` with no A: created, as HF's save_pretrained and Megatron-LM do (both directions)."""
+    from megatron_spark.convert.converters import megatron_to_hf
+
+    ckpt = tmp_path / "new" / "deeper" / "ckpt"
+    hf_to_megatron(hf, ckpt)
+    assert (ckpt / "latest_checkpointed_iteration.txt").is_file()
+    back = tmp_path / "other" / "hf"
+    megatron_to_hf(ckpt, back)
+    assert (back / "config.json").is_file()
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(ValueError, match="exists and is not a directory"):
+        hf_to_megatron(hf, blocker / "out")
+
+
 def test_bad_layout_arguments(hf, tmp_path):
     with pytest.raises(ValueError, match=r"--pp 3 exceeds the model's 2 layers"):
         hf_to_megatron(hf, tmp_path / "out", pp=3)
@@ -208,3 +224,16 @@ def test_cli_prints_the_error_without_a_traceback(tmp_path):
     assert p.returncode == 2
     assert p.stderr.strip().splitlines()[-1].startswith(f"error: '{tmp_path / 'config.json'}' not found")
     assert "Traceback" not in p.stderr
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--train-pp", "5"], "error: --train-pp 5 exceeds the model's 2 layers"),
+    (["--train-tp", "3"], "error: --train-tp 3: the model has 2 KV heads; TP must divide them"),
+    (["--rollout-tp", "3"], "error: --rollout-tp 3: vLLM needs a TP that divides the model's 2 KV heads"),
+])
+def test_verify_sync_refuses_a_layout_the_model_cannot_take(tiny_models, args, message):
+    """One line naming the flag, exit 2, before any process starts (no megatron-core AssertionError per rank)."""
+    p = subprocess.run([sys.executable, str(ROOT / "tools/verify_sync.py"), "--hf-dir", tiny_models["q2_tied"], *args],
+                       capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert p.returncode == 2 and p.stderr.strip().splitlines() == [p.stderr.strip().splitlines()[-1]]
+    assert p.stderr.strip().startswith(message) and "Traceback" not in p.stderr

@@ -85,8 +85,8 @@ def test_in_flight_micro_batches_follow_1f1b():
 def test_layout_rules_and_reasons():
     s = load_model("qwen2.5-vl-32b")
     w = Workload()
-    assert "does not divide" in layout_problem(s, Layout(tp=3), w)
-    assert "rollout TP=3" in layout_problem(s, Layout(rollout_tp=3), w)
+    assert layout_problem(s, Layout(tp=3), w).startswith("TP 3: the model has 8 KV heads")
+    assert layout_problem(s, Layout(rollout_tp=3), w).startswith("rollout TP 3: vLLM needs a TP that divides")
     plans = search(s, 8, 8, GPUS["h100-80gb"], w)
     bad = [p for p in plans if not p.feasible]
     assert bad and all("GiB" in p.reason for p in bad)
