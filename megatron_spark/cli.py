@@ -30,12 +30,17 @@ def _demo(args) -> int:
            str(config), str(held_out), f"model.hf_dir={hf_dir}", f"data.train_file={train}",
            f"logging.dir={run}", f"training.seed={args.seed}", f"checkpoint.dir={ckpt}",
            f"algorithm.recycle.templates_file={templates}", *args.overrides]
-    rc = subprocess.call(cmd)
+    env = dict(os.environ)
+    if not args.verbose:  # the job's output is for people: libraries at warning level, each warning once
+        env.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+        env.setdefault("TRANSFORMERS_VERBOSITY", "error")
+        env.setdefault("PYTHONWARNINGS", "ignore")
+    rc = subprocess.call(cmd, env=env)
     if rc == 0 and not args.skip_eval:
         print("\nevaluating the trained checkpoint: megatron-spark eval (plain + self-reflection), then the judge "
               "tasks", flush=True)
         common = ["--model", str(ckpt), "--max-tokens", "16", "--min-pixels", "3136", "--max-pixels", "3136",
-                  "--templates", str(templates), "--force"]
+                  "--templates", str(templates), "--force"] + (["--verbose"] if args.verbose else [])
         rc = main(["eval", str(held_out), "--out", str(run / "eval"), "--mode", "tts", *common]) or \
             main(["eval", str(held_out.parent / "judge.json"), "--out", str(run / "eval_judge"), *common])
     print(f"demo finished in {time.time() - t0:.0f}s")
@@ -98,6 +103,7 @@ def main(argv=None) -> int:
     demo.add_argument("--run-dir", default="runs/demo")
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--skip-eval", action="store_true", help="stop after training (no `megatron-spark eval`)")
+    demo.add_argument("--verbose", action="store_true", help="vLLM's and transformers' full logs")
     demo.add_argument("overrides", nargs="*", help="config overrides, e.g. training.max_steps=10")
     tr = sub.add_parser("train", help="run SPARK training from a YAML config with dotted overrides")
     tr.add_argument("--config", default=None)

@@ -56,11 +56,43 @@ def read_metrics(run_dir: str | Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-PLOTS = [("reward", ["infer/reward_mean", "reward/reward_mean"]),
-         ("judge / reflection", ["reward/judge_accuracy", "reward/reflection_success"]),
-         ("kl", ["infer/kl", "reward/kl"]), ("clip fraction", ["infer/clip_fraction", "reward/clip_fraction"]),
-         ("response length", ["infer/response_len", "reward/response_len"]),
-         ("time split (s)", ["time/rollout", "time/reward", "time/train", "time/sync"])]
+CURVES = [("reward", ["infer/reward_mean", "reward/reward_mean"]),
+          ("judge / reflection (training tasks)", ["reward/judge_accuracy", "reward/reflection_success"]),
+          ("held-out (eval.file)", ["eval/task_accuracy", "eval/judge_accuracy"]),
+          ("kl / clip fraction", ["infer/kl", "reward/kl", "infer/clip_fraction", "reward/clip_fraction"]),
+          ("response length", ["infer/response_len", "reward/response_len"])]
+PHASES = ("rollout", "reward", "logprobs", "train", "sync", "eval")
+
+
+def smooth(values: list[float], window: int) -> list[float]:
+    """Trailing mean over `window` points (per-step curves of a small run are mostly noise)."""
+    out, acc = [], 0.0
+    for i, v in enumerate(values):
+        acc += v
+        if i >= window:
+            acc -= values[i - window]
+        out.append(acc / min(i + 1, window))
+    return out
+
+
+def panels(rows: list[dict]) -> list[tuple[str, dict[str, list[tuple[int, float]]]]]:
+    """(title, {series: [(step, value)]}) for every panel that has data: the curves above, and the time of a step
+    split by phase (both periods summed; `time/eval` when held-out evaluation ran)."""
+    out = []
+    for title, keys in CURVES:
+        series = {k: [(r["step"], r[k]) for r in rows if isinstance(r.get(k), (int, float))] for k in keys}
+        series = {k: v for k, v in series.items() if v}
+        if series:
+            out.append((title, series))
+    split = {}
+    for phase in PHASES:
+        keys = [f"time/infer_{phase}", f"time/reward_{phase}"] if phase != "eval" else ["time/eval"]
+        pts = [(r["step"], sum(r.get(k, 0.0) for k in keys)) for r in rows if any(k in r for k in keys)]
+        if pts and any(v for _, v in pts):
+            split[phase] = pts
+    if split:
+        out.append(("time per step by phase (s, stacked)", split))
+    return out
 
 
 def plot(run_dir: str | Path, out: Optional[str | Path] = None) -> Path:
@@ -70,17 +102,34 @@ def plot(run_dir: str | Path, out: Optional[str | Path] = None) -> Path:
     import matplotlib.pyplot as plt
 
     rows = read_metrics(run_dir)
-    fig, axes = plt.subplots(2, 3, figsize=(14, 7))
-    for ax, (title, keys) in zip(axes.flat, PLOTS):
-        for k in keys:
-            pts = [(r["step"], r[k]) for r in rows if isinstance(r.get(k), (int, float))]
-            if pts:
-                ax.plot(*zip(*pts), label=k, marker=".")
+    found = panels(rows)
+    if not found:
+        raise ValueError(f"'{run_dir}/metrics.jsonl' holds no plottable metrics yet")
+    cols = 3
+    fig, axes = plt.subplots(-(-len(found) // cols), cols, figsize=(14, 3.6 * -(-len(found) // cols)), squeeze=False)
+    window = max(1, len(rows) // 10)
+    for ax, (title, series) in zip(axes.flat, found):
+        if title.startswith("time per step"):
+            steps = sorted({s for pts in series.values() for s, _ in pts})
+            stacks = [[dict(pts).get(s, 0.0) for s in steps] for pts in series.values()]
+            ax.stackplot(steps, *stacks, labels=list(series), alpha=0.8)
+        else:
+            for k, pts in series.items():
+                xs, ys = zip(*pts)
+                marker = "o" if k.startswith("eval/") else "."
+                line = ax.plot(xs, ys, marker, alpha=0.35 if window > 1 and not k.startswith("eval/") else 0.9,
+                               markersize=4)[0]
+                if window > 1 and not k.startswith("eval/"):
+                    ax.plot(xs, smooth(list(ys), window), color=line.get_color(), label=f"{k} (mean of {window})")
+                else:
+                    ax.plot(xs, ys, color=line.get_color(), label=k)
         ax.set_title(title)
         ax.set_xlabel("step")
-        if ax.get_legend_handles_labels()[0]:
-            ax.legend(fontsize=7)
+        ax.legend(fontsize=7)
+    for ax in list(axes.flat)[len(found):]:
+        ax.axis("off")
     fig.tight_layout()
     out = Path(out) if out else Path(run_dir) / "curves.png"
     fig.savefig(out, dpi=90)
+    plt.close(fig)
     return out

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import multiprocessing as mp
+import os
 import re
 import time
 from dataclasses import dataclass
@@ -122,9 +123,26 @@ def _resolve(fn: Optional[str]):
     return getattr(importlib.import_module(module), name)
 
 
-def _worker(conn, cfg: VerifierConfig, fn: Optional[str] = None) -> None:
+def die_with_parent(parent_pid: int) -> None:
+    """Linux: this process gets SIGKILL when its parent dies, however the parent dies (SIGKILL and OOM included),
+    so a crashed trainer leaves no worker behind. Exits at once if the parent is already gone."""
     import signal
 
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
+    except (OSError, AttributeError):  # not Linux: the pipe's EOF still ends the worker loop
+        pass
+    if os.getppid() != parent_pid:
+        os._exit(0)
+
+
+def _worker(conn, cfg: VerifierConfig, fn: Optional[str] = None, parent_pid: Optional[int] = None) -> None:
+    import signal
+
+    if parent_pid is not None:
+        die_with_parent(parent_pid)
     # SLURM signals every process of a job step; the trainer handles SIGUSR1, its helpers must not die of it.
     signal.signal(signal.SIGUSR1, signal.SIG_IGN)
     logging.getLogger("math_verify").setLevel(logging.CRITICAL)
@@ -176,7 +194,7 @@ class RewardPool:
         """A new worker, returned once it has imported and warmed math-verify: the per-item deadline then
         measures the item alone, not the interpreter start (seconds on a loaded machine)."""
         parent, child = self._ctx.Pipe()
-        proc = self._ctx.Process(target=_worker, args=(child, self.cfg, self.fn), daemon=True)
+        proc = self._ctx.Process(target=_worker, args=(child, self.cfg, self.fn, os.getpid()), daemon=True)
         proc.start()
         child.close()
         if not parent.poll(startup_timeout_s) or parent.recv() != "ready":

@@ -104,9 +104,11 @@ class RolloutEngine:
             kwargs.update(gpu_memory_utilization=gpu_memory_utilization, enable_sleep_mode=True)
         if multimodal:
             kwargs["limit_mm_per_prompt"] = {"image": 1, "video": 0}
-            mm = {k: v for k, v in (("min_pixels", min_pixels), ("max_pixels", max_pixels)) if v is not None}
-            if mm:
-                kwargs["mm_processor_kwargs"] = mm
+            # the image bounds in the form current image processors take (min_pixels / max_pixels call arguments
+            # are deprecated and warned about on every request)
+            size = {k: v for k, v in (("shortest_edge", min_pixels), ("longest_edge", max_pixels)) if v is not None}
+            if size:
+                kwargs["mm_processor_kwargs"] = {"size": size}
         from megatron_spark.logs import dedupe_vllm_warnings
 
         dedupe_vllm_warnings()

@@ -190,6 +190,43 @@ def test_sigterm_leaves_a_loadable_checkpoint(setup):
     assert sorted(metrics(d / "runD")) == [step + 1]
 
 
+def test_sigkill_leaves_no_process_behind_and_resumes(setup):
+    """kill -9 of the trainer processes mid-step: every process of the run (reward workers, resource trackers,
+    torchrun) is gone within seconds, and the rerun resumes from the last complete checkpoint."""
+    import psutil
+
+    d, hf, train = setup
+    run_dir, ck = d / "runK", d / "ckK"
+    proc = subprocess.Popen(cmd(hf, train, run_dir, ck, "training.max_steps=40", "checkpoint.save_interval=1",
+                                "algorithm.reward_workers=2"),
+                            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.time() + 300
+        while time.time() < deadline and proc.poll() is None:
+            if (ck / "latest_checkpointed_iteration.txt").is_file():
+                break
+            time.sleep(0.2)
+        time.sleep(1.0)  # into the next step
+        tree = psutil.Process(proc.pid).children(recursive=True)
+        workers = psutil.Process(proc.pid).children(recursive=False)
+        assert len(workers) == 2 and len(tree) > 2, [p.cmdline()[:4] for p in tree]  # trainers + their helpers
+        for w in workers:
+            w.kill()
+        _, alive = psutil.wait_procs([psutil.Process(proc.pid)] + tree, timeout=15)
+        survivors = [(p.pid, " ".join(p.cmdline()[:4])) for p in alive if p.is_running()]
+    finally:  # whatever happens, leave nothing of ours behind (our own process group, by id)
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.wait()
+    assert not survivors, survivors
+    step = int((ck / "latest_checkpointed_iteration.txt").read_text())
+    assert (ck / f"iter_{step:07d}" / "metadata.json").is_file()
+    out = run(cmd(hf, train, d / "runK2", ck, f"training.max_steps={step + 1}", "checkpoint.save_interval=1"))
+    assert f"resumed from {ck / f'iter_{step:07d}'}" in out.stdout
+
+
 def test_resume_at_a_different_parallel_layout(full_run, setup):
     """Written at TP=2 PP=1, resumed at TP=1 PP=2: dist-checkpointing reshards model and optimizer."""
     d, ref = full_run

@@ -1,0 +1,30 @@
+"""`make run`'s command with a short run: the output is for people (fewer than 200 lines, no repeated library
+warnings), ends with the before/after table and the evaluation tables of `megatron-spark eval`."""
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_main_job_output_is_short_and_ends_with_the_results(tmp_path):
+    run = tmp_path / "demo"
+    p = subprocess.run([sys.executable, "-m", "megatron_spark.cli", "demo", "--run-dir", str(run),
+                        "training.max_steps=3", "training.sft_warmup_steps=2", "logging.progress_bar=false"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=900,
+                       env={**__import__("os").environ, "PYTHONWARNINGS": "ignore"})
+    out = p.stdout + p.stderr
+    assert p.returncode == 0, out[-5000:]
+    lines = out.splitlines()
+    assert len(lines) < 200, f"{len(lines)} lines:\n" + "\n".join(lines[:80])
+    assert "task_accuracy" in p.stdout and "judge_accuracy" in p.stdout  # the before/after table
+    assert "| **mean over datasets** |" in p.stdout and "| judge/pointwise |" in p.stdout  # eval's tables
+    seen, repeated = set(), []
+    for x in lines:  # vLLM's warnings: "(MainProcess pid=N) WARNING date time [file:line] message", once per process
+        m = re.search(r"pid=(\d+)\) WARNING \S+ \S+ \[[^\]]+\] (.*)", x)
+        if m:
+            repeated += [x] if m.groups() in seen else []
+            seen.add(m.groups())
+    assert not repeated, repeated[:5]
+    assert (run / "eval" / "metrics.json").is_file() and (run / "eval_judge" / "metrics.json").is_file()
