@@ -12,7 +12,8 @@ Decisions (defaults, all configurable through `VerifierConfig`):
 
 math-verify's own timeouts use SIGALRM and fail off the main thread, so they are disabled and every check runs in
 a `RewardPool` worker process with a hard per-item deadline: a pathological answer costs at most the limit, its
-worker is killed and replaced, and the item scores 0.
+worker is killed and a warm spare takes its place at once (the next spare starts in the background), and the item
+scores 0.
 """
 from __future__ import annotations
 
@@ -171,6 +172,7 @@ class PoolStats:
     timeouts: int = 0
     seconds: float = 0.0
     worst_item_s: float = 0.0
+    replace_wait_s: float = 0.0      # time spent swapping in replacement workers (never waits for a start)
 
 
 class RewardPool:
@@ -187,20 +189,29 @@ class RewardPool:
             raise ValueError(f"RewardPool: timeout_s must be > 0, got {timeout_s}")
         self.timeout_s, self.cfg, self.fn, self.failed_value = timeout_s, cfg, fn, failed_value
         self._ctx = mp.get_context("spawn")  # fork is unsafe in a process that runs torch threads
-        self._procs = [self._spawn() for _ in range(workers)]
+        started = [self._start() for _ in range(workers + 1)]  # the last one is a warm spare
+        self._procs = [self._await_ready(w) for w in started[:workers]]
+        self._spare = started[workers]
+        self._warming: set[int] = set()   # slots whose replacement worker has not said "ready" yet
         self.stats = PoolStats()
 
-    def _spawn(self, startup_timeout_s: float = 120.0):
-        """A new worker, returned once it has imported and warmed math-verify: the per-item deadline then
-        measures the item alone, not the interpreter start (seconds on a loaded machine)."""
+    def _start(self):
+        """Start a worker without waiting for it (it imports and warms math-verify, then says "ready")."""
         parent, child = self._ctx.Pipe()
         proc = self._ctx.Process(target=_worker, args=(child, self.cfg, self.fn, os.getpid()), daemon=True)
         proc.start()
         child.close()
-        if not parent.poll(startup_timeout_s) or parent.recv() != "ready":
+        return proc, parent
+
+    @staticmethod
+    def _await_ready(worker, startup_timeout_s: float = 120.0):
+        """The worker, once it has imported and warmed math-verify: the per-item deadline then measures the item
+        alone, not the interpreter start (seconds on a loaded machine)."""
+        proc, conn = worker
+        if not conn.poll(startup_timeout_s) or conn.recv() != "ready":
             proc.kill()
             raise RuntimeError(f"RewardPool: a worker did not start within {startup_timeout_s:.0f} s")
-        return proc, parent
+        return worker
 
     def score(self, responses: Sequence[str], golds: Sequence[str]) -> list:
         if len(responses) != len(golds):
@@ -211,17 +222,22 @@ class RewardPool:
         busy: dict[int, tuple[int, float]] = {}  # worker slot -> (item, started)
         while todo or busy:
             for slot in range(len(self._procs)):
-                if slot not in busy and todo:
+                if slot not in busy and slot not in self._warming and todo:
                     i = todo.pop()
                     self._procs[slot][1].send((i, responses[i], golds[i]))
                     busy[slot] = (i, time.monotonic())
             now = time.monotonic()
-            deadline = min(start for _, start in busy.values()) + self.timeout_s
-            ready = wait([self._procs[s][1] for s in busy], timeout=max(0.0, deadline - now))
+            deadline = min((start for _, start in busy.values()), default=now + 60.0) + self.timeout_s
+            conns = [self._procs[s][1] for s in list(busy) + sorted(self._warming)]
+            ready = wait(conns, timeout=max(0.0, deadline - now))
+            for slot in sorted(self._warming):  # a replacement that finished warming takes work from now on
+                if self._procs[slot][1] in ready:
+                    self._await_ready(self._procs[slot])
+                    self._warming.discard(slot)
             for slot in list(busy):
                 conn = self._procs[slot][1]
                 i, start = busy[slot]
-                if conn in ready:
+                if conn in ready or conn.poll(0):
                     try:
                         _, value = conn.recv()
                     except EOFError:  # the worker died (e.g. recursion crash in a parser): score 0, replace it
@@ -233,22 +249,34 @@ class RewardPool:
                 elif time.monotonic() - start >= self.timeout_s:
                     out[i] = self.failed_value
                     self.stats.timeouts += 1
+                    self.stats.worst_item_s = max(self.stats.worst_item_s, time.monotonic() - start)
                     self._replace(slot)
                     del busy[slot]
-                    self.stats.worst_item_s = max(self.stats.worst_item_s, time.monotonic() - start)
         self.stats.items += len(responses)
         self.stats.seconds += time.monotonic() - t0
         return [float(x) for x in out] if self.fn is None else out
 
     def _replace(self, slot: int) -> None:
+        """Kill the slot's worker and hand the slot the warm spare without waiting: if the spare is still warming
+        the slot takes no work until it says ready, while the other workers go on; the next spare starts now."""
+        t0 = time.monotonic()
         proc, conn = self._procs[slot]
         proc.kill()
-        proc.join(timeout=5)
         conn.close()
-        self._procs[slot] = self._spawn()
+        spare, self._spare = self._spare, self._start()
+        self._procs[slot] = spare
+        if spare[1].poll(0):
+            self._await_ready(spare)
+            self._warming.discard(slot)
+        else:
+            self._warming.add(slot)
+        proc.join(timeout=5)
+        self.stats.replace_wait_s += time.monotonic() - t0
 
     def close(self) -> None:
-        for proc, conn in self._procs:
+        workers = self._procs + ([self._spare] if getattr(self, "_spare", None) else [])
+        self._spare = None
+        for proc, conn in workers:
             try:
                 conn.send(None)
             except (BrokenPipeError, OSError):

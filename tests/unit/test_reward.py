@@ -54,9 +54,6 @@ def test_pool_matches_sequential_and_times_out_pathological_item():
     responses = ["Reasoning... \\boxed{\\frac{3}{4}}", "\\boxed{0.75}", "\\boxed{1}", "\\boxed{Yes}"]
     golds = ["0.75", "\\frac{3}{4}", "2", "Yes"]
     pathological = "\\boxed{9^{9^{9^{9^{9^{9^{9}}}}}}}"
-    t0 = time.monotonic()
-    with RewardPool(workers=1, timeout_s=1.5):
-        respawn = time.monotonic() - t0  # what replacing a timed-out worker costs on this machine, now
     with RewardPool(workers=2, timeout_s=1.5) as pool:
         assert pool.score(responses, golds) == [score(r, g) for r, g in zip(responses, golds)]
         t0 = time.monotonic()
@@ -64,10 +61,24 @@ def test_pool_matches_sequential_and_times_out_pathological_item():
         elapsed = time.monotonic() - t0
         assert out == [1.0, 1.0, 0.0, 0.0, 1.0]
         assert pool.stats.timeouts == 1
-        assert 1.5 <= pool.stats.worst_item_s < 1.5 + 2 * respawn + 1.0 and pool.stats.seconds >= elapsed - 0.01
-        # the item's limit plus one worker respawn (measured 1.86-1.93 s with respawns of 0.35 s, 2 busy cores)
-        assert 1.5 <= elapsed < 1.5 + 2 * respawn + 1.0, (elapsed, respawn)
+        # the item costs its limit; the warm spare replaces its worker at once (before: limit + a worker start)
+        assert 1.5 <= pool.stats.worst_item_s < 1.5 + 0.5 and pool.stats.replace_wait_s < 0.3
+        assert 1.5 <= elapsed < 1.5 + 0.5 + 0.5, elapsed
         assert pool.score(["\\boxed{2}"], ["2"]) == [1.0]  # the replaced worker serves again
+
+
+def test_three_pathological_items_in_a_batch_of_100_cost_their_limit():
+    """Spread over a batch: each timed-out item costs its limit plus scheduling noise (< 0.5 s), whichever worker
+    it lands on; the batch finishes with every other item scored as a sequential check would."""
+    pathological = "\\boxed{9^{9^{9^{9^{9^{9^{9}}}}}}}"
+    responses = [f"so \\boxed{{{k}}}" for k in range(100)]
+    golds = [str(k if k % 3 else k + 1) for k in range(100)]
+    for k in (10, 50, 90):
+        responses[k], golds[k] = pathological, "1"
+    with RewardPool(workers=2, timeout_s=1.0) as pool:
+        out = pool.score(responses, golds)
+        assert pool.stats.timeouts == 3 and pool.stats.worst_item_s < 1.0 + 0.5, pool.stats
+    assert out == [0.0 if k in (10, 50, 90) else float(k % 3 != 0) for k in range(100)]
 
 
 def test_pool_rejects_bad_arguments():
