@@ -8,7 +8,8 @@ untied, N decoder layers), then times, each in a fresh process with the page cac
   copy bound  reading and writing the same files with a plain buffered copy (+ fsync per file, as the tools do)
   hf->mg      tools' hf_to_megatron
   mg->hf      tools' megatron_to_hf (the export is then compared bit for bit with the synthetic source)
-and reports wall time, GB/s (model bytes / time), the ratio to the copy bound, and peak RSS (VmHWM) next to
+`--repeats` times (default 3, the bound and the tool interleaved) and reports the median and range of wall time,
+GB/s (model bytes / time), the ratio to the copy bound, and peak RSS (VmHWM) next to
 the process's RSS after imports and the issue's budget (1.5 x largest tensor + 1 GiB). Prints a Markdown table
 and a linear extrapolation of the times to the full 64-layer model.
 """
@@ -128,8 +129,11 @@ def same_tensors(a_dir: Path, b_dir: Path) -> bool:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--layers", type=int, nargs="+", default=[2, 4])
+    ap.add_argument("--repeats", type=int, default=3, help="measurements per direction (median and range)")
     ap.add_argument("--dir", default="/tmp/spark-bench-convert")
     a = ap.parse_args()
+    import statistics
+
     largest = SHAPE["vocab"] * SHAPE["hidden"] * 2
     budget = 1.5 * largest + 2 ** 30
     rows, fits = [], {"hf->mg": [], "mg->hf": []}
@@ -137,35 +141,49 @@ def main() -> None:
         root = Path(a.dir) / f"L{n}"
         shutil.rmtree(root, ignore_errors=True)
         size = make_synthetic(root / "hf", n)
-        evict(root)
-        copy_s, copied = plain_copy(root / "hf", root / "copy_hf", (".safetensors",))
-        shutil.rmtree(root / "copy_hf")
-        evict(root)
-        fwd = run_child(f"hf_to_megatron({str(root / 'hf')!r}, {str(root / 'mg')!r})")
-        evict(root)
-        back_copy_s, _ = plain_copy(root / "mg", root / "copy_mg", (".distcp",))
-        shutil.rmtree(root / "copy_mg")
-        evict(root)
-        back = run_child(f"megatron_to_hf({str(root / 'mg')!r}, {str(root / 'export')!r})")
-        exact = same_tensors(root / "hf", root / "export")
-        for name, r, cs in (("hf->mg", fwd, copy_s), ("mg->hf", back, back_copy_s)):
-            rows.append((name, n, size, r["s"], cs, r["peak_rss"], r["base_rss"], exact))
-            fits[name].append((n, r["s"]))
+        runs = {"hf->mg": [], "mg->hf": []}
+        exact = True
+        for rep in range(a.repeats):  # the bound and the tool alternate, so drift of a shared disk hits both
+            evict(root)
+            copy_s, _ = plain_copy(root / "hf", root / "copy_hf", (".safetensors",))
+            shutil.rmtree(root / "copy_hf")
+            evict(root)
+            fwd = run_child(f"hf_to_megatron({str(root / 'hf')!r}, {str(root / 'mg')!r})")
+            evict(root)
+            back_copy_s, _ = plain_copy(root / "mg", root / "copy_mg", (".distcp",))
+            shutil.rmtree(root / "copy_mg")
+            evict(root)
+            back = run_child(f"megatron_to_hf({str(root / 'mg')!r}, {str(root / 'export')!r})")
+            if rep == 0:
+                exact = same_tensors(root / "hf", root / "export")
+            runs["hf->mg"].append((fwd, copy_s))
+            runs["mg->hf"].append((back, back_copy_s))
+            shutil.rmtree(root / "mg")
+            shutil.rmtree(root / "export")
+        for name, rs in runs.items():
+            secs = [r["s"] for r, _ in rs]
+            ratios = [cs / r["s"] for r, cs in rs]
+            rows.append((name, n, size, secs, [cs for _, cs in rs], ratios, max(r["peak_rss"] for r, _ in rs),
+                         rs[0][0]["base_rss"], exact))
+            fits[name].append((n, statistics.median(secs)))
         shutil.rmtree(root)
     gb = 1e9
-    print(f"\nlargest tensor {largest / gb:.3f} GB; RSS budget 1.5 x largest + 1 GiB = {budget / gb:.2f} GB\n")
-    print("| direction | layers | model GB | wall s | GB/s | copy s | copy GB/s | vs copy | peak RSS GB "
-          "| RSS after imports GB | within budget | bit-exact |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
-    for name, n, size, s, cs, peak, base, exact in rows:
-        print(f"| {name} | {n} | {size / gb:.2f} | {s:.1f} | {size / gb / s:.2f} | {cs:.1f} | {size / gb / cs:.2f} "
-              f"| {cs / s:.2f}x | {peak / gb:.2f} | {base / gb:.2f} | {'yes' if peak <= budget else 'NO'} "
-              f"| {'yes' if exact else 'NO'} |")
+    med = statistics.median
+    print(f"\nlargest tensor {largest / gb:.3f} GB; RSS budget 1.5 x largest + 1 GiB = {budget / gb:.2f} GB; "
+          f"{a.repeats} repeats, median [min-max]\n")
+    print("| direction | layers | model GB | wall s | GB/s | copy s | vs copy | peak RSS GB | RSS after imports GB "
+          "| within budget | bit-exact |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    for name, n, size, secs, copies, ratios, peak, base, exact in rows:
+        print(f"| {name} | {n} | {size / gb:.2f} | {med(secs):.1f} [{min(secs):.1f}-{max(secs):.1f}] | "
+              f"{size / gb / med(secs):.2f} | {med(copies):.1f} [{min(copies):.1f}-{max(copies):.1f}] | "
+              f"{med(ratios):.2f}x [{min(ratios):.2f}-{max(ratios):.2f}] | {peak / gb:.2f} | {base / gb:.2f} | "
+              f"{'yes' if peak <= budget else 'NO'} | {'yes' if exact else 'NO'} |")
     if len(a.layers) >= 2:
         layer_bytes = (SHAPE["hidden"] * (SHAPE["hidden"] + 2 * SHAPE["hidden"] // SHAPE["heads"] * SHAPE["kv_heads"])
                        + SHAPE["hidden"] ** 2 + 3 * SHAPE["hidden"] * SHAPE["ffn"]) * 2
         full = 64 * layer_bytes + largest * 2
-        print(f"\nextrapolated to 64 layers ({full / gb:.1f} GB of language model):")
+        print(f"\nextrapolated to 64 layers ({full / gb:.1f} GB of language model), from the medians:")
         for name, pts in fits.items():
             (n0, t0), (n1, t1) = pts[0], pts[-1]
             per_layer = (t1 - t0) / (n1 - n0)

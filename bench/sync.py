@@ -17,6 +17,7 @@ import argparse
 import json
 import math
 import os
+import statistics
 import sys
 import time
 
@@ -90,8 +91,18 @@ def measured(a) -> dict:
         engine = {n: torch.zeros(s, dtype=dtype, device=dev) for n, s in hf_shapes.items()}
     sync = WeightSync(chunks, wmap, layout, rollout_tp=world, bucket_mb=a.bucket_mb, double_buffer=a.double_buffer,
                       target=a.target, engine_params=engine if a.target == "vllm_tp" else None)
-    times = []
-    for _ in range(a.repeats):
+    for name, t in sync.stream():  # warm-up (not timed): plans buckets, faults in the targets, sizes the bound
+        if a.target == "hf_full":
+            engine[name].copy_(t)
+    fence()
+    st = sync.stats
+    received = st.bytes_received + st.bytes_local  # (stats are per sync)
+    src = torch.empty(received // esize, dtype=dtype, device=dev).normal_()
+    dst = torch.empty_like(src)
+    dst.copy_(src)  # fault the pages in first: the bound is the copy, not the kernel's page allocation
+    times, memcpy = [], []
+    peak_extra = 0
+    for _ in range(a.repeats):  # the sync and its bound alternate, so drift of a shared machine hits both
         dist.barrier()
         fence()
         mem0 = torch.cuda.memory_allocated() if on_gpu else proc.memory_info().rss
@@ -109,17 +120,12 @@ def measured(a) -> dict:
         times.append(time.perf_counter() - t0)
         if on_gpu:
             peak = torch.cuda.max_memory_allocated()
-    st = sync.stats
-    received = st.bytes_received + st.bytes_local
-    src = torch.empty(received // esize, dtype=dtype, device=dev).normal_()
-    dst = torch.empty_like(src)
-    dst.copy_(src)  # fault the pages in first: the bound is the copy, not the kernel's page allocation
-    fence()
-    t0 = time.perf_counter()
-    for _ in range(3):
+        peak_extra = max(peak_extra, peak - mem0)
+        fence()
+        t0 = time.perf_counter()
         dst.copy_(src)
-    fence()
-    memcpy_s = (time.perf_counter() - t0) / 3
+        fence()
+        memcpy.append(time.perf_counter() - t0)
     del src, dst
     wire_s = None
     if world == 2:  # the transport's own bound: the same bytes over the same pair, both directions at once
@@ -139,8 +145,11 @@ def measured(a) -> dict:
            "local_shard_bytes": local_bytes, "bytes_received_total": received,
            "bytes_over_wire": st.bytes_received, "bucket_bytes": a.bucket_mb << 20,
            "buckets": st.buckets, "double_buffer": a.double_buffer, "target": a.target,
-           "sync_s_median": sorted(times)[len(times) // 2],
-           "memcpy_same_bytes_s": memcpy_s, "p2p_wire_bytes_s": wire_s, "peak_extra_bytes": peak - mem0}
+           "sync_s_median": statistics.median(times), "sync_s_range": [min(times), max(times)],
+           "memcpy_same_bytes_s": statistics.median(memcpy), "memcpy_s_range": [min(memcpy), max(memcpy)],
+           "vs_memcpy_median": statistics.median(m / t for m, t in zip(memcpy, times)),
+           "vs_memcpy_range": [min(m / t for m, t in zip(memcpy, times)), max(m / t for m, t in zip(memcpy, times))],
+           "p2p_wire_bytes_s": wire_s, "peak_extra_bytes": peak_extra}
     res = [None] * world
     dist.all_gather_object(res, out)
     ps.destroy_model_parallel()
@@ -152,7 +161,7 @@ def main() -> int:
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--hidden", type=int, default=1024)
     ap.add_argument("--bucket-mb", type=int, default=64)
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=5, help="timed syncs, each followed by its memcpy bound")
     ap.add_argument("--double-buffer", action="store_true", help="post bucket k+1 before handing out bucket k")
     ap.add_argument("--model", choices=["small", "32b"], default="small",
                     help="32b: real Qwen2.5-32B layer shapes (use few --layers); small: --hidden wide")
@@ -175,6 +184,10 @@ def main() -> int:
             r["GBps"] = r["bytes_received_total"] / r["sync_s_median"] / 1e9
             r["memcpy_GBps"] = r["bytes_received_total"] / r["memcpy_same_bytes_s"] / 1e9
         print(json.dumps(res, indent=1))
+        r = res[0]
+        print(f"\nrank 0: sync {r['sync_s_median']:.4f} s [{r['sync_s_range'][0]:.4f}-{r['sync_s_range'][1]:.4f}], "
+              f"memcpy of the same bytes {r['memcpy_same_bytes_s']:.4f} s; vs memcpy {r['vs_memcpy_median']:.2f}x "
+              f"[{r['vs_memcpy_range'][0]:.2f}-{r['vs_memcpy_range'][1]:.2f}] over {a.repeats} interleaved repeats")
     return 0
 
 
