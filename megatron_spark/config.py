@@ -127,6 +127,7 @@ class TrainingConfig:
     use_distributed_optimizer: bool = True
     seed: int = 42
     max_steps: Optional[int] = None       # global steps (1 infer + 0/1 reward period); None = episodes x data
+    max_optimizer_steps: Optional[int] = None  # also stop after this many optimizer steps (equal-budget ablations)
     offload_reference: bool = False
     sft_warmup_steps: int = 0
 
@@ -410,6 +411,8 @@ def validate(cfg: SparkConfig, world_size: Optional[int] = None) -> None:
                                                          "are not supported yet; unset one of the two")
     if tr.max_steps is not None:
         _positive("training.max_steps", tr.max_steps)
+    if tr.max_optimizer_steps is not None:
+        _positive("training.max_optimizer_steps", tr.max_optimizer_steps)
     ev = cfg.eval
     if ev.interval < 0:
         _fail("eval.interval", f"must be >= 0 (0 turns the held-out evaluation off), got {ev.interval}")

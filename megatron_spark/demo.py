@@ -80,6 +80,8 @@ def main(argv=None) -> int:
     rank0 = dist.get_rank() == 0
     t0 = time.time()
     losses = warm_start(trainer, cfg.training.sft_warmup_steps, cfg.training.seed)
+    if cfg.training.max_optimizer_steps is not None:  # an RL budget: the warm start's steps do not count
+        cfg.training.max_optimizer_steps += trainer.policy.optimizer_steps
     before = held_out_accuracy(trainer, held_out, trainer.templates)
     if rank0:
         print(f"warm start: {cfg.training.sft_warmup_steps} batches, {len(losses)} optimizer steps, loss {losses[0]:.2f} -> {losses[-1]:.2f} "

@@ -254,6 +254,16 @@ class SparkTrainer:
         refl = by_kind.get("reflection_cot", []) + by_kind.get("reflection_ans", [])
         if judge:
             m[f"{name}/judge_accuracy"] = sum(judge) / len(judge)
+        if name == "reward":
+            from megatron_spark.diagnostics import judge_diagnostics
+
+            per_task, k = [], 0
+            for t, g in zip(tasks, outs):
+                per_task.append(([s.text for s in g], rewards[k:k + len(g)], len(g[0].prompt_token_ids)))
+                k += len(g)
+            m.update(judge_diagnostics([t.kind for t in tasks], [t.answer for t in tasks],
+                                       [n for _, _, n in per_task], [r for r, _, _ in per_task],
+                                       [w for _, w, _ in per_task], prefix=name))
         if refl:
             m[f"{name}/reflection_success"] = sum(refl) / len(refl)
         m.update({f"time/{name}_rollout": t1 - t0, f"time/{name}_reward": t2 - t1,
@@ -286,7 +296,9 @@ class SparkTrainer:
                 peak = torch.tensor([torch.cuda.max_memory_allocated() / 2 ** 30])
                 dist.all_reduce(peak, op=dist.ReduceOp.MAX)
                 metrics["memory/max_allocated_gib"] = peak.item()
-            if self.held_out and ((step + 1) % self.cfg.eval.interval == 0 or step + 1 == total_steps):
+            budget = self.cfg.training.max_optimizer_steps
+            done = budget is not None and self.policy.optimizer_steps >= budget  # the same on every rank
+            if self.held_out and ((step + 1) % self.cfg.eval.interval == 0 or step + 1 == total_steps or done):
                 from megatron_spark.evaluation.periodic import held_out_accuracy
 
                 t1 = time.perf_counter()
@@ -305,6 +317,11 @@ class SparkTrainer:
             self.stop_requested = bool(flag.item())
             if on_step is not None:
                 on_step(step + 1, metrics)
+            if done and not self.stop_requested:
+                if self.rank == 0:
+                    print(f"stopping after step {step + 1}: {self.policy.optimizer_steps} optimizer steps (budget)",
+                          flush=True)
+                break
             if self.stop_requested:
                 if self.rank == 0:
                     print(f"stopping after step {step + 1} on request (signal)", flush=True)

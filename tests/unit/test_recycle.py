@@ -296,3 +296,26 @@ def test_queue_releases_a_batch_as_soon_as_it_is_full():
     q.start_episode(0)
     q.push(recycle([hand_group(0, [1, 0])], MARKED, RecycleSettings(), random.Random(0)))  # 2 tasks
     assert len(q) == 2 and len(q.pop_batch()) == 2 and len(q) == 0
+
+
+def test_judge_diagnostics_by_hand():
+    from megatron_spark.diagnostics import judge_diagnostics
+
+    kinds = ["pointwise", "pointwise", "pairwise", "reflection_ans"]
+    labels = ["Yes", "No", "A", "7"]
+    lens = [10, 20, 30, 40]
+    responses = [["\\boxed{Yes}", "\\boxed{Yes}"],        # label Yes, both say yes: rewards 1, 1 (no gradient)
+                 ["\\boxed{Yes}", "\\boxed{no}"],         # label No: 0, 1 (mixed: a gradient)
+                 ["\\boxed{B}", "nothing"],               # label A: 0, 0
+                 ["\\boxed{7}", "\\boxed{3}"]]
+    rewards = [[1.0, 1.0], [0.0, 1.0], [0.0, 0.0], [1.0, 0.0]]
+    m = judge_diagnostics(kinds, labels, lens, responses, rewards)
+    p = "reward/diag/"
+    assert m[p + "judge_share"] == 0.75 and m[p + "reflection_share"] == 0.25
+    assert m[p + "judge_prompt_len"] == 20 and m[p + "reflection_prompt_len"] == 40
+    assert (m[p + "label_yes"], m[p + "label_no"], m[p + "label_a"], m[p + "label_b"]) == (1 / 3, 1 / 3, 1 / 3, 0)
+    assert (m[p + "verdict_yes"], m[p + "verdict_no"], m[p + "verdict_b"], m[p + "verdict_none"]) == \
+        (3 / 6, 1 / 6, 1 / 6, 1 / 6)
+    assert (m[p + "reward_label_yes"], m[p + "reward_label_no"], m[p + "reward_label_a"]) == (1.0, 0.5, 0.0)
+    assert m[p + "judge_groups_with_gradient"] == 1 / 3
+    assert judge_diagnostics([], [], [], [], []) == {}
