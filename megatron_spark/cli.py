@@ -55,7 +55,12 @@ def _train(args) -> int:
         return train_main((["--config", args.config] if args.config else []) + args.overrides)
     from megatron_spark.config import load_config
 
-    load_config(args.config, args.overrides)  # fail fast on a bad config, before starting N processes
+    cfg = load_config(args.config, args.overrides)  # fail fast on a bad config, before starting N processes
+    if cfg.model.hf_dir:  # and on a layout the model cannot take (the trainer's own validation)
+        from megatron_spark.train import with_model_shape
+
+        with_model_shape(cfg)
+        cfg.validate(args.nproc_per_node)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(args.nproc_per_node),
            "-m", "megatron_spark.train"] + (["--config", args.config] if args.config else []) + args.overrides
     return subprocess.call(cmd)

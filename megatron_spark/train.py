@@ -14,12 +14,25 @@ from megatron_spark.config import SparkConfig, load_config
 from megatron_spark.models.qwen import DTYPES
 
 
+def with_model_shape(cfg):
+    """Fill the config's model fields from the HF config, so that `validate()` checks the layout against the real
+    model (heads, KV heads, layers, vision heads). Cheap: reads config.json only. Returns the model shape."""
+    from megatron_spark.models.hf_config import load_hf_config
+
+    shape = load_hf_config(cfg.model.hf_dir)
+    m = cfg.model
+    m.family = shape.family
+    m.num_layers, m.num_attention_heads, m.num_key_value_heads = (shape.text.num_layers, shape.text.num_heads,
+                                                                   shape.text.num_kv_heads)
+    m.vision_num_heads = shape.vision.num_heads if shape.vision else None
+    return shape
+
+
 def build_components(cfg: SparkConfig, world: int) -> dict:
     from megatron_spark.bridge.sync import WeightSync
     from megatron_spark.data import PromptBuilder, PromptStream, check_lengths, load_records
     from megatron_spark.mapping.qwen import WeightMap
     from megatron_spark.metrics import MetricsLogger
-    from megatron_spark.models.hf_config import load_hf_config
     from megatron_spark.parallel import ParallelLayout
     from megatron_spark.policy import Policy
     from megatron_spark.reward import RewardPool, VerifierConfig
@@ -31,12 +44,8 @@ def build_components(cfg: SparkConfig, world: int) -> dict:
                          "(or run `megatron-spark demo` for the built-in tiny model)")
     if cfg.data.train_file is None:
         raise ValueError("config field 'data.train_file': set it to a Spark-format JSON file")
-    shape = load_hf_config(cfg.model.hf_dir)
+    shape = with_model_shape(cfg)
     m = cfg.model
-    m.family = shape.family
-    m.num_layers, m.num_attention_heads, m.num_key_value_heads = (shape.text.num_layers, shape.text.num_heads,
-                                                                   shape.text.num_kv_heads)
-    m.vision_num_heads = shape.vision.num_heads if shape.vision else None
     cfg.validate(world)
     layout = ParallelLayout.from_config(cfg.parallel, world)
     layout.initialize(seed=cfg.training.seed)

@@ -98,7 +98,12 @@ def run_one(out: str | Path, index: int) -> dict:
     from megatron_spark.config import load_config
 
     try:
-        cfg = load_config(plan["config"], overrides).validate(plan["nproc_per_node"])
+        cfg = load_config(plan["config"], overrides)
+        if cfg.model.hf_dir:  # validate the layout against the real model, as the trainer will
+            from megatron_spark.train import with_model_shape
+
+            with_model_shape(cfg)
+        cfg.validate(plan["nproc_per_node"])
     except ValueError as e:
         result.update(status="invalid", reason=str(e))
         return _write(rdir, result)

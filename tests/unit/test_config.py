@@ -123,3 +123,22 @@ def test_eval_section_errors_name_the_field(tmp_path):
         load_config(None, [f"eval.file={tmp_path}/nope.json"]).validate()
     with pytest.raises(ValueError, match=r"'eval.interval': must be >= 0"):
         load_config(None, ["eval.interval=-1"]).validate()
+
+
+def test_train_cli_refuses_a_layout_the_model_cannot_take_before_starting(tiny_models):
+    """`megatron-spark train` checks the layout against the model's config.json before launching torchrun."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    p = subprocess.run([sys.executable, "-m", "megatron_spark.cli", "train", "--config",
+                        str(root / "examples" / "tiny_cpu.yaml"), "--nproc-per-node", "2",
+                        f"model.hf_dir={tiny_models['q2_tied']}", "parallel.pipeline_model_parallel_size=2",
+                        "parallel.tensor_model_parallel_size=1", "rollout.tensor_parallel_size=1",
+                        "model.family=qwen2", "parallel.num_layers_in_first_pipeline_stage=3"],
+                       capture_output=True, text=True, cwd=root, timeout=120)
+    assert p.returncode == 2, p.stderr[-2000:]
+    assert p.stderr.strip().splitlines()[-1].startswith("error: config field 'parallel.num_layers_in_first_pipeline"
+                                                         "_stage'")
+    assert "torch.distributed" not in p.stderr and "Traceback" not in p.stderr
