@@ -109,16 +109,10 @@ class VLLMBackend:
         try:
             outs = self.llm.chat(list(conversations), sp, use_tqdm=False, mm_processor_kwargs=mm)
             return [Reply([c.text for c in o.outputs]) for o in outs]
-        except Exception:  # one bad request fails the whole batch in vLLM: retry one by one to find it
+        except Exception as e:  # noqa: BLE001 - one bad request fails vLLM's whole batch: find it, record it
             if len(conversations) == 1:
-                raise
-        replies = []
-        for conv in conversations:
-            try:
-                replies += self.chat([conv], gen, n, temperature)
-            except Exception as e:  # noqa: BLE001 - recorded per item, the run goes on
-                replies.append(Reply([], f"{type(e).__name__}: {str(e)[:300]}"))
-        return replies
+                return [Reply([], f"{type(e).__name__}: {str(e)[:300]}")]
+        return [r for conv in conversations for r in self.chat([conv], gen, n, temperature)]
 
     def close(self) -> None:
         import gc

@@ -260,3 +260,18 @@ def test_score_rescores_runs_and_plots_them_side_by_side(tts_run, tmp_path):
     tables = p.stdout.split("## ")[1:]
     mean = lambda t: t.split("| **mean over datasets** | ")[1].split(" | ")[1]  # noqa: E731 - first score column
     assert mean(tables[0]) == mean(tables[1])  # the released re-scorer's number from the same generations
+
+
+def test_an_item_the_engine_refuses_is_an_error_and_the_run_goes_on(models, tmp_path):
+    """A prompt longer than the engine's context fails inside vLLM: that item is recorded as an error (not a wrong
+    answer, not a crash) and every other item of the chunk is answered."""
+    bench = json.loads(Path(models["text_bench"]).read_text())[:3]
+    bench[1]["problem"] = "colour " * 3000
+    f = tmp_path / "long.json"
+    f.write_text(json.dumps(bench))
+    out = tmp_path / "o"
+    eval_cli(f, "--model", models["text"], "--out", out, "--max-tokens", "8", "--max-model-len", "512")
+    recs = lines(out)
+    assert [bool(r["error"]) for r in recs] == [False, True, False], [r["error"] for r in recs]
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["plain"]["errors"] == 1 and m["plain"]["items"] == 3
