@@ -57,7 +57,7 @@ def _train(args) -> int:
 
     cfg = load_config(args.config, args.overrides)  # fail fast on a bad config, before starting N processes
     if cfg.model.hf_dir:  # and on a layout the model cannot take (the trainer's own validation)
-        from megatron_spark.train import with_model_shape
+        from megatron_spark.config import with_model_shape
 
         with_model_shape(cfg)
         cfg.validate(args.nproc_per_node)

@@ -424,3 +424,17 @@ def validate(cfg: SparkConfig, world_size: Optional[int] = None) -> None:
     ck = cfg.checkpoint
     _positive("checkpoint.save_interval", ck.save_interval)
     _positive("checkpoint.keep_last", ck.keep_last)
+
+
+def with_model_shape(cfg):
+    """Fill the config's model fields from the HF config, so that `validate()` checks the layout against the real
+    model (heads, KV heads, layers, vision heads). Cheap: reads config.json only. Returns the model shape."""
+    from megatron_spark.models.hf_config import load_hf_config
+
+    shape = load_hf_config(cfg.model.hf_dir)
+    m = cfg.model
+    m.family = shape.family
+    m.num_layers, m.num_attention_heads, m.num_key_value_heads = (shape.text.num_layers, shape.text.num_heads,
+                                                                   shape.text.num_kv_heads)
+    m.vision_num_heads = shape.vision.num_heads if shape.vision else None
+    return shape

@@ -124,25 +124,12 @@ def _resolve(fn: Optional[str]):
     return getattr(importlib.import_module(module), name)
 
 
-def die_with_parent(parent_pid: int) -> None:
-    """Linux: this process gets SIGKILL when its parent dies, however the parent dies (SIGKILL and OOM included),
-    so a crashed trainer leaves no worker behind. Exits at once if the parent is already gone."""
-    import signal
-
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
-    except (OSError, AttributeError):  # not Linux: the pipe's EOF still ends the worker loop
-        pass
-    if os.getppid() != parent_pid:
-        os._exit(0)
-
-
 def _worker(conn, cfg: VerifierConfig, fn: Optional[str] = None, parent_pid: Optional[int] = None) -> None:
     import signal
 
     if parent_pid is not None:
+        from megatron_spark.lifetime import die_with_parent
+
         die_with_parent(parent_pid)
     # SLURM signals every process of a job step; the trainer handles SIGUSR1, its helpers must not die of it.
     signal.signal(signal.SIGUSR1, signal.SIG_IGN)

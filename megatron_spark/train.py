@@ -10,22 +10,8 @@ import sys
 import torch
 import torch.distributed as dist
 
-from megatron_spark.config import SparkConfig, load_config
+from megatron_spark.config import SparkConfig, load_config, with_model_shape
 from megatron_spark.models.qwen import DTYPES
-
-
-def with_model_shape(cfg):
-    """Fill the config's model fields from the HF config, so that `validate()` checks the layout against the real
-    model (heads, KV heads, layers, vision heads). Cheap: reads config.json only. Returns the model shape."""
-    from megatron_spark.models.hf_config import load_hf_config
-
-    shape = load_hf_config(cfg.model.hf_dir)
-    m = cfg.model
-    m.family = shape.family
-    m.num_layers, m.num_attention_heads, m.num_key_value_heads = (shape.text.num_layers, shape.text.num_heads,
-                                                                   shape.text.num_kv_heads)
-    m.vision_num_heads = shape.vision.num_heads if shape.vision else None
-    return shape
 
 
 def build_components(cfg: SparkConfig, world: int) -> dict:

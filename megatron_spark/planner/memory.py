@@ -163,7 +163,7 @@ def plan_memory(shape: ModelShape, layout: Layout, work: Workload, gpu_bytes: fl
     total = param_counts(shape).total
     b = DTYPE_BYTES[work.dtype]
     vllm_weights = total * b / layout.rollout_tp
-    engines = layout.gpus // layout.rollout_tp
+    engines = max(1, layout.gpus // layout.rollout_tp)
     seqs = min(work.max_num_seqs, -(-(work.prompts + work.reward_prompts) * work.n_samples // engines))
     per_seq = work.seq_len * kv_bytes_per_token(shape, layout.rollout_tp, b)
     out = []

@@ -46,7 +46,7 @@ def plan_time(shape: ModelShape, layout: Layout, work: Workload, hw: Gpu, gpus_p
     t = shape.text
     peak = hw.bf16_tflops * 1e12
     samples = (work.prompts + work.reward_prompts) * work.n_samples
-    engines = layout.gpus // layout.rollout_tp
+    engines = max(1, layout.gpus // layout.rollout_tp)
     per_engine = -(-samples // engines)
     concurrent = max(1, min(work.max_num_seqs if concurrency is None else concurrency, per_engine))
     waves = -(-per_engine // concurrent)

@@ -67,7 +67,7 @@ def prepare(grid_file: str | Path, out: str | Path) -> dict:
     return plan
 
 
-def _predicted(cfg) -> Optional[dict]:
+def _predicted(cfg, world: int) -> Optional[dict]:
     """The planner's static memory (and its train-phase peak) for this run's model and layout."""
     try:
         from dataclasses import replace
@@ -78,6 +78,7 @@ def _predicted(cfg) -> Optional[dict]:
 
         shape = load_hf_config(cfg.model.hf_dir)
         layout, work = from_config(cfg)
+        layout = replace(layout, dp=max(1, world // (layout.tp * layout.pp)))
         mem = plan_memory(shape, layout, replace(work, attention="unfused" if cfg.model.dtype == "fp32" else "flash"))
         worst = max(mem, key=lambda m: m.train)
         return {"static_gib": max(m.static for m in mem) / GIB, "train_peak_gib": worst.train / GIB}
@@ -100,14 +101,14 @@ def run_one(out: str | Path, index: int) -> dict:
     try:
         cfg = load_config(plan["config"], overrides)
         if cfg.model.hf_dir:  # validate the layout against the real model, as the trainer will
-            from megatron_spark.train import with_model_shape
+            from megatron_spark.config import with_model_shape
 
             with_model_shape(cfg)
         cfg.validate(plan["nproc_per_node"])
     except ValueError as e:
         result.update(status="invalid", reason=str(e))
         return _write(rdir, result)
-    result["predicted"] = _predicted(cfg)
+    result["predicted"] = _predicted(cfg, plan["nproc_per_node"])
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(plan["nproc_per_node"]),
            "--master-port", str(29700 + (os.getpid() + index) % 200), "-m", "megatron_spark.train"] + \
         (["--config", plan["config"]] if plan["config"] else []) + overrides
