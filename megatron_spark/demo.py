@@ -48,6 +48,11 @@ def warm_start(trainer, steps: int, seed: int) -> list[float]:
     tok = trainer.prompts.tokenizer
     eos = tok.convert_tokens_to_ids("<|im_end|>")
     losses = []
+    bar = None
+    if dist.get_rank() == 0 and trainer.cfg.logging.progress_bar:
+        from tqdm import tqdm
+
+        bar = tqdm(total=steps, desc="warm start", unit="batch", dynamic_ncols=True)
     for _ in range(steps):
         _, batch = trainer.data.next_batch()
         rollouts = []
@@ -59,6 +64,10 @@ def warm_start(trainer, steps: int, seed: int) -> list[float]:
         gbs = trainer.cfg.training.global_batch_size
         for i in range(0, len(rollouts) - gbs + 1, gbs):
             losses.append(trainer.policy.train_step(rollouts[i:i + gbs], sft_loss_fn)["sft_loss"])
+        if bar is not None:
+            bar.update(1)
+    if bar is not None:
+        bar.close()
     trainer.data.cursor = type(trainer.data.cursor)()  # RL starts from the beginning of the data
     trainer.reference.copy_weights_from(trainer.policy)   # KL is measured against the warm-started model
     trainer.sync.push(trainer.engine)
