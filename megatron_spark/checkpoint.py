@@ -28,9 +28,6 @@ def _atomic_write(path: Path, text: str) -> None:
 class CheckpointManager:
     def __init__(self, ck_cfg, trainer):
         self.cfg, self.t = ck_cfg, trainer
-        from megatron_spark import compat
-
-        compat.checkpoint_helpers_die_with_trainer()
         self.root = Path(ck_cfg.dir)
         self.rank = dist.get_rank()
         if self.rank == 0:

@@ -39,27 +39,3 @@ def initialize_model_parallel(**kwargs) -> None:
 
     params = inspect.signature(parallel_state.initialize_model_parallel).parameters
     parallel_state.initialize_model_parallel(**{k: v for k, v in kwargs.items() if k in params})
-
-
-def checkpoint_helpers_die_with_trainer() -> None:
-    """megatron-core's torch_dist writer keeps a `multiprocessing` Manager process (its results queue) for the life
-    of the trainer, and nothing ends it when the trainer is killed: it and the resource tracker it holds open would
-    outlive every crashed run. Create that queue ourselves, from a Manager whose process ends when the trainer is
-    gone (`lifetime.exit_when_parent_dies`; a parent-death signal armed in the Manager killed it early under srun). A no-op on megatron-core versions without that module-level queue."""
-    import multiprocessing as mp
-    import os
-
-    try:
-        from megatron.core.dist_checkpointing.strategies import filesystem_async as fa
-    except ImportError:
-        return
-    if not hasattr(fa, "_results_queue") or fa._results_queue is not None:
-        return
-    from multiprocessing.managers import SyncManager
-
-    from megatron_spark.lifetime import exit_when_parent_dies
-
-    manager = SyncManager(ctx=mp.get_context("spawn"))
-    manager.start(initializer=exit_when_parent_dies, initargs=(os.getpid(),))
-    fa._results_queue = manager.Queue()
-

@@ -17,21 +17,3 @@ def die_with_parent(parent_pid: int) -> None:
         pass
     if os.getppid() != parent_pid:
         os._exit(0)
-
-
-def exit_when_parent_dies(parent_pid: int, poll_s: float = 0.5) -> None:
-    """A daemon thread that ends this process once its parent is gone (it is re-parented). For helpers whose
-    start-up code we do not control, where a parent-death signal is not safe to arm (multiprocessing's Manager)."""
-    import threading
-    import time
-
-    if os.getppid() != parent_pid:
-        os._exit(0)
-
-    def watch() -> None:
-        while os.getppid() == parent_pid:
-            time.sleep(poll_s)
-        os._exit(0)
-
-    threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
-
