@@ -8,8 +8,12 @@ start) with:
   policy  no recycling (algorithm.recycle.judge_cap=0, reflection_cap=0): GRPO on the task prompts only
   judge   recycling into judge tasks only (reflection_cap=0)
   full    judge and reflection tasks (the defaults)
-and stops after `--budget` optimizer steps (training.max_optimizer_steps), so every arm gets the same number of
-updates; the policy-only arm therefore sees more task prompts. Measured on held-out data every 5 steps during
+  policy+skip   policy with algorithm.skip_zero_advantage (groups with equal rewards left out of the update)
+  full+fixes    full with algorithm.recycle.balance_pointwise and algorithm.skip_zero_advantage (not SPARK's
+                defaults: the options the judge diagnosis calls for)
+and stops after `--budget` optimizer steps (training.max_optimizer_steps; the step cap training.max_steps is 4x the
+budget, so that arms which skip updates are not cut short), so every arm gets the same number of updates; the
+policy-only arm therefore sees more task prompts. Measured on held-out data every 5 steps during
 training (greedy task accuracy, pointwise judge accuracy with balanced labels: eval.file) and at the end through
 `megatron-spark eval` on the trained checkpoint (task accuracy plain and with test-time self-reflection; pointwise
 and pairwise judge accuracy on held-out judge tasks with balanced labels). Writes OUT/ablation.md (mean and
@@ -26,16 +30,23 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-ARMS = {"policy": ["algorithm.recycle.judge_cap=0", "algorithm.recycle.reflection_cap=0"],
+POLICY_ONLY = ["algorithm.recycle.judge_cap=0", "algorithm.recycle.reflection_cap=0"]
+# the two options that are not SPARK's (off by default): balanced pointwise labels, zero-advantage groups skipped
+FIXES = ["algorithm.recycle.balance_pointwise=true", "algorithm.skip_zero_advantage=true"]
+ARMS = {"policy": POLICY_ONLY,
         "judge": ["algorithm.recycle.reflection_cap=0"],
-        "full": []}
+        "full": [],
+        "policy+skip": POLICY_ONLY + ["algorithm.skip_zero_advantage=true"],
+        "full+fixes": FIXES}
+COLORS = {"policy": "tab:blue", "judge": "tab:orange", "full": "tab:green", "policy+skip": "tab:purple",
+          "full+fixes": "tab:red"}
 
 
 def run_arm(out: Path, arm: str, seed: int, budget: int) -> dict:
     run = out / f"{arm}-seed{seed}"
     t0 = time.time()
     cmd = [sys.executable, "-m", "megatron_spark.cli", "demo", "--run-dir", str(run), "--seed", str(seed),
-           f"training.max_optimizer_steps={budget}", f"training.max_steps={budget}", "logging.progress_bar=false",
+           f"training.max_optimizer_steps={budget}", f"training.max_steps={4 * budget}", "logging.progress_bar=false",
            f"eval.file={run / 'data_eval' / 'bench.json'}", "eval.interval=5", "eval.max_items=32", *ARMS[arm]]
     with open(out / f"{arm}-seed{seed}.log", "w") as log:
         rc = subprocess.call(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
@@ -46,6 +57,9 @@ def run_arm(out: Path, arm: str, seed: int, budget: int) -> dict:
     res["curve"] = [(r["optimizer_steps"], r["eval/task_accuracy"], r["eval/judge_accuracy"]) for r in rows
                     if "eval/task_accuracy" in r]
     res["steps"] = len(rows)
+    first = rows[0]  # optimizer steps after the warm start = the first row's count minus its own updates
+    warm = first["optimizer_steps"] - first.get("infer/optimizer_steps", 0) - first.get("reward/optimizer_steps", 0)
+    res["rl_optimizer_steps"] = int(rows[-1]["optimizer_steps"] - warm)
     plain = json.loads((run / "eval" / "metrics.json").read_text())
     judge = json.loads((run / "eval_judge" / "metrics.json").read_text())["judge"]
     res.update(task=plain["plain"]["macro"], task_tts=plain["tts"]["macro"],
@@ -96,7 +110,7 @@ def plot(results: list[dict], path: Path) -> None:
                 xs = [c[0] for c in r["curve"]]
                 ys = [c[1 + k] for c in r["curve"]]
                 ax.plot(xs, ys, marker=".", alpha=0.8, label=f"{arm} seed {r['seed']}",
-                        color={"policy": "tab:blue", "judge": "tab:orange", "full": "tab:green"}[arm])
+                        color=COLORS[arm])
         ax.set_xlabel("optimizer steps")
         ax.set_title(title)
         ax.set_ylim(0, 1)
@@ -112,12 +126,17 @@ def main() -> int:
     ap.add_argument("--budget", type=int, default=80, help="optimizer steps per run (warm start not counted)")
     ap.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS))
     ap.add_argument("--out", default="runs/ablation")
+    ap.add_argument("--redo", action="store_true", help="rerun (arm, seed) pairs already in OUT/ablation.json "
+                    "(default: keep them, so arms can be added to a study)")
     a = ap.parse_args()
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
-    results = []
+    done = out / "ablation.json"
+    results = [] if a.redo or not done.exists() else [r for r in json.loads(done.read_text()) if r["rc"] == 0]
     for seed in a.seeds:
         for arm in a.arms:
+            if any(r["arm"] == arm and r["seed"] == seed for r in results):
+                continue
             r = run_arm(out, arm, seed, a.budget)
             results.append(r)
             print(f"{arm} seed {seed}: " + (f"task {r['task']:.3f} (tts {r['task_tts']:.3f}), judge pointwise "

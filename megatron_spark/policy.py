@@ -15,7 +15,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from megatron_spark.algorithm import BatchSize, grpo_loss, masked_mean, sampled_entropy_surrogate
+from megatron_spark.algorithm import (BatchSize, grpo_loss, masked_mean, sampled_entropy_surrogate,
+                                      truncated_is_weights)
 from megatron_spark.models.runtime import call_model, token_logprobs
 
 
@@ -48,6 +49,7 @@ def collate(rollouts: list[Rollout], shape, pad_id: int, seq_len: int, n_real: O
     real = torch.zeros(b, seq_len, dtype=torch.bool)
     old = torch.zeros(b, seq_len)
     ref = torch.zeros(b, seq_len)
+    rollout = torch.zeros(b, seq_len)  # the engine's log-probs of the sampled tokens (0 where none: ratio 1)
     adv = torch.zeros(b)
     for i, r in enumerate(rollouts):
         seq = r.prompt_ids + r.response_ids
@@ -61,12 +63,16 @@ def collate(rollouts: list[Rollout], shape, pad_id: int, seq_len: int, n_real: O
             old[i, p - 1:p - 1 + nr] = r.old_logprobs
         if r.ref_logprobs is not None:
             ref[i, p - 1:p - 1 + nr] = r.ref_logprobs
+        if r.rollout_logprobs is not None and len(r.rollout_logprobs) == nr:
+            rollout[i, p - 1:p - 1 + nr] = torch.tensor(r.rollout_logprobs)
+        elif r.old_logprobs is not None:
+            rollout[i, p - 1:p - 1 + nr] = r.old_logprobs
         adv[i] = r.advantage
     pix = [r.pixel_values for r in rollouts if r.pixel_values is not None]
     grids = [r.image_grid_thw for r in rollouts if r.image_grid_thw is not None]
     batch = make_batch(shape, ids, torch.cat(pix) if pix else None, torch.cat(grids) if grids else None,
                        labels=labels, pad_mask=real, grids_per_sequence=[r.image_grid_thw for r in rollouts])
-    return {"batch": batch, "mask": mask, "old": old, "ref": ref, "adv": adv}
+    return {"batch": batch, "mask": mask, "old": old, "ref": ref, "adv": adv, "rollout": rollout}
 
 
 class Policy:
@@ -306,13 +312,20 @@ def grpo_loss_fn(alg, batch: Optional[BatchSize] = None) -> Callable:
     """The RL loss of one micro-batch: PPO-clip + k3 KL to the reference (+ entropy bonus). With `batch` it is the
     micro-batch's share of the global batch's loss (train_step(..., share_of_batch=True)); without, its own mean."""
     def fn(logp: Tensor, mb: dict):
+        weights, extra = None, {}
+        if alg.rollout_is == "tis":
+            weights, ratio = truncated_is_weights(mb["old"], mb["rollout"], alg.rollout_is_cap)
+            extra = {"is_ratio_mean": masked_mean(ratio, mb["mask"], "token_mean", batch),
+                     "is_capped_fraction": masked_mean((ratio > alg.rollout_is_cap).to(logp.dtype), mb["mask"],
+                                                       "token_mean", batch)}
         out = grpo_loss(logp, mb["old"], mb["ref"] if alg.kl_coef > 0 else None, mb["adv"], mb["mask"],
                         eps_low=alg.eps_clip_low, eps_high=alg.eps_clip_high, kl_coef=alg.kl_coef,
                         entropy=sampled_entropy_surrogate(logp) if alg.entropy_coef else None,
-                        entropy_coef=alg.entropy_coef, reduction=alg.loss_reduction, batch=batch)
+                        entropy_coef=alg.entropy_coef, reduction=alg.loss_reduction, batch=batch,
+                        is_weights=weights)
         # entropy: the Monte-Carlo estimate E[-log pi(y)] over the sampled response tokens
         return out.loss, {"policy_loss": out.policy_loss, "kl": out.kl, "clip_fraction": out.clip_fraction,
-                          "entropy": masked_mean(-logp.detach(), mb["mask"], "token_mean", batch)}
+                          "entropy": masked_mean(-logp.detach(), mb["mask"], "token_mean", batch), **extra}
     return fn
 
 

@@ -8,7 +8,8 @@ Per prompt group (as the SPARK release does, arXiv 2509.22624):
 - at least one wrong -> a reflection task whose label is the ground truth: the first `cot_fraction` of the batch's
   groups carry a wrong response's full reasoning, the rest only its boxed answer.
 Judge prompts carry the extracted answers (not the reasoning), as SPARK does. At most `judge_cap` judge and
-`reflection_cap` reflection tasks are kept per batch (random subset). Groups are keyed by prompt id, never by
+`reflection_cap` reflection tasks are kept per batch (random subset). With `balance_pointwise` (not SPARK; off by
+default) the pointwise tasks are first cut to equal numbers of Yes and No labels. Groups are keyed by prompt id, never by
 position in a flat batch. Deterministic for a given `random.Random`.
 """
 from __future__ import annotations
@@ -60,10 +61,11 @@ class RecycleSettings:
     judge_cap: int = 32
     reflection_cap: int = 32
     cot_fraction: float = 0.5
+    balance_pointwise: bool = False
 
     @classmethod
     def from_config(cls, rc) -> "RecycleSettings":
-        return cls(rc.pointwise_prob_mixed, rc.judge_cap, rc.reflection_cap, rc.cot_fraction)
+        return cls(rc.pointwise_prob_mixed, rc.judge_cap, rc.reflection_cap, rc.cot_fraction, rc.balance_pointwise)
 
 
 def _pointwise(g: Group, q: str, ans: str, correct: bool, bank: TemplateBank, rng: random.Random) -> AuxTask:
@@ -122,9 +124,21 @@ def reflection_task(g: Group, use_cot: bool, bank: TemplateBank, rng: random.Ran
     return AuxTask("reflection_ans", t.render(question=q, answer=rng.choice(boxed)), g.answer, g.image, g.prompt_id)
 
 
+def balance_pointwise(judge: Sequence[AuxTask], rng: random.Random) -> list[AuxTask]:
+    """As many pointwise tasks of a correct answer as of a wrong one: the majority class is subsampled (a random
+    subset, original order kept); pairwise tasks are kept as they are (their A/B slot is already drawn fairly)."""
+    pos = [i for i, t in enumerate(judge) if t.kind == "pointwise" and t.source_correct]
+    neg = [i for i, t in enumerate(judge) if t.kind == "pointwise" and not t.source_correct]
+    n = min(len(pos), len(neg))
+    keep = set(rng.sample(pos, n)) | set(rng.sample(neg, n))
+    return [t for i, t in enumerate(judge) if t.kind != "pointwise" or i in keep]
+
+
 def recycle(groups: Sequence[Group], bank: TemplateBank, s: RecycleSettings, rng: random.Random) -> list[AuxTask]:
     """Judge tasks then reflection tasks built from one infer-period batch (see the module docstring)."""
     judge = [t for g in groups if (t := judge_task(g, bank, s, rng)) is not None]
+    if s.balance_pointwise:
+        judge = balance_pointwise(judge, rng)
     n_cot = int(round(s.cot_fraction * len(groups)))
     refl = [t for i, g in enumerate(groups) if (t := reflection_task(g, i < n_cot, bank, rng)) is not None]
     if len(judge) > s.judge_cap:

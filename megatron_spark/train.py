@@ -7,6 +7,8 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from pathlib import Path
+
 import torch
 import torch.distributed as dist
 
@@ -59,7 +61,9 @@ def build_components(cfg: SparkConfig, world: int) -> dict:
     reference = Policy.build(shape, layout, m.hf_dir, dtype=dtype, pad_id=pad_id,
                              micro_batch_size=cfg.training.micro_batch_size, trainable=False,
                              megatron_ckpt=m.megatron_ckpt)
-    engine = RolloutEngine(m.hf_dir, tensor_parallel_size=cfg.rollout.tensor_parallel_size,
+    fp8_engine = cfg.rollout.quantization == "fp8" and torch.cuda.is_available()
+    engine = RolloutEngine(fp8_engine_dir(cfg) if fp8_engine else m.hf_dir,
+                           tensor_parallel_size=cfg.rollout.tensor_parallel_size,
                            dtype={"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}[m.dtype],
                            max_model_len=cfg.rollout.max_model_len, enforce_eager=cfg.rollout.enforce_eager,
                            gpu_memory_utilization=cfg.rollout.gpu_memory_utilization, seed=cfg.training.seed,
@@ -67,13 +71,16 @@ def build_components(cfg: SparkConfig, world: int) -> dict:
                            tied_embeddings=shape.text.tied_embeddings, multimodal=multimodal)
     target = cfg.rollout.sync_target
     if target == "auto":
-        target = "vllm_tp" if torch.cuda.is_available() else "hf_full"
+        target = "vllm_tp" if torch.cuda.is_available() and cfg.rollout.quantization == "none" else "hf_full"
     engine_params, engine_name = engine.inplace_targets() if target == "vllm_tp" else (None, lambda n: n)
     sync = WeightSync(policy.modules, WeightMap(shape, tp=layout.tp), layout,
                       rollout_tp=cfg.rollout.tensor_parallel_size, target=target,
                       bucket_mb=cfg.rollout.sync_bucket_mb, engine_params=engine_params, engine_name=engine_name,
                       double_buffer=(torch.cuda.is_available() if cfg.rollout.sync_double_buffer is None
-                                     else cfg.rollout.sync_double_buffer))
+                                     else cfg.rollout.sync_double_buffer),
+                      quantization=cfg.rollout.quantization, emulate=not fp8_engine)
+    if cfg.rollout.quantization != "none" and not fp8_engine:
+        sync.push(engine)  # the engine loaded the checkpoint's exact weights: give it their FP8 values from step 1
     pool = None
     if rank == 0:
         pool = RewardPool(cfg.algorithm.reward_workers, cfg.algorithm.reward_timeout_s,
@@ -83,6 +90,18 @@ def build_components(cfg: SparkConfig, world: int) -> dict:
     return dict(shape=shape, layout=layout, prompts=prompts, data=data, policy=policy, reference=reference,
                 engine=engine, sync=sync, reward_pool=pool, templates=TemplateBank.load(
                     cfg.algorithm.recycle.templates_file), logger=logger, total_steps=total_steps)
+
+
+def fp8_engine_dir(cfg) -> str:
+    """CUDA vLLM with FP8 rollouts starts from an FP8 (per-channel) export of the initial HF weights, so that it is
+    built with FP8 layers; every sync then replaces weights and scales. Rank 0 writes it once per run directory."""
+    from megatron_spark.quant.export import quantize_hf
+
+    out = Path(cfg.logging.dir) / "rollout_fp8_init"
+    if dist.get_rank() == 0 and not (out / "config.json").is_file():
+        quantize_hf(cfg.model.hf_dir, out, "fp8-per-channel", force=True)
+    dist.barrier()
+    return str(out)
 
 
 def main(argv=None) -> int:

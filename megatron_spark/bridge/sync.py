@@ -8,6 +8,10 @@ data-parallel replica e % DP. The plan is computed once from the shapes. Two tar
   vocabulary) straight into the engine's weight tensors: each element crosses once, no second copy, no
   allocation beyond the column staging. The tensors and their names come from the engine
   (`RolloutEngine.inplace_targets()`); their shapes are checked against the plan here, once.
+With `quantization='fp8'` the stream carries the engine's FP8 weights: each language-model linear weight is
+quantized as it leaves its bucket (quant/fp8.py: a scale per output row, so shards and fused tensors quantize to
+the same bytes as whole HF tensors) and sent with its scale, or, for an engine without FP8 kernels (`emulate`), as
+the dequantized FP8 values in the trainer's dtype.
 """
 from __future__ import annotations
 
@@ -21,17 +25,25 @@ from megatron_spark.bridge.executor import P2PExecutor, Route, SyncStats
 from megatron_spark.bridge.planner import plan, shard_dim_rows, vllm_shard_shapes
 from megatron_spark.mapping.qwen import WeightMap, expected_hf_shapes
 from megatron_spark.models.weights import megatron_named_params
+from megatron_spark.quant.fp8 import quantized_stream
 
 
 class WeightSync:
     def __init__(self, chunks: list[torch.nn.Module], wmap: WeightMap, layout, rollout_tp: int,
                  target: str = "hf_full", bucket_mb: int = 512, double_buffer: bool = False,
                  engine_params: Optional[dict[str, torch.Tensor]] = None,
-                 engine_name: Callable[[str], str] = lambda name: name):
+                 engine_name: Callable[[str], str] = lambda name: name, quantization: str = "none",
+                 emulate: bool = False):
         """`engine_params` / `engine_name` (target 'vllm_tp'): this rank's engine weights by the engine's names,
-        and the map from the plan's fused HF-style names (`planner.vllm_name`) to them."""
+        and the map from the plan's fused HF-style names (`planner.vllm_name`) to them. `quantization` 'fp8':
+        see the module docstring (target 'hf_full' only)."""
         if target not in ("hf_full", "vllm_tp"):
             raise ValueError(f"unknown sync target {target!r}: use 'hf_full' or 'vllm_tp'")
+        if quantization not in ("none", "fp8"):
+            raise ValueError(f"unknown rollout quantization {quantization!r}: use 'none' or 'fp8'")
+        if quantization != "none" and target == "vllm_tp":
+            raise ValueError("FP8 weights are loaded by the engine's own loader: use target 'hf_full'")
+        self.quantization, self.emulate = quantization, emulate
         world = dist.get_world_size()
         if world % rollout_tp:
             raise ValueError(f"rollout TP {rollout_tp} does not divide the world size {world}")
@@ -74,7 +86,10 @@ class WeightSync:
 
     def stream(self):
         """(target name, tensor) for this rank's engine as buckets complete: whole HF tensors ('hf_full') or, in
-        place, vLLM's fused shards ('vllm_tp'); all ranks must consume it together."""
+        place, vLLM's fused shards ('vllm_tp'); all ranks must consume it together. With FP8 quantization, each
+        quantized weight is followed by its scale (or replaced by its FP8 values when emulating)."""
+        if self.quantization == "fp8":
+            return quantized_stream(self.executor.stream(), emulate=self.emulate)
         return self.executor.stream()
 
     def push(self, engine) -> None:

@@ -8,6 +8,7 @@ Memory: one parameter (plus its HF pieces) at a time; the largest is the embeddi
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import time
 from dataclasses import dataclass
@@ -202,12 +203,17 @@ def _hf_config_for_export(cfg: dict, dtype: torch.dtype) -> dict:
 
 def megatron_to_hf(ckpt: str | Path, out: str | Path, *, iteration: Optional[int] = None,
                    dtype: Optional[str] = None, hf_config_dir: Optional[str | Path] = None, force: bool = False,
-                   max_shard_bytes: int = 5 * 2 ** 30) -> ConvertReport:
-    """A converted or training checkpoint (any TP/PP/VPP it was written at) -> HF directory."""
+                   max_shard_bytes: int = 5 * 2 ** 30, quantize: Optional[str] = None,
+                   calib_data: Optional[str | Path] = None, calib_prompts: int = 16):
+    """A converted or training checkpoint (any TP/PP/VPP it was written at) -> HF directory; with `quantize`, the
+    modelopt-quantized HF checkpoint of that export (quant/export.py), the plain export being a temporary step."""
     from megatron_spark.convert.dist_io import DistCheckpointReader
 
     t0 = time.time()
     root, it = resolve_checkpoint(ckpt, iteration)
+    if quantize is not None:
+        return _quantized_export(root, it, out, quantize, calib_data, calib_prompts, dtype=dtype,
+                                 hf_config_dir=hf_config_dir, force=force)
     if dtype is not None and dtype not in DTYPES:
         raise ValueError(f"--dtype {dtype!r}: choose one of {sorted(DTYPES)}")
     if hf_config_dir is not None:
@@ -257,3 +263,26 @@ def megatron_to_hf(ckpt: str | Path, out: str | Path, *, iteration: Optional[int
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return ConvertReport(final, len(specs), total, time.time() - t0, DTYPE_NAMES[out_dtype], padded)
+
+
+def _quantized_export(root: Path, iteration_dir: Path, out: str | Path, fmt: str, calib_data, calib_prompts: int,
+                      **kw):
+    """megatron_to_hf(..., quantize=fmt): refuse a bad request before reading any weight, export the plain HF
+    checkpoint into a temporary sibling of `out`, quantize it into `out`, remove the temporary export."""
+    from megatron_spark.quant.export import check_request, quantize_hf
+
+    hf_config_dir = kw.get("hf_config_dir")
+    hf_config = (json.loads((Path(hf_config_dir) / "config.json").read_text()) if hf_config_dir
+                 else read_model_metadata(root)["hf_config"])
+    check_request(fmt, hf_config, calib_data)
+    out = Path(out).absolute()
+    if out.is_dir() and any(out.iterdir()) and not kw.get("force"):
+        raise ValueError(f"--out '{out}' is not empty; choose a new directory or pass --force to replace it")
+    plain = out.with_name(f".{out.name}.unquantized-{os.getpid()}")
+    try:
+        megatron_to_hf(iteration_dir, plain, dtype=kw.get("dtype"), hf_config_dir=hf_config_dir,
+                       force=True)
+        return quantize_hf(plain, out, fmt, calib_data=calib_data, calib_prompts=calib_prompts,
+                           force=kw.get("force", False))
+    finally:
+        shutil.rmtree(plain, ignore_errors=True)

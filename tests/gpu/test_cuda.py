@@ -74,3 +74,18 @@ def test_policy_logprobs_and_update_on_cuda(tiny_models, world, name):
         last = policy.train_step(rollouts, sft_loss_fn)
     assert first["update_ok"] and last["update_ok"]
     assert last["sft_loss"] < first["sft_loss"], (first, last)
+
+
+def test_fp8_quantizer_gives_the_same_bytes_on_cuda_as_on_cpu():
+    """The bridge quantizes on the device the weights live on: bf16 and fp32 weights on CUDA give the CPU's bytes
+    and scales (which tests/unit/test_quant.py checks against modelopt)."""
+    from megatron_spark.quant.fp8 import quantize_fp8
+
+    g = torch.Generator().manual_seed(0)
+    for dtype in (torch.bfloat16, torch.float32):
+        w = (torch.randn(512, 256, generator=g) * 0.02).to(dtype)
+        w[7] = 0
+        for per_channel in (True, False):
+            qc, sc = quantize_fp8(w, per_channel)
+            qg, sg = quantize_fp8(w.cuda(), per_channel)
+            assert torch.equal(qc.view(torch.uint8), qg.cpu().view(torch.uint8)) and torch.equal(sc, sg.cpu())

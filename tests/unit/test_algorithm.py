@@ -223,3 +223,71 @@ def test_default_arguments_behave_as_documented():
     assert masked_mean(x, mask).item() == pytest.approx(7 / 4)
     out = grpo_loss(logp, torch.zeros(2, 3), torch.zeros(2, 3), torch.tensor([1.0, 0.0]), mask)
     assert out.loss.item() == pytest.approx(loss.item() + 1e-3 * out.kl.item(), rel=1e-6)
+
+
+def test_has_spread_marks_groups_whose_rewards_differ():
+    from megatron_spark.algorithm import has_spread
+
+    rewards = [1, 0, 1, 1, 0.1, 0.1, 0.1, 0, 0.5]
+    ids = ["a", "a", "b", "b", "c", "c", "c", "d", "d"]
+    assert has_spread(rewards, ids) == [True, True, False, False, False, False, False, True, True]
+    # rewards like 0.1 are equal but their advantages are not exactly 0: the filter must not look at advantages
+    assert group_advantages(torch.tensor([0.1, 0.1, 0.1]), [0, 0, 0]).abs().max() < 1e-6
+    assert has_spread([1.0], ["x"]) == [False]
+
+
+def test_skip_zero_advantage_leaves_groups_without_spread_out_of_the_global_batches():
+    import random
+    from types import SimpleNamespace
+
+    from megatron_spark.config import load_config
+    from megatron_spark.trainer import SparkTrainer
+
+    outs = [["p0a", "p0b"], ["p1a", "p1b"], ["p2a", "p2b"]]
+    rewards = [1.0, 0.0, 1.0, 1.0, 0.0, 1.0]  # prompt 1's group has no spread
+    for skip, kept in ((False, {"p0a", "p0b", "p1a", "p1b", "p2a", "p2b"}), (True, {"p0a", "p0b", "p2a", "p2b"})):
+        cfg = load_config(None, ["training.global_batch_size=2", f"algorithm.skip_zero_advantage={skip}"])
+        me = SimpleNamespace(cfg=cfg, rng=random.Random(0))
+        batches = SparkTrainer.global_batches(me, outs, rewards)
+        assert {s for b in batches for _, s, _, _ in b} == kept and all(len(b) == 2 for b in batches)
+        assert all(a != 0 for b in batches for *_, a in b) == skip
+
+
+def test_truncated_importance_sampling_by_hand():
+    from megatron_spark.algorithm import truncated_is_weights
+
+    old = torch.log(torch.tensor([[0.5, 0.2, 0.9]]))
+    rollout = torch.log(torch.tensor([[0.25, 0.4, 0.3]]))
+    w, ratio = truncated_is_weights(old, rollout, cap=2.0)
+    assert torch.allclose(ratio, torch.tensor([[2.0, 0.5, 3.0]])) and torch.allclose(w, torch.tensor([[2.0, 0.5,
+                                                                                                        2.0]]))
+    # the policy term of each token is scaled by its weight: logp == old (ratio 1, no clipping), A = 1, mask all
+    logp = old.clone().requires_grad_(True)
+    mask = torch.ones(1, 3)
+    plain, _ = policy_loss(logp, old, torch.tensor([1.0]), mask)
+    weighted, _ = policy_loss(logp, old, torch.tensor([1.0]), mask, is_weights=w)
+    assert plain.item() == pytest.approx(-1.0) and weighted.item() == pytest.approx(-(2.0 + 0.5 + 2.0) / 3)
+    weighted.backward()
+    # d/dlogp of -exp(logp - old) * w / 3 at logp = old is -w / 3; no gradient flows through the weights
+    assert torch.allclose(logp.grad, -w / 3)
+    total = grpo_loss(logp.detach(), old, None, torch.tensor([1.0]), mask, kl_coef=0.0, is_weights=w)
+    assert total.loss.item() == pytest.approx(weighted.item())
+
+
+def test_tis_in_the_trainers_loss_logs_ratio_and_capped_fraction():
+    from types import SimpleNamespace
+
+    from megatron_spark.policy import grpo_loss_fn
+
+    alg = SimpleNamespace(rollout_is="tis", rollout_is_cap=2.0, kl_coef=0.0, eps_clip_low=0.2, eps_clip_high=0.2,
+                          entropy_coef=0.0, loss_reduction="token_mean")
+    old = torch.log(torch.tensor([[0.5, 0.2, 0.9, 0.3]]))
+    mb = {"old": old, "ref": old, "adv": torch.tensor([1.0]), "mask": torch.tensor([[1.0, 1.0, 1.0, 0.0]]),
+          "rollout": torch.log(torch.tensor([[0.25, 0.4, 0.3, 0.01]]))}  # the 4th token is masked out
+    loss, m = grpo_loss_fn(alg)(old.clone(), mb)
+    assert m["is_ratio_mean"].item() == pytest.approx((2.0 + 0.5 + 3.0) / 3)
+    assert m["is_capped_fraction"].item() == pytest.approx(1 / 3)
+    assert loss.item() == pytest.approx(-(2.0 + 0.5 + 2.0) / 3)
+    off = dict(vars(alg), rollout_is="off")
+    loss_off, m_off = grpo_loss_fn(SimpleNamespace(**off))(old.clone(), mb)
+    assert loss_off.item() == pytest.approx(-1.0) and "is_ratio_mean" not in m_off

@@ -319,3 +319,22 @@ def test_judge_diagnostics_by_hand():
     assert (m[p + "reward_label_yes"], m[p + "reward_label_no"], m[p + "reward_label_a"]) == (1.0, 0.5, 0.0)
     assert m[p + "judge_groups_with_gradient"] == 1 / 3
     assert judge_diagnostics([], [], [], [], []) == {}
+
+
+def test_balance_pointwise_keeps_equal_yes_and_no_and_every_pairwise_task():
+    # 5 all-wrong groups (No), 2 all-correct (Yes), 3 mixed forced to pairwise: balanced -> 2 Yes, 2 No, 3 pairwise
+    groups = ([grp([0, 0], pid=f"w{i}") for i in range(5)] + [grp([1, 1], pid=f"c{i}") for i in range(2)]
+              + [grp([1, 0], pid=f"m{i}") for i in range(3)])
+    plain = RecycleSettings(pointwise_prob_mixed=0.0, reflection_cap=0)
+    bal = RecycleSettings(pointwise_prob_mixed=0.0, reflection_cap=0, balance_pointwise=True)
+    before = recycle(groups, YESNO, plain, random.Random(0))
+    assert sorted(t.answer for t in before if t.kind == "pointwise") == ["No"] * 5 + ["Yes"] * 2
+    after = recycle(groups, YESNO, bal, random.Random(0))
+    assert sorted(t.answer for t in after if t.kind == "pointwise") == ["No", "No", "Yes", "Yes"]
+    assert [t.source_prompt_id for t in after if t.kind == "pairwise"] == ["m0", "m1", "m2"]
+    ids = [t.source_prompt_id for t in after]
+    assert ids == sorted(ids, key=[g.prompt_id for g in groups].index)  # batch order kept
+    # no correct answer anywhere: no pointwise task survives (pairwise ones still do)
+    only_wrong = recycle([grp([0, 0], pid=i) for i in range(4)], YESNO, bal, random.Random(0))
+    assert [t for t in only_wrong if t.kind == "pointwise"] == []
+    assert RecycleSettings().balance_pointwise is False  # SPARK's behaviour by default
