@@ -27,7 +27,17 @@ def _atomic_write(path: Path, text: str) -> None:
 
 class CheckpointManager:
     def __init__(self, ck_cfg, trainer):
+        from megatron_spark import compat
+        from megatron_spark.lifetime import Reaper, ignore_job_signals
+
         self.cfg, self.t = ck_cfg, trainer
+        # megatron-core's checkpoint writer needs a Manager process that would die of SLURM's SIGUSR1 / SIGTERM (so
+        # the checkpoint those signals ask for would fail) and that nothing ends if the trainer is killed: start it
+        # here, shielded from the job's signals, and have the reaper end it when this process dies
+        self.reaper = Reaper()
+        writer_pid = compat.checkpoint_writer_queue(initializer=ignore_job_signals)
+        if writer_pid is not None:
+            self.reaper.watch(writer_pid)
         self.root = Path(ck_cfg.dir)
         self.rank = dist.get_rank()
         if self.rank == 0:
@@ -112,6 +122,7 @@ class CheckpointManager:
         """A final checkpoint at the last completed step, unless the interval already wrote it."""
         if self.current is not None and self.current != self.last_saved:
             self.save(self.current)
+        self.reaper.close()  # a normal end: the helpers shut down on their own
 
     # -- resume -------------------------------------------------------------------------------------------------
     def resume(self) -> int:

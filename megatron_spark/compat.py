@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+from typing import Optional
 
 import torch
 
@@ -39,3 +40,25 @@ def initialize_model_parallel(**kwargs) -> None:
 
     params = inspect.signature(parallel_state.initialize_model_parallel).parameters
     parallel_state.initialize_model_parallel(**{k: v for k, v in kwargs.items() if k in params})
+
+
+def checkpoint_writer_queue(initializer=None) -> Optional[int]:
+    """megatron-core's torch_dist writer returns its results through a queue served by a `multiprocessing` Manager
+    process, which it starts (spawn) at the first save and keeps for the life of the trainer. Start that Manager
+    here instead, with `initializer` run in it (helpers/lifetime: survive the job's signals), and return its pid
+    for the reaper; None on megatron-core versions without that module-level queue."""
+    try:
+        from megatron.core.dist_checkpointing.strategies import filesystem_async as fa
+    except ImportError:
+        return None
+    if not hasattr(fa, "_results_queue"):
+        return None
+    if fa._results_queue is None:
+        import multiprocessing as mp
+        from multiprocessing.managers import SyncManager
+
+        manager = SyncManager(ctx=mp.get_context("spawn"))
+        manager.start(initializer=initializer)
+        fa._results_queue = manager.Queue()  # the proxy keeps the manager (and so its process) alive
+    proc = getattr(getattr(fa._results_queue, "_manager", None), "_process", None)
+    return proc.pid if proc is not None else None

@@ -4,15 +4,16 @@ The format is modelopt's FP8_PER_CHANNEL_PER_TOKEN ("FP8 per channel"): one fp32
 scale = amax(|row|) / 448, q = fp8(w / scale); activations are quantized per token at run time by the engine, so
 nothing depends on calibration data -- which matters in RL, where the weights change at every step. Because every
 row has its own scale, quantizing a fused or tensor-parallel shard of rows (vLLM's qkv_proj / gate_up_proj on one
-rollout rank) gives exactly the bytes of quantizing the whole HF tensors and slicing: no cross-rank reduction and
-no requantization when shards are fused. Per-tensor scales ("fp8", static activation scales) would need both, and a
+rollout rank) gives exactly the bytes of quantizing the whole HF tensors and slicing: no requantization when shards
+are fused. (A shard of columns -- the row-parallel o_proj / down_proj under vLLM TP -- would need each row's amax
+over all ranks; the bridge therefore quantizes whole HF tensors, target 'hf_full'.) Per-tensor scales ("fp8", static activation scales) would need both, and a
 calibration pass per update; they are offered for exports only (quant/export.py).
 
 The arithmetic follows modelopt 0.47 exactly (tests/unit/test_quant.py checks bytes and scales against it): the
 amax is taken in the weight's dtype and converted to fp32, and the division happens in fp32 for per-channel scales
 (a 1-D fp32 scale promotes the bf16 weight) but in the weight's dtype for a per-tensor scale (a 0-dim tensor does
-not promote), before the cast to float8_e4m3fn (round to nearest even). An all-zero row gets scale 1 (modelopt's choice: a zero
-scale would divide by zero).
+not promote), before the cast to float8_e4m3fn (round to nearest even). An all-zero row gets scale 1 (modelopt's
+choice: a zero scale would divide by zero).
 """
 from __future__ import annotations
 

@@ -2,9 +2,9 @@
 compare with nvidia-modelopt's quantization of the same HF tensors.
 
 Usage: torchrun --nproc-per-node 2 tests/dist/quant_worker.py OUT_DIR HF_DIR [HF_DIR ...]
-For the i-th model, writes under OUT_DIR/i/: hf_full_rank{r}.pt (every tensor of the 'hf_full' stream with rollout.quantization=fp8: FP8
-weights and their scales by HF name, the rest unchanged), OUT_DIR/emulated_rank{r}.pt (the same stream for an
-engine without FP8 kernels) and OUT_DIR/vllm_tp{R}_rank{r}.pt (vLLM's fused shards for rollout TP R = 1, 2 from the
+For the i-th model, writes under OUT_DIR/i/: hf_full_rank{r}.pt (every tensor of the 'hf_full' stream with
+rollout.quantization=fp8: FP8 weights and their scales by HF name, the rest unchanged), emulated_rank{r}.pt (the same stream for an
+engine without FP8 kernels) and vllm_tp{R}_rank{r}.pt (vLLM's fused shards for rollout TP R = 1, 2 from the
 in-place plan, quantized as the bridge quantizes any shard of rows).
 """
 import os

@@ -190,13 +190,10 @@ def test_sigterm_leaves_a_loadable_checkpoint(setup):
     assert sorted(metrics(d / "runD")) == [step + 1]
 
 
-@pytest.mark.xfail(reason="megatron-core's checkpoint writer keeps a multiprocessing Manager process per rank that "
-                          "survives a SIGKILL of the trainer (with its resource tracker); starting that Manager "
-                          "ourselves with a parent watch worked locally but broke checkpoints under srun, so it is "
-                          "not done yet. Our own helpers (reward workers) die with the trainer.", strict=False)
 def test_sigkill_leaves_no_process_behind_and_resumes(setup):
-    """kill -9 of the trainer processes mid-step: every process of the run (reward workers, resource trackers,
-    torchrun) is gone within seconds, and the rerun resumes from the last complete checkpoint."""
+    """kill -9 of the trainer processes mid-step: every process of the run (reward workers, megatron-core's checkpoint
+    writer Manager, resource trackers, the reaper, torchrun) is gone within seconds, and the rerun resumes from the
+    last complete checkpoint."""
     import psutil
 
     d, hf, train = setup

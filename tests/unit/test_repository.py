@@ -14,7 +14,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 TRAINER = ("megatron_spark.policy", "megatron_spark.trainer", "megatron_spark.train", "megatron_spark.checkpoint",
            "megatron_spark.demo", "megatron_spark.rollout", "megatron_spark.bridge", "megatron_spark.evaluation")
-LOW_LEVEL = ("models", "mapping", "io", "convert", "planner")
+LOW_LEVEL = ("models", "mapping", "io", "convert", "planner", "quant")
 CORE = ("algorithm", "recycle", "reward", "templates", "reflection", "placement", "diagnostics", "lifetime")
 
 
