@@ -45,6 +45,7 @@ def one_step(path, shape, layout, case, variant) -> dict:
     from megatron_spark.models.qwen import build_model
     from megatron_spark.models.weights import HFCheckpoint, export_megatron_to_hf, load_hf_into_megatron
     from megatron_spark.placement import balanced_partition
+    from megatron_spark.config import AlgorithmConfig
     from megatron_spark.policy import Policy, grpo_loss_fn
 
     mbs, max_tokens, norm = variant
@@ -66,8 +67,7 @@ def one_step(path, shape, layout, case, variant) -> dict:
     for r in rollouts:
         r.old_logprobs = -0.5 - 0.01 * torch.arange(len(r.response_ids), dtype=torch.float32)
         r.ref_logprobs = r.old_logprobs - 0.1
-    alg = SimpleNamespace(kl_coef=0.05, eps_clip_low=0.2, eps_clip_high=0.28, entropy_coef=0.0,
-                          loss_reduction="token_mean")
+    alg = AlgorithmConfig(kl_coef=0.05, eps_clip_low=0.2, eps_clip_high=0.28)
     size = BatchSize(tokens=sum(len(r.response_ids) for r in rollouts), sequences=len(rollouts))
     part = balanced_partition([len(r.prompt_ids) + len(r.response_ids) for r in rollouts], layout.dp)
     mine = [rollouts[i] for i in part[layout.coords(dist.get_rank())["dp"]]]
@@ -125,6 +125,7 @@ def train_check(chunks, shape, inputs) -> dict:
     from megatron.core import parallel_state as ps
 
     from tests.oracle import response_rollouts
+    from megatron_spark.config import AlgorithmConfig
     from megatron_spark.policy import Policy, grpo_loss_fn, sft_loss_fn
 
     cfg = SimpleNamespace(lr=2e-3, min_lr_ratio=1.0, warmup_ratio=0.0, weight_decay=0.0, adam_beta1=0.9,
@@ -142,8 +143,7 @@ def train_check(chunks, shape, inputs) -> dict:
     before = policy.token_logprobs(rollouts)
     for r, lp in zip(rollouts, before):
         r.old_logprobs = lp
-    alg = SimpleNamespace(kl_coef=0.0, eps_clip_low=0.2, eps_clip_high=0.2, entropy_coef=0.0,
-                          loss_reduction="token_mean")
+    alg = AlgorithmConfig(kl_coef=0.0)
     grpo = [policy.train_step(rollouts, grpo_loss_fn(alg)) for _ in range(3)]
     after = policy.token_logprobs(rollouts)
     moved = [(a.mean() - b.mean()).item() * r.advantage for r, a, b in zip(rollouts, after, before)]
