@@ -13,7 +13,6 @@ import torch
 import torch.distributed as dist
 
 from megatron_spark.config import SparkConfig, load_config, with_model_shape
-from megatron_spark.models.qwen import DTYPES
 
 
 def build_components(cfg: SparkConfig, world: int) -> dict:
@@ -21,6 +20,9 @@ def build_components(cfg: SparkConfig, world: int) -> dict:
     from megatron_spark.data import PromptBuilder, PromptStream, check_lengths, load_records
     from megatron_spark.mapping.qwen import WeightMap
     from megatron_spark.metrics import MetricsLogger
+    # (megatron-core is imported here, not at the top: the helper processes started with `spawn` -- reward workers,
+    # the checkpoint writer's Manager -- import this module as their __main__, and need none of it)
+    from megatron_spark.models.qwen import DTYPES
     from megatron_spark.parallel import ParallelLayout
     from megatron_spark.policy import Policy
     from megatron_spark.reward import RewardPool, VerifierConfig
