@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import statistics
 import subprocess
 import sys
@@ -47,6 +48,9 @@ COLORS = {"policy": "tab:blue", "judge": "tab:orange", "full": "tab:green", "pol
 
 def run_arm(out: Path, arm: str, seed: int, budget: int) -> dict:
     run = out / f"{arm}-seed{seed}"
+    # a fresh directory: a leftover one would resume its checkpoint, append to its metrics and reuse its
+    # evaluation answers (megatron-spark eval resumes), silently mixing two runs
+    shutil.rmtree(run, ignore_errors=True)
     t0 = time.time()
     cmd = [sys.executable, "-m", "megatron_spark.cli", "demo", "--run-dir", str(run), "--seed", str(seed),
            f"training.max_optimizer_steps={budget}", f"training.max_steps={4 * budget}", "logging.progress_bar=false",

@@ -208,10 +208,14 @@ def _coerce(value: Any, tp: Any, path: str) -> Any:
         return _coerce(value, args[0], path)
     if origin is Literal:
         choices = typing.get_args(tp)
-        if isinstance(value, bool) and ("on" if value else "off") in choices:
-            value = "on" if value else "off"  # YAML reads a bare off/on as a boolean
+        if isinstance(value, bool):  # YAML reads a bare off / on / no / yes as a boolean
+            if ("on" if value else "off") in choices:
+                value = "on" if value else "off"
+            elif not value and "none" in choices:
+                value = "none"
         if value not in choices:
-            _fail(path, f"got {value!r}; choose one of {', '.join(map(repr, choices))}")
+            hint = " (YAML reads off/on/no/yes as booleans; quote the word)" if isinstance(value, bool) else ""
+            _fail(path, f"got {value!r}{hint}; choose one of {', '.join(map(repr, choices))}")
         return value
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):

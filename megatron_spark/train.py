@@ -81,8 +81,10 @@ def build_components(cfg: SparkConfig, world: int) -> dict:
                       double_buffer=(torch.cuda.is_available() if cfg.rollout.sync_double_buffer is None
                                      else cfg.rollout.sync_double_buffer),
                       quantization=cfg.rollout.quantization, emulate=not fp8_engine)
-    if cfg.rollout.quantization != "none" and not fp8_engine:
-        sync.push(engine)  # the engine loaded the checkpoint's exact weights: give it their FP8 values from step 1
+    if m.megatron_ckpt or (cfg.rollout.quantization != "none" and not fp8_engine):
+        # the engine loaded model.hf_dir: give it the trainer's weights (a Megatron checkpoint's, or their FP8
+        # values) before the first rollout
+        sync.push(engine)
     pool = None
     if rank == 0:
         pool = RewardPool(cfg.algorithm.reward_workers, cfg.algorithm.reward_timeout_s,
@@ -95,13 +97,17 @@ def build_components(cfg: SparkConfig, world: int) -> dict:
 
 
 def fp8_engine_dir(cfg) -> str:
-    """CUDA vLLM with FP8 rollouts starts from an FP8 (per-channel) export of the initial HF weights, so that it is
-    built with FP8 layers; every sync then replaces weights and scales. Rank 0 writes it once per run directory."""
-    from megatron_spark.quant.export import quantize_hf
+    """CUDA vLLM with FP8 rollouts starts from an FP8 (per-channel) checkpoint of the initial HF weights, so that it
+    is built with FP8 layers; every sync then replaces weights and scales. Rank 0 streams it from model.hf_dir (one
+    tensor in memory at a time) and reuses it while the source is the same."""
+    from megatron_spark.quant.rollout_checkpoint import write_fp8_checkpoint
 
     out = Path(cfg.logging.dir) / "rollout_fp8_init"
-    if dist.get_rank() == 0 and not (out / "config.json").is_file():
-        quantize_hf(cfg.model.hf_dir, out, "fp8-per-channel", force=True)
+    source = str(Path(cfg.model.hf_dir).resolve())
+    stamp = out / "megatron_spark_source.txt"
+    if dist.get_rank() == 0 and not (stamp.is_file() and stamp.read_text() == source):
+        write_fp8_checkpoint(cfg.model.hf_dir, out, force=True)
+        stamp.write_text(source)
     dist.barrier()
     return str(out)
 

@@ -4,7 +4,7 @@ FP8 per channel) against a second engine loaded from modelopt's FP8 export of th
 
     python scripts/fp8_rollout_check.py OUT_DIR [--dry-run]
 
-1. a tiny Qwen2 (bf16 on GPU), its FP8 export (quant/export.py) -> engine A starts from it;
+1. a tiny Qwen2 (bf16 on GPU), its FP8 checkpoint as training writes it (quant/rollout_checkpoint.py) -> engine A;
 2. the Megatron model (TP=1, world 1) is perturbed as an update would, and `WeightSync(quantization='fp8')` streams
    FP8 weights and scales into engine A through vLLM's own loader;
 3. the perturbed weights are exported to HF and quantized by modelopt -> engine B;
@@ -43,6 +43,7 @@ def main() -> int:
     from megatron_spark.models.weights import HFCheckpoint, export_megatron_to_hf, load_hf_into_megatron
     from megatron_spark.parallel import ParallelLayout
     from megatron_spark.quant.export import quantize_hf
+    from megatron_spark.quant.rollout_checkpoint import write_fp8_checkpoint
     from megatron_spark.tiny import build_qwen2
 
     out = Path(a.out)
@@ -60,7 +61,7 @@ def main() -> int:
     wmap = WeightMap(shape, tp=1)
     chunks = build_model(shape, layout, dtype=dtype)
     load_hf_into_megatron(chunks, wmap, HFCheckpoint(str(hf)), 0, 1)
-    start = quantize_hf(hf, out / "fp8_start", "fp8-per-channel").out
+    start = write_fp8_checkpoint(hf, out / "fp8_start")
     perturb_(chunks, wmap, seed=1)
     trained = out / "hf_trained"
     shutil.copytree(hf, trained)

@@ -98,6 +98,20 @@ class QuantReport:
                 f"calibration prompts, {self.seconds:.1f} s")
 
 
+def _without_vision(preset: dict) -> dict:
+    """A copy of a modelopt preset with the vision tower's quantizers off, so that calibration (static activation
+    scales) sees the vision tower in full precision, as the exported model runs it."""
+    import copy
+
+    cfg = copy.deepcopy(preset)
+    entries = cfg.get("quant_cfg")
+    if isinstance(entries, list):  # modelopt 0.47: a list of {quantizer_name, cfg | enable}
+        entries.append({"quantizer_name": "*visual*", "enable": False})
+    elif isinstance(entries, dict):  # older releases: pattern -> settings
+        entries["*visual*"] = {"enable": False}
+    return cfg
+
+
 def _auto_class(hf_config: dict):
     import transformers
 
@@ -119,9 +133,10 @@ def _calibration_loop(model, hf_dir: Path, hf_config: dict, calib_data: Path, n:
     def loop(m):
         with torch.no_grad():
             for b in batches:
-                kw = {"input_ids": torch.tensor([b["input_ids"]])}
+                kw = {"input_ids": torch.tensor([b["input_ids"]], device=m.device)}
                 if b["pixel_values"] is not None:
-                    kw.update(pixel_values=b["pixel_values"].to(m.dtype), image_grid_thw=b["image_grid_thw"])
+                    kw.update(pixel_values=b["pixel_values"].to(m.device, m.dtype),
+                              image_grid_thw=b["image_grid_thw"].to(m.device))
                 m(**kw)
     return loop, len(batches)
 
@@ -141,13 +156,15 @@ def quantize_hf(hf_dir: str | Path, out: str | Path, fmt: str, *, calib_data: Op
     quiet_libraries()
     model = _auto_class(hf_config).from_pretrained(str(hf_dir), dtype="auto")
     model.eval()
+    if f.needs_cuda:  # modelopt's NVFP4 calibration kernels run on CUDA only
+        model.cuda()
     loop, n_calib = (None, 0)
     if f.calibrates_activations:
         loop, n_calib = _calibration_loop(model, hf_dir, hf_config, Path(calib_data), calib_prompts)
     # weight-only formats calibrate from the weights alone (forward_loop=None), which also keeps NVFP4 weights off
     # the CUDA-only fake-quantization kernels
-    mtq.quantize(model, getattr(mtq, f.modelopt_config), forward_loop=loop)
-    mtq.disable_quantizer(model, "*visual*")  # the vision tower stays in the model's dtype
+    mtq.quantize(model, _without_vision(getattr(mtq, f.modelopt_config)), forward_loop=loop)
+    mtq.disable_quantizer(model, "*visual*")  # (already off through the config; kept for other preset layouts)
     tmp = begin_output(out, force)
     try:
         export_hf_checkpoint(model, export_dir=str(tmp))
@@ -156,14 +173,14 @@ def quantize_hf(hf_dir: str | Path, out: str | Path, fmt: str, *, calib_data: Op
                     (".safetensors", ".bin")) and src.name != "model.safetensors.index.json":
                 shutil.copy2(src, tmp / src.name)
         written = sum(p.stat().st_size for p in tmp.iterdir() if p.suffix == ".safetensors")
+        qcfg = json.loads((tmp / "config.json").read_text()).get("quantization_config", {})
+        if qcfg.get("quant_algo") != f.quant_algo:  # before the output appears under its name
+            raise ValueError(f"modelopt wrote quant_algo {qcfg.get('quant_algo')!r} for --quantize {fmt}, "
+                             f"expected {f.quant_algo!r}; this modelopt version is not the one tested (0.47)")
         final = finish_output(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    qcfg = json.loads((final / "config.json").read_text()).get("quantization_config", {})
-    if qcfg.get("quant_algo") != f.quant_algo:
-        raise ValueError(f"modelopt wrote quant_algo {qcfg.get('quant_algo')!r} for --quantize {fmt}, expected "
-                         f"{f.quant_algo!r}; this modelopt version is not the one tested (0.47)")
     layers = sum(1 for m in model.modules() if getattr(getattr(m, "weight_quantizer", None), "is_enabled", False))
     return QuantReport(final, fmt, layers, n_calib, written, time.time() - t0)
 

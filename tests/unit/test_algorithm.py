@@ -256,9 +256,12 @@ def test_skip_zero_advantage_leaves_groups_without_spread_out_of_the_global_batc
 def test_truncated_importance_sampling_by_hand():
     from megatron_spark.algorithm import truncated_is_weights
 
-    old = torch.log(torch.tensor([[0.5, 0.2, 0.9]]))
+    # the trainer's log-probs require grad here, so a weight that kept its graph would change the gradient below
+    old = torch.log(torch.tensor([[0.5, 0.2, 0.9]])).requires_grad_(True)
     rollout = torch.log(torch.tensor([[0.25, 0.4, 0.3]]))
     w, ratio = truncated_is_weights(old, rollout, cap=2.0)
+    assert not w.requires_grad and not ratio.requires_grad
+    old = old.detach()
     assert torch.allclose(ratio, torch.tensor([[2.0, 0.5, 3.0]])) and torch.allclose(w, torch.tensor([[2.0, 0.5,
                                                                                                         2.0]]))
     # the policy term of each token is scaled by its weight: logp == old (ratio 1, no clipping), A = 1, mask all

@@ -142,3 +142,14 @@ def test_train_cli_refuses_a_layout_the_model_cannot_take_before_starting(tiny_m
     assert p.stderr.strip().splitlines()[-1].startswith("error: config field 'parallel.num_layers_in_first_pipeline"
                                                          "_stage'")
     assert "torch.distributed" not in p.stderr and "Traceback" not in p.stderr
+
+
+def test_yaml_booleans_for_off_and_none_choices():
+    """YAML reads a bare off / no as false: a choice named off or none still gets it, other choices say so."""
+    from megatron_spark.config import load_config
+
+    assert load_config(None, ["algorithm.rollout_is=off"]).algorithm.rollout_is == "off"
+    assert load_config(None, ["rollout.quantization=off"]).rollout.quantization == "none"
+    assert load_config(None, ["rollout.quantization=no"]).rollout.quantization == "none"
+    with pytest.raises(ValueError, match=r"'rollout.quantization': got True.*YAML reads"):
+        load_config(None, ["rollout.quantization=yes"])

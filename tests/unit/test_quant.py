@@ -200,3 +200,28 @@ def test_megatron_to_hf_quantize_from_a_converted_checkpoint(tiny_models, tmp_pa
         q, s = quantize_fp8(hf[n])
         assert torch.equal(q.view(torch.uint8), got[n].view(torch.uint8)) and torch.equal(s, got[scale_name(n)])
     assert sorted(p.name for p in (tmp_path / "q").iterdir()) == ["fp8"]  # no temporary export left behind
+
+
+@pytest.mark.parametrize("model", ["q2_tied", "vl_untied"])
+def test_the_rollout_engines_fp8_checkpoint_is_modelopts_export_streamed(tiny_models, model, tmp_path):
+    """What a CUDA FP8 engine starts from is written tensor by tensor through our quantizer, without loading the
+    model or modelopt: every tensor, config.json's quantization_config and hf_quant_config.json equal modelopt's
+    own fp8-per-channel export of the same directory."""
+    from megatron_spark.quant.rollout_checkpoint import write_fp8_checkpoint
+
+    ours = write_fp8_checkpoint(tiny_models[model], tmp_path / "ours")
+    ref = quantize_hf(tiny_models[model], tmp_path / "modelopt", "fp8-per-channel").out
+    a, b = exported(ours), exported(ref)
+    assert sorted(a) == sorted(b) and sum(t.dtype == torch.float8_e4m3fn for t in a.values()) == 14
+    for n in a:
+        assert same_bytes(a[n], b[n]), n
+    for f in ("config.json", "hf_quant_config.json"):
+        got, want = (json.loads((d / f).read_text()) for d in (ours, ref))
+        if f == "config.json":
+            got, want = got["quantization_config"], want["quantization_config"]
+        assert got == want, f
+    assert (ours / "tokenizer_config.json").is_file()
+
+
+def same_bytes(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.dtype == b.dtype and a.shape == b.shape and torch.equal(a.view(torch.uint8), b.view(torch.uint8))
