@@ -24,6 +24,7 @@ from typing import Optional
 import torch
 
 from megatron_spark.convert.output import begin_output, finish_output
+from megatron_spark.quant.fp8 import dequantize_fp8
 
 
 @dataclass(frozen=True)
@@ -202,8 +203,8 @@ def dequantize(algo: str, tensors: dict[str, torch.Tensor], name: str) -> torch.
     s = tensors.get(name + "_scale")
     if s is None:
         return w
-    if algo in ("FP8", "FP8_PER_CHANNEL_PER_TOKEN", "W8A16"):
-        return w.float() * (s[:, None] if s.dim() == 1 else s)
+    if algo in ("FP8", "FP8_PER_CHANNEL_PER_TOKEN", "W8A16"):  # int8 values times their scales, like FP8
+        return dequantize_fp8(w, s)
     if algo in ("NVFP4", "W4A16_NVFP4"):
         v = _unpack_nvfp4(w)
         block = v.shape[1] // s.shape[1]

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from megatron_spark.convert.layout import copy_hf_assets
 from megatron_spark.convert.output import begin_output, finish_output
 from megatron_spark.io.safetensors import HFCheckpoint, ShardedSafetensorsWriter, TensorSpec
 from megatron_spark.quant.fp8 import quantizable, quantize_fp8, scale_name
@@ -51,10 +52,7 @@ def write_fp8_checkpoint(hf_dir: str | Path, out: str | Path, *, force: bool = F
                 writer.write(n, t)
         writer.close()
         ckpt.close()
-        for src in sorted(hf_dir.iterdir()):  # tokenizer, processor, chat template, generation config
-            if src.is_file() and not src.name.endswith((".safetensors", ".bin")) and src.name not in (
-                    "model.safetensors.index.json", "config.json"):
-                shutil.copy2(src, tmp / src.name)
+        copy_hf_assets(hf_dir, tmp)  # tokenizer, processor, chat template (config.json is rewritten below)
         cfg["quantization_config"] = {"ignore": ignore, "quant_algo": QUANT_ALGO, "producer": PRODUCER,
                                       "quant_method": "modelopt"}
         (tmp / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
