@@ -72,8 +72,9 @@ def main() -> int:
     t0 = time.perf_counter()
     chunks = build_model(shape, layout, dtype=dtype, recompute=a.recompute)
     params = sum(p.numel() for ch in chunks for p in ch.parameters())
-    policy = Policy.for_training(chunks, shape, dtype=dtype, pad_id=0, micro_batch_size=a.micro_batch_size,
-                                 train_cfg=TrainingConfig(lr=1e-6, warmup_ratio=0.0), total_steps=100)
+    policy = Policy.for_training(chunks, shape, dtype=dtype, pad_id=0, total_steps=100,
+                                 training=TrainingConfig(lr=1e-6, warmup_ratio=0.0,
+                                                         micro_batch_size=a.micro_batch_size))
     build_s = time.perf_counter() - t0
     g = torch.Generator().manual_seed(0)
     n = a.micro_batch_size * a.micro_batches

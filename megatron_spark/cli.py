@@ -53,14 +53,10 @@ def _train(args) -> int:
         from megatron_spark.train import main as train_main
 
         return train_main((["--config", args.config] if args.config else []) + args.overrides)
-    from megatron_spark.config import load_config
+    from megatron_spark.config import load_config, validate_for_launch
 
-    cfg = load_config(args.config, args.overrides)  # fail fast on a bad config, before starting N processes
-    if cfg.model.hf_dir:  # and on a layout the model cannot take (the trainer's own validation)
-        from megatron_spark.config import with_model_shape
-
-        with_model_shape(cfg)
-        cfg.validate(args.nproc_per_node)
+    # fail fast on a bad config, or a layout the model cannot take, before starting N processes
+    validate_for_launch(load_config(args.config, args.overrides), args.nproc_per_node)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(args.nproc_per_node),
            "-m", "megatron_spark.train"] + (["--config", args.config] if args.config else []) + args.overrides
     return subprocess.call(cmd)

@@ -8,23 +8,48 @@ from typing import Optional
 import torch
 
 
-def have_transformer_engine() -> bool:
+def transformer_engine_error() -> Optional[str]:
+    """Why Transformer Engine cannot be used here (None when it imports). Every exception counts: a TE built
+    against another torch or flash-attn fails with OSError / RuntimeError / ImportError alike, and the caller
+    decides whether that is a warning (`model.transformer_impl: auto`) or an error (`transformer_engine`)."""
     if not torch.cuda.is_available():
-        return False  # TE's import fails without CUDA libraries; never try on CPU
+        return "no CUDA device (Transformer Engine runs on GPUs only)"  # its import fails without CUDA libraries
     try:
         import transformer_engine.pytorch  # noqa: F401
-        return True
-    except Exception:  # pragma: no cover - GPU only
-        return False
+        return None
+    except Exception as e:  # pragma: no cover - GPU only
+        return f"{type(e).__name__}: {e}"
 
 
-def gpt_layer_spec(use_te: bool, normalization: str = "RMSNorm", qk_layernorm: bool = False):
-    """The GPT decoder layer spec: TE fused layers on GPU, megatron-core's local modules on CPU."""
+def have_transformer_engine() -> bool:
+    return transformer_engine_error() is None
+
+
+def gpt_layer_spec(use_te: bool, normalization: str = "RMSNorm", qk_layernorm: bool = False, norm_cls=None):
+    """The GPT decoder layer spec: TE fused layers on GPU, megatron-core's local modules on CPU (with `norm_cls`
+    for its two norms when given)."""
+    import copy
+
     from megatron.core.models.gpt import gpt_layer_specs as specs
 
     if use_te:
         return specs.get_gpt_layer_with_transformer_engine_spec(qk_layernorm=qk_layernorm)
-    return specs.get_gpt_layer_local_spec(qk_layernorm=qk_layernorm, normalization=normalization)
+    spec = specs.get_gpt_layer_local_spec(qk_layernorm=qk_layernorm, normalization=normalization)
+    if norm_cls is not None:
+        spec = copy.deepcopy(spec)
+        spec.submodules.input_layernorm = norm_cls
+        spec.submodules.pre_mlp_layernorm = norm_cls
+    return spec
+
+
+def local_block_spec(layer_spec, config, norm_cls, vp_stage: Optional[int] = None):
+    """The decoder block of the local spec with `norm_cls` as its final norm. megatron-core picks the final norm
+    itself otherwise: TE's when TE imports, else Apex's FusedLayerNorm when Apex is installed, which asserts on
+    RMSNorm ("RMSNorm is not supported in FusedLayerNorm") -- the node with Apex and a broken TE would crash."""
+    from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
+
+    n = get_num_layers_to_build(config, vp_stage=vp_stage)
+    return TransformerBlockSubmodules(layer_specs=[layer_spec] * n, layer_norm=norm_cls)
 
 
 def transformer_config_kwargs(**kwargs) -> dict:

@@ -6,37 +6,77 @@ in the first second rather than an hour into a 32B job.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import difflib
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Iterator, Literal, Optional
 
 import yaml
 
-MODEL_FAMILIES = ("qwen2", "qwen2_5_vl")
+# Fields that existed once: loading a config that still sets one says what replaced it.
+REMOVED_FIELDS = {
+    "model.family": "the model family is read from model.hf_dir's config.json; delete the line",
+    "model.make_vocab_size_divisible_by": "the vocabulary is always padded to a multiple of lcm(128, TP), as in "
+                                          "Megatron-LM (checkpoints record their padding); delete the line",
+    "model.num_layers": "the model's shape is read from model.hf_dir's config.json; delete the line",
+    "model.num_attention_heads": "the model's shape is read from model.hf_dir's config.json; delete the line",
+    "model.num_key_value_heads": "the model's shape is read from model.hf_dir's config.json; delete the line",
+    "model.vision_num_heads": "the model's shape is read from model.hf_dir's config.json; delete the line",
+    "data.eval_file": "held-out evaluation during training is eval.file (with eval.interval)",
+    "logging.log_interval": "every step is logged; delete the line",
+}
+
+
+_READS: Optional[set] = None  # (section class, field) pairs read while `recording_reads()` is on
+
+
+class _Section:
+    """Base of every config section. While `recording_reads()` is on, each read of a field is noted, so a test can
+    check that every leaf of the tree is consumed by something (a field that validates and changes nothing is a
+    bug: that is how `model.recompute_activations` was once accepted and ignored)."""
+
+    def __getattribute__(self, name: str):
+        if _READS is not None and not name.startswith("_"):
+            cls = type(self)
+            if name in _FIELDS.get(cls, ()):
+                _READS.add((cls, name))
+        return object.__getattribute__(self, name)
 
 
 @dataclass
-class ModelConfig:
-    family: str = "qwen2_5_vl"            # qwen2 (Qwen2/Qwen2.5 text) or qwen2_5_vl
+class ModelConfig(_Section):
     hf_dir: Optional[str] = None          # HF checkpoint dir (config.json, tokenizer); None = built-in tiny model
     megatron_ckpt: Optional[str] = None   # initial weights from a torch_dist checkpoint (tools/convert/
                                           # hf_to_megatron.py); hf_dir still gives config and tokenizer
     dtype: Literal["fp32", "bf16", "fp16"] = "bf16"
-    make_vocab_size_divisible_by: int = 128
-    transformer_impl: Literal["auto", "local", "transformer_engine"] = "auto"  # auto: TE on GPU, local on CPU
-    recompute_activations: bool = False
-    # Filled from the HF config by the model builder; used for cross-field validation.
+    # auto: Transformer Engine on a GPU when it imports (else the local spec, with one warning that prints the
+    # import error); transformer_engine: TE or an error; local: megatron-core's local spec (always on CPU)
+    transformer_impl: Literal["auto", "local", "transformer_engine"] = "auto"
+    # activation recomputation in the update: full (each layer's input kept, the layer recomputed in backward,
+    # vision tower included), selective (only the attention core recomputed), none; true/false = full/none
+    recompute_activations: Literal["none", "selective", "full"] = "none"
+
+
+@dataclass(frozen=True)
+class ModelFacts:
+    """What validation needs to know of the model (read from its config.json: `ModelFacts.of(shape)`); not part
+    of the user's config."""
     num_layers: Optional[int] = None
     num_attention_heads: Optional[int] = None
     num_key_value_heads: Optional[int] = None
     vision_num_heads: Optional[int] = None
 
+    @classmethod
+    def of(cls, shape) -> "ModelFacts":
+        t, v = shape.text, shape.vision
+        return cls(t.num_layers, t.num_heads, t.num_kv_heads, v.num_heads if v else None)
+
 
 @dataclass
-class ParallelConfig:
+class ParallelConfig(_Section):
     tensor_model_parallel_size: int = 1
     pipeline_model_parallel_size: int = 1
     virtual_pipeline_model_parallel_size: Optional[int] = None
@@ -50,7 +90,10 @@ class ParallelConfig:
 
 
 @dataclass
-class RolloutConfig:
+class RolloutConfig(_Section):
+    # vllm: vLLM engines in the trainer's processes; hf: transformers' generate behind the same interface (one
+    # engine per rank, rollout TP 1, weights synced through 'hf_full'): slow, for a GPU machine without CUDA vLLM
+    backend: Literal["vllm", "hf"] = "vllm"
     tensor_parallel_size: int = 1         # vLLM TP of each rollout engine
     n_samples_per_prompt: int = 8
     temperature: float = 1.0
@@ -73,7 +116,7 @@ class RolloutConfig:
 
 
 @dataclass
-class RecycleConfig:
+class RecycleConfig(_Section):
     pointwise_prob_mixed: float = 0.3     # mixed groups: pointwise with this prob., else pairwise
     judge_cap: int = 32                   # max judge tasks kept per infer batch
     reflection_cap: int = 32              # max reflection tasks kept per infer batch
@@ -87,7 +130,7 @@ class RecycleConfig:
 
 
 @dataclass
-class AlgorithmConfig:
+class AlgorithmConfig(_Section):
     eps_clip_low: float = 0.2
     eps_clip_high: float = 0.2
     kl_coef: float = 1e-3                 # k3 KL to the frozen reference, as a loss term
@@ -112,9 +155,8 @@ class AlgorithmConfig:
 
 
 @dataclass
-class DataConfig:
+class DataConfig(_Section):
     train_file: Optional[str] = None      # Spark JSON list; None = the built-in synthetic shapes task
-    eval_file: Optional[str] = None
     prompt_key: str = "message"
     answer_key: str = "answer"
     rollout_batch_size: int = 64          # prompts per infer period
@@ -126,7 +168,7 @@ class DataConfig:
 
 
 @dataclass
-class TrainingConfig:
+class TrainingConfig(_Section):
     lr: float = 5e-7
     min_lr_ratio: float = 0.1
     warmup_ratio: float = 0.03
@@ -147,7 +189,7 @@ class TrainingConfig:
 
 
 @dataclass
-class CheckpointConfig:
+class CheckpointConfig(_Section):
     dir: Optional[str] = None
     save_interval: int = 50
     resume: bool = True
@@ -155,16 +197,15 @@ class CheckpointConfig:
 
 
 @dataclass
-class LoggingConfig:
+class LoggingConfig(_Section):
     dir: str = "runs/default"
     tensorboard: bool = True
     wandb_project: Optional[str] = None
-    log_interval: int = 1
     progress_bar: bool = True
 
 
 @dataclass
-class EvalConfig:
+class EvalConfig(_Section):
     """Held-out evaluation during training (megatron_spark/evaluation/periodic.py)."""
     file: Optional[str] = None          # training-format records or a benchmark file in the released format
     interval: int = 0                   # every N steps (0: off); also after the last step when on
@@ -172,7 +213,7 @@ class EvalConfig:
 
 
 @dataclass
-class SparkConfig:
+class SparkConfig(_Section):
     model: ModelConfig = field(default_factory=ModelConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
@@ -184,11 +225,72 @@ class SparkConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        global _READS
+        saved, _READS = _READS, None  # (a copy of every field is not a use of it)
+        try:
+            return dataclasses.asdict(self)
+        finally:
+            _READS = saved
 
-    def validate(self, world_size: Optional[int] = None) -> "SparkConfig":
-        validate(self, world_size)
+    def validate(self, world_size: Optional[int] = None, model: Optional["ModelFacts"] = None) -> "SparkConfig":
+        validate(self, world_size, model)
         return self
+
+
+_FIELDS: dict[type, frozenset] = {}
+
+
+def leaf_paths(cls: type = SparkConfig, prefix: str = "") -> dict[tuple[type, str], str]:
+    """(section class, field) -> dotted path of every leaf field of the tree."""
+    out = {}
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        path = f"{prefix}{f.name}"
+        if dataclasses.is_dataclass(hints[f.name]):
+            out.update(leaf_paths(hints[f.name], path + "."))
+        else:
+            out[(cls, f.name)] = path
+    return out
+
+
+def _index_fields(cls: type = SparkConfig) -> None:
+    hints = typing.get_type_hints(cls)
+    _FIELDS[cls] = frozenset(f.name for f in dataclasses.fields(cls))
+    for f in dataclasses.fields(cls):
+        if dataclasses.is_dataclass(hints[f.name]):
+            _index_fields(hints[f.name])
+
+
+_index_fields()
+
+
+@contextlib.contextmanager
+def recording_reads() -> Iterator[set]:
+    """Collect the dotted paths of the leaf fields read inside the block (see `_Section`)."""
+    global _READS
+    saved, _READS = _READS, set()
+    got: set = set()
+    try:
+        yield got
+    finally:
+        paths = leaf_paths()
+        got.update(paths[k] for k in _READS if k in paths)
+        _READS = saved
+
+
+def dump_reads_at_exit(path: str) -> None:
+    """Record every config leaf read from now until the process exits into `path` (JSON list); used by the tests
+    that check every field is consumed (`SPARK_CONFIG_READS`)."""
+    import atexit
+    import json
+
+    global _READS
+    _READS = set()
+
+    def dump():
+        paths = leaf_paths()
+        Path(path).write_text(json.dumps(sorted(paths[k] for k in (_READS or ()) if k in paths)))
+    atexit.register(dump)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -209,7 +311,9 @@ def _coerce(value: Any, tp: Any, path: str) -> Any:
     if origin is Literal:
         choices = typing.get_args(tp)
         if isinstance(value, bool):  # YAML reads a bare off / on / no / yes as a boolean
-            if ("on" if value else "off") in choices:
+            if {"none", "full"} <= set(choices):  # recompute_activations: true / false
+                value = "full" if value else "none"
+            elif ("on" if value else "off") in choices:
                 value = "on" if value else "off"
             elif not value and "none" in choices:
                 value = "none"
@@ -253,6 +357,8 @@ def _from_dict(cls: type, data: dict, prefix: str = "") -> Any:
     kwargs = {}
     for key, value in data.items():
         path = f"{prefix}.{key}" if prefix else key
+        if key not in names and path in REMOVED_FIELDS:
+            _fail(path, f"no longer exists: {REMOVED_FIELDS[path]}")
         if key not in names:
             close = difflib.get_close_matches(key, names, n=1)
             hint = f"; did you mean '{(prefix + '.') if prefix else ''}{close[0]}'?" if close else ""
@@ -299,37 +405,37 @@ def _positive(path: str, value: Optional[int | float]) -> None:
         _fail(path, f"must be > 0, got {value}")
 
 
-def validate(cfg: SparkConfig, world_size: Optional[int] = None) -> None:
+def validate(cfg: SparkConfig, world_size: Optional[int] = None, model: Optional[ModelFacts] = None) -> None:
+    """Every rule a config must satisfy, each error naming the field and the fix; with the world size and the model's
+    facts (`ModelFacts.of(shape)`) the layout rules too."""
     m, par, ro, alg, data, tr = cfg.model, cfg.parallel, cfg.rollout, cfg.algorithm, cfg.data, cfg.training
-    if m.family not in MODEL_FAMILIES:
-        close = difflib.get_close_matches(m.family, MODEL_FAMILIES, n=1)
-        hint = f" (did you mean '{close[0]}'?)" if close else ""
-        _fail("model.family", f"unknown model family '{m.family}'{hint}; supported: {', '.join(MODEL_FAMILIES)}")
+    facts = model or ModelFacts()
     if m.hf_dir is not None and not Path(m.hf_dir).is_dir():
         _fail("model.hf_dir", f"directory '{m.hf_dir}' does not exist; point it at a HF checkpoint directory")
-    if m.megatron_ckpt is not None and not (Path(m.megatron_ckpt) / "latest_checkpointed_iteration.txt").is_file() \
-            and not (Path(m.megatron_ckpt) / ".metadata").is_file():
+    from megatron_spark.io.checkpoint_layout import is_megatron_checkpoint
+
+    if m.megatron_ckpt is not None and not is_megatron_checkpoint(m.megatron_ckpt):
         _fail("model.megatron_ckpt", f"'{m.megatron_ckpt}' is not a megatron checkpoint (no "
               f"latest_checkpointed_iteration.txt or .metadata); write one with tools/convert/hf_to_megatron.py")
     for name in ("tensor_model_parallel_size", "pipeline_model_parallel_size", "context_parallel_size"):
         _positive(f"parallel.{name}", getattr(par, name))
     tp, pp = par.tensor_model_parallel_size, par.pipeline_model_parallel_size
-    if m.num_key_value_heads is not None and m.num_key_value_heads % tp:
+    if facts.num_key_value_heads is not None and facts.num_key_value_heads % tp:
         _fail("parallel.tensor_model_parallel_size",
-              f"TP={tp} does not divide the model's {m.num_key_value_heads} KV heads; "
-              f"choose a TP that divides {m.num_key_value_heads}")
-    if m.num_attention_heads is not None and m.num_attention_heads % tp:
+              f"TP={tp} does not divide the model's {facts.num_key_value_heads} KV heads; "
+              f"choose a TP that divides {facts.num_key_value_heads}")
+    if facts.num_attention_heads is not None and facts.num_attention_heads % tp:
         _fail("parallel.tensor_model_parallel_size",
-              f"TP={tp} does not divide the {m.num_attention_heads} attention heads; choose a divisor")
-    if m.vision_num_heads is not None and m.vision_num_heads % tp:
+              f"TP={tp} does not divide the {facts.num_attention_heads} attention heads; choose a divisor")
+    if facts.vision_num_heads is not None and facts.vision_num_heads % tp:
         _fail("parallel.tensor_model_parallel_size",
-              f"TP={tp} does not divide the vision tower's {m.vision_num_heads} heads (it is tensor-parallel); "
+              f"TP={tp} does not divide the vision tower's {facts.vision_num_heads} heads (it is tensor-parallel); "
               f"choose a divisor")
-    if m.num_layers is not None:
+    if facts.num_layers is not None:
         from megatron_spark.parallel import stage_layers
 
         try:
-            stage_layers(m.num_layers, pp, par.num_layers_in_first_pipeline_stage,
+            stage_layers(facts.num_layers, pp, par.num_layers_in_first_pipeline_stage,
                          par.num_layers_in_last_pipeline_stage)
         except ValueError as e:
             field_name, _, msg = str(e).partition(": ")
@@ -340,14 +446,18 @@ def validate(cfg: SparkConfig, world_size: Optional[int] = None) -> None:
         if pp == 1:
             _fail("parallel.virtual_pipeline_model_parallel_size",
                   "virtual pipeline stages need pipeline_model_parallel_size > 1; unset it or raise PP")
-        if m.num_layers is not None and m.num_layers % (pp * vpp):
+        if facts.num_layers is not None and facts.num_layers % (pp * vpp):
             _fail("parallel.virtual_pipeline_model_parallel_size",
-                  f"{m.num_layers} layers do not split into PP*VPP={pp * vpp} equal chunks; pick another VPP")
+                  f"{facts.num_layers} layers do not split into PP*VPP={pp * vpp} equal chunks; pick another VPP")
         if par.num_layers_in_first_pipeline_stage is not None or par.num_layers_in_last_pipeline_stage is not None:
             _fail("parallel.virtual_pipeline_model_parallel_size", "uneven first/last pipeline stages with virtual "
                                                                    "stages are not supported; unset one of the two")
     if par.sequence_parallel and tp == 1:
         _fail("parallel.sequence_parallel", "sequence parallelism needs TP > 1; set it to false")
+    if par.context_parallel_size > 1:
+        _fail("parallel.context_parallel_size", f"context parallelism ({par.context_parallel_size}) is not "
+              "implemented: nothing splits sequences over CP ranks yet; set it to 1 (use sequence_parallel with "
+              "TP > 1, or PP, for long sequences)")
     if world_size is not None:
         model_parallel = tp * pp * par.context_parallel_size
         if world_size % model_parallel:
@@ -357,10 +467,19 @@ def validate(cfg: SparkConfig, world_size: Optional[int] = None) -> None:
             _fail("rollout.tensor_parallel_size",
                   f"world size {world_size} is not a multiple of the rollout TP {ro.tensor_parallel_size}")
     _positive("rollout.tensor_parallel_size", ro.tensor_parallel_size)
-    if m.num_key_value_heads is not None and ro.tensor_parallel_size > m.num_key_value_heads \
-            and ro.tensor_parallel_size % m.num_key_value_heads:
+    if ro.backend == "hf":
+        if ro.tensor_parallel_size != 1:
+            _fail("rollout.tensor_parallel_size", f"rollout.backend=hf runs one transformers engine per rank; set "
+                                                  f"rollout.tensor_parallel_size=1 (got {ro.tensor_parallel_size})")
+        if ro.sync_target == "vllm_tp":
+            _fail("rollout.sync_target", "rollout.backend=hf loads whole HF tensors: use hf_full (or auto)")
+        if ro.quantization != "none":
+            _fail("rollout.quantization", "FP8 rollouts need a vLLM engine; set rollout.backend=vllm or "
+                                          "rollout.quantization=none")
+    kv = facts.num_key_value_heads
+    if kv is not None and ro.tensor_parallel_size > kv and ro.tensor_parallel_size % kv:
         _fail("rollout.tensor_parallel_size", f"vLLM TP={ro.tensor_parallel_size} with "
-              f"{m.num_key_value_heads} KV heads needs TP to be a multiple of the KV heads or divide them")
+              f"{kv} KV heads needs TP to be a multiple of the KV heads or divide them")
     if ro.n_samples_per_prompt < 2:
         _fail("rollout.n_samples_per_prompt", f"GRPO needs at least 2 samples per prompt to form a group "
                                               f"advantage, got {ro.n_samples_per_prompt}")
@@ -453,15 +572,13 @@ def validate(cfg: SparkConfig, world_size: Optional[int] = None) -> None:
     _positive("checkpoint.keep_last", ck.keep_last)
 
 
-def with_model_shape(cfg):
-    """Fill the config's model fields from the HF config, so that `validate()` checks the layout against the real
-    model (heads, KV heads, layers, vision heads). Cheap: reads config.json only. Returns the model shape."""
-    from megatron_spark.models.hf_config import load_hf_config
+def validate_for_launch(cfg: SparkConfig, world_size: int):
+    """The whole validation before any process starts: the config, and with `model.hf_dir` the layout against the
+    model's config.json (cheap: nothing but that file is read). Returns the model's shape (None without hf_dir)."""
+    shape = None
+    if cfg.model.hf_dir is not None and Path(cfg.model.hf_dir).is_dir():
+        from megatron_spark.models.hf_config import load_hf_config
 
-    shape = load_hf_config(cfg.model.hf_dir)
-    m = cfg.model
-    m.family = shape.family
-    m.num_layers, m.num_attention_heads, m.num_key_value_heads = (shape.text.num_layers, shape.text.num_heads,
-                                                                   shape.text.num_kv_heads)
-    m.vision_num_heads = shape.vision.num_heads if shape.vision else None
+        shape = load_hf_config(cfg.model.hf_dir)
+    cfg.validate(world_size, ModelFacts.of(shape) if shape is not None else None)
     return shape

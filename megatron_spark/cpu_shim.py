@@ -76,6 +76,10 @@ def _install_cpu_rng_tracker() -> None:
 
     mrandom._CUDA_RNG_STATE_TRACKER = CpuRNGStatesTracker()
     mrandom._CUDA_RNG_STATE_TRACKER_INITIALIZED = True
+    # Activation recompute (`tensor_parallel.checkpoint`) saves and restores the "CUDA" RNG state around the
+    # recomputed forward; on CPU there is none (the CPU state, which it restores too, is the one dropout uses).
+    mrandom._get_cuda_rng_state = lambda *a, **k: torch.empty(0, dtype=torch.uint8)
+    mrandom._set_cuda_rng_state = lambda *a, **k: None
 
 
 def install() -> bool:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Optional
@@ -35,6 +36,27 @@ class ParallelLayout:
     def stage_layers(self, num_layers: int) -> list[int]:
         """Transformer layers per pipeline stage of this layout (see `stage_layers`)."""
         return stage_layers(num_layers, self.pp, self.first_stage_layers, self.last_stage_layers)
+
+    def layer_stage(self, layer: int, num_layers: int) -> int:
+        """The pipeline stage holding transformer layer `layer` (0-based, global). With virtual stages the layers
+        are cut into PP x VPP equal chunks dealt round-robin: chunk c = v * PP + p sits on stage p (megatron-core)."""
+        if self.vpp:
+            return (layer // (num_layers // (self.pp * self.vpp))) % self.pp
+        end = 0
+        for stage, n in enumerate(self.stage_layers(num_layers)):
+            end += n
+            if layer < end:
+                return stage
+        raise ValueError(f"layer {layer} is beyond the model's {num_layers} layers")
+
+    def param_stage(self, name: str, num_layers: int) -> int:
+        """The pipeline stage holding a Megatron parameter (global local-spec name, as `megatron_named_params`
+        yields it): the vision tower and the embedding on the first stage, the final norm and the output layer on
+        the last, each transformer layer where `layer_stage` puts it."""
+        if "vision_model" in name or "embedding" in name:
+            return 0
+        m = re.search(r"decoder\.layers\.(\d+)\.", name)
+        return self.layer_stage(int(m.group(1)), num_layers) if m else self.pp - 1
 
     @property
     def dp(self) -> int:
@@ -72,7 +94,7 @@ class ParallelLayout:
         if not dist.is_initialized():
             if on_gpu:
                 torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-            dist.init_process_group("nccl" if on_gpu else "gloo", timeout=timedelta(seconds=timeout_s))
+            dist.init_process_group(process_group_backend(on_gpu), timeout=timedelta(seconds=timeout_s))
         if dist.get_world_size() != self.world_size:
             raise ValueError(f"parallel layout expects {self.world_size} ranks but the job has "
                              f"{dist.get_world_size()}; fix WORLD_SIZE / the launcher")
@@ -81,6 +103,16 @@ class ParallelLayout:
                 tensor_model_parallel_size=self.tp, pipeline_model_parallel_size=self.pp,
                 virtual_pipeline_model_parallel_size=self.vpp, context_parallel_size=self.cp)
         model_parallel_cuda_manual_seed(seed)
+
+
+def process_group_backend(cuda: bool) -> str:
+    """The default process group's backend: on a GPU, NCCL for CUDA tensors AND gloo for CPU tensors.
+
+    A pure "nccl" group maps only the CUDA device type, so a collective on a CPU tensor (a metric, a stop flag, an
+    object collective's sizes) fails with "No backend type associated with device type cpu", even at world size 1.
+    megatron-core creates its TP/PP/DP groups with backend=None, which inherits this device map, so every group of
+    the run accepts both kinds of tensor; object collectives and barriers then go through gloo (CPU memory)."""
+    return "cpu:gloo,cuda:nccl" if cuda else "gloo"
 
 
 def stage_layers(num_layers: int, pp: int, first: Optional[int] = None, last: Optional[int] = None) -> list[int]:

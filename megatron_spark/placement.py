@@ -1,7 +1,7 @@
 """Which rank does what, decided in one place.
 
     ranks:    0 1 2 3 4 5 6 7                          (world = 8)
-    engines:  [ e0  ][ e1  ][ e2  ][ e3  ]            rollout TP x PP = 2: consecutive blocks (vLLM external launcher)
+    engines:  [ e0  ][ e1  ][ e2  ][ e3  ]            rollout TP = 2: consecutive blocks (vLLM external launcher)
     prompts:  e0 gets prompts 0..15, e1 16..31, ...   contiguous shares, sizes differ by at most one; a prompt and
                                                       its n samples (one GRPO group) never leave their engine
     training: ParallelLayout's DP ranks; each optimizer step's global batch is split over them by cost
@@ -21,11 +21,11 @@ from typing import Sequence
 class RolloutPlacement:
     """Rollout engines over the trainer's world: `world / engine_size` engines of `engine_size` consecutive ranks."""
     world: int
-    engine_size: int  # rollout tensor parallel x rollout pipeline parallel
+    engine_size: int  # rollout tensor parallel size (vLLM TP)
 
     def __post_init__(self) -> None:
         if self.engine_size < 1 or self.world % self.engine_size:
-            raise ValueError(f"rollout TP x PP = {self.engine_size} must divide the world size {self.world}; "
+            raise ValueError(f"rollout TP = {self.engine_size} must divide the world size {self.world}; "
                              f"choose rollout.tensor_parallel_size accordingly")
 
     @property
@@ -34,6 +34,16 @@ class RolloutPlacement:
 
     def engine_of(self, rank: int) -> int:
         return rank // self.engine_size
+
+    def engine_ranks(self, engine: int) -> range:
+        """The global ranks of an engine's rollout TP group, in its TP rank order."""
+        return range(engine * self.engine_size, (engine + 1) * self.engine_size)
+
+    @staticmethod
+    def replica_of(engine: int, dp: int) -> int:
+        """The training data-parallel replica whose weights feed this engine at every sync: engines are dealt
+        round-robin over the replicas, so the sync's sending load is spread over all of them."""
+        return engine % dp
 
     def is_leader(self, rank: int) -> bool:
         """The first rank of its engine: the one that reports the engine's outputs (all its ranks hold them)."""

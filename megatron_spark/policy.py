@@ -15,6 +15,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from megatron_spark.config import ModelConfig, TrainingConfig
 from megatron_spark.algorithm import (BatchSize, grpo_loss, masked_mean, sampled_entropy_surrogate,
                                       truncated_is_weights)
 from megatron_spark.models.runtime import call_model, token_logprobs
@@ -90,44 +91,45 @@ class Policy:
 
     # -- construction ------------------------------------------------------------------------------------------
     @classmethod
-    def build(cls, shape, layout, hf_dir: str, *, dtype: torch.dtype, pad_id: int, micro_batch_size: int,
-              train_cfg=None, total_steps: int = 1, trainable: bool = True,
-              megatron_ckpt: Optional[str] = None) -> "Policy":
-        """Build this rank's chunks and fill them from the HF directory (reading only this rank's slices), or from
-        a torch_dist checkpoint (tools/convert/hf_to_megatron.py, or a training run) when `megatron_ckpt` is set."""
+    def build(cls, shape, layout, model: ModelConfig, training: TrainingConfig, *, pad_id: int,
+              total_steps: int = 1, trainable: bool = True) -> "Policy":
+        """This rank's chunks built as `model` says (dtype, transformer_impl, recompute_activations for the update;
+        a frozen model never runs a backward) and filled from `model.hf_dir` (only this rank's slices) or from the
+        torch_dist checkpoint `model.megatron_ckpt`; trainable ones wrapped as `training` says (`for_training`)."""
         from megatron.core import parallel_state as ps
 
         from megatron_spark.mapping.qwen import WeightMap
-        from megatron_spark.models.qwen import build_model
+        from megatron_spark.models.qwen import DTYPES, build_model
         from megatron_spark.models.weights import HFCheckpoint, load_hf_into_megatron
 
-        chunks = build_model(shape, layout, dtype=dtype)
-        if megatron_ckpt:
-            from megatron_spark.io.checkpoint_layout import load_model_weights
-            from megatron_spark.convert.converters import resolve_checkpoint
+        dtype = DTYPES[model.dtype]
+        chunks = build_model(shape, layout, dtype=dtype, transformer_impl=model.transformer_impl,
+                             recompute=model.recompute_activations if trainable else "none")
+        if model.megatron_ckpt:
+            from megatron_spark.io.checkpoint_layout import load_model_weights, resolve_checkpoint
 
-            load_model_weights(chunks, resolve_checkpoint(megatron_ckpt)[1])
+            load_model_weights(chunks, resolve_checkpoint(model.megatron_ckpt, "model.megatron_ckpt")[1])
         else:
-            load_hf_into_megatron(chunks, WeightMap(shape, tp=layout.tp), HFCheckpoint(hf_dir),
+            load_hf_into_megatron(chunks, WeightMap(shape, tp=layout.tp), HFCheckpoint(model.hf_dir),
                                   ps.get_tensor_model_parallel_rank(), layout.tp)
         if not trainable:
             for c in chunks:
                 c.eval()
                 c.requires_grad_(False)
-            return cls(chunks, shape, pad_id, micro_batch_size)
-        return cls.for_training(chunks, shape, dtype=dtype, pad_id=pad_id, micro_batch_size=micro_batch_size,
-                                train_cfg=train_cfg, total_steps=total_steps)
+            return cls(chunks, shape, pad_id, training.micro_batch_size)
+        return cls.for_training(chunks, shape, dtype=dtype, pad_id=pad_id, training=training,
+                                total_steps=total_steps)
 
     @classmethod
-    def for_training(cls, chunks: list, shape, *, dtype: torch.dtype, pad_id: int, micro_batch_size: int,
-                     train_cfg, total_steps: int) -> "Policy":
+    def for_training(cls, chunks: list, shape, *, dtype: torch.dtype, pad_id: int, training: TrainingConfig,
+                     total_steps: int) -> "Policy":
         """Wrap built chunks in megatron-core's DDP, optimizer (distributed on GPU) and LR schedule."""
         from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
         from megatron.core.distributed import finalize_model_grads
         from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
         from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
-        t = train_cfg
+        t = training
         use_dist_opt = bool(t.use_distributed_optimizer and torch.cuda.is_available())  # see docs/cpu.md
         ddp_cfg = DistributedDataParallelConfig(grad_reduce_in_fp32=True, use_distributed_optimizer=use_dist_opt)
         wrapped = []
@@ -145,7 +147,7 @@ class Policy:
             optimizer, init_lr=0.0 if warmup else t.lr, max_lr=t.lr, min_lr=t.lr * t.min_lr_ratio,
             lr_warmup_steps=warmup, lr_decay_steps=max(total_steps, warmup + 1), lr_decay_style="cosine",
             start_wd=t.weight_decay, end_wd=t.weight_decay, wd_incr_steps=1, wd_incr_style="constant")
-        return cls(wrapped, shape, pad_id, micro_batch_size, optimizer, scheduler, t.max_tokens_per_micro_batch)
+        return cls(wrapped, shape, pad_id, t.micro_batch_size, optimizer, scheduler, t.max_tokens_per_micro_batch)
 
     def offload(self) -> None:
         """Move the (frozen) weights to host memory between uses: the reference model on a tight GPU."""
@@ -173,40 +175,56 @@ class Policy:
         return [getattr(c, "module", c) for c in self.chunks]
 
     # -- passes ------------------------------------------------------------------------------------------------
-    def micro_batch_layout(self, rollouts: list[Rollout], pp: int) -> list[tuple[list[Rollout], int, int]]:
+    def micro_batch_layout(self, rollouts: list[Rollout], pp: int, seq_multiple: int = 1,
+                           microbatches: Optional[Callable[[int], int]] = None
+                           ) -> list[tuple[list[Rollout], int, int]]:
         """(rows, real rows, padded length) of each micro-batch `_run` computes: under a pipeline without a token
         budget every micro-batch has `mbs` rows (fillers) padded to the longest sequence of the call, since the
-        pipeline's buffers are one shape; otherwise each is padded only to its own longest."""
-        seq_len = (max(len(r.prompt_ids) + len(r.response_ids) for r in rollouts) + 7) // 8 * 8
+        pipeline's buffers are one shape; otherwise each is padded only to its own longest. Lengths are multiples
+        of `seq_multiple` (TP under sequence parallelism); `microbatches(n)` is how many micro-batches the schedule
+        must run for n (virtual stages: a multiple of PP), the extra ones being fillers without a loss."""
+        def up(n: int, m: int) -> int:
+            return -(-n // m) * m
+
+        fixed = math.lcm(8, seq_multiple)
+        seq_len = up(max(len(r.prompt_ids) + len(r.response_ids) for r in rollouts), fixed)
         out = []
         for part in self._micro_batches(rollouts):
             n_real, longest = len(part), max(len(r.prompt_ids) + len(r.response_ids) for r in part)
             if self.max_tokens is None and pp > 1:
                 out.append((part + [part[0]] * (self.mbs - n_real), n_real, seq_len))
             elif self.max_tokens is None:
-                out.append((part, n_real, (longest + 7) // 8 * 8))
+                out.append((part, n_real, up(longest, fixed)))
             else:  # token budget: each micro-batch only as long and as wide as it needs
-                out.append((part, n_real, longest))
+                out.append((part, n_real, up(longest, seq_multiple)))
+        want = microbatches(len(out)) if microbatches is not None else len(out)
+        out += [(out[-1][0], 0, out[-1][2])] * (want - len(out))
         return out
 
     def _run(self, rollouts: list[Rollout], loss_fn: Optional[Callable], forward_only: bool,
              share_of_batch: bool = False) -> list[dict]:
-        """Forward (and backward) over micro-batches. With `share_of_batch` each micro-batch's loss is scaled by
-        micro-batches x DP ranks, which megatron-core divides back out (it averages micro-batches and DP ranks)."""
+        """Forward (and backward) over micro-batches through `runtime.run_schedule`. With `share_of_batch` each
+        micro-batch's loss is scaled by micro-batches x DP ranks, which megatron-core divides back out (it averages
+        micro-batches and DP ranks)."""
         from megatron.core import parallel_state as ps
-        from megatron.core.pipeline_parallel import get_forward_backward_func
+
+        from megatron_spark.models.runtime import pipeline_microbatches, run_schedule, sequence_multiple
 
         device = next(self.modules[0].parameters()).device  # batches are built on the host
         pp = ps.get_pipeline_model_parallel_world_size()
-        layout, micro = self.micro_batch_layout(rollouts, pp), []
+        layout = self.micro_batch_layout(rollouts, pp, sequence_multiple(self.chunks),
+                                         lambda n: pipeline_microbatches(n, self.chunks))
+        micro = []
         for part, n_real, length in layout:
             mb = collate(part, self.shape, self.pad_id, length, n_real)
             micro.append(dict({k: v.to(device, non_blocking=True) for k, v in mb.items()}, n_real=n_real))
             self.tokens_real += sum(len(r.prompt_ids) + len(r.response_ids) for r in part[:n_real])
             self.tokens_computed += len(part) * length
         seq_len = max(length for _, _, length in layout)  # what the pipeline's buffers are sized for
+        real_micro = sum(1 for _, n_real, _ in layout if n_real)
+        # (micro-batch means: megatron-core averages over every micro-batch, the fillers of virtual stages too)
         loss_scale = len(micro) * ps.get_data_parallel_world_size(with_context_parallel=True) \
-            if share_of_batch else 1.0
+            if share_of_batch else len(micro) / real_micro
         outputs: list[dict] = []
 
         vocab = self.shape.text.vocab_size
@@ -224,15 +242,8 @@ class Policy:
                 return loss * loss_scale, metrics
             return out, finish
 
-        if self.max_tokens is not None and pp > 1:
-            # micro-batches of different shapes: the pipeline sends each activation's shape before the tensor
-            for c in self.modules:
-                c.config.variable_seq_lengths = True
-        data = iter(micro)
-        get_forward_backward_func()(
-            forward_step_func=step, data_iterator=[data] if len(self.chunks) > 1 else data, model=self.chunks,
-            num_microbatches=len(micro), seq_length=seq_len, micro_batch_size=self.mbs, forward_only=forward_only,
-            decoder_seq_length=seq_len)
+        run_schedule(self.chunks, micro, step, seq_length=seq_len, micro_batch_size=self.mbs,
+                     forward_only=forward_only, variable_seq_lengths=self.max_tokens is not None and pp > 1)
         return outputs
 
     def _micro_batches(self, rollouts: list[Rollout]) -> list[list[Rollout]]:
@@ -286,7 +297,8 @@ class Policy:
 
         def wrapped(logp, mb):
             loss, m = loss_fn(logp, mb)
-            metrics.append({k: float(v) for k, v in m.items()})
+            if mb["n_real"]:  # (a filler micro-batch of virtual stages adds nothing)
+                metrics.append({k: float(v) for k, v in m.items()})
             return loss, {}
         dp = ps.get_data_parallel_world_size(with_context_parallel=True)
         self._run(rollouts, wrapped, forward_only=False, share_of_batch=share_of_batch)

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from megatron_spark.config import SparkConfig, load_config, with_model_shape
+from megatron_spark.config import SparkConfig, load_config, validate_for_launch
 
 
 def build_components(cfg: SparkConfig, world: int) -> dict:
@@ -22,11 +22,10 @@ def build_components(cfg: SparkConfig, world: int) -> dict:
     from megatron_spark.metrics import MetricsLogger
     # (megatron-core is imported here, not at the top: the helper processes started with `spawn` -- reward workers,
     # the checkpoint writer's Manager -- import this module as their __main__, and need none of it)
-    from megatron_spark.models.qwen import DTYPES
     from megatron_spark.parallel import ParallelLayout
     from megatron_spark.policy import Policy
     from megatron_spark.reward import RewardPool, VerifierConfig
-    from megatron_spark.rollout.engine import RolloutEngine
+    from megatron_spark.rollout.build import build_engine
     from megatron_spark.templates import TemplateBank
 
     if cfg.model.hf_dir is None:
@@ -34,13 +33,15 @@ def build_components(cfg: SparkConfig, world: int) -> dict:
                          "(or run `megatron-spark demo` for the built-in tiny model)")
     if cfg.data.train_file is None:
         raise ValueError("config field 'data.train_file': set it to a Spark-format JSON file")
-    shape = with_model_shape(cfg)
+    shape = validate_for_launch(cfg, world)
+    if os.environ.get("SPARK_CONFIG_READS"):  # tests: which config leaves this process consumes (after validation)
+        from megatron_spark.config import dump_reads_at_exit
+
+        dump_reads_at_exit(f"{os.environ['SPARK_CONFIG_READS']}.{os.getpid()}.json")
     m = cfg.model
-    cfg.validate(world)
     layout = ParallelLayout.from_config(cfg.parallel, world)
     layout.initialize(seed=cfg.training.seed)
     rank = dist.get_rank()
-    dtype = DTYPES[m.dtype]
     multimodal = shape.family == "qwen2_5_vl"
     prompts = PromptBuilder(m.hf_dir, multimodal, cfg.data.min_pixels, cfg.data.max_pixels)
     examples, report = load_records(cfg.data.train_file, cfg.data.prompt_key, cfg.data.answer_key,
@@ -50,38 +51,32 @@ def build_components(cfg: SparkConfig, world: int) -> dict:
         print(f"data: skipped {len(report.skipped)} of {report.total} records "
               f"(first: {next(iter(report.skipped.values()))})", file=sys.stderr)
     data = PromptStream(examples, cfg.data.rollout_batch_size, cfg.training.seed)
-    total_steps = cfg.training.max_steps or cfg.data.num_episodes * data.steps_per_episode
+    episodes = cfg.data.num_episodes * data.steps_per_episode
+    total_steps = cfg.training.max_steps or episodes
     # The LR schedule counts every optimizer step, of both periods. Each infer period makes
     # (rollout_batch x n / global_batch) steps and a reward period at most as many, so 2x the infer steps is an
     # upper bound: the cosine decays over it and never rises again (the original's schedule overran).
     per_period = cfg.data.rollout_batch_size * cfg.rollout.n_samples_per_prompt // cfg.training.global_batch_size
     decay_steps = 2 * total_steps * per_period + cfg.training.sft_warmup_steps
     pad_id = prompts.tokenizer.pad_token_id or 0
-    policy = Policy.build(shape, layout, m.hf_dir, dtype=dtype, pad_id=pad_id,
-                          micro_batch_size=cfg.training.micro_batch_size, train_cfg=cfg.training,
-                          total_steps=decay_steps, megatron_ckpt=m.megatron_ckpt)
-    reference = Policy.build(shape, layout, m.hf_dir, dtype=dtype, pad_id=pad_id,
-                             micro_batch_size=cfg.training.micro_batch_size, trainable=False,
-                             megatron_ckpt=m.megatron_ckpt)
-    fp8_engine = cfg.rollout.quantization == "fp8" and torch.cuda.is_available()
-    engine = RolloutEngine(fp8_engine_dir(cfg) if fp8_engine else m.hf_dir,
-                           tensor_parallel_size=cfg.rollout.tensor_parallel_size,
-                           dtype={"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}[m.dtype],
-                           max_model_len=cfg.rollout.max_model_len, enforce_eager=cfg.rollout.enforce_eager,
-                           gpu_memory_utilization=cfg.rollout.gpu_memory_utilization, seed=cfg.training.seed,
-                           min_pixels=cfg.data.min_pixels, max_pixels=cfg.data.max_pixels,
-                           tied_embeddings=shape.text.tied_embeddings, multimodal=multimodal)
-    target = cfg.rollout.sync_target
+    policy = Policy.build(shape, layout, m, cfg.training, pad_id=pad_id, total_steps=decay_steps)
+    reference = Policy.build(shape, layout, m, cfg.training, pad_id=pad_id, trainable=False)
+    ro = cfg.rollout
+    fp8_engine = ro.quantization == "fp8" and torch.cuda.is_available()
+    engine = build_engine(ro, fp8_engine_dir(cfg) if fp8_engine else m.hf_dir, shape, dtype=m.dtype,
+                          seed=cfg.training.seed, min_pixels=cfg.data.min_pixels, max_pixels=cfg.data.max_pixels)
+    target = ro.sync_target
     if target == "auto":
-        target = "vllm_tp" if torch.cuda.is_available() and cfg.rollout.quantization == "none" else "hf_full"
+        target = "vllm_tp" if torch.cuda.is_available() and ro.quantization == "none" and ro.backend == "vllm" \
+            else "hf_full"
     engine_params, engine_name = engine.inplace_targets() if target == "vllm_tp" else (None, lambda n: n)
     sync = WeightSync(policy.modules, WeightMap(shape, tp=layout.tp), layout,
-                      rollout_tp=cfg.rollout.tensor_parallel_size, target=target,
-                      bucket_mb=cfg.rollout.sync_bucket_mb, engine_params=engine_params, engine_name=engine_name,
-                      double_buffer=(torch.cuda.is_available() if cfg.rollout.sync_double_buffer is None
-                                     else cfg.rollout.sync_double_buffer),
-                      quantization=cfg.rollout.quantization, emulate=not fp8_engine)
-    if m.megatron_ckpt or (cfg.rollout.quantization != "none" and not fp8_engine):
+                      rollout_tp=ro.tensor_parallel_size, target=target,
+                      bucket_mb=ro.sync_bucket_mb, engine_params=engine_params, engine_name=engine_name,
+                      double_buffer=(torch.cuda.is_available() if ro.sync_double_buffer is None
+                                     else ro.sync_double_buffer),
+                      quantization=ro.quantization, emulate=not fp8_engine)
+    if m.megatron_ckpt or (ro.quantization != "none" and not fp8_engine):
         # the engine loaded model.hf_dir: give it the trainer's weights (a Megatron checkpoint's, or their FP8
         # values) before the first rollout
         sync.push(engine)

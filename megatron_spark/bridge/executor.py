@@ -1,8 +1,11 @@
 """Executing a bridge plan with torch.distributed point-to-point messages, bucket by bucket.
 
 Every rank runs the same deterministic plan. For each bucket of target tensors, a rank posts its sends and
-receives for every peer (gloo on CPU, NCCL on GPU): row slices go straight from the parameter into the target
-tensor, column slices through one staging buffer per peer. It copies its own slices locally and yields the
+receives for every peer as ONE group (`batch_isend_irecv`; gloo on CPU, NCCL on GPU): row slices go straight from
+the parameter into the target tensor, column slices through one staging buffer per peer. One group per bucket is
+what NCCL needs: it runs a pair's ungrouped point-to-point ops in posting order on one stream, so two ranks that
+each post a send to the other before the matching receive would both wait forever (gloo is truly asynchronous and
+never shows it; tests/unit/test_bridge_replay.py replays the posted ops under NCCL's rules). It copies its own slices locally and yields the
 completed target tensors. Targets are either allocated per bucket and handed to the engine's loader (peak extra
 memory: one bucket plus the column staging, two with double buffering) or, in place, the engine's own weight
 tensors (`targets`: no allocation and no second copy; only the column staging is extra). The engine runs in the
@@ -63,6 +66,45 @@ class Route:
     dst: int
 
 
+@dataclass(frozen=True)
+class Message:
+    """One point-to-point message of a bucket, seen from the rank that posts it: a row slice travels alone, the
+    column slices between two ranks travel packed in one buffer."""
+    peer: int
+    send: bool
+    transfers: tuple[Transfer, ...]
+    packed: bool
+
+    @property
+    def numel(self) -> int:
+        return sum(t.numel for t in self.transfers)
+
+
+def bucket_messages(by_dst: dict[str, list[Route]], bucket: list[str], me: int
+                    ) -> tuple[list[Message], list[Transfer]]:
+    """The messages rank `me` posts for one bucket (peers in rank order; to each peer its row sends, its packed
+    column send, its row receives, its packed column receive) and the transfers it copies locally. Both ranks of
+    a pair derive their messages from the same plan order, so the k-th send from a to b is the k-th receive on b
+    from a: the pairing is implicit, as NCCL and gloo match point-to-point messages in order."""
+    sends: dict[int, list[Transfer]] = defaultdict(list)
+    recvs: dict[int, list[Transfer]] = defaultdict(list)
+    local: list[Transfer] = []
+    for name in bucket:
+        for route in by_dst[name]:
+            if route.dst == me:
+                (local if route.src == me else recvs[route.src]).append(route.t)
+            elif route.src == me:
+                sends[route.dst].append(route.t)
+    out: list[Message] = []
+    for peer in sorted(set(sends) | set(recvs)):
+        for send, ts in ((True, sends.get(peer, [])), (False, recvs.get(peer, []))):
+            out += [Message(peer, send, (t,), False) for t in ts if t.dim == 0]
+            cols = tuple(t for t in ts if t.dim != 0)
+            if cols:
+                out.append(Message(peer, send, cols, True))
+    return out, local
+
+
 class P2PExecutor:
     """Runs routed transfers between global ranks of the default (or given) process group."""
 
@@ -109,50 +151,41 @@ class P2PExecutor:
         self.stats.seconds = time.perf_counter() - t_start
 
     def _post(self, bucket: list[str]) -> dict:
-        """Allocate this bucket's targets, post its sends and receives, copy the local slices."""
+        """Allocate this bucket's targets, post its sends and receives as one group, copy the local slices."""
         t0 = time.perf_counter()
-        sends: dict[int, list[Transfer]] = defaultdict(list)
-        recvs: dict[int, list[Transfer]] = defaultdict(list)
+        messages, local = bucket_messages(self.by_dst, bucket, self.me)
         mine: dict[str, Tensor] = {}
-        local: list[Transfer] = []
         for name in bucket:
-            for route in self.by_dst[name]:
-                t, src, dst = route.t, route.src, route.dst
-                if dst == self.me:
-                    if name not in mine and self.targets is not None:
-                        mine[name] = self.targets[name]
-                    elif name not in mine:
-                        alloc = torch.zeros if self.zero_fill else torch.empty
-                        mine[name] = alloc(self.shapes[name], dtype=self.dtype, device=self.device)
-                    (local if src == self.me else recvs[src]).append(t)
-                elif src == self.me:
-                    sends[dst].append(t)
-        reqs, keep, staged_in = [], [], {}
-        for peer in sorted(set(sends) | set(recvs)):
-            out = sends.get(peer, [])
-            for t in (x for x in out if x.dim == 0):
-                buf = self._src_view(t).to(self.dtype).contiguous()
-                keep.append(buf)
-                reqs.append(dist.isend(buf, peer, group=self.group))
-            cols = [self._src_view(t).to(self.dtype).reshape(-1) for t in out if t.dim != 0]
-            if cols:
-                buf = torch.cat(cols)
-                keep.append(buf)
-                reqs.append(dist.isend(buf, peer, group=self.group))
-            self.stats.bytes_sent += sum(t.numel for t in out) * self.elem_bytes
-            inc = recvs.get(peer, [])
-            for t in (x for x in inc if x.dim == 0):
-                reqs.append(dist.irecv(self._dst_view(mine[t.dst_name], t), peer, group=self.group))
-            n_cols = sum(t.numel for t in inc if t.dim != 0)
-            if n_cols:
-                staged_in[peer] = torch.empty(n_cols, dtype=self.dtype, device=self.device)
-                reqs.append(dist.irecv(staged_in[peer], peer, group=self.group))
-            self.stats.bytes_received += sum(t.numel for t in inc) * self.elem_bytes
+            if any(r.dst == self.me for r in self.by_dst[name]):
+                if self.targets is not None:
+                    mine[name] = self.targets[name]
+                else:
+                    alloc = torch.zeros if self.zero_fill else torch.empty
+                    mine[name] = alloc(self.shapes[name], dtype=self.dtype, device=self.device)
+        ops, keep, staged_in = [], [], {}
+        for m in messages:
+            if m.send:
+                if m.packed:
+                    buf = torch.cat([self._src_view(t).to(self.dtype).reshape(-1) for t in m.transfers])
+                else:
+                    buf = self._src_view(m.transfers[0]).to(self.dtype).contiguous()
+                keep.append(buf)  # alive until the group completes
+                ops.append(dist.P2POp(dist.isend, buf, m.peer, group=self.group))
+                self.stats.bytes_sent += m.numel * self.elem_bytes
+            else:
+                if m.packed:
+                    buf = staged_in[m.peer] = torch.empty(m.numel, dtype=self.dtype, device=self.device)
+                else:
+                    buf = self._dst_view(mine[m.transfers[0].dst_name], m.transfers[0])
+                ops.append(dist.P2POp(dist.irecv, buf, m.peer, group=self.group))
+                self.stats.bytes_received += m.numel * self.elem_bytes
+        reqs = dist.batch_isend_irecv(ops) if ops else []
         for t in local:
             view = self._dst_view(mine[t.dst_name], t)
             view.copy_(self._src_view(t).reshape(view.shape))
             self.stats.bytes_local += t.numel * self.elem_bytes
-        return dict(t0=t0, mine=mine, reqs=reqs, keep=keep, staged_in=staged_in, recvs=recvs)
+        packed_in = {m.peer: m.transfers for m in messages if not m.send and m.packed}
+        return dict(t0=t0, mine=mine, reqs=reqs, keep=keep, staged_in=staged_in, packed_in=packed_in)
 
     def _finish(self, p: dict) -> dict[str, Tensor]:
         """Wait for a posted bucket, unpack its column slices; returns its completed targets."""
@@ -161,7 +194,7 @@ class P2PExecutor:
         mine = p["mine"]
         for peer, buf in p["staged_in"].items():
             off = 0
-            for t in (x for x in p["recvs"][peer] if x.dim != 0):
+            for t in p["packed_in"][peer]:
                 view = self._dst_view(mine[t.dst_name], t)
                 view.copy_(buf[off:off + t.numel].view(view.shape))
                 off += t.numel

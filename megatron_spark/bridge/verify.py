@@ -199,7 +199,9 @@ def verify_sync(hf_dir: str, layouts: list[tuple[int, int]], rollout_tp: int, bu
         r.update(bytes_received=st.bytes_received, bytes_sent=st.bytes_sent, bytes_local=st.bytes_local,
                  buckets=st.buckets, sync_s=st.seconds, peak_bucket_bytes=st.peak_bucket_bytes)
         if hf_oracle:
-            part = export_megatron_to_hf(chunks, wmap, ps.get_tensor_model_parallel_group())
+            # host copies: an object collective unpickles a CUDA tensor on the sender's device index in every process
+            part = {k: v.cpu() for k, v in export_megatron_to_hf(chunks, wmap, ps.get_tensor_model_parallel_group()
+                                                                 ).items()}
             parts: list = [None] * dist.get_world_size()
             dist.all_gather_object(parts, part)
             merged = {k: v for p in parts for k, v in p.items()}

@@ -21,6 +21,7 @@ from torch import Tensor
 from megatron_spark.convert.layout import (ASSETS_DIR, checkpoint_layout, copy_hf_assets, none_object_bytes,
                                            read_model_metadata, write_model_metadata)
 from megatron_spark.convert.output import begin_output, finish_output, progress
+from megatron_spark.io.checkpoint_layout import TRACKER, resolve_checkpoint
 from megatron_spark.io.safetensors import HFCheckpoint, ShardedSafetensorsWriter, TensorSpec
 from megatron_spark.mapping.qwen import WeightMap, expected_hf_shapes
 from megatron_spark.mapping.transforms import padded_vocab_size
@@ -29,7 +30,6 @@ from megatron_spark.models.hf_config import ModelShape, load_hf_config, parse_hf
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
 HF_DTYPE_NAMES = {torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float32: "float32"}
-TRACKER = "latest_checkpointed_iteration.txt"
 
 
 @dataclass
@@ -164,27 +164,6 @@ def hf_to_megatron(hf_dir: str | Path, out: str | Path, *, dtype: Optional[str] 
 
 
 # -- megatron -> HF -------------------------------------------------------------------------------------------------
-def resolve_checkpoint(ckpt: str | Path, iteration: Optional[int] = None) -> tuple[Path, Path]:
-    """(checkpoint root, iteration directory) for a root (tracker file) or an `iter_*` directory."""
-    from megatron_spark.io.checkpoint_layout import iter_dir, latest_step
-
-    path = Path(ckpt)
-    if not path.is_dir():
-        raise ValueError(f"--ckpt '{path}' is not a directory")
-    if (path / ".metadata").is_file():  # an iteration directory itself
-        return path.parent, path
-    if iteration is None:
-        iteration = latest_step(path)
-        if iteration is None:
-            raise ValueError(f"--ckpt '{path}' has no {TRACKER} and no .metadata: not a megatron checkpoint "
-                             f"(root or iter_* directory)")
-    d = iter_dir(path, iteration)
-    if not d.is_dir():
-        have = sorted(p.name for p in path.glob("iter_*") if p.is_dir() and not p.name.endswith(".tmp"))
-        raise ValueError(f"--iteration {iteration}: '{d}' does not exist; available: {have or 'none'}")
-    return path, d
-
-
 def _language_prefix(shape: ModelShape) -> str:
     return "language_model." if shape.family == "qwen2_5_vl" else ""
 
@@ -210,7 +189,7 @@ def megatron_to_hf(ckpt: str | Path, out: str | Path, *, iteration: Optional[int
     from megatron_spark.convert.dist_io import DistCheckpointReader
 
     t0 = time.time()
-    root, it = resolve_checkpoint(ckpt, iteration)
+    root, it = resolve_checkpoint(ckpt, "--ckpt", iteration)
     if quantize is not None:
         return _quantized_export(root, it, out, quantize, calib_data, calib_prompts, dtype=dtype,
                                  hf_config_dir=hf_config_dir, force=force)

@@ -90,7 +90,7 @@ def checkpoint_layout(shape: ModelShape, padded_vocab: int) -> CheckpointLayout:
     # With divisible_by = padded and TP = 1 the model pads the vocabulary to exactly `padded_vocab`.
     with single_process_parallel(), torch.device("meta"):
         chunks = build_model(shape, ParallelLayout(tp=1, pp=1, world_size=1), dtype=torch.float32, use_te=False,
-                             make_vocab_size_divisible_by=padded_vocab)
+                             make_vocab_size_divisible_by=padded_vocab, device="meta")
         sd = chunks[0].sharded_state_dict()
     params, objects = {}, []
     for name, v in sd.items():

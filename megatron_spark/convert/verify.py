@@ -20,12 +20,13 @@ def layouts_world(layouts: list[tuple[int, int]]) -> int:
 
 def check_inputs(hf_dir: str, ckpt: str, layouts: list[tuple[int, int]], iteration: Optional[int] = None):
     """(model shape, iteration dir, padded vocab); a ValueError naming the argument for anything unusable."""
-    from megatron_spark.convert.converters import check_layout_args, resolve_checkpoint
+    from megatron_spark.convert.converters import check_layout_args
+    from megatron_spark.io.checkpoint_layout import resolve_checkpoint
     from megatron_spark.convert.dist_io import DistCheckpointReader
     from megatron_spark.models.hf_config import load_hf_config
 
     shape = load_hf_config(hf_dir)
-    _, it = resolve_checkpoint(ckpt, iteration)
+    _, it = resolve_checkpoint(ckpt, "--ckpt", iteration)
     prefix = "language_model." if shape.family == "qwen2_5_vl" else ""
     padded = DistCheckpointReader(it).shape(prefix + "embedding.word_embeddings.weight")[0]
     for tp, pp in layouts:

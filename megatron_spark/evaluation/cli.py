@@ -89,7 +89,9 @@ def _model_kind(path: str) -> str:
     p = Path(path)
     if (p / "config.json").is_file():
         return "hf"
-    if (p / "latest_checkpointed_iteration.txt").is_file() or (p / ".metadata").is_file():
+    from megatron_spark.io.checkpoint_layout import is_megatron_checkpoint
+
+    if is_megatron_checkpoint(p):
         return "megatron"
     raise EvalInputError(f"--model '{path}' is neither a HF directory (config.json) nor a Megatron checkpoint "
                          f"(latest_checkpointed_iteration.txt or an iter_* directory); with --server give the served "

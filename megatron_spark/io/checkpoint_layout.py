@@ -26,6 +26,33 @@ def latest_step(root: str | Path) -> Optional[int]:
     return step
 
 
+def is_megatron_checkpoint(path: str | Path) -> bool:
+    """A Megatron-LM checkpoint root (tracker file) or one iteration directory (torch_dist `.metadata`)."""
+    p = Path(path)
+    return (p / TRACKER).is_file() or (p / ".metadata").is_file()
+
+
+def resolve_checkpoint(ckpt: str | Path, field: str = "--ckpt", iteration: Optional[int] = None
+                       ) -> tuple[Path, Path]:
+    """(checkpoint root, iteration directory) for a root (latest complete iteration, or `iteration`) or an
+    `iter_*` directory; errors name `field`, the flag or config field the path came from."""
+    path = Path(ckpt)
+    if not path.is_dir():
+        raise ValueError(f"{field} '{path}' is not a directory")
+    if (path / ".metadata").is_file():  # an iteration directory itself
+        return path.parent, path
+    if iteration is None:
+        iteration = latest_step(path)
+        if iteration is None:
+            raise ValueError(f"{field} '{path}' has no {TRACKER} and no .metadata: not a megatron checkpoint "
+                             f"(root or iter_* directory)")
+    d = iter_dir(path, iteration)
+    if not d.is_dir():
+        have = sorted(p.name for p in path.glob("iter_*") if p.is_dir() and not p.name.endswith(".tmp"))
+        raise ValueError(f"--iteration {iteration}: '{d}' does not exist; available: {have or 'none'}")
+    return path, d
+
+
 def model_sharded_state(modules: list) -> dict:
     """The model part of a checkpoint's state dict, named as Megatron-LM names it ("model", or "model0".. with VPP)."""
     if len(modules) == 1:

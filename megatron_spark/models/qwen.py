@@ -32,6 +32,19 @@ except ImportError:  # pragma: no cover - megatron-core is a hard dependency; ke
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
+class TorchRMSNorm(torch.nn.RMSNorm):
+    """The local spec's RMSNorm: torch's, in the model's dtype, and usable under sequence parallelism.
+
+    megatron-core's WrappedTorchNorm refuses sequence parallelism: each TP rank then normalises a different part
+    of the sequence, so the (replicated) weight's gradient must be summed over TP, which megatron-core's
+    finalize_model_grads does for parameters tagged `sequence_parallel`. It also keeps the weight in fp32 whatever
+    the model's dtype, which a bf16 model without a Float16Module wrapper cannot multiply with."""
+
+    def __init__(self, config, hidden_size: int, eps: float = 1e-5, **unused):
+        super().__init__(hidden_size, eps=eps, dtype=config.params_dtype)
+        self.weight.sequence_parallel = config.sequence_parallel
+
+
 def _base_config(layout, dtype: torch.dtype, use_te: bool, **kw):
     from megatron.core.transformer import TransformerConfig
 
@@ -50,7 +63,19 @@ def _base_config(layout, dtype: torch.dtype, use_te: bool, **kw):
         **kw))
 
 
-def text_transformer_config(t: TextShape, layout, dtype: torch.dtype, use_te: bool, recompute: bool = False):
+def _recompute_kwargs(recompute) -> dict:
+    """megatron-core's recompute fields for none / selective / full (True / False are full / none)."""
+    mode = {True: "full", False: "none", None: "none"}.get(recompute, recompute)
+    if mode not in ("none", "selective", "full"):
+        raise ValueError(f"config field 'model.recompute_activations': {recompute!r}; use none, selective or full")
+    if mode == "full":  # every layer's input kept; the layer recomputed in the backward
+        return dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
+    if mode == "selective":  # only the attention core (scores, softmax) recomputed
+        return dict(recompute_granularity="selective")
+    return {}
+
+
+def text_transformer_config(t: TextShape, layout, dtype: torch.dtype, use_te: bool, recompute="none"):
     return _base_config(
         layout, dtype, use_te,
         num_layers=t.num_layers, hidden_size=t.hidden_size, ffn_hidden_size=t.ffn_hidden_size,
@@ -58,10 +83,13 @@ def text_transformer_config(t: TextShape, layout, dtype: torch.dtype, use_te: bo
         add_qkv_bias=True, add_bias_linear=False, layernorm_epsilon=t.rms_norm_eps,
         pipeline_model_parallel_size=layout.pp,
         virtual_pipeline_model_parallel_size=layout.vpp,
+        # Virtual stages: Megatron-LM's defaults (overlapped, unbatched p2p). The batched form posts send_prev
+        # before send_next, and at PP=2 both go to the same peer, which receives prev before next: the gradient and
+        # the activation (same shape) swap places, silently (measured: layer-0 gradients 500x off)
+        **({"overlap_p2p_comm": True, "batch_p2p_comm": False} if layout.vpp else {}),
         **_uneven_stages(layout, t.num_layers),
         mrope_section=list(t.mrope_section) if t.mrope_section else None,
-        recompute_granularity="full" if recompute else None,
-        recompute_method="uniform" if recompute else None, recompute_num_layers=1 if recompute else None)
+        **_recompute_kwargs(recompute))
 
 
 def _uneven_stages(layout, num_layers: int) -> dict:
@@ -72,10 +100,14 @@ def _uneven_stages(layout, num_layers: int) -> dict:
     return {"num_layers_in_first_pipeline_stage": stages[0], "num_layers_in_last_pipeline_stage": stages[-1]}
 
 
-def vision_transformer_config(v: VisionShape, layout, dtype: torch.dtype, use_te: bool):
-    # The vision tower is not pipelined (it sits on the first stage): PP=1 in its own config.
+def vision_transformer_config(v: VisionShape, layout, dtype: torch.dtype, use_te: bool, recompute="none"):
+    # The vision tower is not pipelined (it sits on the first stage): PP=1 in its own config. It is never sequence
+    # parallel: its patches are not scattered over TP ranks (the language model's embedding is, after the splice).
+    from dataclasses import replace
+
     return _base_config(
-        layout, dtype, use_te,
+        replace(layout, sequence_parallel=False), dtype, use_te,
+        **_recompute_kwargs(recompute),
         num_layers=v.depth, hidden_size=v.hidden_size, ffn_hidden_size=v.ffn_hidden_size,
         num_attention_heads=v.num_heads, num_query_groups=v.num_heads, kv_channels=v.hidden_size // v.num_heads,
         add_qkv_bias=True, add_bias_linear=True, layernorm_epsilon=v.rms_norm_eps,
@@ -83,13 +115,16 @@ def vision_transformer_config(v: VisionShape, layout, dtype: torch.dtype, use_te
 
 
 def build_gpt(t: TextShape, layout, *, dtype: torch.dtype, use_te: bool, pre_process: bool, post_process: bool,
-              make_vocab_size_divisible_by: int = 128, vp_stage: Optional[int] = None, recompute: bool = False):
+              make_vocab_size_divisible_by: int = 128, vp_stage: Optional[int] = None, recompute="none"):
     from megatron.core.models.gpt import GPTModel
 
     config = text_transformer_config(t, layout, dtype, use_te, recompute)
     kwargs = dict(vp_stage=vp_stage) if vp_stage is not None else {}
+    spec = compat.gpt_layer_spec(use_te, norm_cls=TorchRMSNorm)
+    if not use_te:  # the final norm too must be a torch RMSNorm (compat.local_block_spec says why)
+        spec = compat.local_block_spec(spec, config, TorchRMSNorm, vp_stage)
     return GPTModel(
-        config=config, transformer_layer_spec=compat.gpt_layer_spec(use_te),
+        config=config, transformer_layer_spec=spec,
         vocab_size=padded_vocab_size(t.vocab_size, make_vocab_size_divisible_by, layout.tp),
         max_sequence_length=t.max_position_embeddings, pre_process=pre_process, post_process=post_process,
         share_embeddings_and_output_weights=t.tied_embeddings,
@@ -105,10 +140,9 @@ class PatchMerger(_MegatronModule):
     def __init__(self, v: VisionShape, config):
         super().__init__(config=config)
         from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
-        from megatron.core.transformer.torch_norm import WrappedTorchNorm
 
         self.merged = v.hidden_size * v.spatial_merge_size ** 2
-        self.norm = WrappedTorchNorm(config, v.hidden_size, eps=v.rms_norm_eps)
+        self.norm = TorchRMSNorm(config, v.hidden_size, eps=v.rms_norm_eps)
         init = torch.nn.init.zeros_
         self.linear_fc1 = ColumnParallelLinear(self.merged, self.merged, config=config, init_method=init,
                                                bias=True, gather_output=False)
@@ -139,7 +173,7 @@ class Qwen25VisionModel(_MegatronModule):
             v.hidden_size, v.in_channels, v.temporal_patch_size, v.patch_size, v.patch_size,
             dtype=config.params_dtype))
         self.patch_dim = patch_dim
-        spec = copy.deepcopy(compat.gpt_layer_spec(use_te))
+        spec = copy.deepcopy(compat.gpt_layer_spec(use_te, norm_cls=TorchRMSNorm))
         spec.submodules.self_attention.params = {"attn_mask_type": AttnMaskType.arbitrary if use_te
                                                  else AttnMaskType.padding}
         self.decoder = TransformerBlock(config, spec, pre_process=True, post_process=False)
@@ -159,9 +193,16 @@ class Qwen25VisionModel(_MegatronModule):
         freqs = freqs.reshape(n // unit, unit, -1)[window_index].reshape(n, 1, 1, -1)
         full_mask, window_mask = vision_attention_masks(grid_thw, cu_windows, n, x.device)
         h = x.unsqueeze(1)  # [s, b=1, h]
+        recompute = self.config.recompute_granularity == "full" and self.training and torch.is_grad_enabled()
         for idx, layer in enumerate(self.decoder.layers):
             mask = full_mask if idx in v.fullatt_block_indexes else window_mask
-            h, _ = layer(h, attention_mask=mask, rotary_pos_emb=freqs)
+            if recompute:  # keep each block's input only; the block runs again in the backward
+                from megatron.core import tensor_parallel
+
+                h = tensor_parallel.checkpoint(lambda x_, m_, layer_=layer: layer_(
+                    x_, attention_mask=m_, rotary_pos_emb=freqs)[0], False, h, mask)
+            else:
+                h, _ = layer(h, attention_mask=mask, rotary_pos_emb=freqs)
         merged = self.merger(h.squeeze(1))
         return merged[torch.argsort(window_index)]
 
@@ -171,7 +212,7 @@ class Qwen25VLModel(_MegatronModule):
 
     def __init__(self, shape: ModelShape, layout, *, dtype: torch.dtype, use_te: bool, pre_process: bool,
                  post_process: bool, make_vocab_size_divisible_by: int = 128, vp_stage: Optional[int] = None,
-                 recompute: bool = False):
+                 recompute="none"):
         lm = build_gpt(shape.text, layout, dtype=dtype, use_te=use_te, pre_process=pre_process,
                        post_process=post_process, vp_stage=vp_stage, recompute=recompute,
                        make_vocab_size_divisible_by=make_vocab_size_divisible_by)
@@ -184,7 +225,7 @@ class Qwen25VLModel(_MegatronModule):
         self.share_embeddings_and_output_weights = lm.share_embeddings_and_output_weights
         self.vision_model = None
         if pre_process and (vp_stage is None or vp_stage == 0):
-            vcfg = vision_transformer_config(shape.vision, layout, dtype, use_te)
+            vcfg = vision_transformer_config(shape.vision, layout, dtype, use_te, recompute)
             self.vision_model = Qwen25VisionModel(shape.vision, vcfg, use_te)
 
     def set_input_tensor(self, input_tensor) -> None:
@@ -203,6 +244,11 @@ class Qwen25VLModel(_MegatronModule):
         decoder_input = None
         if self.pre_process:
             emb = self.language_model.embedding(input_ids=input_ids, position_ids=None)  # [s, b, h]
+            sp = self.config.sequence_parallel and pixel_values is not None and self.vision_model is not None
+            if sp:  # the embedding comes scattered over TP ranks ([s/TP, b, h]): splice into the whole sequence
+                from megatron.core import tensor_parallel
+
+                emb = tensor_parallel.gather_from_sequence_parallel_region(emb, tensor_parallel_output_grad=False)
             if pixel_values is not None and self.vision_model is not None:
                 image_embeds = self.vision_model(pixel_values, image_grid_thw).to(emb.dtype)
                 mask = image_mask if image_mask is not None else input_ids == self.shape.image_token_id  # [b, s]
@@ -215,18 +261,59 @@ class Qwen25VLModel(_MegatronModule):
                 flat = emb.transpose(0, 1).reshape(b * s, -1).clone()
                 flat[order] = image_embeds
                 emb = flat.reshape(b, s, -1).transpose(0, 1).contiguous()
+            if sp:  # (the backward all-gathers the gradient: every rank's vision tower sees all of it)
+                emb = tensor_parallel.scatter_to_sequence_parallel_region(emb)
             decoder_input = emb
         return self.language_model(input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask,
                                    decoder_input=decoder_input, labels=labels, **kwargs)
 
 
+def default_device() -> torch.device:
+    """Where this process's model runs: its current CUDA device, else the CPU."""
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+
+
+_TE_WARNED = False
+
+
+def use_transformer_engine(impl: str = "auto") -> bool:
+    """`model.transformer_impl`: local -> False; transformer_engine -> True, or an error that carries TE's import
+    error; auto -> TE when it imports, else the local spec, and on a GPU one warning with the import error (the
+    local spec's unfused attention is several times slower and needs more memory than the planner assumes)."""
+    global _TE_WARNED
+    if impl == "local":
+        return False
+    if impl not in ("auto", "transformer_engine"):
+        raise ValueError(f"config field 'model.transformer_impl': unknown value {impl!r}; use auto, "
+                         f"transformer_engine or local")
+    error = compat.transformer_engine_error()
+    if impl == "transformer_engine" and error:
+        raise ValueError(f"config field 'model.transformer_impl': transformer_engine was asked for but does not "
+                         f"import ({error}); install it (docs/gpu.md) or set model.transformer_impl=local")
+    if error and torch.cuda.is_available() and not _TE_WARNED:
+        import sys
+
+        import torch.distributed as dist
+
+        _TE_WARNED = True
+        if not dist.is_initialized() or dist.get_rank() == 0:
+            print(f"warning: Transformer Engine does not import ({error}); using megatron-core's local spec "
+                  f"(unfused attention: slower, more activation memory). Set model.transformer_impl=local to "
+                  f"silence this, or transformer_engine to make it an error.", file=sys.stderr, flush=True)
+    return error is None
+
+
 def build_model(shape: ModelShape, layout, *, dtype: torch.dtype = torch.float32, use_te: Optional[bool] = None,
-                make_vocab_size_divisible_by: int = 128, recompute: bool = False) -> list[torch.nn.Module]:
-    """The model chunks of this rank (one per virtual pipeline stage) for the initialised parallel state."""
+                transformer_impl: str = "auto", make_vocab_size_divisible_by: int = 128, recompute="none",
+                device: Optional[torch.device | str] = None) -> list[torch.nn.Module]:
+    """The model chunks of this rank (one per virtual pipeline stage) for the initialised parallel state, every
+    parameter and buffer on `device` (default: `default_device()`). megatron-core moves parameters to the GPU only
+    for DDP with the distributed optimizer; a frozen reference model or a verify tool would otherwise keep the CPU
+    parameters it creates (the patch embedding, torch norms) next to CUDA activations."""
     from megatron.core import parallel_state as ps
 
     if use_te is None:
-        use_te = compat.have_transformer_engine()
+        use_te = use_transformer_engine(transformer_impl)
     chunks = []
     vpp = layout.vpp or 1
     for vp in range(vpp):
@@ -242,7 +329,8 @@ def build_model(shape: ModelShape, layout, *, dtype: torch.dtype = torch.float32
         else:
             chunks.append(Qwen25VLModel(shape, layout, **common))
     mark_tensor_parallel_params(chunks, shape, layout.tp, make_vocab_size_divisible_by)
-    return chunks
+    target = torch.device(device) if device is not None else default_device()
+    return [c.to(target) for c in chunks]
 
 
 def mark_tensor_parallel_params(chunks: list[torch.nn.Module], shape: ModelShape, tp: int,

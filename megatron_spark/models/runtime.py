@@ -91,6 +91,64 @@ def token_logprobs(vocab_parallel_logits: Tensor, labels: Tensor, vocab_size: in
     return -vocab_parallel_cross_entropy(logits, labels)
 
 
+def pad_sequences(batch: Batch, multiple: int, pad_id: int = 0) -> Batch:
+    """The batch right-padded to a sequence length that `multiple` divides (sequence parallelism scatters the
+    sequence over TP ranks). The added positions come after every real token, so causal attention keeps them out of
+    the real positions' outputs; they attend causally themselves, and their outputs are dropped by the caller."""
+    b, s = batch.input_ids.shape
+    n = -(-s // multiple) * multiple - s
+    if n == 0:
+        return batch
+    dev = batch.input_ids.device
+    ids = torch.nn.functional.pad(batch.input_ids, (0, n), value=pad_id)
+    steps = torch.arange(1, n + 1, device=dev)
+    pos = torch.cat([batch.position_ids, batch.position_ids[..., -1:] + steps], dim=-1)
+    mask = torch.triu(torch.ones(s + n, s + n, dtype=torch.bool, device=dev), diagonal=1).repeat(b, 1, 1, 1)
+    mask[..., :s, :s] = batch.attention_mask
+    labels = None if batch.labels is None else torch.nn.functional.pad(batch.labels, (0, n), value=pad_id)
+    image_mask = None if batch.image_mask is None else torch.nn.functional.pad(batch.image_mask, (0, n))
+    return Batch(ids, pos, mask, batch.pixel_values, batch.image_grid_thw, labels, image_mask)
+
+
+def sequence_multiple(chunks: list) -> int:
+    """What the sequence length of a micro-batch must be a multiple of: TP under sequence parallelism, else 1."""
+    config = getattr(chunks[0], "module", chunks[0]).config
+    return config.tensor_model_parallel_size if config.sequence_parallel else 1
+
+
+def pipeline_microbatches(n: int, chunks: list) -> int:
+    """How many micro-batches the schedule must run for `n` real ones: with virtual stages, megatron-core's
+    interleaved schedule wants at least PP of them and no final group smaller than PP, so round up to a multiple
+    of PP (the callers add fillers that carry no loss)."""
+    from megatron.core import parallel_state as ps
+
+    if len(chunks) == 1:
+        return n
+    pp = ps.get_pipeline_model_parallel_world_size()
+    return max(pp, -(-n // pp) * pp)
+
+
+def run_schedule(chunks: list, micro_batches: list, forward_step, *, seq_length: int, micro_batch_size: int,
+                 forward_only: bool, variable_seq_lengths: bool = False) -> None:
+    """The one driver of megatron-core's pipeline schedule (no pipeline, 1F1B or interleaved), for the trainer,
+    the parity checks and the verify tools. `micro_batches` must already be `pipeline_microbatches` long. With
+    virtual stages every model chunk reads the micro-batches through its own iterator (the interleaved schedule
+    indexes `data_iterator[chunk]`, and the chunks consume the same micro-batches in the same order)."""
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    if len(micro_batches) != pipeline_microbatches(len(micro_batches), chunks):
+        raise ValueError(f"{len(micro_batches)} micro-batches cannot run through the interleaved schedule; pad "
+                         f"them to pipeline_microbatches(...)")
+    if variable_seq_lengths:  # micro-batches of different shapes: the pipeline sends each activation's shape first
+        for c in chunks:
+            getattr(c, "module", c).config.variable_seq_lengths = True
+    data = [iter(micro_batches) for _ in chunks] if len(chunks) > 1 else iter(micro_batches)
+    get_forward_backward_func()(
+        forward_step_func=forward_step, data_iterator=data, model=chunks, num_microbatches=len(micro_batches),
+        seq_length=seq_length, micro_batch_size=micro_batch_size, forward_only=forward_only,
+        decoder_seq_length=seq_length)
+
+
 @torch.no_grad()
 def forward_logits(chunks: list, batch: Batch, vocab_size: int) -> Optional[Tensor]:
     """Full logits [b, s, vocab] on the last pipeline stage (None on the others)."""
@@ -98,34 +156,36 @@ def forward_logits(chunks: list, batch: Batch, vocab_size: int) -> Optional[Tens
 
 
 def forward_backward(chunks: list, batch: Batch, vocab_size: int, loss_fn=None, forward_only: bool = False):
-    """One micro-batch through megatron-core's schedule. `loss_fn(logits [b,s,V]) -> scalar` when training.
+    """One batch through megatron-core's schedule. `loss_fn(logits [b,s,V]) -> scalar` when training.
 
-    Returns the logits (forward only) or the loss, on the last stage; None elsewhere.
+    Returns the logits (forward only) or the loss, on the last stage; None elsewhere. Under sequence parallelism
+    the batch is padded to a multiple of TP and the logits cut back; with virtual stages filler micro-batches
+    (no loss) complete the interleaved schedule.
     """
     from megatron.core import parallel_state as ps
-    from megatron.core.pipeline_parallel import get_forward_backward_func
 
-    results = {}
+    results: list = []
+    b, s = batch.input_ids.shape
+    padded = pad_sequences(batch, sequence_multiple(chunks))
+    micro = [padded] * pipeline_microbatches(1, chunks)
 
     def step(data_iter, model):
-        b = next(data_iter).to(next(model.parameters()).device)  # batches may be built on the host
-        output = call_model(model, b)
+        x = next(data_iter).to(next(model.parameters()).device)  # batches may be built on the host
+        output = call_model(model, x)
 
         def finish(out):
-            logits = gather_vocab(out.float(), vocab_size)
-            if loss_fn is None:
-                results["logits"] = logits.detach()
+            logits = gather_vocab(out.float(), vocab_size)[:, :s]
+            filler = len(results) > 0
+            if loss_fn is None or filler:
+                results.append(logits.detach())
                 return out.sum() * 0.0, {}
             loss = loss_fn(logits)
-            results["loss"] = loss.detach()
-            return loss, {}
+            results.append(loss.detach())
+            return loss * len(micro), {}  # megatron-core divides each micro-batch's loss by their number
         return output, finish
 
-    b, s = batch.input_ids.shape
-    get_forward_backward_func()(
-        forward_step_func=step, data_iterator=[iter([batch]) for _ in chunks] if len(chunks) > 1 else iter([batch]),
-        model=chunks, num_microbatches=1, seq_length=s, micro_batch_size=b, forward_only=forward_only,
-        decoder_seq_length=s)
+    run_schedule(chunks, micro, step, seq_length=padded.input_ids.shape[1], micro_batch_size=b,
+                 forward_only=forward_only)
     if not ps.is_pipeline_last_stage():
         return None
-    return results.get("logits") if forward_only else results.get("loss")
+    return results[0] if results else None

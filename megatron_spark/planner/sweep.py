@@ -99,12 +99,10 @@ def run_one(out: str | Path, index: int) -> dict:
     from megatron_spark.config import load_config
 
     try:
-        cfg = load_config(plan["config"], overrides)
-        if cfg.model.hf_dir:  # validate the layout against the real model, as the trainer will
-            from megatron_spark.config import with_model_shape
+        from megatron_spark.config import validate_for_launch
 
-            with_model_shape(cfg)
-        cfg.validate(plan["nproc_per_node"])
+        cfg = load_config(plan["config"], overrides)
+        validate_for_launch(cfg, plan["nproc_per_node"])  # the layout against the real model, as the trainer does
     except ValueError as e:
         result.update(status="invalid", reason=str(e))
         return _write(rdir, result)

@@ -20,7 +20,7 @@ def main():
     from megatron.core import parallel_state as ps
 
     from megatron_spark.io.checkpoint_layout import load_model_weights, model_sharded_state
-    from megatron_spark.convert.converters import resolve_checkpoint
+    from megatron_spark.io.checkpoint_layout import resolve_checkpoint
     from megatron_spark.convert.layout import META_FILE
     from megatron_spark.convert.verify import verify_checkpoint
     from megatron_spark.models.hf_config import load_hf_config

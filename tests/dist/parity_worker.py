@@ -12,18 +12,26 @@ import sys
 import time
 from dataclasses import replace
 from pathlib import Path
-from types import SimpleNamespace
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # `tests.oracle` when torchrun runs this file
 
-TRAIN_CASES = ("q2_untied_gqa4", "vl_tied", "q2_3layers")
+from megatron_spark.config import TrainingConfig  # noqa: E402
+
+TRAIN_CASES = ("q2_untied_gqa4", "vl_tied", "q2_3layers", "q2_4layers")
+# layout name -> (TP, PP, VPP, sequence parallel), and the cases each one runs (None: all of them)
+LAYOUTS = {"tp1": (1, 1, None, False), "tp2": (2, 1, None, False), "pp2": (1, 2, None, False),
+           "pp2vpp2": (1, 2, 2, False), "tp2sp": (2, 1, None, True)}
+LAYOUT_CASES = {"tp2": lambda c: c != "q2_4layers", "pp2vpp2": lambda c: c == "q2_4layers",
+                "tp2sp": lambda c: c in ("q2_untied_gqa4", "vl_tied", "vl_untied")}
 ONE_STEP = {}  # case -> HF tensors after the reference step (rank 0), for the layout-invariance check
 
 
-def one_step_variants(tp: int, pp: int) -> dict:
+def one_step_variants(tp: int, pp: int, vpp=None) -> dict:
     """(micro_batch_size, max_tokens_per_micro_batch, loss normalisation) per variant run at this layout."""
+    if vpp:  # virtual stages: fixed-size micro-batches only (4 of them: two groups of PP in the interleaved schedule,
+        return {"mbs2": (2, None, "global_batch"), "mbs3": (3, None, "global_batch")}  # or 3 padded to 4)
     if pp > 1:  # the token budget makes micro-batches of different shapes: the pipeline must carry them
         return {"mbs2": (2, None, "global_batch"), "tokens": (2, 64, "global_batch")}
     out = {"mbs4": (4, None, "global_batch"), "mbs2": (2, None, "global_batch"),
@@ -54,11 +62,10 @@ def one_step(path, shape, layout, case, variant) -> dict:
     load_hf_into_megatron(chunks, wmap, HFCheckpoint(path), ps.get_tensor_model_parallel_rank(), layout.tp)
     # Adam's first step is lr * sign(grad) for eps << |grad|, which turns round-off in a near-zero gradient into a
     # full +-lr flip; a large eps makes the step proportional to the gradient, so parameters compare smoothly
-    cfg = SimpleNamespace(lr=1e-3, min_lr_ratio=1.0, warmup_ratio=0.0, weight_decay=0.0, adam_beta1=0.9,
-                          adam_beta2=0.95, adam_eps=1.0, clip_grad=1e9, use_distributed_optimizer=False,
-                          max_tokens_per_micro_batch=max_tokens)
-    policy = Policy.for_training(chunks, shape, dtype=torch.float32, pad_id=0, micro_batch_size=mbs,
-                                 train_cfg=cfg, total_steps=10)
+    cfg = TrainingConfig(lr=1e-3, min_lr_ratio=1.0, warmup_ratio=0.0, weight_decay=0.0, adam_beta1=0.9,
+                         adam_beta2=0.95, adam_eps=1.0, clip_grad=1e9, use_distributed_optimizer=False,
+                         max_tokens_per_micro_batch=max_tokens, micro_batch_size=mbs)
+    policy = Policy.for_training(chunks, shape, dtype=torch.float32, pad_id=0, training=cfg, total_steps=10)
     inputs = sample_inputs(path, shape)
     rollouts = [r for n in (3, 5, 7, 4, 6, 8, 2, 9) for r in response_rollouts(inputs, n)][:8]
     for r, a in zip(rollouts, [1.0, -1.0, 0.5, -0.5, 2.0, -2.0, 0.3, -0.3]):
@@ -97,7 +104,8 @@ def compare_to_reference(case, merged, path) -> dict:
             "max_update": max((ref[k] - init.get(k[1]).float()).abs().max().item() for k in params),
             "grad_max_rel_diff": max((merged[k] - ref[k]).abs().max().item() / max(ref[k].abs().max().item(), 1e-12)
                                      for k in grads),
-            "tensors": len(params), "missing": sorted(k for _, k in set(ref) - set(merged))}
+            "tensors": len(params), "missing": sorted(k for _, k in set(ref) - set(merged)),
+            "worst": max(params, key=lambda k: (merged[k] - ref[k]).abs().max().item())[1]}
 
 
 def live_static_bytes(policy) -> dict:
@@ -128,11 +136,10 @@ def train_check(chunks, shape, inputs) -> dict:
     from megatron_spark.config import AlgorithmConfig
     from megatron_spark.policy import Policy, grpo_loss_fn, sft_loss_fn
 
-    cfg = SimpleNamespace(lr=2e-3, min_lr_ratio=1.0, warmup_ratio=0.0, weight_decay=0.0, adam_beta1=0.9,
-                          adam_beta2=0.95, adam_eps=1e-8, clip_grad=1.0, use_distributed_optimizer=False,
-                          max_tokens_per_micro_batch=None)
-    policy = Policy.for_training(chunks, shape, dtype=torch.float32, pad_id=0, micro_batch_size=2, train_cfg=cfg,
-                                 total_steps=100)
+    cfg = TrainingConfig(lr=2e-3, min_lr_ratio=1.0, warmup_ratio=0.0, weight_decay=0.0, adam_beta1=0.9,
+                         adam_beta2=0.95, adam_eps=1e-8, clip_grad=1.0, use_distributed_optimizer=False,
+                         max_tokens_per_micro_batch=None, micro_batch_size=2)
+    policy = Policy.for_training(chunks, shape, dtype=torch.float32, pad_id=0, training=cfg, total_steps=100)
     # GRPO first (a fresh model): the sampled responses pushed up, the same responses reversed pushed down
     rollouts = []
     for r in [r for n in (6, 4) for r in response_rollouts(inputs, n)][:2]:
@@ -171,7 +178,8 @@ def train_check(chunks, shape, inputs) -> dict:
     # tied embeddings under PP: the first stage's embedding and the last stage's output-layer copy stay equal
     tied_diff = None
     if shape.text.tied_embeddings and ps.get_pipeline_model_parallel_world_size() > 1:
-        w = policy.modules[0].shared_embedding_or_output_weight().data
+        # (with virtual stages the chunk holding it is the first or the last, not necessarily modules[0])
+        w = next(w for m in policy.modules if (w := m.shared_embedding_or_output_weight()) is not None).data
         parts = [torch.empty_like(w) for _ in range(dist.get_world_size(ps.get_embedding_group()))]
         dist.all_gather(parts, w.contiguous(), group=ps.get_embedding_group())
         tied_diff = max((x - parts[0]).abs().max().item() for x in parts)
@@ -199,10 +207,12 @@ def main():
     results = {}
     import torch.distributed as dist
 
-    for layout_name, (tp, pp) in {"tp1": (1, 1), "tp2": (2, 1), "pp2": (1, 2)}.items():
-        layout = ParallelLayout(tp=tp, pp=pp, world_size=2)
+    for layout_name, (tp, pp, vpp, sp) in LAYOUTS.items():
+        layout = ParallelLayout(tp=tp, pp=pp, vpp=vpp, sequence_parallel=sp, world_size=2)
         layout.initialize(seed=1234)
         for case, path in models.items():
+            if not LAYOUT_CASES.get(layout_name, lambda c: True)(case):
+                continue
             t0 = time.time()
             shape = load_hf_config(path)
             wmap = WeightMap(shape, tp=tp)
@@ -248,7 +258,7 @@ def main():
                 results[f"static/{layout_name}/{case}/rank{dist.get_rank()}"] = \
                     results[f"train/{layout_name}/{case}"].pop("static")
                 del chunks
-                for vname, variant in one_step_variants(tp, pp).items():
+                for vname, variant in one_step_variants(tp, pp, vpp).items():
                     merged = one_step(path, shape, layout, case, variant)
                     if case not in ONE_STEP:  # the first layout's first variant is the reference: TP1 DP2 mbs 4
                         ONE_STEP[case] = merged

@@ -14,7 +14,9 @@ def parity(tiny_models, tmp_path_factory):
 
     d = tmp_path_factory.mktemp("parity")
     # 3 layers: PP=2 must split them unevenly (1 + 2), as Qwen2.5-VL-7B's 28 layers at PP=8 (2 + 6 x 4 + 2)
-    models = {**tiny_models, "q2_3layers": str(build_qwen2(d / "q2_3layers", layers=3, tied=False, seed=5))}
+    models = {**tiny_models, "q2_3layers": str(build_qwen2(d / "q2_3layers", layers=3, tied=False, seed=5)),
+              # 4 layers: PP=2 x VPP=2 gives each of the 4 model chunks one layer
+              "q2_4layers": str(build_qwen2(d / "q2_4layers", layers=4, tied=True, seed=6))}
     (d / "models.json").write_text(json.dumps(models))
     torchrun("tests/dist/parity_worker.py", str(d / "models.json"), str(d / "out.json"))
     res = json.loads((d / "out.json").read_text())
@@ -23,8 +25,14 @@ def parity(tiny_models, tmp_path_factory):
     return res
 
 
-@pytest.mark.parametrize("layout", ["tp1", "tp2", "pp2"])
-@pytest.mark.parametrize("case", ["q2_tied", "q2_untied_gqa4", "vl_untied", "vl_tied", "q2_3layers"])
+BASE = [(lay, c) for lay in ("tp1", "tp2", "pp2")
+        for c in ("q2_tied", "q2_untied_gqa4", "vl_untied", "vl_tied", "q2_3layers")]
+# virtual pipeline stages (PP=2 x VPP=2, one layer per chunk) and sequence parallelism (TP=2: text, VL with images)
+NEW = [("tp1", "q2_4layers"), ("pp2", "q2_4layers"), ("pp2vpp2", "q2_4layers"),
+       ("tp2sp", "q2_untied_gqa4"), ("tp2sp", "vl_tied"), ("tp2sp", "vl_untied")]
+
+
+@pytest.mark.parametrize("layout,case", BASE + NEW)
 def test_logits_match_hf(parity, layout, case):
     keys = [k for k in parity if k.startswith(f"{layout}/{case}/")]
     expected = 1 if case.startswith("q2") else 3  # VL: text + two image sizes
@@ -34,8 +42,7 @@ def test_logits_match_hf(parity, layout, case):
         assert parity[k]["argmax_equal"], (k, parity[k])
 
 
-@pytest.mark.parametrize("layout", ["tp1", "tp2", "pp2"])
-@pytest.mark.parametrize("case", ["q2_tied", "q2_untied_gqa4", "vl_untied", "vl_tied", "q2_3layers"])
+@pytest.mark.parametrize("layout,case", BASE + NEW)
 def test_policy_logprobs_match_hf(parity, layout, case):
     """Vocabulary 503 is padded to 512: the trainer must normalise over the true 503 tokens, as HF and vLLM do."""
     diffs = parity[f"logprob/{layout}/{case}"]
@@ -50,8 +57,9 @@ def test_gradients_match_hf_at_tp2(parity, case):
     assert r["max_rel_diff"] < 1e-4 and r["max_abs_diff"] < 1e-4, r
 
 
-@pytest.mark.parametrize("layout", ["tp1", "tp2", "pp2"])
-@pytest.mark.parametrize("case", ["q2_untied_gqa4", "vl_tied", "q2_3layers"])
+@pytest.mark.parametrize("layout,case", [(lay, c) for lay in ("tp1", "tp2", "pp2")
+                                         for c in ("q2_untied_gqa4", "vl_tied", "q2_3layers")]
+                         + [("pp2vpp2", "q2_4layers"), ("tp2sp", "q2_untied_gqa4"), ("tp2sp", "vl_tied")])
 def test_policy_updates_under_gloo(parity, layout, case):
     """The trainer's Policy takes real optimizer steps on CPU at TP=1 (DP=2), TP=2 and PP=2."""
     r = parity[f"train/{layout}/{case}"]
@@ -62,7 +70,7 @@ def test_policy_updates_under_gloo(parity, layout, case):
     assert all(m > 0.5 for m in r["logprob_moves"]), r  # A>0 samples up, A<0 samples down (measured 3.5-7.4 nats)
     if layout == "pp2" and case == "vl_tied":  # the embedding (stage 0) and output copy (stage 1) stay one weight
         assert r["tied_copies_max_diff"] == 0.0, r
-    if layout == "tp2":
+    if layout.startswith("tp2"):
         assert r["replicated_params"] >= 5, r  # the norms (and for VL the vision tower's replicated tensors)
         # measured 0.0: both TP ranks compute replicated tensors from identical all-reduced activations
         assert r["replicated_param_max_diff"] == 0.0 and r["replicated_grad_max_diff"] == 0.0, r
@@ -83,12 +91,24 @@ def test_one_update_does_not_depend_on_the_layout(parity, case):
     the global batch's. The per-micro-batch mean (SPARK/OpenRLHF's) does not: it weighs tokens by where they land."""
     runs = {k.split("/")[1] + "/" + k.split("/")[2]: v for k, v in parity.items()
             if k.startswith("one_step/") and k.endswith("/" + case)}
-    assert len(runs) == 9, sorted(runs)
+    assert len(runs) == 9 + (3 if case in ("q2_untied_gqa4", "vl_tied") else 0), sorted(runs)
     for name, r in runs.items():
         assert not r["missing"] and r["max_update"] > 1e-4, (name, r)
         if name.endswith("micro_batch_mean"):  # the negative control: a layout-dependent loss (measured 1.95e-3,
             assert r["max_abs_diff"] > 1e-4 and r["grad_max_rel_diff"] > 1e-2, (name, r)  # grads 10-24 % off)
         else:  # measured: params <= 1.15e-6 for updates up to 1e-3; gradients <= 5.8e-6 relative
+            assert r["max_abs_diff"] <= 2e-6 and r["grad_max_rel_diff"] <= 2e-5, (name, r)
+
+
+def test_virtual_pipeline_stages_give_the_same_update(parity):
+    """PP=2 x VPP=2 (one layer per model chunk, the interleaved schedule, 4 micro-batches or 3 padded to 4 with a
+    filler) gives the same weights after one update as TP1 DP2 and PP=2 within fp32 round-off."""
+    runs = {k.split("/")[1] + "/" + k.split("/")[2]: v for k, v in parity.items()
+            if k.startswith("one_step/") and k.endswith("/q2_4layers")}
+    assert {"pp2vpp2/mbs2", "pp2vpp2/mbs3", "pp2/mbs2"} <= set(runs), sorted(runs)
+    for name, r in runs.items():
+        assert not r["missing"] and r["max_update"] > 1e-4, (name, r)
+        if not name.endswith("micro_batch_mean"):
             assert r["max_abs_diff"] <= 2e-6 and r["grad_max_rel_diff"] <= 2e-5, (name, r)
 
 

@@ -32,7 +32,15 @@ def setup(tmp_path_factory):
     base = build_qwen2_5_vl(d / "base", min_pixels=3136, max_pixels=3136)
     train = make_shapes_task(d / "data", 64, seed=0)
     hf = warm_started(base, train, TEMPLATES, d / "model")
-    return d, hf, train
+    # every trainer process of this module records the config leaves it reads (test_every_config_leaf_is_read)
+    (d / "reads").mkdir()
+    saved = os.environ.get("SPARK_CONFIG_READS")
+    os.environ["SPARK_CONFIG_READS"] = str(d / "reads" / "run")
+    yield d, hf, train
+    if saved is None:
+        os.environ.pop("SPARK_CONFIG_READS", None)
+    else:
+        os.environ["SPARK_CONFIG_READS"] = saved
 
 
 def cmd(hf, train, run_dir, ckpt, *extra):
@@ -361,3 +369,16 @@ def test_data_parallel_run_does_each_share_once_and_resumes_exactly(variant, req
     assert "resumed from" in out.stdout
     assert comparable(metrics(d / "runG2")[3]) == comparable(m[3])
     assert checkpoint_differences(d / "ckG" / "iter_0000003", ck / "iter_0000003") == []
+
+
+def test_every_config_leaf_is_read(setup):
+    """Every leaf of the config tree is consumed by the trainer processes of this module's runs (after validation:
+    `config.dump_reads_at_exit`), so no field can validate and change nothing. Between them the runs cover each
+    mode a field belongs to (FP8 + TIS, held-out evaluation, checkpoints, resume)."""
+    from megatron_spark.config import leaf_paths
+
+    d = setup[0]
+    files = list((d / "reads").glob("run.*.json"))
+    assert len(files) >= 4, "run the whole module: the reads of its runs are collected here"
+    read = set().union(*(json.loads(f.read_text()) for f in files))
+    assert sorted(set(leaf_paths().values()) - read) == []

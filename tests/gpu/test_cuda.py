@@ -54,7 +54,7 @@ def test_cuda_logits_match_hf(tiny_models, world, spec):
 @pytest.mark.parametrize("name", ["q2_untied_gqa4", "vl_untied"])
 def test_policy_logprobs_and_update_on_cuda(tiny_models, world, name):
     """Host-built batches reach the GPU; log-probs match HF; the distributed optimizer lowers the NLL."""
-    from megatron_spark.config import TrainingConfig
+    from megatron_spark.config import ModelConfig, TrainingConfig
     from megatron_spark.models.hf_config import load_hf_config
     from megatron_spark.models.parity import hf_reference, sample_inputs
     from tests.oracle import compare_token_logprobs, response_rollouts
@@ -62,9 +62,8 @@ def test_policy_logprobs_and_update_on_cuda(tiny_models, world, name):
 
     path = tiny_models[name]
     shape = load_hf_config(path)
-    cfg = TrainingConfig(lr=1e-3, warmup_ratio=0.0, use_distributed_optimizer=True)
-    policy = Policy.build(shape, world, path, dtype=torch.float32, pad_id=0, micro_batch_size=2, train_cfg=cfg,
-                          total_steps=10)
+    cfg = TrainingConfig(lr=1e-3, warmup_ratio=0.0, use_distributed_optimizer=True, micro_batch_size=2)
+    policy = Policy.build(shape, world, ModelConfig(hf_dir=path, dtype="fp32"), cfg, pad_id=0, total_steps=10)
     inputs = sample_inputs(path, shape)
     diffs = compare_token_logprobs(policy, hf_reference(path, shape.family).cuda(), inputs)
     assert max(diffs.values()) < 1e-3, (name, diffs)

@@ -21,11 +21,11 @@ def test_yaml_and_overrides(tmp_path):
 
 
 def _bad(overrides, world_size=None, **model):
+    from megatron_spark.config import ModelFacts
+
     cfg = load_config(None, overrides)
-    for k, v in model.items():
-        setattr(cfg.model, k, v)
     with pytest.raises(ValueError) as e:
-        cfg.validate(world_size)
+        cfg.validate(world_size, ModelFacts(**model))
     return str(e.value)
 
 
@@ -35,7 +35,11 @@ CASES = [
      ["parallel.tensor_model_parallel_size", "does not divide the model's 8 KV heads"]),
     (["parallel.pipeline_model_parallel_size=8"], {"num_layers": 4}, None,
      ["parallel.pipeline_model_parallel_size", "exceeds the model's 4 layers"]),
-    (["model.family=qwen3"], {}, None, ["model.family", "unknown model family 'qwen3'", "qwen2"]),
+    (["parallel.context_parallel_size=2"], {}, None, ["parallel.context_parallel_size", "not implemented",
+                                                      "set it to 1"]),
+    (["rollout.backend=hf", "rollout.tensor_parallel_size=2"], {}, None,
+     ["rollout.tensor_parallel_size", "one transformers engine per rank"]),
+    (["rollout.backend=hf", "rollout.quantization=fp8"], {}, None, ["rollout.quantization", "need a vLLM engine"]),
     (["parallel.tensor_model_parallel_size=4"], {}, 6, ["world size 6 is not a multiple of TP*PP*CP=4"]),
     (["rollout.n_samples_per_prompt=1"], {}, None, ["rollout.n_samples_per_prompt", "at least 2 samples"]),
     (["algorithm.recycle.pointwise_prob_mixed=1.5"], {}, None,
@@ -136,7 +140,7 @@ def test_train_cli_refuses_a_layout_the_model_cannot_take_before_starting(tiny_m
                         str(root / "examples" / "tiny_cpu.yaml"), "--nproc-per-node", "2",
                         f"model.hf_dir={tiny_models['q2_tied']}", "parallel.pipeline_model_parallel_size=2",
                         "parallel.tensor_model_parallel_size=1", "rollout.tensor_parallel_size=1",
-                        "model.family=qwen2", "parallel.num_layers_in_first_pipeline_stage=3"],
+                        "parallel.num_layers_in_first_pipeline_stage=3"],
                        capture_output=True, text=True, cwd=root, timeout=120)
     assert p.returncode == 2, p.stderr[-2000:]
     assert p.stderr.strip().splitlines()[-1].startswith("error: config field 'parallel.num_layers_in_first_pipeline"
@@ -153,3 +157,18 @@ def test_yaml_booleans_for_off_and_none_choices():
     assert load_config(None, ["rollout.quantization=no"]).rollout.quantization == "none"
     with pytest.raises(ValueError, match=r"'rollout.quantization': got True.*YAML reads"):
         load_config(None, ["rollout.quantization=yes"])
+
+
+def test_removed_fields_say_what_replaced_them():
+    with pytest.raises(ValueError, match=r"'model.family': no longer exists: the model family is read from"):
+        load_config(None, ["model.family=qwen2"])
+    with pytest.raises(ValueError, match=r"'data.eval_file': no longer exists: .*eval.file"):
+        load_config(None, ["data.eval_file=x.json"])
+
+
+def test_recompute_takes_booleans_and_modes():
+    assert load_config(None, ["model.recompute_activations=true"]).model.recompute_activations == "full"
+    assert load_config(None, ["model.recompute_activations=false"]).model.recompute_activations == "none"
+    assert load_config(None, ["model.recompute_activations=selective"]).model.recompute_activations == "selective"
+    with pytest.raises(ValueError, match=r"model.recompute_activations.*choose one of"):
+        load_config(None, ["model.recompute_activations=some"])
