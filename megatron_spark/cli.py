@@ -52,13 +52,17 @@ def _train(args) -> int:
     if "RANK" in os.environ:
         from megatron_spark.train import main as train_main
 
-        return train_main((["--config", args.config] if args.config else []) + args.overrides)
-    from megatron_spark.config import load_config, validate_for_launch
+        return train_main((["--config", args.config] if args.config else []) + (["--force"] if args.force else [])
+                          + args.overrides)
+    from megatron_spark.config import load_config
+    from megatron_spark.train import prelaunch_check
 
-    # fail fast on a bad config, or a layout the model cannot take, before starting N processes
-    validate_for_launch(load_config(args.config, args.overrides), args.nproc_per_node)
+    # fail fast on a bad config, a layout the model cannot take, or (GPU) a layout that does not fit, before
+    # starting N processes
+    prelaunch_check(load_config(args.config, args.overrides), args.nproc_per_node, args.force)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(args.nproc_per_node),
-           "-m", "megatron_spark.train"] + (["--config", args.config] if args.config else []) + args.overrides
+           "-m", "megatron_spark.train"] + (["--config", args.config] if args.config else []) + \
+        (["--force"] if args.force else []) + args.overrides
     return subprocess.call(cmd)
 
 
@@ -109,6 +113,8 @@ def main(argv=None) -> int:
     tr = sub.add_parser("train", help="run SPARK training from a YAML config with dotted overrides")
     tr.add_argument("--config", default=None)
     tr.add_argument("--nproc-per-node", type=int, default=1, help="processes when not already under torchrun")
+    tr.add_argument("--force", action="store_true",
+                    help="start even when the planner predicts the layout does not fit the GPUs (a warning)")
     tr.add_argument("overrides", nargs="*", help="e.g. training.lr=1e-6 rollout.temperature=0.7")
     pl = sub.add_parser("plot", help="draw a run's metrics.jsonl to PNG")
     pl.add_argument("run_dir")

@@ -15,7 +15,27 @@ import torch.distributed as dist
 from megatron_spark.config import SparkConfig, load_config, validate_for_launch
 
 
-def build_components(cfg: SparkConfig, world: int) -> dict:
+def prelaunch_check(cfg: SparkConfig, world: int, force: bool = False):
+    """Everything that can be known before a process starts: the config, the layout against the model, and on a
+    GPU the planner's memory verdict for this job's layout (refused with the phase, the numbers and a fix; a
+    warning with `force`). Returns the model's shape (None without model.hf_dir)."""
+    shape = validate_for_launch(cfg, world)
+    from megatron_spark.planner.fit import check_fit, gpu_memory_bytes
+
+    gpu_bytes = gpu_memory_bytes()
+    if shape is not None and gpu_bytes is not None:
+        fit = check_fit(cfg, shape, world, gpu_bytes)
+        if not fit.ok:
+            msg = (f"the planner predicts this layout does not fit {world} GPU(s) of "
+                   f"{gpu_bytes / 2 ** 30:.0f} GiB ({fit.describe()}):\n  " + "\n  ".join(fit.problems))
+            if not force:
+                raise ValueError(msg + "\n(pass --force to start anyway)")
+            if not dist.is_initialized() or dist.get_rank() == 0:
+                print(f"warning: {msg}\n(--force: starting anyway)", file=sys.stderr, flush=True)
+    return shape
+
+
+def build_components(cfg: SparkConfig, world: int, force: bool = False) -> dict:
     from megatron_spark.bridge.sync import WeightSync
     from megatron_spark.data import PromptBuilder, PromptStream, check_lengths, load_records
     from megatron_spark.mapping.qwen import WeightMap
@@ -33,7 +53,7 @@ def build_components(cfg: SparkConfig, world: int) -> dict:
                          "(or run `megatron-spark demo` for the built-in tiny model)")
     if cfg.data.train_file is None:
         raise ValueError("config field 'data.train_file': set it to a Spark-format JSON file")
-    shape = validate_for_launch(cfg, world)
+    shape = prelaunch_check(cfg, world, force)
     if os.environ.get("SPARK_CONFIG_READS"):  # tests: which config leaves this process consumes (after validation)
         from megatron_spark.config import dump_reads_at_exit
 
@@ -109,15 +129,22 @@ def fp8_engine_dir(cfg) -> str:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="megatron-spark train")
-    ap.add_argument("--config", default=None)
-    ap.add_argument("overrides", nargs="*")
+    ap.add_argument("--config", default=None, help="YAML config (examples/*.yaml); defaults for what it leaves out")
+    ap.add_argument("--force", action="store_true",
+                    help="start even when the planner predicts the layout does not fit the GPUs (a warning)")
+    ap.add_argument("overrides", nargs="*", help="section.field=value, e.g. training.lr=1e-6")
     a = ap.parse_args(argv)
-    cfg = load_config(a.config, a.overrides)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     from megatron_spark.checkpoint import CheckpointManager
     from megatron_spark.trainer import SparkTrainer
 
-    comps = build_components(cfg, world)
+    try:
+        cfg = load_config(a.config, a.overrides)
+        comps = build_components(cfg, world, a.force)
+    except ValueError as e:  # a bad config or input (the same on every rank): one clear message, no traceback
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"error: {e}", file=sys.stderr, flush=True)
+        return 2
     total = comps.pop("total_steps")
     trainer = SparkTrainer(cfg, comps)
     ckpt = CheckpointManager(cfg.checkpoint, trainer) if cfg.checkpoint.dir else None

@@ -90,14 +90,33 @@ def main() -> int:
         before = [s[0].token_ids for s in engine_a.generate(prompts, **greedy)]
         sync.push(engine_a)
         after = [s[0].token_ids for s in engine_a.generate(prompts, **greedy)]
-        del engine_a
-        engine_b = RolloutEngine(str(expected), dtype="bfloat16", max_model_len=256, gpu_memory_utilization=0.2)
-        ref = [s[0].token_ids for s in engine_b.generate(prompts, **greedy)]
+        # the reference engine in its own process: vLLM allows one sleep-mode engine per process, and engine A's
+        # memory is not reliably freed while this process lives
+        ref = _greedy_elsewhere(expected, [p.prompt for p in prompts], greedy["max_new_tokens"])
         result.update(mode="vllm", synced_equals_export=after == ref, changed_by_sync=after != before,
                       ok=after == ref and after != before)
     print(json.dumps(result))
     dist.destroy_process_group()
     return 0 if result["ok"] else 1
+
+
+def _greedy_elsewhere(model_dir, prompts: list, max_new_tokens: int) -> list:
+    """Greedy token ids of a fresh engine loaded from `model_dir`, run in a subprocess."""
+    import subprocess
+
+    code = ("import json, sys\n"
+            "from megatron_spark.rollout.engine import RolloutEngine, RolloutRequest\n"
+            f"e = RolloutEngine({str(model_dir)!r}, dtype='bfloat16', max_model_len=256, gpu_memory_utilization=0.2)\n"
+            f"out = e.generate([RolloutRequest(p) for p in {prompts!r}], n=1, temperature=0.0, "
+            f"max_new_tokens={max_new_tokens})\n"
+            "print('TOKENS ' + json.dumps([s[0].token_ids for s in out]))\n")
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
+                                                           "MASTER_PORT")}
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=600)
+    line = next((x for x in p.stdout.splitlines() if x.startswith("TOKENS ")), None)
+    if p.returncode or line is None:
+        raise RuntimeError(f"reference engine failed: {p.stderr[-2000:]}")
+    return json.loads(line[len("TOKENS "):])
 
 
 if __name__ == "__main__":

@@ -22,7 +22,8 @@ from torch import Tensor
 from megatron_spark import compat
 from megatron_spark.mapping.transforms import padded_vocab_size
 from megatron_spark.models.hf_config import ModelShape, TextShape, VisionShape
-from megatron_spark.models.vision import (vision_attention_masks, vision_rotary_freqs, vision_window_index)
+from megatron_spark.models.vision import (vision_attention_masks, vision_packed_seq_params, vision_rotary_freqs,
+                                          vision_window_index)
 
 try:
     from megatron.core.transformer.module import MegatronModule as _MegatronModule
@@ -105,13 +106,16 @@ def vision_transformer_config(v: VisionShape, layout, dtype: torch.dtype, use_te
     # parallel: its patches are not scattered over TP ranks (the language model's embedding is, after the splice).
     from dataclasses import replace
 
-    return _base_config(
+    config = _base_config(
         replace(layout, sequence_parallel=False), dtype, use_te,
         **_recompute_kwargs(recompute),
         num_layers=v.depth, hidden_size=v.hidden_size, ffn_hidden_size=v.ffn_hidden_size,
         num_attention_heads=v.num_heads, num_query_groups=v.num_heads, kv_channels=v.hidden_size // v.num_heads,
         add_qkv_bias=True, add_bias_linear=True, layernorm_epsilon=v.rms_norm_eps,
         pipeline_model_parallel_size=1)
+    # the rotary angles are per patch (2-D positions); TE's fused THD rope would restart them in every window
+    config.apply_rope_fusion = False
+    return config
 
 
 def build_gpt(t: TextShape, layout, *, dtype: torch.dtype, use_te: bool, pre_process: bool, post_process: bool,
@@ -174,7 +178,9 @@ class Qwen25VisionModel(_MegatronModule):
             dtype=config.params_dtype))
         self.patch_dim = patch_dim
         spec = copy.deepcopy(compat.gpt_layer_spec(use_te, norm_cls=TorchRMSNorm))
-        spec.submodules.self_attention.params = {"attn_mask_type": AttnMaskType.arbitrary if use_te
+        # TE: variable-length (THD) attention over the windows / frames, no mask; local spec: dense block masks
+        self.use_te = use_te
+        spec.submodules.self_attention.params = {"attn_mask_type": AttnMaskType.no_mask if use_te
                                                  else AttnMaskType.padding}
         self.decoder = TransformerBlock(config, spec, pre_process=True, post_process=False)
         self.merger = PatchMerger(v, config)
@@ -191,18 +197,24 @@ class Qwen25VisionModel(_MegatronModule):
         x = x.reshape(n // unit, unit, -1)[window_index].reshape(n, -1)
         freqs = vision_rotary_freqs(grid_thw, v)
         freqs = freqs.reshape(n // unit, unit, -1)[window_index].reshape(n, 1, 1, -1)
-        full_mask, window_mask = vision_attention_masks(grid_thw, cu_windows, n, x.device)
+        if self.use_te:  # (the rotary table spans the whole packed input: megatron-core maps it by offset)
+            full, window = vision_packed_seq_params(grid_thw, cu_windows, x.device)
+            masks = {"full": dict(attention_mask=None, packed_seq_params=full),
+                     "window": dict(attention_mask=None, packed_seq_params=window)}
+        else:
+            full_mask, window_mask = vision_attention_masks(grid_thw, cu_windows, n, x.device)
+            masks = {"full": dict(attention_mask=full_mask), "window": dict(attention_mask=window_mask)}
         h = x.unsqueeze(1)  # [s, b=1, h]
         recompute = self.config.recompute_granularity == "full" and self.training and torch.is_grad_enabled()
         for idx, layer in enumerate(self.decoder.layers):
-            mask = full_mask if idx in v.fullatt_block_indexes else window_mask
+            kw = masks["full" if idx in v.fullatt_block_indexes else "window"]
             if recompute:  # keep each block's input only; the block runs again in the backward
                 from megatron.core import tensor_parallel
 
-                h = tensor_parallel.checkpoint(lambda x_, m_, layer_=layer: layer_(
-                    x_, attention_mask=m_, rotary_pos_emb=freqs)[0], False, h, mask)
+                h = tensor_parallel.checkpoint(lambda x_, layer_=layer, kw_=kw: layer_(
+                    x_, rotary_pos_emb=freqs, **kw_)[0], False, h)
             else:
-                h, _ = layer(h, attention_mask=mask, rotary_pos_emb=freqs)
+                h, _ = layer(h, rotary_pos_emb=freqs, **kw)
         merged = self.merger(h.squeeze(1))
         return merged[torch.argsort(window_index)]
 

@@ -51,6 +51,31 @@ def vision_window_index(grid_thw: Tensor, v: VisionShape) -> tuple[Tensor, Tenso
     return torch.cat(order).to(grid_thw.device), torch.tensor(cu, device=grid_thw.device)
 
 
+def frame_bounds(grid_thw: Tensor) -> list[int]:
+    """Cumulative patch counts of every image frame: the blocks of the full-attention layers."""
+    frames = [0]
+    for t, h, w in grid_thw.tolist():
+        for _ in range(t):
+            frames.append(frames[-1] + h * w)
+    return frames
+
+
+def vision_packed_seq_params(grid_thw: Tensor, cu_windows: Tensor, device):
+    """(full, window) megatron-core PackedSeqParams in THD form: each frame, or each window, a separate sequence
+    of the packed [patches, 1, hidden] input, so TE's flash / cuDNN kernels run variable-length attention instead
+    of the unfused path an arbitrary [n, n] mask forces (memory quadratic in patches: ~68 GB per layer at 65k
+    patches). The same blocks as `vision_attention_masks`."""
+    from megatron.core.packed_seq_params import PackedSeqParams
+
+    out = []
+    for bounds in (frame_bounds(grid_thw), cu_windows.tolist()):
+        cu = torch.tensor(bounds, dtype=torch.int32, device=device)
+        longest = int((cu[1:] - cu[:-1]).max())
+        out.append(PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu, max_seqlen_q=longest,
+                                   max_seqlen_kv=longest))
+    return tuple(out)
+
+
 def _block_diag_mask(bounds: list[int], n: int, device) -> Tensor:
     seg = torch.zeros(n, dtype=torch.long, device=device)
     for i, (a, b) in enumerate(zip(bounds[:-1], bounds[1:])):
@@ -59,12 +84,10 @@ def _block_diag_mask(bounds: list[int], n: int, device) -> Tensor:
 
 
 def vision_attention_masks(grid_thw: Tensor, cu_windows: Tensor, n: int, device) -> tuple[Tensor, Tensor]:
-    """Boolean masks (True = blocked) for the full-attention blocks (per image frame) and the window blocks."""
-    frames = [0]
-    for t, h, w in grid_thw.tolist():
-        for _ in range(t):
-            frames.append(frames[-1] + h * w)
-    return _block_diag_mask(frames, n, device), _block_diag_mask(cu_windows.tolist(), n, device)
+    """Boolean masks (True = blocked) for the full-attention blocks (per image frame) and the window blocks (the
+    local spec's attention; TE takes `vision_packed_seq_params` instead)."""
+    return (_block_diag_mask(frame_bounds(grid_thw), n, device),
+            _block_diag_mask(cu_windows.tolist(), n, device))
 
 
 def mrope_position_ids(input_ids: Tensor, image_grid_thw: Tensor | None, image_token_id: int,

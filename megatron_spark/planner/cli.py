@@ -70,14 +70,13 @@ def run_plan(args) -> int:
         print(f"\n{args.config}: {layout.describe()}: peak {m.peak / GIB:.1f} GiB (stage {m.stage}, {m.peak_phase}), "
               f"step {p.time.total:.0f} s, {p.tokens_per_gpu_s():.0f} tokens/s/GPU: "
               + ("fits" if p.feasible else f"does NOT fit: {p.reason}"))
-        util = cfg.rollout.gpu_memory_utilization
-        free = 1 - max(x.static for x in p.memory) / (hw.memory_gib * GIB)
-        per_seq = m.kv_cache / max(1, m.concurrency)
-        kv_at_util = util * hw.memory_gib * GIB - m.vllm_weights - 1.5 * GIB
-        print(f"  rollout.gpu_memory_utilization={util}: vLLM may take at most {free:.2f} of the GPU (the trainer's "
-              f"state stays on it); at {util} its KV cache holds {max(0, int(kv_at_util / per_seq)) if per_seq else 0}"
-              f" sequences of {cwork.seq_len} tokens at once"
-              + ("" if util <= free else "  <-- too high: vLLM will not start"))
+        from megatron_spark.planner.fit import check_fit
+
+        fit = check_fit(cfg, shape, args.gpus, hw.memory_gib * GIB)
+        print(f"  the job's phases: {fit.describe()}: "
+              + ("fits with >= 5% free in every phase" if fit.ok else "refused by `megatron-spark train`:"))
+        for problem in fit.problems:
+            print(f"  - {problem}")
     return 0
 
 

@@ -116,7 +116,7 @@ def to_json(plans: list[Plan]) -> str:
 def from_config(cfg) -> tuple[Layout, Workload]:
     """The layout and workload a SparkConfig asks for (megatron_spark.config)."""
     par, ro, d, tr, alg = cfg.parallel, cfg.rollout, cfg.data, cfg.training, cfg.algorithm
-    rc = "full" if getattr(cfg.model, "recompute_activations", False) else "none"
+    rc = cfg.model.recompute_activations
     return (Layout(par.tensor_model_parallel_size, par.pipeline_model_parallel_size, 1, ro.tensor_parallel_size, rc,
                    tr.use_distributed_optimizer, par.sequence_parallel,
                    alg.kl_coef > 0 and not tr.offload_reference, par.num_layers_in_first_pipeline_stage,

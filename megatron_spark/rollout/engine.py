@@ -44,10 +44,17 @@ class Sample:
     prompt_token_ids: list[int]
 
 
+def _runner_model(worker):
+    """The worker's model, unwrapped: `get_model()` is the supported accessor (with CUDA graphs `.model` is a
+    graph wrapper that only forwards attribute lookups)."""
+    runner = worker.model_runner
+    return runner.get_model() if hasattr(runner, "get_model") else runner.model
+
+
 def _repack_lm_head(worker) -> None:
     from vllm.model_executor.layers.utils import dispatch_cpu_unquantized_gemm
 
-    model = worker.model_runner.model
+    model = _runner_model(worker)
     lm_head = getattr(model, "lm_head", None) or getattr(getattr(model, "language_model", None), "lm_head", None)
     if lm_head is not None:
         dispatch_cpu_unquantized_gemm(lm_head, remove_weight=False)
@@ -55,7 +62,7 @@ def _repack_lm_head(worker) -> None:
 
 def _model_weights(worker) -> tuple[dict, object]:
     """This rank's vLLM weights by vLLM's parameter names, and the model's HF -> vLLM name mapper."""
-    model = worker.model_runner.model
+    model = _runner_model(worker)
     return {n: p.data for n, p in model.named_parameters()}, getattr(model, "hf_to_vllm_mapper", None)
 
 

@@ -59,7 +59,7 @@ def test_preempted_job_checkpoints_requeues_and_resumes(tmp_path):
     env = {"GPUS_PER_NODE": "2", "SPARK_PYTHON": sys.executable}
     import os
 
-    job = subprocess.run(["sbatch", "--parsable", "--nodes=1", f"--cpus-per-task={os.cpu_count()}",
+    job = subprocess.run(["sbatch", "--parsable", "--nodes=1", f"--cpus-per-task={os.cpu_count()}", "--gpus-per-node=0",
                           str(ROOT / "slurm" / "train.sbatch"), str(ROOT / "examples" / "tiny_cpu.yaml"),
                           *overrides], cwd=tmp_path, env={**os.environ, **env}, capture_output=True, text=True,
                          check=True).stdout.strip().split(";")[0]
@@ -104,7 +104,7 @@ def test_eval_job_stops_requeues_and_finishes_every_item_once(tmp_path):
     bench = make_shapes_benchmark(tmp_path / "bench", 24, seed=1)
     out = tmp_path / "eval"
     env = {"GPUS_PER_NODE": "1", "SPARK_PYTHON": sys.executable}
-    job = subprocess.run(["sbatch", "--parsable", f"--cpus-per-task={os.cpu_count()}",
+    job = subprocess.run(["sbatch", "--parsable", f"--cpus-per-task={os.cpu_count()}", "--gpus-per-node=0",
                           str(ROOT / "slurm" / "eval.sbatch"), str(bench), "--model", str(hf), "--out", str(out),
                           "--max-tokens", "24", "--min-pixels", "3136", "--max-pixels", "3136", "--chunk-size", "2"],
                          cwd=tmp_path, env={**os.environ, **env}, capture_output=True, text=True,
@@ -157,7 +157,7 @@ def test_sweep_array_job_records_every_layout_and_reports(tmp_path):
         "runs": [{"parallel.tensor_model_parallel_size": 3}]}))
     out = tmp_path / "sweep"
     p = subprocess.run([sys.executable, "-m", "megatron_spark.cli", "sweep", str(grid), "--out", str(out), "--slurm",
-                        "--wait", f"--sbatch-args=--cpus-per-task={os.cpu_count()}"],
+                        "--wait", f"--sbatch-args=--cpus-per-task={os.cpu_count()} --gpus-per-node=0"],
                        cwd=ROOT, capture_output=True, text=True, timeout=1500)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     rows = [json.loads((out / f"run_{i:03d}" / "result.json").read_text()) for i in range(2)]

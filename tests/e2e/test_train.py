@@ -382,3 +382,23 @@ def test_every_config_leaf_is_read(setup):
     assert len(files) >= 4, "run the whole module: the reads of its runs are collected here"
     read = set().union(*(json.loads(f.read_text()) for f in files))
     assert sorted(set(leaf_paths().values()) - read) == []
+
+
+def test_transformers_rollout_backend_trains_like_the_vllm_one(setup):
+    """rollout.backend=hf (the GPU smoke lane without CUDA vLLM): transformers' generate behind the engine interface,
+    one engine per rank at Megatron TP=2, weights synced as whole HF tensors. The same checks as the vLLM path:
+    each engine generates its half of the samples, the prompts tokenize identically, and the engine's sampled-token
+    log-probs equal the trainer's after every sync."""
+    d, hf, train = setup
+    run(cmd(hf, train, d / "runH", d / "ckH", "training.max_steps=2", "rollout.backend=hf",
+            "rollout.tensor_parallel_size=1"))
+    m = metrics(d / "runH")
+    assert sorted(m) == [1, 2]
+    for r in m.values():
+        for period in ("infer", "reward"):
+            n = r[f"{period}/samples_generated"]
+            assert n == 16 and r[f"{period}/engine_samples_min"] == r[f"{period}/engine_samples_max"] == 8
+            assert r[f"{period}/prompt_token_mismatch"] == 0
+            assert r[f"{period}/train_rollout_logprob_drift"] < 1e-4, r[f"{period}/train_rollout_logprob_drift"]
+    assert max(r["infer/grad_norm"] for r in m.values()) > 1e-3
+    assert any(0 < r["infer/reward_mean"] < 1 for r in m.values())

@@ -44,3 +44,27 @@ def test_sampled_placeholder_tokens_after_the_images_are_text():
     pos, mask = mrope_positions_and_image_mask(ids, torch.tensor([[1, 4, 4]]), 7, 2)  # sampled placeholder
     assert mask[0].tolist() == [False, True, True, True, True, False, False, False]
     assert pos[:, 0, 6].tolist() == [4, 4, 4] and pos[:, 0, 7].tolist() == [5, 5, 5]
+
+
+def test_packed_sequences_are_the_blocks_of_the_dense_masks(tiny_models):
+    """TE's vision attention runs on THD sequences (cu_seqlens) instead of [n, n] masks: for several images (two
+    frames in one), each packed sequence must be exactly one unmasked diagonal block of the local spec's mask,
+    windows and frames both (HF's cu_window_seqlens / cu_seqlens)."""
+    from megatron_spark.models.vision import vision_attention_masks, vision_packed_seq_params
+
+    v = load_hf_config(tiny_models["vl_untied"]).vision
+    grid = torch.tensor([[1, 8, 12], [2, 4, 4], [1, 12, 8]])
+    _, cu_windows = vision_window_index(grid, v)
+    n = int(sum(t * h * w for t, h, w in grid.tolist()))
+    dense = vision_attention_masks(grid, cu_windows, n, "cpu")
+    packed = vision_packed_seq_params(grid, cu_windows, "cpu")
+    for mask, p in zip(dense, packed):
+        cu = p.cu_seqlens_q.tolist()
+        assert p.qkv_format == "thd" and cu == p.cu_seqlens_kv.tolist() and cu[0] == 0 and cu[-1] == n
+        assert p.max_seqlen_q == max(b - a for a, b in zip(cu, cu[1:]))
+        seg = torch.zeros(n, dtype=torch.long)
+        for i, (a, b) in enumerate(zip(cu, cu[1:])):
+            seg[a:b] = i
+        assert torch.equal(mask.view(n, n), seg[:, None] != seg[None, :])
+    assert len(packed[0].cu_seqlens_q) == 1 + 4  # four frames; more windows than frames
+    assert len(packed[1].cu_seqlens_q) > 5

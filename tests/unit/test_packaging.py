@@ -1,0 +1,38 @@
+"""The package as users install it: a built wheel holds every package directory, and every module imports from it
+alone (not from this checkout), in a clean directory."""
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_the_wheel_holds_and_imports_every_module(tmp_path):
+    import shutil
+
+    # built from a copy of the sources: a build/ directory left in the checkout would hide a missing package
+    src = tmp_path / "src"
+    shutil.copytree(ROOT, src, ignore=shutil.ignore_patterns(".git", ".venv", "build", "*.egg-info", "runs",
+                                                             "__pycache__", "tests", "docs", "bench"))
+    built = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w",
+                            str(tmp_path / "dist"), str(src)], capture_output=True, text=True, timeout=300)
+    assert built.returncode == 0, built.stderr[-3000:]
+    (wheel,) = (tmp_path / "dist").glob("megatron_spark-*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    sources = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "megatron_spark").rglob("*.py"))
+    assert [s for s in sources if s not in names] == []  # (mapping/ once had no __init__.py and was left out)
+    site = tmp_path / "site"
+    zipfile.ZipFile(wheel).extractall(site)
+    modules = [s[:-3].replace("/", ".").removesuffix(".__init__") for s in sources]
+    script = ("import importlib, sys\n"
+              f"sys.path.insert(0, {str(site)!r})\n"
+              "import megatron_spark\n"
+              f"assert megatron_spark.__file__.startswith({str(site)!r}), megatron_spark.__file__\n"
+              f"for m in {modules!r}:\n"
+              "    importlib.import_module(m)\n"
+              "print(len(sys.modules))\n")
+    clean = tmp_path / "clean"
+    clean.mkdir()
+    ran = subprocess.run([sys.executable, "-c", script], cwd=clean, capture_output=True, text=True, timeout=300)
+    assert ran.returncode == 0, ran.stderr[-3000:]

@@ -1,0 +1,41 @@
+"""Collectives that are right on a GPU by construction: the default group maps CPU tensors to gloo and CUDA tensors
+to NCCL, and every megatron-core group inherits that map (a pure "nccl" group fails any CPU tensor: "No backend type
+associated with device type cpu", the trainer's metrics and stop flag among them)."""
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_the_gpu_backend_maps_both_device_types():
+    from megatron_spark.parallel import process_group_backend
+
+    assert process_group_backend(cuda=True) == "cpu:gloo,cuda:nccl"
+    assert process_group_backend(cuda=False) == "gloo"
+
+
+def test_megatron_core_groups_inherit_the_device_map():
+    """One process: the GPU's device map with NCCL swapped for gloo (no NCCL on CPU), then megatron-core's groups:
+    each must carry both device types, and a CPU tensor must reduce in the data-parallel group."""
+    script = f"""
+import torch, torch.distributed as dist
+from megatron_spark import compat, cpu_shim
+from megatron_spark.parallel import process_group_backend
+cpu_shim.install()
+backend = process_group_backend(cuda=True).replace("nccl", "gloo")
+dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+compat.initialize_model_parallel(tensor_model_parallel_size=1, pipeline_model_parallel_size=1)
+from megatron.core import parallel_state as ps
+groups = [ps.get_tensor_model_parallel_group(), ps.get_pipeline_model_parallel_group(),
+          ps.get_data_parallel_group(), ps.get_data_parallel_group(with_context_parallel=True),
+          ps.get_embedding_group(), ps.get_model_parallel_group()]
+configs = {{str(dist.get_backend_config(g)) for g in groups}}
+t = torch.ones(1)
+dist.all_reduce(t, group=ps.get_data_parallel_group())
+print(sorted(configs), float(t))
+"""
+    p = subprocess.run([sys.executable, "-W", "ignore", "-c", script], cwd=ROOT, capture_output=True, text=True,
+                       timeout=120)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert p.stdout.strip().splitlines()[-1] == "['cpu:gloo,cuda:gloo'] 1.0"
