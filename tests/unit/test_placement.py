@@ -11,7 +11,7 @@ def test_engines_are_consecutive_rank_blocks():
     assert p.engines == 4
     assert [p.engine_of(r) for r in range(8)] == [0, 0, 1, 1, 2, 2, 3, 3]
     assert [r for r in range(8) if p.is_leader(r)] == [0, 2, 4, 6]
-    with pytest.raises(ValueError, match="rollout TP x PP = 3 must divide the world size 8"):
+    with pytest.raises(ValueError, match="rollout TP = 3 must divide the world size 8"):
         RolloutPlacement(world=8, engine_size=3)
 
 

