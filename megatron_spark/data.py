@@ -99,6 +99,18 @@ def load_records(path: str | Path, prompt_key: str = "message", answer_key: str 
     return out, report
 
 
+def _plain_text(messages: list[dict]) -> list[dict]:
+    """Messages with list contents (the Spark format's `[{"type": "text", "text": ...}]`) flattened to strings:
+    a text model's chat template may only take string contents (SmolLM2's concatenates them)."""
+    out = []
+    for m in messages:
+        content = m.get("content")
+        if isinstance(content, list):
+            content = "".join(c.get("text", "") for c in content if c.get("type", "text") == "text")
+        out.append(dict(m, content=content))
+    return out
+
+
 class PromptBuilder:
     """Chat template + images -> (text prompt for the engine, token ids / pixels for Megatron)."""
 
@@ -124,7 +136,8 @@ class PromptBuilder:
     def build(self, messages: list[dict]) -> dict:
         """{'prompt': text, 'images': [PIL] or None, 'input_ids': [int], 'pixel_values', 'image_grid_thw'}."""
         if not self.multimodal:
-            text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+            text = self.tokenizer.apply_chat_template(_plain_text(messages), tokenize=False,
+                                                      add_generation_prompt=True)
             return {"prompt": text, "images": None, "input_ids": self.tokenizer(text)["input_ids"],
                     "pixel_values": None, "image_grid_thw": None}
         from qwen_vl_utils import process_vision_info
