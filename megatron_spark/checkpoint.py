@@ -17,7 +17,8 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from megatron_spark.io.checkpoint_layout import TRACKER, iter_dir, latest_step, load_strict, model_sharded_state
+from megatron_spark.io.checkpoint_layout import (TRACKER, check_iteration, complete_steps, iter_dir, load_strict,
+                                                 model_sharded_state, write_manifest)
 
 def _atomic_write(path: Path, text: str) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
@@ -74,15 +75,18 @@ class CheckpointManager:
         if self.rank == 0:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
-            (tmp / "rng").mkdir()
         dist.barrier()
         state = self._sharded_state()
         state["common"] = self._common(step)
+        # into an empty directory (megatron-core warns "Overwriting old incomplete / corrupted checkpoint" at
+        # anything else); the per-rank RNG files go in after it
         dist_checkpointing.save(state, str(tmp))
+        (tmp / "rng").mkdir(exist_ok=True)
         torch.save({"torch": torch.get_rng_state(), "python": random.getstate(),
                     "cuda_tracker": _tracker_states()}, tmp / "rng" / f"rank_{self.rank}.pt")
         dist.barrier()
         if self.rank == 0:
+            write_manifest(tmp)
             self._describe_model()
             if final.exists():
                 shutil.rmtree(final)
@@ -124,6 +128,9 @@ class CheckpointManager:
             self.save(self.current)
         self.reaper.close()  # a normal end: the helpers shut down on their own
 
+    def _usable_step(self) -> Optional[int]:
+        return usable_step(self.root, self.rank)
+
     # -- resume -------------------------------------------------------------------------------------------------
     def resume(self) -> int:
         """Load the latest complete checkpoint if there is one (and resume is on); returns the step to start at."""
@@ -131,7 +138,7 @@ class CheckpointManager:
 
         if not self.cfg.resume:
             return 0
-        step = latest_step(self.root)
+        step = self._usable_step()
         if step is None:
             return 0
         path = iter_dir(self.root, step)
@@ -164,6 +171,24 @@ class CheckpointManager:
         if self.rank == 0:
             print(f"resumed from {path} (step {step})", flush=True)
         return step
+
+
+def usable_step(root: Path, rank: int) -> Optional[int]:
+    """The newest iteration of `root` that checks out (`check_iteration`), naming each damaged one on the way
+    (rank 0); None for an empty directory; an error naming the directory and the fix when none is usable."""
+    steps = complete_steps(root)
+    damaged = []
+    for step in steps:
+        why = check_iteration(iter_dir(root, step))
+        if why is None:
+            return step
+        damaged.append(f"iter_{step:07d} ({why})")
+        if rank == 0:
+            print(f"checkpoint {iter_dir(root, step)} is damaged: {why}; trying the previous one", flush=True)
+    if not steps:
+        return None
+    raise ValueError(f"config field 'checkpoint.dir': no usable checkpoint in '{root}' ({'; '.join(damaged)}); "
+                     f"move the directory away to start from the model, or restore a copy of a checkpoint")
 
 
 def _as_rng_state(s):

@@ -20,6 +20,11 @@ def prelaunch_check(cfg: SparkConfig, world: int, force: bool = False):
     GPU the planner's memory verdict for this job's layout (refused with the phase, the numbers and a fix; a
     warning with `force`). Returns the model's shape (None without model.hf_dir)."""
     shape = validate_for_launch(cfg, world)
+    ck = cfg.checkpoint
+    if ck.dir and ck.resume and Path(ck.dir).is_dir():  # an unusable checkpoint directory fails here, in one line
+        from megatron_spark.checkpoint import usable_step
+
+        usable_step(Path(ck.dir), rank=-1)
     from megatron_spark.planner.fit import check_fit, gpu_memory_bytes
 
     gpu_bytes = gpu_memory_bytes()
@@ -141,14 +146,14 @@ def main(argv=None) -> int:
     try:
         cfg = load_config(a.config, a.overrides)
         comps = build_components(cfg, world, a.force)
-    except ValueError as e:  # a bad config or input (the same on every rank): one clear message, no traceback
+        total = comps.pop("total_steps")
+        trainer = SparkTrainer(cfg, comps)
+        ckpt = CheckpointManager(cfg.checkpoint, trainer) if cfg.checkpoint.dir else None
+        start = ckpt.resume() if ckpt else 0
+    except ValueError as e:  # a bad config, input or checkpoint (the same on every rank): one message, no traceback
         if int(os.environ.get("RANK", "0")) == 0:
             print(f"error: {e}", file=sys.stderr, flush=True)
         return 2
-    total = comps.pop("total_steps")
-    trainer = SparkTrainer(cfg, comps)
-    ckpt = CheckpointManager(cfg.checkpoint, trainer) if cfg.checkpoint.dir else None
-    start = ckpt.resume() if ckpt else 0
     trainer.run(start, total, on_step=ckpt.on_step if ckpt else None)
     if ckpt is not None:
         ckpt.finish()

@@ -26,6 +26,55 @@ def latest_step(root: str | Path) -> Optional[int]:
     return step
 
 
+MANIFEST = "megatron_spark_manifest.json"
+
+
+def write_manifest(it_dir: Path) -> None:
+    """Every file of a finished iteration directory with its size, written last (atomically): the proof that the
+    checkpoint was complete when it was written, which `check_iteration` compares with what is on disk."""
+    import json
+    import os
+
+    files = {str(p.relative_to(it_dir)): p.stat().st_size for p in sorted(it_dir.rglob("*"))
+             if p.is_file() and p.name != MANIFEST}
+    tmp = it_dir / (MANIFEST + ".tmp")
+    tmp.write_text(json.dumps({"files": files}, indent=0))
+    os.replace(tmp, it_dir / MANIFEST)
+
+
+def check_iteration(it_dir: Path) -> Optional[str]:
+    """Why this iteration directory cannot be trusted (a file missing, truncated or grown since it was written,
+    no manifest), or None. Checkpoints written before manifests existed are trusted if their metadata is there."""
+    import json
+
+    manifest = it_dir / MANIFEST
+    if not manifest.is_file():
+        return None if (it_dir / ".metadata").is_file() and (it_dir / "common.pt").is_file() else \
+            f"no {MANIFEST} and no complete torch_dist metadata"
+    try:
+        files = json.loads(manifest.read_text())["files"]
+    except (ValueError, KeyError) as e:
+        return f"{MANIFEST} is unreadable ({e})"
+    for name, size in files.items():
+        p = it_dir / name
+        if not p.is_file():
+            return f"{name} is missing"
+        if p.stat().st_size != size:
+            return f"{name} is {p.stat().st_size} bytes, {size} when written"
+    return None
+
+
+def complete_steps(root: str | Path) -> list[int]:
+    """The iterations of a checkpoint directory, newest first (the tracker's, then any other finished one)."""
+    root = Path(root)
+    steps = sorted({int(p.name[5:]) for p in root.glob("iter_*") if p.is_dir() and p.name[5:].isdigit()},
+                   reverse=True)
+    tracked = latest_step(root) if (root / TRACKER).is_file() and (root / TRACKER).read_text().strip().isdigit() \
+        and iter_dir(root, int((root / TRACKER).read_text().strip())).is_dir() else None
+    return ([tracked] if tracked is not None else []) + [s for s in steps if s != tracked and
+                                                        (tracked is None or s < tracked)]
+
+
 def is_megatron_checkpoint(path: str | Path) -> bool:
     """A Megatron-LM checkpoint root (tracker file) or one iteration directory (torch_dist `.metadata`)."""
     p = Path(path)

@@ -75,10 +75,19 @@ def search(shape: ModelShape, gpus: int, gpus_per_node: int, hw: Gpu, work: Work
     return plans
 
 
+def count(n: int) -> str:
+    """A parameter count as its digits and a rounded form that stays readable at every size: 33,452,718,336
+    (33.45 B), 6,846,080 (6.85 M), 4,096 (4.10 K)."""
+    for unit, scale in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= scale:
+            return f"{n:,} ({n / scale:.2f} {unit})"
+    return f"{n:,}"
+
+
 def header(shape: ModelShape, name: str) -> str:
     c = param_counts(shape)
-    vision = f", vision tower {c.vision / 1e9:.2f} B" if c.vision else ""
-    return f"{name}: {c.total / 1e9:.2f} B parameters (language model {c.language / 1e9:.2f} B{vision})"
+    vision = f", vision tower {count(c.vision)}" if c.vision else ""
+    return f"{name}: {count(c.total)} parameters (language model {count(c.language)}{vision})"
 
 
 def _row(i: int, p: Plan) -> str:

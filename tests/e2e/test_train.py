@@ -256,14 +256,29 @@ def test_sigkill_leaves_no_process_behind_and_resumes(setup):
     assert f"resumed from {ck / f'iter_{step:07d}'}" in out.stdout
 
 
+def damage(it_dir: Path) -> str:
+    """Truncate one torch_dist file of a checkpoint to half its size, as a full disk or a failed copy leaves it;
+    returns what the check must say of it."""
+    victim = sorted(it_dir.glob("*.distcp"))[0]
+    size = victim.stat().st_size
+    victim.write_bytes(victim.read_bytes()[: size // 2])
+    return f"{victim.name} is {size // 2} bytes, {size} when written"
+
+
 def test_resume_at_a_different_parallel_layout(full_run, setup):
-    """Written at TP=2 PP=1, resumed at TP=1 PP=2: dist-checkpointing reshards model and optimizer."""
+    """Written at TP=2 PP=1, resumed at TP=1 PP=2: dist-checkpointing reshards model and optimizer. The newest
+    checkpoint (step 4) has a truncated file: the start names it in one line and resumes from step 2 instead."""
     d, ref = full_run
     _, hf, train = setup
     ck = checkpoint_at_step_2(d, "ckE")
+    shutil.copytree(d / "ckA" / "iter_0000004", ck / "iter_0000004")
+    (ck / "latest_checkpointed_iteration.txt").write_text("4")
+    why = damage(ck / "iter_0000004")
     out = run(cmd(hf, train, d / "runE", ck, "training.max_steps=3", "parallel.tensor_model_parallel_size=1",
                   "parallel.pipeline_model_parallel_size=2"))
-    assert "resumed from" in out.stdout
+    assert [x for x in out.stdout.splitlines() if "is damaged" in x] == [
+        f"checkpoint {ck / 'iter_0000004'} is damaged: {why}; trying the previous one"]
+    assert f"resumed from {ck / 'iter_0000002'} (step 2)" in out.stdout
     got, want = metrics(d / "runE")[3], ref[3]
     assert comparable(got).keys() == comparable(want).keys()
     # the same weights in the engine and the same sampling seed: the same rollouts and rewards as at TP=2
@@ -387,3 +402,23 @@ def test_transformers_rollout_backend_trains_like_the_vllm_one(setup):
             assert r[f"{period}/train_rollout_logprob_drift"] < 1e-4, r[f"{period}/train_rollout_logprob_drift"]
     assert max(r["infer/grad_norm"] for r in m.values()) > 1e-3
     assert any(0 < r["infer/reward_mean"] < 1 for r in m.values())
+
+
+def test_no_usable_checkpoint_is_one_clear_error(full_run, setup, tmp_path):
+    """Every checkpoint damaged: `megatron-spark train` stops before starting a process, with one line naming the
+    directory, each damaged iteration and the fix; no traceback."""
+    d, _ = full_run
+    _, hf, train = setup
+    ck = tmp_path / "ck"
+    shutil.copytree(d / "ckA", ck)
+    for it in ck.glob("iter_*"):
+        damage(it)
+    p = subprocess.run([sys.executable, "-m", "megatron_spark.cli", "train", "--config",
+                        str(ROOT / "examples" / "tiny_cpu.yaml"), "--nproc-per-node", "2", f"model.hf_dir={hf}",
+                        f"data.train_file={train}", f"checkpoint.dir={ck}", f"logging.dir={tmp_path / 'run'}"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 2, p.stderr[-2000:]
+    last = p.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"error: config field 'checkpoint.dir': no usable checkpoint in '{ck}' (iter_0000004 (")
+    assert "iter_0000002 (" in last and "move the directory away" in last
+    assert "Traceback" not in p.stderr and "torch.distributed" not in p.stderr

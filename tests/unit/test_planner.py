@@ -103,7 +103,8 @@ def test_plan_cli_is_fast_and_leads_with_the_parameter_counts():
     took = time.time() - t0
     assert p.returncode == 0, p.stderr
     lines = p.stdout.splitlines()
-    assert lines[0] == "qwen2.5-vl-32b: 33.45 B parameters (language model 32.76 B, vision tower 0.69 B)"
+    assert lines[0] == ("qwen2.5-vl-32b: 33,452,718,336 (33.45 B) parameters (language model 32,763,876,352 "
+                        "(32.76 B), vision tower 688,841,984 (688.84 M))")
     assert "| 1 | TP" in p.stdout and "feasible of" in p.stdout
     assert took < 10  # the planner itself takes < 2 s; the rest is the interpreter and imports on a busy CI core
 
@@ -151,3 +152,12 @@ def test_a_layout_that_does_not_fit_is_refused_with_the_phase_numbers_and_fix():
         return check_fit(c, load_model("qwen2.5-vl-7b"), 8, 79.2 * GIB).phases["train"] / GIB
     assert train_gib() < train_gib("parallel.sequence_parallel=false")
     assert train_gib("model.recompute_activations=full") < train_gib()
+
+
+def test_parameter_counts_read_at_every_size():
+    """The exact digits first, then a rounded form in a unit that suits the size: a 5 M model is not '0.00 B'."""
+    from megatron_spark.planner.search import count
+
+    assert count(33_452_718_336) == "33,452,718,336 (33.45 B)"
+    assert count(4_812_800) == "4,812,800 (4.81 M)"
+    assert count(6_400) == "6,400 (6.40 K)" and count(12) == "12"
