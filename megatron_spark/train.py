@@ -40,7 +40,8 @@ def prelaunch_check(cfg: SparkConfig, world: int, force: bool = False):
     return shape
 
 
-def build_components(cfg: SparkConfig, world: int, force: bool = False) -> dict:
+def build_stack(cfg: SparkConfig, world: int, force: bool = False) -> "RLStack":
+    """Every component of the run from the config, each given the section it consumes."""
     from megatron_spark.bridge.sync import WeightSync
     from megatron_spark.data import PromptBuilder, PromptStream, check_lengths, load_records
     from megatron_spark.mapping.qwen import WeightMap
@@ -50,7 +51,9 @@ def build_components(cfg: SparkConfig, world: int, force: bool = False) -> dict:
     from megatron_spark.parallel import ParallelLayout
     from megatron_spark.policy import Policy
     from megatron_spark.reward import RewardPool, VerifierConfig
+    from megatron_spark.placement import RolloutPlacement
     from megatron_spark.rollout.build import build_engine
+    from megatron_spark.stack import RLStack
     from megatron_spark.templates import TemplateBank
 
     if cfg.model.hf_dir is None:
@@ -105,15 +108,17 @@ def build_components(cfg: SparkConfig, world: int, force: bool = False) -> dict:
         # the engine loaded model.hf_dir: give it the trainer's weights (a Megatron checkpoint's, or their FP8
         # values) before the first rollout
         sync.push(engine)
+    placement = RolloutPlacement(world, ro.tensor_parallel_size)
     pool = None
-    if rank == 0:
+    if rank == placement.reward_rank:
         pool = RewardPool(cfg.algorithm.reward_workers, cfg.algorithm.reward_timeout_s,
                           VerifierConfig(cfg.algorithm.accept_box_alias, cfg.algorithm.labels_case_insensitive))
     logger = MetricsLogger(cfg.logging.dir, rank == 0, cfg.logging.tensorboard, cfg.logging.wandb_project,
                            cfg.to_dict(), resume=cfg.checkpoint.resume)
-    return dict(shape=shape, layout=layout, prompts=prompts, data=data, policy=policy, reference=reference,
-                engine=engine, sync=sync, reward_pool=pool, templates=TemplateBank.load(
-                    cfg.algorithm.recycle.templates_file), logger=logger, total_steps=total_steps)
+    return RLStack(shape=shape, layout=layout, placement=placement, prompts=prompts, data=data, policy=policy,
+                   reference=reference, engine=engine, sync=sync, rewards=pool,
+                   templates=TemplateBank.load(cfg.algorithm.recycle.templates_file), logger=logger,
+                   total_steps=total_steps)
 
 
 def fp8_engine_dir(cfg) -> str:
@@ -145,20 +150,22 @@ def main(argv=None) -> int:
 
     try:
         cfg = load_config(a.config, a.overrides)
-        comps = build_components(cfg, world, a.force)
-        total = comps.pop("total_steps")
-        trainer = SparkTrainer(cfg, comps)
-        ckpt = CheckpointManager(cfg.checkpoint, trainer) if cfg.checkpoint.dir else None
+        stack = build_stack(cfg, world, a.force)
+        trainer = SparkTrainer(cfg, stack)
+        ckpt = CheckpointManager.for_trainer(cfg, trainer) if cfg.checkpoint.dir else None
         start = ckpt.resume() if ckpt else 0
     except ValueError as e:  # a bad config, input or checkpoint (the same on every rank): one message, no traceback
         if int(os.environ.get("RANK", "0")) == 0:
             print(f"error: {e}", file=sys.stderr, flush=True)
         return 2
-    trainer.run(start, total, on_step=ckpt.on_step if ckpt else None)
-    if ckpt is not None:
-        ckpt.finish()
-    if trainer.reward_pool is not None:
-        trainer.reward_pool.close()
+    try:
+        if start:  # the engine still holds the initial weights: bring it to the resumed policy
+            stack.sync.push(stack.engine)
+        trainer.run(start, stack.total_steps, on_step=ckpt.on_step if ckpt else None)
+        if ckpt is not None:
+            ckpt.finish()
+    finally:
+        stack.close()
     dist.barrier()
     return 0
 

@@ -30,6 +30,7 @@ from megatron_spark.placement import RolloutPlacement, balanced_partition, sampl
 from megatron_spark.policy import Rollout, grpo_loss_fn
 from megatron_spark.recycle import AuxQueue, AuxTask, Group, RecycleSettings, recycle
 from megatron_spark.rollout.engine import RolloutRequest
+from megatron_spark.stack import RLStack
 
 
 @dataclass
@@ -77,18 +78,27 @@ class PromptCache:
 
 
 class SparkTrainer:
-    def __init__(self, cfg: SparkConfig, components: dict):
-        """`components` is built by `megatron_spark.train.build_components` (layout, models, engine, data...)."""
+    def __init__(self, cfg: SparkConfig, stack: RLStack):
+        """`stack` is built by `megatron_spark.train.build_stack` (layout, models, engine, data...)."""
         self.cfg = cfg
-        for k, v in components.items():
-            setattr(self, k, v)
+        self.shape = stack.shape
+        self.layout = stack.layout
+        self.placement: RolloutPlacement = stack.placement
+        self.prompts = stack.prompts
+        self.data = stack.data
+        self.policy = stack.policy
+        self.reference = stack.reference
+        self.engine = stack.engine
+        self.sync = stack.sync
+        self.reward_pool = stack.rewards
+        self.templates = stack.templates
+        self.logger = stack.logger
         self.rank = dist.get_rank()
-        self.placement = RolloutPlacement(dist.get_world_size(), cfg.rollout.tensor_parallel_size)
         self.engine_id = self.placement.engine_of(self.rank)
         self.dp_rank = self.layout.coords(self.rank)["dp"]
         self.rng = random.Random(cfg.training.seed)
         self.recycle_settings = RecycleSettings.from_config(cfg.algorithm.recycle)
-        self.queue = getattr(self, "queue", None) or AuxQueue(cfg.algorithm.recycle.reward_batch_size)
+        self.queue = AuxQueue(cfg.algorithm.recycle.reward_batch_size)
         self.stop_requested = False
         self.held_out = []
         if cfg.eval.interval:
@@ -97,6 +107,12 @@ class SparkTrainer:
             self.held_out = load_held_out(cfg.eval.file, cfg.eval.max_items, cfg.data.max_pixels)
         for sig in (signal.SIGTERM, signal.SIGUSR1):
             signal.signal(sig, self._on_signal)
+
+    def state_parts(self) -> dict:
+        """The trainer's own resumable state, by the name checkpoints store it under (beside the policy's)."""
+        from megatron_spark.checkpoint import RandomState
+
+        return {"cursor": self.data, "queue": self.queue, "trainer_rng": RandomState(self.rng)}
 
     def _on_signal(self, signum, frame) -> None:
         # SLURM preemption: finish the current step, write a checkpoint, exit cleanly (requeue resumes).
@@ -134,8 +150,9 @@ class SparkTrainer:
 
     def score(self, responses: list[str], golds: list[str]) -> list[float]:
         """Rewards once per sample, on rank 0 (one process pool), broadcast to all ranks."""
-        box = [self.reward_pool.score(responses, golds) if self.rank == 0 else None]
-        dist.broadcast_object_list(box, src=0)
+        src = self.placement.reward_rank
+        box = [self.reward_pool.score(responses, golds) if self.rank == src else None]
+        dist.broadcast_object_list(box, src=src)
         return box[0]
 
     def groups(self, tasks: list[Task], outs: list, rewards: list[float]) -> list[Group]:
@@ -233,8 +250,7 @@ class SparkTrainer:
                              float(self.policy.tokens_computed - computed0)])
         per_rank = [torch.zeros(3) for _ in range(dist.get_world_size())]
         dist.all_gather(per_rank, work)
-        dp_first = [per_rank[r] for r in range(len(per_rank)) if self.layout.coords(r)["tp"] == 0
-                    and self.layout.coords(r)["pp"] == 0]  # one rank per DP replica
+        dp_first = [per_rank[r] for r in self.placement.replica_leaders(self.layout)]
         m = {f"{name}/reward_mean": sum(rewards) / len(rewards),
              f"{name}/response_len": sum(len(s.token_ids) for g in outs for s in g) / len(rewards),
              f"{name}/train_rollout_logprob_drift": drift,
@@ -305,7 +321,8 @@ class SparkTrainer:
                 from megatron_spark.evaluation.periodic import held_out_accuracy
 
                 t1 = time.perf_counter()
-                got = held_out_accuracy(self, self.held_out, self.templates, self.cfg.training.seed)
+                got = held_out_accuracy(self.engine, self.prompts, self.placement, self.rank, self.held_out,
+                                        self.templates, self.cfg.rollout.max_new_tokens, self.cfg.training.seed)
                 metrics.update({f"eval/{k}": v for k, v in got.items()})
                 metrics["time/eval"] = time.perf_counter() - t1
             self.logger.log(step + 1, metrics)
@@ -319,7 +336,7 @@ class SparkTrainer:
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
             self.stop_requested = bool(flag.item())
             if on_step is not None:
-                on_step(step + 1, metrics)
+                on_step(step + 1, metrics, self.stop_requested)
             if done and not self.stop_requested:
                 if self.rank == 0:
                     print(f"stopping after step {step + 1}: {self.policy.optimizer_steps} optimizer steps (budget)",

@@ -1,8 +1,8 @@
 """Held-out evaluation inside training, through the trainer's own rollout engines: greedy task accuracy and
 pointwise judge accuracy (balanced Yes/No labels) on a small held-out file, every `eval.interval` steps.
 
-Each engine evaluates only its share of the items (engine e takes items e, e + E, ...); the counts of the engine
-leaders are summed over the world, so every rank logs the same numbers."""
+Each engine evaluates only its share of the items (`RolloutPlacement.eval_share`: contiguous, as the training
+prompts); the counts of the engine leaders are summed over the world, so every rank logs the same numbers."""
 from __future__ import annotations
 
 import json
@@ -73,20 +73,21 @@ def judge_items(examples: Sequence[Example], bank: TemplateBank, seed: int) -> l
     return items
 
 
-def held_out_accuracy(trainer, examples: Sequence[Example], bank: TemplateBank, seed: int = 0) -> dict:
-    """{task_accuracy, judge_accuracy} over all examples; each engine generates its share."""
+def held_out_accuracy(engine, prompts, placement, rank: int, examples: Sequence[Example], bank: TemplateBank,
+                      max_new_tokens: int, seed: int = 0) -> dict:
+    """{task_accuracy, judge_accuracy} over all examples, greedy; each engine generates its share."""
     from megatron_spark.rollout.engine import RolloutRequest
 
-    engines, me = trainer.placement.engines, trainer.engine_id
+    me = placement.engine_of(rank)
     pairs = {"task": [(ex.messages, ex.answer) for ex in examples], "judge": judge_items(examples, bank, seed)}
     counts = []
     for name in ("task", "judge"):
-        mine = pairs[name][me::engines]
-        built = [trainer.prompts.build(m) for m, _ in mine]
-        outs = trainer.engine.generate([RolloutRequest(b["prompt"], b["images"]) for b in built], n=1,
-                                       temperature=0.0, max_new_tokens=trainer.cfg.rollout.max_new_tokens)
+        mine = [pairs[name][i] for i in placement.eval_share(len(pairs[name]), me)]
+        built = [prompts.build(m) for m, _ in mine]
+        outs = engine.generate([RolloutRequest(b["prompt"], b["images"]) for b in built], n=1, temperature=0.0,
+                               max_new_tokens=max_new_tokens)
         counts += [sum(score(o[0].text, gold) for o, (_, gold) in zip(outs, mine)), len(mine)]
-    leader = trainer.placement.is_leader(trainer.rank)
+    leader = placement.is_leader(rank)
     gathered: list = [None] * dist.get_world_size()
     dist.all_gather_object(gathered, counts if leader else [0.0] * 4)
     total = [sum(c[k] for c in gathered) for k in range(4)]
