@@ -51,6 +51,17 @@ def has_spread(rewards: Sequence[float], prompt_ids: Sequence[Hashable]) -> list
     return [len(seen[p]) > 1 for p in prompt_ids]
 
 
+def overlong_penalty(length: int, max_new_tokens: int, buffer: int, factor: float = 1.0) -> float:
+    """DAPO's soft overlong punishment, added to a response's reward: 0 up to `max_new_tokens - buffer` tokens,
+    then falling linearly to -factor at `max_new_tokens` (and -factor beyond). buffer 0 turns it off."""
+    if buffer <= 0:
+        return 0.0
+    start = max_new_tokens - buffer
+    if length <= start:
+        return 0.0
+    return -factor * min(1.0, (length - start) / buffer)
+
+
 @dataclass(frozen=True)
 class BatchSize:
     """Response tokens and sequences of the global batch (one optimizer step) that a micro-batch belongs to."""

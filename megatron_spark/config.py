@@ -151,6 +151,13 @@ class AlgorithmConfig(_Section):
     # tis = truncated importance sampling, each token's policy-gradient term times min(pi_old / pi_rollout, cap)
     rollout_is: Literal["off", "tis"] = "off"
     rollout_is_cap: float = 2.0
+    # Not in SPARK (off for paper runs): DAPO's soft overlong penalty, a reward of 0 falling linearly to
+    # -overlong_penalty_factor over the last overlong_buffer tokens before rollout.max_new_tokens (0 = off)
+    overlong_buffer: int = 0
+    overlong_penalty_factor: float = 1.0
+    # leave responses cut at rollout.max_new_tokens (finish reason "length") out of the update ("overlong
+    # filtering"); they still count in their group's advantages
+    mask_truncated: bool = False
     recycle: RecycleConfig = field(default_factory=RecycleConfig)
 
 
@@ -504,6 +511,11 @@ def validate(cfg: SparkConfig, world_size: Optional[int] = None, model: Optional
             _fail(f"algorithm.{name}", f"must be in [0, 1), got {v}")
     if alg.kl_coef < 0:
         _fail("algorithm.kl_coef", f"must be >= 0 (0 disables the KL loss), got {alg.kl_coef}")
+    if alg.overlong_buffer < 0 or alg.overlong_buffer > ro.max_new_tokens:
+        _fail("algorithm.overlong_buffer", f"must be in [0, rollout.max_new_tokens={ro.max_new_tokens}] (0 turns "
+                                           f"the penalty off), got {alg.overlong_buffer}")
+    if alg.overlong_penalty_factor < 0:
+        _fail("algorithm.overlong_penalty_factor", f"must be >= 0, got {alg.overlong_penalty_factor}")
     if alg.rollout_is_cap < 1:
         _fail("algorithm.rollout_is_cap", f"caps the importance ratio pi_old / pi_rollout and must be >= 1, got "
                                           f"{alg.rollout_is_cap}")

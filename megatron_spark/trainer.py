@@ -24,7 +24,7 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from megatron_spark.algorithm import BatchSize, group_advantages, has_spread
+from megatron_spark.algorithm import BatchSize, group_advantages, has_spread, overlong_penalty
 from megatron_spark.config import SparkConfig
 from megatron_spark.placement import RolloutPlacement, balanced_partition, sampling_seed
 from megatron_spark.policy import Rollout, grpo_loss_fn
@@ -166,15 +166,28 @@ class SparkTrainer:
             k += len(group)
         return groups
 
+    def shaped(self, rewards: list[float], samples: list) -> list[float]:
+        """The rewards the advantages are computed from: the verifier's, plus DAPO's soft overlong penalty when
+        `algorithm.overlong_buffer` is set."""
+        alg = self.cfg.algorithm
+        if not alg.overlong_buffer:
+            return rewards
+        return [r + overlong_penalty(len(s.token_ids), self.cfg.rollout.max_new_tokens, alg.overlong_buffer,
+                                     alg.overlong_penalty_factor) for r, s in zip(rewards, samples)]
+
     def global_batches(self, outs: list, rewards: list[float]) -> list[list[tuple]]:
         """Every sample as (prompt index, sample, reward, advantage), shuffled (the same on every rank) and cut into
         global batches of `training.global_batch_size` (one optimizer step each)."""
+        alg = self.cfg.algorithm
         flat = [(i, s, rewards[k]) for k, (i, s) in enumerate((i, s) for i, g in enumerate(outs) for s in g)]
-        adv = group_advantages(torch.tensor(rewards), [i for i, _, _ in flat], self.cfg.algorithm.advantage_std)
+        adv = group_advantages(torch.tensor(rewards), [i for i, _, _ in flat], alg.advantage_std)
         items = [(i, s, r, a) for (i, s, r), a in zip(flat, adv.tolist())]
-        if self.cfg.algorithm.skip_zero_advantage:  # groups whose rewards are all equal teach nothing but KL
+        keep = [True] * len(items)
+        if alg.skip_zero_advantage:  # groups whose rewards are all equal teach nothing but KL
             keep = has_spread(rewards, [i for i, _, _ in flat])
-            items = [x for x, k in zip(items, keep) if k]
+        if alg.mask_truncated:  # cut at the length limit: no reward signal about the answer it never gave
+            keep = [k and s.finish_reason != "length" for k, (_, s, _) in zip(keep, flat)]
+        items = [x for x, k in zip(items, keep) if k]
         self.rng.shuffle(items)
         gbs = self.cfg.training.global_batch_size
         return [items[j:j + gbs] for j in range(0, len(items) - gbs + 1, gbs)]
@@ -232,9 +245,10 @@ class SparkTrainer:
         self.engine.sleep()  # GPU: free the KV cache and offload vLLM's weights while Megatron trains (CPU: no-op)
         t1 = time.perf_counter()
         rewards = self.score([s.text for g in outs for s in g], [t.answer for t, g in zip(tasks, outs) for _ in g])
+        shaped = self.shaped(rewards, [s for g in outs for s in g])
         t2 = time.perf_counter()
-        groups = self.groups(tasks, outs, rewards)
-        mine = [self.my_share(name, tasks, built, b) for b in self.global_batches(outs, rewards)]
+        groups = self.groups(tasks, outs, rewards)  # (recycling and the accuracy metrics: the verifier's 0/1)
+        mine = [self.my_share(name, tasks, built, b) for b in self.global_batches(outs, shaped)]
         my_rollouts = [r for b in mine for r in b.rollouts]
         real0, computed0 = self.policy.tokens_real, self.policy.tokens_computed
         t_lp = time.perf_counter()
@@ -252,6 +266,8 @@ class SparkTrainer:
         dist.all_gather(per_rank, work)
         dp_first = [per_rank[r] for r in self.placement.replica_leaders(self.layout)]
         m = {f"{name}/reward_mean": sum(rewards) / len(rewards),
+             **({f"{name}/shaped_reward_mean": sum(shaped) / len(shaped)} if shaped is not rewards else {}),
+             f"{name}/truncated_fraction": sum(s.finish_reason == "length" for g in outs for s in g) / len(rewards),
              f"{name}/response_len": sum(len(s.token_ids) for g in outs for s in g) / len(rewards),
              f"{name}/train_rollout_logprob_drift": drift,
              f"{name}/prompt_token_mismatch": built.prompt_mismatches(outs),

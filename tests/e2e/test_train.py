@@ -390,8 +390,9 @@ def test_transformers_rollout_backend_trains_like_the_vllm_one(setup):
     each engine generates its half of the samples, the prompts tokenize identically, and the engine's sampled-token
     log-probs equal the trainer's after every sync."""
     d, hf, train = setup
+    # (with DAPO's overlong shaping over the last 4 of the 12 new tokens: the run logs the shaped reward too)
     run(cmd(hf, train, d / "runH", d / "ckH", "training.max_steps=2", "rollout.backend=hf",
-            "rollout.tensor_parallel_size=1"))
+            "rollout.tensor_parallel_size=1", "algorithm.overlong_buffer=4", "algorithm.overlong_penalty_factor=0.5"))
     m = metrics(d / "runH")
     assert sorted(m) == [1, 2]
     for r in m.values():
@@ -402,6 +403,7 @@ def test_transformers_rollout_backend_trains_like_the_vllm_one(setup):
             assert r[f"{period}/train_rollout_logprob_drift"] < 1e-4, r[f"{period}/train_rollout_logprob_drift"]
     assert max(r["infer/grad_norm"] for r in m.values()) > 1e-3
     assert any(0 < r["infer/reward_mean"] < 1 for r in m.values())
+    assert all(-0.5 <= r["infer/shaped_reward_mean"] - r["infer/reward_mean"] <= 0 for r in m.values())
 
 
 def test_no_usable_checkpoint_is_one_clear_error(full_run, setup, tmp_path):

@@ -294,3 +294,40 @@ def test_tis_in_the_trainers_loss_logs_ratio_and_capped_fraction():
     off = dict(vars(alg), rollout_is="off")
     loss_off, m_off = grpo_loss_fn(SimpleNamespace(**off))(old.clone(), mb)
     assert loss_off.item() == pytest.approx(-1.0) and "is_ratio_mean" not in m_off
+
+
+def test_overlong_penalty_by_hand():
+    """DAPO's soft overlong punishment with max_new_tokens 100, buffer 20: nothing up to 80 tokens, then -1/20 per
+    token over, -factor at (and beyond) the limit; off when the buffer is 0."""
+    from megatron_spark.algorithm import overlong_penalty
+
+    assert [overlong_penalty(n, 100, 20) for n in (10, 80, 81, 90, 100, 130)] == [0.0, 0.0, -0.05, -0.5, -1.0, -1.0]
+    assert overlong_penalty(90, 100, 20, factor=0.5) == -0.25
+    assert overlong_penalty(100, 100, 0) == 0.0
+
+
+def test_overlong_shaping_and_truncation_masking_in_the_trainer():
+    """algorithm.overlong_buffer shapes the rewards the advantages come from (the verifier's 0/1 still drives
+    recycling); algorithm.mask_truncated leaves responses cut at the limit out of the update while they still
+    count in their group's advantage."""
+    import random
+    from types import SimpleNamespace
+
+    from megatron_spark.config import load_config
+    from megatron_spark.trainer import SparkTrainer
+
+    S = lambda n, reason: SimpleNamespace(token_ids=[0] * n, finish_reason=reason, name=f"{n}{reason[0]}")  # noqa
+    samples = [S(10, "stop"), S(95, "stop"), S(100, "length"), S(40, "stop")]
+    cfg = load_config(None, ["rollout.max_new_tokens=100", "algorithm.overlong_buffer=20",
+                             "training.global_batch_size=1"])
+    me = SimpleNamespace(cfg=cfg, rng=random.Random(0))
+    shaped = SparkTrainer.shaped(me, [1.0, 1.0, 0.0, 0.0], samples)
+    assert shaped == [1.0, 1.0 - 0.75, 0.0 - 1.0, 0.0]
+    assert SparkTrainer.shaped(SimpleNamespace(cfg=load_config()), [1.0], samples[:1]) == [1.0]
+    outs = [samples[:2], samples[2:]]
+    for mask, kept in ((False, {"10s", "95s", "100l", "40s"}), (True, {"10s", "95s", "40s"})):
+        me.cfg = load_config(None, ["training.global_batch_size=1", f"algorithm.mask_truncated={mask}"])
+        batches = SparkTrainer.global_batches(me, outs, [1.0, 0.0, 0.0, 1.0])
+        assert {s.name for b in batches for _, s, _, _ in b} == kept
+        # the truncated response's group still has spread: its partner keeps a non-zero advantage
+        assert all(abs(a) > 0 for b in batches for *_, a in b)
