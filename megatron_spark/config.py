@@ -58,6 +58,10 @@ class ModelConfig(_Section):
     # activation recomputation in the update: full (each layer's input kept, the layer recomputed in backward,
     # vision tower included), selective (only the attention core recomputed), none; true/false = full/none
     recompute_activations: Literal["none", "selective", "full"] = "none"
+    # parameters the update leaves alone: "vision" (the vision tower, without its patch merger), "projector" (the
+    # patch merger), "language_model", or regular expressions over Megatron parameter names (e.g.
+    # "decoder.layers.[0-3]\\."); frozen parameters get no gradient buffers and no optimizer state
+    freeze: list[str] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -328,6 +332,13 @@ def _coerce(value: Any, tp: Any, path: str) -> Any:
             hint = " (YAML reads off/on/no/yes as booleans; quote the word)" if isinstance(value, bool) else ""
             _fail(path, f"got {value!r}{hint}; choose one of {', '.join(map(repr, choices))}")
         return value
+    if origin is list:
+        (item,) = typing.get_args(tp)
+        if isinstance(value, str):  # a single value on the command line: model.freeze=vision
+            value = [value]
+        if not isinstance(value, list):
+            _fail(path, f"expected a list, got {value!r}")
+        return [_coerce(v, item, f"{path}[{i}]") for i, v in enumerate(value)]
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
             _fail(path, f"expected a mapping of sub-fields, got {type(value).__name__}")
@@ -399,7 +410,12 @@ def load_config(path: Optional[str | Path] = None, overrides: Optional[list[str]
         if "=" not in item:
             raise ValueError(f"override '{item}' must look like section.field=value, e.g. training.lr=1e-6")
         key, raw = item.split("=", 1)
-        _set_dotted(tree, key.strip(), yaml.safe_load(raw))
+        try:
+            value = yaml.safe_load(raw)
+        except yaml.YAMLError as e:
+            raise ValueError(f"override '{item}': the value is not valid YAML ({str(e).splitlines()[0]}); quote "
+                             f"it with single quotes") from None
+        _set_dotted(tree, key.strip(), value)
     return _from_dict(SparkConfig, tree)
 
 
@@ -417,6 +433,9 @@ def validate(cfg: SparkConfig, world_size: Optional[int] = None, model: Optional
     facts (`ModelFacts.of(shape)`) the layout rules too."""
     m, par, ro, alg, data, tr = cfg.model, cfg.parallel, cfg.rollout, cfg.algorithm, cfg.data, cfg.training
     facts = model or ModelFacts()
+    from megatron_spark.models.freeze import check_freeze
+
+    check_freeze(m.freeze)
     if m.hf_dir is not None and not Path(m.hf_dir).is_dir():
         _fail("model.hf_dir", f"directory '{m.hf_dir}' does not exist; point it at a HF checkpoint directory")
     from megatron_spark.io.checkpoint_layout import is_megatron_checkpoint

@@ -117,6 +117,9 @@ class Policy:
                 c.eval()
                 c.requires_grad_(False)
             return cls(chunks, shape, pad_id, training.micro_batch_size)
+        from megatron_spark.models.freeze import freeze_parameters
+
+        freeze_parameters(chunks, model.freeze, shape.vision is not None)
         return cls.for_training(chunks, shape, dtype=dtype, pad_id=pad_id, training=training,
                                 total_steps=total_steps)
 

@@ -54,6 +54,7 @@ class Layout:
     reference_on_gpu: bool = True           # the KL term's reference model (off: offloaded or kl_coef = 0)
     first_stage_layers: Optional[int] = None
     last_stage_layers: Optional[int] = None
+    freeze: tuple[str, ...] = ()            # model.freeze: frozen elements get no gradient and no optimizer state
 
     @property
     def gpus(self) -> int:
@@ -151,7 +152,7 @@ def plan_memory(shape: ModelShape, layout: Layout, work: Workload, gpu_bytes: fl
                 ) -> list[StageMemory]:
     t, v = shape.text, shape.vision
     stages: list[StageParams] = stage_params(shape, layout.tp, layout.pp, layout.first_stage_layers,
-                                             layout.last_stage_layers)
+                                             layout.last_stage_layers, freeze=layout.freeze)
     s, mb = work.seq_len * work.micro_batch_size, work.micro_batches(layout.dp)
     per_layer = layer_activation_bytes(t.hidden_size, t.ffn_hidden_size, t.num_heads, t.num_kv_heads, t.head_dim,
                                        s, layout.tp, work.attention, layout.recompute, layout.sequence_parallel)
@@ -169,6 +170,8 @@ def plan_memory(shape: ModelShape, layout: Layout, work: Workload, gpu_bytes: fl
     out = []
     for st in stages:
         params, grads, opt = state_bytes(st.total, work.dtype, layout.dp, layout.distributed_optimizer)
+        if st.frozen:  # frozen elements: parameters only (no fp32 gradient, no master copy or Adam moments)
+            _, grads, opt = state_bytes(st.total - st.frozen, work.dtype, layout.dp, layout.distributed_optimizer)
         inflight = min(layout.pp - st.stage, mb)
         if layout.recompute == "full":
             acts = inflight * st.layers * 2 * s * t.hidden_size / (layout.tp if layout.sequence_parallel else 1) \

@@ -78,6 +78,7 @@ class StageParams:
     layers: int
     text: int             # embedding / transformer layers / final norm / output layer on this rank
     vision: int           # the vision tower (first stage only)
+    frozen: int = 0       # of those, the elements `model.freeze` leaves alone (no gradient, no optimizer state)
 
     @property
     def total(self) -> int:
@@ -88,15 +89,17 @@ _LAYER = re.compile(r"decoder\.layers\.(\d+)\.")
 
 
 def stage_params(shape: ModelShape, tp: int, pp: int, first: Optional[int] = None, last: Optional[int] = None,
-                 make_vocab_size_divisible_by: int = 128) -> list[StageParams]:
-    """Per-rank parameter elements of every pipeline stage at TP x PP (uneven stages as `stage_layers` splits)."""
+                 make_vocab_size_divisible_by: int = 128, freeze: tuple[str, ...] = ()) -> list[StageParams]:
+    """Per-rank parameter elements of every pipeline stage at TP x PP (uneven stages as `stage_layers` splits),
+    and how many of them `freeze` (model.freeze's groups and patterns) leaves out of the update."""
+    from megatron_spark.models.freeze import frozen
     wmap = WeightMap(shape, make_vocab_size_divisible_by, tp=tp)
     hf = expected_hf_shapes(shape)
     if shape.text.tied_embeddings:  # the output-layer rule reads the embedding for tied models
         hf.setdefault("lm_head.weight", hf["model.embed_tokens.weight"])
     layers = stage_layers(shape.text.num_layers, pp, first, last)
     bounds = [sum(layers[:k]) for k in range(pp + 1)]
-    text, vision = [0] * pp, [0] * pp
+    text, vision, still = [0] * pp, [0] * pp, [0] * pp
     for p in wmap.params:
         if isinstance(p.transform, VocabPad):
             n = wmap.padded_vocab * hf[p.hf[0]][1]
@@ -115,7 +118,9 @@ def stage_params(shape: ModelShape, tp: int, pp: int, first: Optional[int] = Non
             if p.megatron.endswith("output_layer.weight") and shape.text.tied_embeddings and pp == 1:
                 continue  # PP = 1: the output layer is the embedding itself
         (vision if is_vision else text)[stage] += per_rank
-    return [StageParams(k, layers[k], text[k], vision[k]) for k in range(pp)]
+        if freeze and frozen(p.megatron, list(freeze)):
+            still[stage] += per_rank
+    return [StageParams(k, layers[k], text[k], vision[k], still[k]) for k in range(pp)]
 
 
 def kv_bytes_per_token(shape: ModelShape, tp: int = 1, dtype_bytes: int = 2) -> int:

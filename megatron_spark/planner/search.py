@@ -129,7 +129,7 @@ def from_config(cfg) -> tuple[Layout, Workload]:
     return (Layout(par.tensor_model_parallel_size, par.pipeline_model_parallel_size, 1, ro.tensor_parallel_size, rc,
                    tr.use_distributed_optimizer, par.sequence_parallel,
                    alg.kl_coef > 0 and not tr.offload_reference, par.num_layers_in_first_pipeline_stage,
-                   par.num_layers_in_last_pipeline_stage),
+                   par.num_layers_in_last_pipeline_stage, tuple(cfg.model.freeze)),
             Workload(d.rollout_batch_size, alg.recycle.reward_batch_size, ro.n_samples_per_prompt, d.prompt_max_len,
                      0, ro.max_new_tokens, tr.micro_batch_size, tr.global_batch_size,
                      dtype={"bf16": "bf16", "fp16": "fp16"}.get(cfg.model.dtype, "fp32")))

@@ -210,3 +210,66 @@ def test_the_local_spec_final_norm_is_torch_rmsnorm_even_with_apex(megatron, mon
     monkeypatch.setattr(transformer_block, "LayerNormImpl", Boom)  # what an Apex-but-no-TE node would pick
     (chunk,) = build_model(parse_hf_config(TEXT), _layout(), dtype=torch.float32, use_te=False)
     assert isinstance(chunk.decoder.final_layernorm, torch.nn.RMSNorm)
+
+
+def _trained(freeze: list[str]):
+    """A tiny VL policy (random weights, fixed seed) after two SFT updates with `model.freeze`; returns the weights
+    before and after, and the live optimizer's and DDP's bytes."""
+    from megatron_spark.config import TrainingConfig
+    from megatron_spark.models.freeze import freeze_parameters
+    from megatron_spark.models.qwen import build_model
+    from megatron_spark.models.weights import megatron_named_params
+    from megatron_spark.policy import Policy, Rollout, sft_loss_fn
+
+    shape = parse_hf_config(VL)
+    chunks = build_model(shape, _layout(), dtype=torch.float32)
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in chunks[0].parameters():
+            p.copy_(torch.randn(p.shape, generator=gen) * 0.05)
+    before = {n: p.detach().clone() for n, p in megatron_named_params(chunks[0])}
+    freeze_parameters(chunks, freeze, multimodal=True)
+    policy = Policy.for_training(chunks, shape, dtype=torch.float32, pad_id=0, total_steps=10,
+                                 training=TrainingConfig(lr=1e-2, warmup_ratio=0.0, micro_batch_size=2,
+                                                         use_distributed_optimizer=False))
+    ids = [3, 4, shape.image_token_id, shape.image_token_id, shape.image_token_id, shape.image_token_id, 5]
+    rollouts = [Rollout(ids, [7, 8, 9], "g", torch.randn(16, 3 * 2 * 14 * 14, generator=gen),
+                        torch.tensor([[1, 4, 4]])) for _ in range(2)]
+    for _ in range(2):
+        policy.train_step(rollouts, sft_loss_fn)
+    after = {n: p.detach().clone() for n, p in megatron_named_params(policy.modules[0])}
+    opt = policy.optimizer
+    states = [st for o in getattr(opt, "chained_optimizers", [opt]) for st in o.optimizer.state.values()]
+    opt_bytes = sum(t.numel() * t.element_size() for st in states for k, t in st.items()
+                    if k in ("exp_avg", "exp_avg_sq"))
+    grad_bytes = sum(b.grad_data.numel() * b.grad_data.element_size() for c in policy.chunks for b in c.buffers)
+    return before, after, opt_bytes, grad_bytes
+
+
+def test_frozen_parts_stay_bit_identical_and_cost_no_optimizer_state(megatron):
+    """model.freeze=[vision]: the vision tower (not its merger) is bit-identical after two updates while every other
+    parameter moves; the live optimizer's Adam moments and DDP's gradient buffers shrink by exactly the frozen
+    elements' fp32 bytes (2 moments and 1 gradient each)."""
+    from megatron_spark.models.freeze import frozen
+
+    b0, a0, opt0, grad0 = _trained([])
+    b1, a1, opt1, grad1 = _trained(["vision"])
+    frozen_names = [n for n in b1 if frozen(n, ["vision"])]
+    assert frozen_names and all(n.startswith("vision_model.") and ".merger." not in n for n in frozen_names)
+    assert all(torch.equal(b1[n], a1[n]) for n in frozen_names)
+    moved = [n for n in b1 if n not in frozen_names and not torch.equal(b1[n], a1[n])]
+    assert len(moved) == len(b1) - len(frozen_names), sorted(set(b1) - set(frozen_names) - set(moved))[:5]
+    assert all(not torch.equal(b0[n], a0[n]) for n in frozen_names)  # unfrozen, the same tensors do train
+    elements = sum(b1[n].numel() for n in frozen_names)
+    assert opt0 - opt1 == elements * 4 * 2 and grad0 - grad1 == elements * 4
+
+
+def test_freeze_patterns_and_groups():
+    from megatron_spark.models.freeze import frozen
+
+    assert frozen("vision_model.decoder.layers.0.mlp.linear_fc1.weight", ["vision"])
+    assert not frozen("vision_model.merger.linear_fc1.weight", ["vision"])
+    assert frozen("vision_model.merger.linear_fc1.weight", ["projector"])
+    assert frozen("language_model.decoder.layers.3.mlp.linear_fc2.weight", ["language_model"])
+    assert frozen("decoder.layers.1.self_attention.linear_qkv.weight", [r"decoder\.layers\.[01]\."])
+    assert not frozen("decoder.layers.11.self_attention.linear_qkv.weight", [r"decoder\.layers\.[01]\."])

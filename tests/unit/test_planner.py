@@ -161,3 +161,20 @@ def test_parameter_counts_read_at_every_size():
     assert count(33_452_718_336) == "33,452,718,336 (33.45 B)"
     assert count(4_812_800) == "4,812,800 (4.81 M)"
     assert count(6_400) == "6,400 (6.40 K)" and count(12) == "12"
+
+
+def test_the_planner_counts_what_freezing_saves():
+    """model.freeze=[vision] on Qwen2.5-VL-32B at TP8 PP2: stage 0 saves exactly the vision tower's (without its
+    merger) fp32 gradient and optimizer bytes per rank; the parameters themselves stay."""
+    from dataclasses import replace
+
+    shape = load_model("qwen2.5-vl-32b")
+    layout = Layout(tp=8, pp=2, dp=1, rollout_tp=4, recompute="full", distributed_optimizer=False)
+    work = Workload(prompt_len=1024, response_len=512)
+    base = plan_memory(shape, layout, work, 79.2 * GIB)
+    cold = plan_memory(shape, replace(layout, freeze=("vision",)), work, 79.2 * GIB)
+    vision = stage_params(shape, 8, 2, freeze=("vision",))[0].frozen
+    assert 0 < vision < stage_params(shape, 8, 2)[0].vision  # the tower without the merger, per TP rank
+    assert base[0].params == cold[0].params and base[1].static == cold[1].static
+    assert base[0].grads - cold[0].grads == vision * 4  # fp32 gradient buffer
+    assert base[0].optimizer - cold[0].optimizer == vision * 12  # fp32 master copy + two Adam moments (bf16)
