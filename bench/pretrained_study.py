@@ -195,11 +195,46 @@ def warm_start(a, out: Path) -> Path:
                 total += loss.item()
             opt.step()
             losses.append(total)
+            if len(losses) % 10 == 0:
+                print(f"warm start: {len(losses)} SFT steps, loss {total:.3f}", flush=True)
     shutil.copytree(base, warm / "model")
     model.to(torch.bfloat16).save_pretrained(str(warm / "model"))
     stats.update(sft_steps=len(losses), loss_first=losses[0], loss_last=losses[-1])
+    del model
+    gc.collect()
+    stats.update(before=probe(warm / "model", a.level, a.max_tokens, bank))
+    stats.update(base=probe(base, a.level, a.max_tokens, bank))
     (warm / "warm.json").write_text(json.dumps(stats, indent=1))
     return warm / "model"
+
+
+def probe(model: Path, level: str, max_tokens: int, bank, n: int = 64) -> dict:
+    """Greedy, asked as training asks (no example): task accuracy and how often an answer is boxed, pointwise judge
+    accuracy on balanced labels and how often the verdict is Yes (the same held-out problems as the runs)."""
+    import tempfile
+
+    from megatron_spark.reward import extract_boxed, score
+    from megatron_spark.rollout.engine import RolloutRequest
+    from megatron_spark.templates import with_suffix
+
+    engine = _engine(model)
+    tok = engine.tokenizer
+    with tempfile.TemporaryDirectory() as d:
+        write_benchmark(d, n, seed=10_000, level=level)
+        items = json.loads((Path(d) / "bench.json").read_text())
+        judge = [x for x in judge_prompts(json.loads((Path(d) / "judge.json").read_text()), bank)
+                 if x[0] == "pointwise"]
+    greedy = dict(n=1, temperature=0.0, max_new_tokens=max_tokens)
+    task = [o[0].text for o in engine.generate([RolloutRequest(_chat(tok, [_user(with_suffix(it["problem"]))]))
+                                                for it in items], **greedy)]
+    verdicts = [o[0].text for o in engine.generate([RolloutRequest(_chat(tok, [_user(p)])) for _, p, _ in judge],
+                                                   **greedy)]
+    del engine
+    gc.collect()
+    return {"task_accuracy": sum(score(t, it["answer"]) for t, it in zip(task, items)) / n,
+            "task_boxed": sum(extract_boxed(t) is not None for t in task) / n,
+            "judge_pointwise": sum(score(v, lab) for v, (_, _, lab) in zip(verdicts, judge)) / len(judge),
+            "judge_yes": sum((extract_boxed(v) or "").strip().lower() == "yes" for v in verdicts) / len(judge)}
 
 
 def run_one(a, out: Path, model: Path, arm: str, seed: int) -> dict:
@@ -244,9 +279,14 @@ METRICS = ("task", "task_tts", "judge_pointwise", "judge_pairwise")
 
 
 def table(results: list[dict], warm: dict) -> str:
+    b, w = warm["base"], warm["before"]
     lines = [f"Warm start (shared): {warm['kept_boxed']} of {warm['prompts']} one-shot outputs carried a box; the "
              f"task targets were right in {warm['task_accuracy_of_targets']:.2f}; {warm['sft_steps']} SFT steps, "
              f"loss {warm['loss_first']:.2f} -> {warm['loss_last']:.2f}.", "",
+             "| held-out, greedy | task accuracy | task boxed | judge pointwise | judge says Yes |",
+             "|---|---|---|---|---|",
+             *(f"| {name} | {x['task_accuracy']:.3f} | {x['task_boxed']:.2f} | {x['judge_pointwise']:.3f} | "
+               f"{x['judge_yes']:.2f} |" for name, x in (("pretrained", b), ("after the warm start", w))), "",
              "| arm | seeds | task (greedy) | task + self-reflection | judge pointwise | judge pairwise | minutes |",
              "|---|---|---|---|---|---|---|"]
     for arm in ARMS:
@@ -329,10 +369,10 @@ def main() -> int:
     r.add_argument("--held-out", type=int, default=32)
     r.add_argument("--train-prompts", type=int, default=256)
     r.add_argument("--max-tokens", type=int, default=64)
-    r.add_argument("--warm-prompts", type=int, default=256)
+    r.add_argument("--warm-prompts", type=int, default=192)
     r.add_argument("--warm-epochs", type=int, default=1)
     r.add_argument("--warm-batch", type=int, default=8)
-    r.add_argument("--warm-lr", type=float, default=1e-5)
+    r.add_argument("--warm-lr", type=float, default=1e-4)
     r.add_argument("--out", default="runs/pretrained_study")
     a = ap.parse_args()
     return measure(a) if a.cmd == "measure" else run(a)

@@ -125,7 +125,7 @@ class CheckpointManager:
         return final
 
     def _describe_model(self) -> None:
-        """megatron_spark.json + hf_assets/ at the root, so tools/convert/megatron_to_hf.py can export any iteration
+        """megatron_spark.json + hf_assets/ at the root, so `megatron-spark convert megatron-to-hf` can export any iteration
         without the original HF directory."""
         import json
 

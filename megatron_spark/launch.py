@@ -24,14 +24,14 @@ def under_torchrun() -> bool:
     return "RANK" in os.environ and "WORLD_SIZE" in os.environ
 
 
-def relaunch_under_torchrun(script: str, argv: list[str], nproc: int) -> int:
-    """Run `script argv` as `nproc` local ranks (gloo on CPU, NCCL on GPU); returns the tool's exit code."""
+def relaunch_under_torchrun(argv: list[str], nproc: int) -> int:
+    """Run `megatron-spark argv` as `nproc` local ranks (gloo on CPU, NCCL on GPU); returns the tool's exit code."""
     with tempfile.NamedTemporaryFile("w+", suffix=".exit") as f:
         env = dict(os.environ, **{_EXIT_FILE: f.name})
         # Library deprecation chatter from every rank buries the report; the tool's own errors still print.
         env.setdefault("PYTHONWARNINGS", "ignore::FutureWarning,ignore::UserWarning,ignore::DeprecationWarning")
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
-               "--master-port", str(free_port()), os.path.abspath(script), *argv]
+               "--master-port", str(free_port()), "-m", "megatron_spark.cli", *argv]
         rc = subprocess.call(cmd, env=env)
         text = open(f.name).read().strip()
     return int(text) if rc == 0 and text else rc

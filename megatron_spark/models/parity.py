@@ -1,6 +1,6 @@
 """HF transformers as the numerical oracle: sample inputs and a logit comparison of a megatron model against HF.
 
-Used by the parity tests, the `make run` smoke demo and tools/convert/verify.py.
+Used by the parity tests, the `make run` smoke demo and `megatron-spark convert verify`.
 """
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """Running megatron-core models: batches in, full-vocabulary logits out, on any TP/PP layout.
 
-Used by the parity tests, tools/convert/verify.py and the trainer's log-prob pass. The pipeline path goes through
+Used by the parity tests, `megatron-spark convert verify` and the trainer's log-prob pass. The pipeline path goes through
 megatron-core's own schedule (`get_forward_backward_func`), so PP here is the real 1F1B machinery.
 """
 from __future__ import annotations

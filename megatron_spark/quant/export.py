@@ -1,6 +1,6 @@
 """Quantized Hugging Face exports through nvidia-modelopt, for serving a trained SPARK model.
 
-`megatron_to_hf(..., quantize=FORMAT)` (tools/convert/megatron_to_hf.py --quantize) first writes the plain HF export,
+`megatron_to_hf(..., quantize=FORMAT)` (`megatron-spark convert megatron-to-hf --quantize`) first writes the plain HF export,
 then `quantize_hf` loads it in transformers, runs modelopt's post-training quantization (calibrating on a few prompts
 of a data file where the format has static activation scales) and writes modelopt's unified HF checkpoint: quantized
 weights with their scales, `quantization_config` (quant_method "modelopt") in config.json and hf_quant_config.json,
