@@ -50,6 +50,11 @@ def _demo(args) -> int:
 
 def _train(args) -> int:
     """Under torchrun: run in this process. Otherwise launch torchrun with --nproc-per-node."""
+    if args.help_config:
+        from megatron_spark.config import describe_fields
+
+        print(describe_fields())
+        return 0
     if "RANK" in os.environ:
         from megatron_spark.train import main as train_main
 
@@ -140,6 +145,8 @@ def main(argv=None) -> int:
     tr.add_argument("--nproc-per-node", type=int, default=1, help="processes when not already under torchrun")
     tr.add_argument("--force", action="store_true",
                     help="start even when the planner predicts the layout does not fit the GPUs (a warning)")
+    tr.add_argument("--help-config", action="store_true",
+                    help="list every config field (dotted name, type, default, what it does) and exit")
     tr.add_argument("overrides", nargs="*", help="e.g. training.lr=1e-6 rollout.temperature=0.7")
     cv = sub.add_parser("convert", help="checkpoints: hf-to-megatron, megatron-to-hf (optionally quantized), verify")
     add_convert_args(cv)

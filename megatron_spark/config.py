@@ -51,7 +51,7 @@ class ModelConfig(_Section):
     hf_dir: Optional[str] = None          # HF checkpoint dir (config.json, tokenizer); None = built-in tiny model
     megatron_ckpt: Optional[str] = None   # initial weights from a torch_dist checkpoint (`megatron-spark convert
                                           # hf-to-megatron`); hf_dir still gives config and tokenizer
-    dtype: Literal["fp32", "bf16", "fp16"] = "bf16"
+    dtype: Literal["fp32", "bf16", "fp16"] = "bf16"  # parameter dtype of the trainer and the engine (fp32 on CPU)
     # auto: Transformer Engine on a GPU when it imports (else the local spec, with one warning that prints the
     # import error); transformer_engine: TE or an error; local: megatron-core's local spec (always on CPU)
     transformer_impl: Literal["auto", "local", "transformer_engine"] = "auto"
@@ -81,16 +81,17 @@ class ModelFacts:
 
 @dataclass
 class ParallelConfig(_Section):
-    tensor_model_parallel_size: int = 1
-    pipeline_model_parallel_size: int = 1
+    tensor_model_parallel_size: int = 1  # Megatron TP: divides the attention, KV and vision heads
+    pipeline_model_parallel_size: int = 1  # Megatron PP (stages split as num_layers_in_* say)
+    # model chunks per stage (interleaved 1F1B); needs PP > 1
     virtual_pipeline_model_parallel_size: Optional[int] = None
-    context_parallel_size: int = 1
-    sequence_parallel: bool = False
+    context_parallel_size: int = 1  # not implemented: must be 1
+    sequence_parallel: bool = False  # split norm/residual activations over TP too (TP > 1)
     # Uneven pipelines: layers on the first / last stage (the others split the rest evenly). Unset: an even split,
     # or, when PP does not divide the layers, equal middle stages and the remainder on the first and last stages
     # (the first, which also holds the embedding and the vision tower, never heavier than the last).
     num_layers_in_first_pipeline_stage: Optional[int] = None
-    num_layers_in_last_pipeline_stage: Optional[int] = None
+    num_layers_in_last_pipeline_stage: Optional[int] = None  # (see num_layers_in_first_pipeline_stage)
 
 
 @dataclass
@@ -99,14 +100,14 @@ class RolloutConfig(_Section):
     # engine per rank, rollout TP 1, weights synced through 'hf_full'): slow, for a GPU machine without CUDA vLLM
     backend: Literal["vllm", "hf"] = "vllm"
     tensor_parallel_size: int = 1         # vLLM TP of each rollout engine
-    n_samples_per_prompt: int = 8
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = -1
-    max_new_tokens: int = 768
+    n_samples_per_prompt: int = 8  # samples per prompt: one GRPO group
+    temperature: float = 1.0  # sampling temperature of the rollouts
+    top_p: float = 1.0  # nucleus sampling (1 = off)
+    top_k: int = -1  # top-k sampling (-1 = off)
+    max_new_tokens: int = 768  # response length limit (a longer one is cut: finish reason 'length')
     max_model_len: int = 8960             # prompt_max_len + max_new_tokens
-    gpu_memory_utilization: float = 0.5
-    enforce_eager: bool = False
+    gpu_memory_utilization: float = 0.5  # vLLM's share of each GPU (weights + KV cache), next to the trainer
+    enforce_eager: bool = False  # no CUDA graphs / torch.compile in vLLM (faster start, slower decode)
     sync_bucket_mb: int = 512             # bridge transfer bucket size
     sync_double_buffer: Optional[bool] = None  # post bucket k+1 while vLLM loads bucket k (peak: 2 buckets);
                                           # None = on GPU only (on CPU gloo and the copy share the cores: no gain)
@@ -135,30 +136,32 @@ class RecycleConfig(_Section):
 
 @dataclass
 class AlgorithmConfig(_Section):
-    eps_clip_low: float = 0.2
-    eps_clip_high: float = 0.2
+    eps_clip_low: float = 0.2  # PPO clip below 1 (ratio >= 1 - eps_clip_low)
+    eps_clip_high: float = 0.2  # PPO clip above 1 (> eps_clip_low: DAPO's clip-higher)
     kl_coef: float = 1e-3                 # k3 KL to the frozen reference, as a loss term
-    entropy_coef: float = 0.0
+    entropy_coef: float = 0.0  # entropy bonus weight (0 = off)
+    # mean over tokens or over sequences (of their token means)
     loss_reduction: Literal["token_mean", "seq_mean"] = "token_mean"
     # global_batch: token (or sequence) means over the whole global batch, the same update at any DP size, micro-batch
     # size or packing; micro_batch: each micro-batch's own mean, averaged (SPARK/OpenRLHF; layout-dependent)
     loss_normalization: Literal["global_batch", "micro_batch"] = "global_batch"
+    # group std estimator of the advantage (unbiased: SPARK/OpenRLHF's)
     advantage_std: Literal["unbiased", "population"] = "unbiased"
     accept_box_alias: bool = True         # also accept \box{...} as the final answer (see reward.py)
     labels_case_insensitive: bool = True  # Yes/No/A/B labels compare case-insensitively
-    reward_timeout_s: float = 5.0
-    reward_workers: int = 2
+    reward_timeout_s: float = 5.0  # hard deadline per verified answer (a pathological one scores 0)
+    reward_workers: int = 2  # verifier worker processes (on the reward rank)
     # Not in SPARK (off for paper runs): leave samples whose group has zero advantage (all rewards equal) out of
     # the update, as DAPO's dynamic sampling does without refilling; they carry only the KL term and dilute the rest
     skip_zero_advantage: bool = False
     # off-policy correction for rollouts from an engine that differs from the trainer (FP8 rollouts, other kernels):
     # tis = truncated importance sampling, each token's policy-gradient term times min(pi_old / pi_rollout, cap)
     rollout_is: Literal["off", "tis"] = "off"
-    rollout_is_cap: float = 2.0
+    rollout_is_cap: float = 2.0  # TIS: the importance weight's upper bound
     # Not in SPARK (off for paper runs): DAPO's soft overlong penalty, a reward of 0 falling linearly to
     # -overlong_penalty_factor over the last overlong_buffer tokens before rollout.max_new_tokens (0 = off)
     overlong_buffer: int = 0
-    overlong_penalty_factor: float = 1.0
+    overlong_penalty_factor: float = 1.0  # the penalty at the length limit
     # leave responses cut at rollout.max_new_tokens (finish reason "length") out of the update ("overlong
     # filtering"); they still count in their group's advantages
     mask_truncated: bool = False
@@ -168,51 +171,51 @@ class AlgorithmConfig(_Section):
 @dataclass
 class DataConfig(_Section):
     train_file: Optional[str] = None      # Spark JSON list; None = the built-in synthetic shapes task
-    prompt_key: str = "message"
-    answer_key: str = "answer"
+    prompt_key: str = "message"  # the records' chat field
+    answer_key: str = "answer"  # the records' gold-answer field
     rollout_batch_size: int = 64          # prompts per infer period
-    prompt_max_len: int = 8192
-    min_pixels: int = 4 * 28 * 28
-    max_pixels: int = 16384 * 28 * 28
+    prompt_max_len: int = 8192  # longest prompt in tokens, images included (longer: an error or skipped)
+    min_pixels: int = 4 * 28 * 28  # images are resized to at least this many pixels
+    max_pixels: int = 16384 * 28 * 28  # and at most this many
     skip_bad_records: bool = False        # False: a bad record is an error naming its index
-    num_episodes: int = 2
+    num_episodes: int = 2  # passes over the data when training.max_steps is unset
 
 
 @dataclass
 class TrainingConfig(_Section):
-    lr: float = 5e-7
-    min_lr_ratio: float = 0.1
-    warmup_ratio: float = 0.03
-    weight_decay: float = 0.0
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.95
-    adam_eps: float = 1e-8
-    clip_grad: float = 1.0
+    lr: float = 5e-7  # peak learning rate (cosine decay to min_lr_ratio x lr)
+    min_lr_ratio: float = 0.1  # final learning rate / lr
+    warmup_ratio: float = 0.03  # share of the optimizer steps spent warming up
+    weight_decay: float = 0.0  # AdamW weight decay
+    adam_beta1: float = 0.9  # Adam beta1
+    adam_beta2: float = 0.95  # Adam beta2
+    adam_eps: float = 1e-8  # Adam epsilon
+    clip_grad: float = 1.0  # gradient-norm clipping threshold
     global_batch_size: int = 64           # sequences per optimizer step
-    micro_batch_size: int = 8
+    micro_batch_size: int = 8  # sequences per micro-batch (per DP rank)
     max_tokens_per_micro_batch: Optional[int] = None  # pack micro-batches by tokens when set
-    use_distributed_optimizer: bool = True
-    seed: int = 42
+    use_distributed_optimizer: bool = True  # shard the optimizer over DP (GPU; on CPU always off)
+    seed: int = 42  # seeds sampling, shuffling and recycling (reproducible runs)
     max_steps: Optional[int] = None       # global steps (1 infer + 0/1 reward period); None = episodes x data
     max_optimizer_steps: Optional[int] = None  # also stop after this many optimizer steps (equal-budget ablations)
-    offload_reference: bool = False
-    sft_warmup_steps: int = 0
+    offload_reference: bool = False  # keep the frozen reference model on the host between uses (GPU)
+    sft_warmup_steps: int = 0  # supervised warm-start batches (megatron-spark demo)
 
 
 @dataclass
 class CheckpointConfig(_Section):
-    dir: Optional[str] = None
-    save_interval: int = 50
-    resume: bool = True
-    keep_last: int = 2
+    dir: Optional[str] = None  # checkpoint root (Megatron-LM layout); None = no checkpoints
+    save_interval: int = 50  # save every N steps (and on SIGTERM / SIGUSR1)
+    resume: bool = True  # resume from the newest usable checkpoint in dir
+    keep_last: int = 2  # checkpoints kept (older ones deleted)
 
 
 @dataclass
 class LoggingConfig(_Section):
-    dir: str = "runs/default"
-    tensorboard: bool = True
-    wandb_project: Optional[str] = None
-    progress_bar: bool = True
+    dir: str = "runs/default"  # run directory: metrics.jsonl, TensorBoard, curves
+    tensorboard: bool = True  # also write TensorBoard events
+    wandb_project: Optional[str] = None  # also log to this W&B project
+    progress_bar: bool = True  # a progress bar on rank 0
 
 
 @dataclass
@@ -220,7 +223,7 @@ class EvalConfig(_Section):
     """Held-out evaluation during training (megatron_spark/evaluation/periodic.py)."""
     file: Optional[str] = None          # training-format records or a benchmark file in the released format
     interval: int = 0                   # every N steps (0: off); also after the last step when on
-    max_items: int = 64
+    max_items: int = 64  # held-out items used (the first N)
 
 
 @dataclass
@@ -302,6 +305,48 @@ def dump_reads_at_exit(path: str) -> None:
         paths = leaf_paths()
         Path(path).write_text(json.dumps(sorted(paths[k] for k in (_READS or ()) if k in paths)))
     atexit.register(dump)
+
+
+def field_docs() -> dict[str, str]:
+    """Dotted path -> the comments written beside (and above) the field's declaration in this file: the fields'
+    documentation, kept where they are declared and printed by `megatron-spark train --help-config`."""
+    import inspect
+    import re
+
+    docs: dict[str, str] = {}
+    paths = leaf_paths()
+    for cls in dict.fromkeys(c for c, _ in paths):
+        pending: list[str] = []
+        last = None
+        for line in inspect.getsource(cls).splitlines()[1:]:
+            stripped, indent = line.strip(), len(line) - len(line.lstrip())
+            m = re.match(r"(\w+): [^=]+(?:= .*?)?(?:\s+# (.*))?$", stripped)
+            if stripped.startswith("#") and indent > 4 and last:  # continues the comment beside the field above
+                docs[last] += " " + stripped.lstrip("# ")
+            elif stripped.startswith("#"):  # documents the next field
+                pending.append(stripped.lstrip("# "))
+            elif m and (cls, m.group(1)) in paths:
+                last = paths[(cls, m.group(1))]
+                docs[last] = " ".join(pending + ([m.group(2)] if m.group(2) else []))
+                pending = []
+            else:
+                pending, last = [], None
+    return docs
+
+
+def describe_fields() -> str:
+    """Every config field: dotted path, type, default and its documentation (`--help-config`)."""
+    defaults = SparkConfig()
+    docs = field_docs()
+    out = []
+    for (cls, name), path in leaf_paths().items():
+        hint = typing.get_type_hints(cls)[name]
+        node = defaults
+        for part in path.split("."):
+            node = getattr(node, part)
+        tname = hint.__name__ if isinstance(hint, type) else str(hint).replace("typing.", "")
+        out.append(f"{path}  ({tname}, default {node!r})" + (f"\n    {docs[path]}" if docs.get(path) else ""))
+    return "\n".join(out)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -442,7 +487,8 @@ def validate(cfg: SparkConfig, world_size: Optional[int] = None, model: Optional
 
     if m.megatron_ckpt is not None and not is_megatron_checkpoint(m.megatron_ckpt):
         _fail("model.megatron_ckpt", f"'{m.megatron_ckpt}' is not a megatron checkpoint (no "
-              f"latest_checkpointed_iteration.txt or .metadata); write one with `megatron-spark convert hf-to-megatron`")
+              f"latest_checkpointed_iteration.txt or .metadata); write one with `megatron-spark convert "
+              f"hf-to-megatron`")
     for name in ("tensor_model_parallel_size", "pipeline_model_parallel_size", "context_parallel_size"):
         _positive(f"parallel.{name}", getattr(par, name))
     tp, pp = par.tensor_model_parallel_size, par.pipeline_model_parallel_size
