@@ -14,6 +14,9 @@ def _demo(args) -> int:
     evaluate the trained checkpoint with `megatron-spark eval` (plain + self-reflection, and the judge tasks)."""
     from pathlib import Path
 
+    from megatron_spark.logs import quiet_libraries
+
+    quiet_libraries(args.verbose)  # before torch and vLLM are imported (this process evaluates in the end)
     from megatron_spark.data import make_shapes_benchmark, make_shapes_task
     from megatron_spark.tiny import build_qwen2_5_vl
 
@@ -31,19 +34,22 @@ def _demo(args) -> int:
            str(config), str(held_out), f"model.hf_dir={hf_dir}", f"data.train_file={train}",
            f"logging.dir={run}", f"training.seed={args.seed}", f"checkpoint.dir={ckpt}",
            f"algorithm.recycle.templates_file={templates}", *args.overrides]
-    env = dict(os.environ)
-    if not args.verbose:  # the job's output is for people: libraries at warning level, each warning once
-        env.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
-        env.setdefault("TRANSFORMERS_VERBOSITY", "error")
-        env.setdefault("PYTHONWARNINGS", "ignore")
+    from megatron_spark.logs import quiet_env
+
+    # the job's output is for people: progress, the result tables, where the files are (--verbose: everything)
+    env = dict(os.environ, **quiet_env(args.verbose))
     rc = subprocess.call(cmd, env=env)
     if rc == 0 and not args.skip_eval:
         print("\nevaluating the trained checkpoint: megatron-spark eval (plain + self-reflection), then the judge "
               "tasks", flush=True)
         common = ["--model", str(ckpt), "--max-tokens", "16", "--min-pixels", "3136", "--max-pixels", "3136",
                   "--templates", str(templates), "--force"] + (["--verbose"] if args.verbose else [])
-        rc = main(["eval", str(held_out), "--out", str(run / "eval"), "--mode", "tts", *common]) or \
-            main(["eval", str(held_out.parent / "judge.json"), "--out", str(run / "eval_judge"), *common])
+        # (each in a process that starts with the quiet environment: torch reads its C++ log level at start)
+        evaluate = [sys.executable, "-m", "megatron_spark.cli", "eval"]
+        rc = subprocess.call([*evaluate, str(held_out), "--out", str(run / "eval"), "--mode", "tts", *common],
+                             env=env) or \
+            subprocess.call([*evaluate, str(held_out.parent / "judge.json"), "--out", str(run / "eval_judge"),
+                             *common], env=env)
     print(f"demo finished in {time.time() - t0:.0f}s")
     return rc
 

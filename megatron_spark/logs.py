@@ -21,12 +21,31 @@ class _OncePerMessage(logging.Filter):
         return True
 
 
+# What the quiet mode (`megatron-spark demo` / `eval` without --verbose) sets for the libraries, and why:
+QUIET_ENV = {
+    "VLLM_LOGGING_LEVEL": "ERROR",          # vLLM's start-up warnings on CPU (Triton, tcmalloc, eager mode...) are
+                                            # not actionable; its errors still show
+    "TRANSFORMERS_VERBOSITY": "error",
+    "HF_HUB_DISABLE_PROGRESS_BARS": "1",    # transformers' "Loading weights" / "Writing model shards" bars
+    "TORCH_CPP_LOG_LEVEL": "ERROR",         # c10d's NUMA-binding notice, once per process
+    "OMP_NUM_THREADS": "1",                 # what torchrun sets anyway: said explicitly, it skips its banner
+    "PYTHONWARNINGS": "ignore",             # deprecation chatter from the libraries
+}
+
+
+def quiet_env(verbose: bool = False) -> dict[str, str]:
+    """Environment defaults for a quiet child process (nothing when verbose; what the user set always wins)."""
+    return {} if verbose else {k: v for k, v in QUIET_ENV.items() if k not in os.environ}
+
+
 def quiet_libraries(verbose: bool = False) -> None:
     """Call before vLLM is imported (its log level is read at import)."""
-    if verbose:
-        return
-    os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.update(quiet_env(verbose))
+
+
+def vllm_progress_bars() -> bool:
+    """Whether vLLM shows its weight-loading progress bar: not in the quiet mode (a bar per engine start)."""
+    return os.environ.get("VLLM_LOGGING_LEVEL", "INFO").upper() in ("DEBUG", "INFO")
 
 
 _ONCE = _OncePerMessage()

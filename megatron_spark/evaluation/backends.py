@@ -20,8 +20,6 @@ from typing import Optional, Protocol, Sequence
 from megatron_spark.evaluation.settings import GenerationSettings
 from megatron_spark.logs import dedupe_vllm_warnings
 
-os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 
 _MIME = {".png": "png", ".jpg": "jpeg", ".jpeg": "jpeg", ".gif": "gif", ".webp": "webp", ".bmp": "bmp"}
 
@@ -83,13 +81,19 @@ class VLLMBackend:
     def __init__(self, model_dir: str, tensor_parallel_size: int = 1, max_model_len: Optional[int] = None,
                  seed: int = 0, dtype: Optional[str] = None, max_num_seqs: int = 64):
         import torch
+
+        from megatron_spark.rollout.engine import vllm_process_env
+
+        vllm_process_env()
         from vllm import LLM
 
         self.multimodal = is_multimodal(model_dir)
         on_gpu = torch.cuda.is_available()
+        from megatron_spark.logs import vllm_progress_bars
+
         kwargs = dict(model=model_dir, tensor_parallel_size=tensor_parallel_size, seed=seed,
                       dtype=dtype or ("bfloat16" if on_gpu else "float32"), enforce_eager=not on_gpu,
-                      max_num_seqs=max_num_seqs)
+                      max_num_seqs=max_num_seqs, use_tqdm_on_load=vllm_progress_bars())
         if max_model_len:
             kwargs["max_model_len"] = max_model_len
         if self.multimodal:

@@ -22,11 +22,21 @@ from typing import Any, Iterable, Optional, Sequence
 
 import torch
 
-# Must be set before vLLM is imported: keep the engine core in this process (tensors are passed, not pickled),
-# let us run our own callables in the workers (tied lm_head repack), and bound the CPU KV cache.
-os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")
-os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+
+
+def vllm_process_env() -> None:
+    """vLLM's process settings, applied by the engines just before they import vLLM (which reads them at import),
+    never at our own import: keep the engine core in this process (tensors are passed, not pickled), let our own
+    callables run in the workers through collective_rpc (the tied lm_head repack, the in-place sync's weight
+    handles: in-process, so nothing is actually unpickled from elsewhere), and bound the CPU KV cache."""
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    level = os.environ.get("VLLM_LOGGING_LEVEL")
+    if level:  # some modules warn while vLLM imports, before its own logging is set up (plain "Triton is ..." lines)
+        import logging
+
+        logging.getLogger("vllm").setLevel(level.upper())
 
 
 @dataclass
@@ -96,11 +106,16 @@ class RolloutEngine:
                  enforce_eager: bool = True, seed: int = 0, min_pixels: Optional[int] = None,
                  max_pixels: Optional[int] = None, tied_embeddings: bool = False, multimodal: bool = False):
         import torch.distributed as dist
+
+        from megatron_spark.logs import vllm_progress_bars
+
+        vllm_process_env()
         from vllm import LLM
 
         kwargs: dict[str, Any] = dict(model=hf_dir, dtype=dtype, max_model_len=max_model_len,
                                       max_num_seqs=max_num_seqs, enforce_eager=enforce_eager, seed=seed,
-                                      tensor_parallel_size=tensor_parallel_size)
+                                      tensor_parallel_size=tensor_parallel_size,
+                                      use_tqdm_on_load=vllm_progress_bars())
         if dist.is_available() and dist.is_initialized():
             kwargs["distributed_executor_backend"] = "external_launcher"
             if not torch.cuda.is_available():
