@@ -144,6 +144,8 @@ def warm_start(a, out: Path) -> Path:
     warm = out / "warm"
     if (warm / "warm.json").is_file():
         return warm / "model"
+    if (warm / "sft.json").is_file():  # trained before an interruption: only the probes are left
+        return _probe_warm(a, warm, json.loads((warm / "sft.json").read_text()))
     shutil.rmtree(warm, ignore_errors=True)
     base = base_model()
     engine = _engine(base)
@@ -200,10 +202,19 @@ def warm_start(a, out: Path) -> Path:
     shutil.copytree(base, warm / "model")
     model.to(torch.bfloat16).save_pretrained(str(warm / "model"))
     stats.update(sft_steps=len(losses), loss_first=losses[0], loss_last=losses[-1])
-    del model
-    gc.collect()
-    stats.update(before=probe(warm / "model", a.level, a.max_tokens, bank))
-    stats.update(base=probe(base, a.level, a.max_tokens, bank))
+    (warm / "sft.json").write_text(json.dumps(stats, indent=1))
+    return _probe_warm(a, warm, stats)
+
+
+def _probe_warm(a, warm: Path, stats: dict) -> Path:
+    """The pretrained and the warm-started model, probed greedily; each probe in its own process (a vLLM engine
+    initialises torch.distributed in its process, after which a second engine there would look colocated)."""
+    for name, model in (("before", warm / "model"), ("base", base_model())):
+        out = warm / f"probe_{name}.json"
+        subprocess.run([sys.executable, __file__, "probe", str(model), "--level", a.level, "--max-tokens",
+                        str(a.max_tokens), "--json", str(out)], cwd=ROOT, check=True, stdout=subprocess.DEVNULL,
+                       stderr=subprocess.DEVNULL)
+        stats[name] = json.loads(out.read_text())
     (warm / "warm.json").write_text(json.dumps(stats, indent=1))
     return warm / "model"
 
@@ -374,7 +385,17 @@ def main() -> int:
     r.add_argument("--warm-batch", type=int, default=8)
     r.add_argument("--warm-lr", type=float, default=1e-4)
     r.add_argument("--out", default="runs/pretrained_study")
+    pr = sub.add_parser("probe", help="(internal) one model's greedy held-out figures, as JSON")
+    pr.add_argument("model")
+    pr.add_argument("--level", default="add1", choices=list(LEVELS))
+    pr.add_argument("--max-tokens", type=int, default=64)
+    pr.add_argument("--json", required=True)
     a = ap.parse_args()
+    if a.cmd == "probe":
+        from megatron_spark.templates import TemplateBank
+
+        Path(a.json).write_text(json.dumps(probe(Path(a.model), a.level, a.max_tokens, TemplateBank.load(None))))
+        return 0
     return measure(a) if a.cmd == "measure" else run(a)
 
 

@@ -158,6 +158,11 @@ class AlgorithmConfig(_Section):
     # tis = truncated importance sampling, each token's policy-gradient term times min(pi_old / pi_rollout, cap)
     rollout_is: Literal["off", "tis"] = "off"
     rollout_is_cap: float = 2.0  # TIS: the importance weight's upper bound
+    # pi_old of the PPO ratio: recompute = the trainer's log-probs before the period's updates (a forward pass;
+    # skipped for the period's first optimizer step, whose training forward runs at exactly those weights: the
+    # whole pass when one step consumes the period); engine = the engine's sampled-token log-probs (no pass at all,
+    # verl's bypass mode: the ratio then carries the engine/trainer mismatch, clipped)
+    old_logprobs: Literal["recompute", "engine"] = "recompute"
     # Not in SPARK (off for paper runs): DAPO's soft overlong penalty, a reward of 0 falling linearly to
     # -overlong_penalty_factor over the last overlong_buffer tokens before rollout.max_new_tokens (0 = off)
     overlong_buffer: int = 0

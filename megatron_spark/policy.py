@@ -35,6 +35,7 @@ class Rollout:
     old_logprobs: Optional[Tensor] = None            # [R] policy before the update (Megatron)
     ref_logprobs: Optional[Tensor] = None            # [R] frozen reference (Megatron)
     kind: str = "task"                                # task | pointwise | pairwise | reflection_cot | reflection_ans
+    old_is_current: bool = False                      # pi_old = the weights this update runs at: use them
 
 
 def collate(rollouts: list[Rollout], shape, pad_id: int, seq_len: int, n_real: Optional[int] = None) -> dict:
@@ -51,6 +52,8 @@ def collate(rollouts: list[Rollout], shape, pad_id: int, seq_len: int, n_real: O
     old = torch.zeros(b, seq_len)
     ref = torch.zeros(b, seq_len)
     rollout = torch.zeros(b, seq_len)  # the engine's log-probs of the sampled tokens (0 where none: ratio 1)
+    current = torch.zeros(b, 1, dtype=torch.bool)  # rows whose pi_old is the policy being trained (no pass)
+    known = torch.zeros(b, 1, dtype=torch.bool)    # rows with the engine's log-probs (the drift check)
     adv = torch.zeros(b)
     for i, r in enumerate(rollouts):
         seq = r.prompt_ids + r.response_ids
@@ -66,14 +69,17 @@ def collate(rollouts: list[Rollout], shape, pad_id: int, seq_len: int, n_real: O
             ref[i, p - 1:p - 1 + nr] = r.ref_logprobs
         if r.rollout_logprobs is not None and len(r.rollout_logprobs) == nr:
             rollout[i, p - 1:p - 1 + nr] = torch.tensor(r.rollout_logprobs)
+            known[i] = True
         elif r.old_logprobs is not None:
             rollout[i, p - 1:p - 1 + nr] = r.old_logprobs
+        current[i] = r.old_is_current
         adv[i] = r.advantage
     pix = [r.pixel_values for r in rollouts if r.pixel_values is not None]
     grids = [r.image_grid_thw for r in rollouts if r.image_grid_thw is not None]
     batch = make_batch(shape, ids, torch.cat(pix) if pix else None, torch.cat(grids) if grids else None,
                        labels=labels, pad_mask=real, grids_per_sequence=[r.image_grid_thw for r in rollouts])
-    return {"batch": batch, "mask": mask, "old": old, "ref": ref, "adv": adv, "rollout": rollout}
+    return {"batch": batch, "mask": mask, "old": old, "ref": ref, "adv": adv, "rollout": rollout, "current": current,
+            "known": known}
 
 
 class Policy:
@@ -336,16 +342,26 @@ class Policy:
         ok, grad_norm, _ = self.optimizer.step()
         self.scheduler.step(increment=1)
         self.optimizer_steps += 1
-        keys = list(metrics[0]) if metrics else []
+        keys = sorted({k for m in metrics for k in m if not k.endswith("_max")})
+        peaks = sorted({k for m in metrics for k in m if k.endswith("_max")})  # maxima, not shares or means
         if share_of_batch:
             agg = {k: sum(m[k] for m in metrics) for k in keys}
         else:
             agg = {k: sum(m[k] for m in metrics) / len(metrics) for k in keys}
+        agg.update({k: max(m.get(k, 0.0) for m in metrics) for k in peaks})
         agg = self._from_last_stage(agg)
         if dp > 1 and agg:
+            group = ps.get_data_parallel_group(with_context_parallel=True)
+            keys = [k for k in agg if not k.endswith("_max")]  # (every DP rank reports the same keys)
             t = torch.tensor([agg[k] for k in keys], dtype=torch.float64)
-            dist.all_reduce(t, group=ps.get_data_parallel_group(with_context_parallel=True))
-            agg = {k: v / (1 if share_of_batch else dp) for k, v in zip(keys, t.tolist())}
+            dist.all_reduce(t, group=group)
+            agg = {k: v / (1 if share_of_batch else dp) for k, v in zip(keys, t.tolist())} | \
+                {k: agg[k] for k in agg if k.endswith("_max")}
+            if any(k.endswith("_max") for k in agg):
+                names = sorted(k for k in agg if k.endswith("_max"))
+                m = torch.tensor([agg[k] for k in names], dtype=torch.float64)
+                dist.all_reduce(m, op=dist.ReduceOp.MAX, group=group)
+                agg.update(zip(names, m.tolist()))
         agg.update(grad_norm=float(grad_norm) if grad_norm is not None else float("nan"),
                    lr=self.optimizer.param_groups[0]["lr"], update_ok=bool(ok))
         return agg
@@ -356,12 +372,20 @@ def grpo_loss_fn(alg, batch: Optional[BatchSize] = None) -> Callable:
     micro-batch's share of the global batch's loss (train_step(..., share_of_batch=True)); without, its own mean."""
     def fn(logp: Tensor, mb: dict):
         weights, extra = None, {}
-        if alg.rollout_is == "tis":
-            weights, ratio = truncated_is_weights(mb["old"], mb["rollout"], alg.rollout_is_cap)
+        rows = logp.new_zeros(logp.shape[0], 1, dtype=torch.bool)
+        current, known = mb.get("current", rows), mb.get("known", ~rows)  # (a micro-batch built by hand: neither)
+        old = torch.where(current, logp.detach(), mb["old"])
+        # the train/rollout drift of the rows without an old-log-prob pass: their sync check (0 when none here;
+        # every micro-batch reports it, so every DP rank reduces the same keys)
+        gap = (logp.detach() - mb["rollout"]).abs() * (mb["mask"] * (current & known))
+        extra["train_rollout_logprob_drift_max"] = gap.max() if gap.numel() else logp.new_zeros(())
+        if alg.rollout_is == "tis":  # (a row without the engine's log-probs gets weight 1)
+            weights, ratio = truncated_is_weights(old, torch.where(known, mb["rollout"], old),
+                                                  alg.rollout_is_cap)
             extra = {"is_ratio_mean": masked_mean(ratio, mb["mask"], "token_mean", batch),
                      "is_capped_fraction": masked_mean((ratio > alg.rollout_is_cap).to(logp.dtype), mb["mask"],
                                                        "token_mean", batch)}
-        out = grpo_loss(logp, mb["old"], mb["ref"] if alg.kl_coef > 0 else None, mb["adv"], mb["mask"],
+        out = grpo_loss(logp, old, mb["ref"] if alg.kl_coef > 0 else None, mb["adv"], mb["mask"],
                         eps_low=alg.eps_clip_low, eps_high=alg.eps_clip_high, kl_coef=alg.kl_coef,
                         entropy=sampled_entropy_surrogate(logp) if alg.entropy_coef else None,
                         entropy_coef=alg.entropy_coef, reduction=alg.loss_reduction, batch=batch,

@@ -208,20 +208,31 @@ class SparkTrainer:
         return TrainBatch(rollouts, BatchSize(tokens=sum(len(s.token_ids) for _, s, _, _ in batch),
                                               sequences=len(batch)))
 
-    def fill_logprobs(self, rollouts: list[Rollout]) -> float:
+    def fill_logprobs(self, batches: list[TrainBatch]) -> float:
         """Old (policy) and reference log-probs of this rank's samples only; returns the largest train/rollout
-        log-prob difference over all ranks (a wrong weight sync shows here at once)."""
+        log-prob difference over all ranks (a wrong weight sync shows here at once). The period's first optimizer
+        step runs at the weights the old log-probs would come from: its samples need no old pass (`old_is_current`,
+        their drift is checked in the update); with algorithm.old_logprobs=engine no sample needs one."""
         alg, tr = self.cfg.algorithm, self.cfg.training
-        old = self.policy.token_logprobs(rollouts) if rollouts else []
+        rollouts = [r for b in batches for r in b.rollouts]
+        skip = len(rollouts) if alg.old_logprobs == "engine" else len(batches[0].rollouts) if batches else 0
+        for r in rollouts[:skip]:
+            r.old_is_current = alg.old_logprobs == "recompute"
+            if alg.old_logprobs == "engine":
+                r.old_logprobs = torch.tensor(r.rollout_logprobs)
+        rest = rollouts[skip:]
+        computed = self.policy.token_logprobs(rest) if rest else []
         ref = [None] * len(rollouts)
         if alg.kl_coef > 0 and rollouts:
             self.reference.onload()
             ref = self.reference.token_logprobs(rollouts)
             if tr.offload_reference:
                 self.reference.offload()
+        for r, f in zip(rollouts, ref):
+            r.ref_logprobs = f
         drift = 0.0
-        for r, o, f in zip(rollouts, old, ref):
-            r.old_logprobs, r.ref_logprobs = o, f
+        for r, o in zip(rest, computed):
+            r.old_logprobs = o
             if len(o):
                 drift = max(drift, (o - torch.tensor(r.rollout_logprobs)).abs().max().item())
         t = torch.tensor([drift])
@@ -252,9 +263,10 @@ class SparkTrainer:
         my_rollouts = [r for b in mine for r in b.rollouts]
         real0, computed0 = self.policy.tokens_real, self.policy.tokens_computed
         t_lp = time.perf_counter()
-        drift = self.fill_logprobs(my_rollouts)
+        drift = self.fill_logprobs(mine)
         t_lp = time.perf_counter() - t_lp
         train_metrics = self.train(mine)
+        drift = max([drift] + [x.get("train_rollout_logprob_drift_max", 0.0) for x in train_metrics])
         t3 = time.perf_counter()
         self.engine.wake_up()  # weights back in place before the sync writes them
         self.sync.push(self.engine)
@@ -302,7 +314,8 @@ class SparkTrainer:
         if refl:
             m[f"{name}/reflection_success"] = sum(refl) / len(refl)
         m.update({f"time/{name}_rollout": t1 - t0, f"time/{name}_reward": t2 - t1,
-                  f"time/{name}_train": t3 - t2, f"time/{name}_logprobs": t_lp, f"time/{name}_sync": t4 - t3})
+                  f"time/{name}_train": t3 - t2 - t_lp, f"time/{name}_logprobs": t_lp,
+                  f"time/{name}_sync": t4 - t3})  # (train excludes the log-prob pass: the plot stacks both)
         return m, groups
 
     # -- the loop ----------------------------------------------------------------------------------------------

@@ -56,7 +56,8 @@ def one_step(path, shape, layout, case, variant) -> dict:
     from megatron_spark.config import AlgorithmConfig
     from megatron_spark.policy import Policy, grpo_loss_fn
 
-    mbs, max_tokens, norm = variant
+    mbs, max_tokens, norm, *old_mode = variant
+    old_mode = old_mode[0] if old_mode else "fixed"
     wmap = WeightMap(shape, tp=layout.tp)
     chunks = build_model(shape, layout, dtype=torch.float32)
     load_hf_into_megatron(chunks, wmap, HFCheckpoint(path), ps.get_tensor_model_parallel_rank(), layout.tp)
@@ -78,6 +79,12 @@ def one_step(path, shape, layout, case, variant) -> dict:
     size = BatchSize(tokens=sum(len(r.response_ids) for r in rollouts), sequences=len(rollouts))
     part = balanced_partition([len(r.prompt_ids) + len(r.response_ids) for r in rollouts], layout.dp)
     mine = [rollouts[i] for i in part[layout.coords(dist.get_rank())["dp"]]]
+    if old_mode == "pass":  # pi_old from a forward pass at the current weights (what the trainer did always)
+        for r, lp in zip(mine, policy.token_logprobs(mine)):
+            r.old_logprobs = lp
+    elif old_mode == "current":  # no pass: the update's own forward stands in (the period's first step)
+        for r in mine:
+            r.old_logprobs, r.old_is_current = None, True
     if norm == "global_batch":
         policy.train_step(mine, grpo_loss_fn(alg, size), share_of_batch=True)
     else:
@@ -258,6 +265,15 @@ def main():
                 results[f"static/{layout_name}/{case}/rank{dist.get_rank()}"] = \
                     results[f"train/{layout_name}/{case}"].pop("static")
                 del chunks
+                if layout_name in ("tp1", "pp2") and case == "q2_untied_gqa4":
+                    # pi_old without its forward pass: the same update as with it, within fp32 round-off
+                    with_pass = one_step(path, shape, layout, case, (2, None, "global_batch", "pass"))
+                    without = one_step(path, shape, layout, case, (2, None, "global_batch", "current"))
+                    ks = [k for k in with_pass if k[0] == "param"]
+                    results[f"old_current/{layout_name}/{case}"] = {
+                        "max_abs_diff": max((with_pass[k] - without[k]).abs().max().item() for k in ks),
+                        "max_update": max((with_pass[k] - HFCheckpoint(path).get(k[1]).float()).abs().max().item()
+                                          for k in ks), "tensors": len(ks)}
                 for vname, variant in one_step_variants(tp, pp, vpp).items():
                     merged = one_step(path, shape, layout, case, variant)
                     if case not in ONE_STEP:  # the first layout's first variant is the reference: TP1 DP2 mbs 4

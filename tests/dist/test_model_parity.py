@@ -100,6 +100,15 @@ def test_one_update_does_not_depend_on_the_layout(parity, case):
             assert r["max_abs_diff"] <= 2e-6 and r["grad_max_rel_diff"] <= 2e-5, (name, r)
 
 
+@pytest.mark.parametrize("layout", ["tp1", "pp2"])
+def test_skipping_the_old_logprob_pass_gives_the_same_update(parity, layout):
+    """The period's first optimizer step needs no old-log-prob pass: its own forward runs at exactly those
+    weights. One update with pi_old from the pass and one without it give the same weights (fp32 round-off)."""
+    r = parity[f"old_current/{layout}/q2_untied_gqa4"]
+    assert r["tensors"] > 10 and r["max_update"] > 1e-4, r
+    assert r["max_abs_diff"] <= 2e-6, r
+
+
 def test_virtual_pipeline_stages_give_the_same_update(parity):
     """PP=2 x VPP=2 (one layer per model chunk, the interleaved schedule, 4 micro-batches or 3 padded to 4 with a
     filler) gives the same weights after one update as TP1 DP2 and PP=2 within fp32 round-off."""
