@@ -79,6 +79,16 @@ class Workload:
     max_num_seqs: int = 256                 # vLLM's concurrent sequences per engine
     dtype: str = "bf16"
     attention: str = "flash"                # flash (TE / flash-attn, the GPU default) | unfused (local spec)
+    old_logprobs: str = "recompute"         # algorithm.old_logprobs: recompute (no pass for a period's first
+                                            # optimizer step) | engine (no pass at all)
+
+    def old_pass_share(self) -> float:
+        """Share of a period's samples that need the old-log-prob forward pass: none under `engine`; under
+        `recompute` all but the first global batch's (which trains at exactly those weights)."""
+        if self.old_logprobs == "engine":
+            return 0.0
+        per_period = self.prompts * self.n_samples
+        return max(0.0, 1.0 - (self.global_batch or per_period) / per_period)
 
     @property
     def seq_len(self) -> int:

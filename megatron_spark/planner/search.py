@@ -132,4 +132,5 @@ def from_config(cfg) -> tuple[Layout, Workload]:
                    par.num_layers_in_last_pipeline_stage, tuple(cfg.model.freeze)),
             Workload(d.rollout_batch_size, alg.recycle.reward_batch_size, ro.n_samples_per_prompt, d.prompt_max_len,
                      0, ro.max_new_tokens, tr.micro_batch_size, tr.global_batch_size,
-                     dtype={"bf16": "bf16", "fp16": "fp16"}.get(cfg.model.dtype, "fp32")))
+                     dtype={"bf16": "bf16", "fp16": "fp16"}.get(cfg.model.dtype, "fp32"),
+                     old_logprobs=alg.old_logprobs))

@@ -2,7 +2,8 @@
 
     rollout   per engine: prefill 2N FLOPs per prompt token at `prefill_mfu`; decode bandwidth-bound, each step
               reads the engine's weights and the live KV cache once: (W/rTP + seqs x context x KV/token) / (HBM x eta)
-    log-probs old and reference passes, 2N FLOPs per token each, at `mfu`
+    log-probs the reference pass (with KL) and the old pass for the samples that need one (none for a period's
+              first optimizer step, none with algorithm.old_logprobs=engine), 2N FLOPs per token each, at `mfu`
     update    6N per token (+2N with full recompute) + attention 6 x layers x q x s per token, at `mfu`, times the
               pipeline bubble 1 + (PP - 1) / micro-batches
     sync      every GPU receives its rollout-TP share of the bf16 weights over NVLink (or the network when a
@@ -58,7 +59,7 @@ def plan_time(shape: ModelShape, layout: Layout, work: Workload, hw: Gpu, gpus_p
     prefill = 2 * n_lm * prompt * per_engine / (layout.rollout_tp * peak * PREFILL_MFU)
     tokens = samples * work.seq_len
     cluster = layout.gpus * peak * mfu
-    logprobs = (2 if kl else 1) * 2 * n_lm * tokens / cluster
+    logprobs = ((1 if kl else 0) + work.old_pass_share()) * 2 * n_lm * tokens / cluster
     attn = 6 * t.num_layers * t.num_heads * t.head_dim * work.seq_len * tokens
     update = ((6 + (2 if layout.recompute == "full" else 0)) * n_lm * tokens + attn) / cluster
     update *= 1 + (layout.pp - 1) / work.micro_batches(layout.dp)

@@ -178,3 +178,20 @@ def test_the_planner_counts_what_freezing_saves():
     assert base[0].params == cold[0].params and base[1].static == cold[1].static
     assert base[0].grads - cold[0].grads == vision * 4  # fp32 gradient buffer
     assert base[0].optimizer - cold[0].optimizer == vision * 12  # fp32 master copy + two Adam moments (bf16)
+
+
+def test_the_log_prob_passes_follow_what_the_trainer_runs():
+    """A period consumed by one optimizer step runs no old-log-prob pass (only the reference's, for KL); with 8
+    steps per period 7/8 of the samples need it; algorithm.old_logprobs=engine needs none."""
+    from dataclasses import replace
+
+    from megatron_spark.planner.hardware import gpu
+    from megatron_spark.planner.steptime import plan_time
+
+    shape, layout = load_model("qwen2.5-7b"), Layout(tp=4, dp=2)
+    one = Workload(prompts=64, n_samples=8)
+    eight = replace(one, global_batch=64)
+    t = lambda w, kl=True: plan_time(shape, layout, w, gpu("h100-80gb"), 8, kl=kl).logprobs  # noqa: E731
+    assert t(eight) == pytest.approx(t(one) * (1 + 7 / 8))
+    assert t(replace(eight, old_logprobs="engine")) == pytest.approx(t(one))
+    assert t(one, kl=False) == 0.0
