@@ -66,7 +66,8 @@ def hf_generate(model_dir: str, items, gen, batch: int = 16):
             chunk = items[k:k + batch]
             texts = [proc.apply_chat_template(
                 [{"role": "system", "content": gen.system_prompt},
-                 {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": it.problem + "\n" + gen.suffix}]}],
+                 {"role": "user", "content": [{"type": "image"},
+                                              {"type": "text", "text": it.problem + "\n" + gen.suffix}]}],
                 add_generation_prompt=True, tokenize=False) for it in chunk]
             images = [Image.open(it.image_path).convert("RGB") for it in chunk]
             inputs = proc(text=texts, images=images, padding=True, return_tensors="pt",

@@ -3,6 +3,7 @@
 
     python bench/step.py tokens [--seeds 5]           # real-token fraction of micro-batches, realistic length mix
     python bench/step.py dp [--steps 8] [--repeats 3]  # DP=2 on the demo model vs the same work done redundantly
+    python bench/step.py logprobs [--steps 8] [--repeats 3]  # the old-log-prob pass: recompute vs engine vs skipped
 
 `tokens` (no model): 64 prompts x 8 samples per period, prompt lengths (images included) uniform in 300..3000
 tokens, responses uniform in 20..768, global batches of 64 split over DP=4 by Karmarkar-Karp, micro-batch 2.
@@ -76,7 +77,7 @@ def redundant_trainer_class():
     computes log-probs of every sample, and then trains on its share."""
     from megatron_spark.placement import sampling_seed
     from megatron_spark.rollout.engine import RolloutRequest
-    from megatron_spark.trainer import SparkTrainer, TrainBatch
+    from megatron_spark.trainer import SparkTrainer
 
     class RedundantTrainer(SparkTrainer):
         every: list = []
@@ -167,16 +168,59 @@ def bench_dp(steps: int, repeats: int) -> dict:
     return table
 
 
+LOGPROB_ARMS = {  # name -> overrides (32 samples per infer period: 8 prompts x 4; no KL, so no reference pass)
+    "recompute, 4 steps a period": ["algorithm.old_logprobs=recompute", "training.global_batch_size=8"],
+    "engine, 4 steps a period": ["algorithm.old_logprobs=engine", "training.global_batch_size=8"],
+    "recompute, 1 step a period": ["algorithm.old_logprobs=recompute", "training.global_batch_size=32"],
+}
+
+
+def bench_logprobs(steps: int, repeats: int) -> dict:
+    """The cheaper step: seconds of the old-log-prob pass per infer period and of the whole step, per arm (the
+    tiny VL model at TP=1 DP=2, kl_coef=0): a pass for the samples after the period's first optimizer step
+    (recompute, 4 steps), none (engine log-probs), none (recompute, one step consumes the period)."""
+    from megatron_spark.data import make_shapes_task
+    from megatron_spark.tiny import build_qwen2_5_vl
+
+    tmp = Path(tempfile.mkdtemp(prefix="bench_logprobs_"))
+    hf = build_qwen2_5_vl(tmp / "model", min_pixels=3136, max_pixels=3136)
+    train = make_shapes_task(tmp / "data", 64, seed=0)
+    res: dict[str, dict[str, list[float]]] = {}
+    for rep in range(repeats):  # arms interleaved, so drift in the machine's speed hits each alike
+        for k, (name, overrides) in enumerate(LOGPROB_ARMS.items()):
+            out = tmp / f"{k}_{rep}.json"
+            cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+                   "--master-port", str(29450 + rep * 8 + k), str(Path(__file__).resolve()), "_dp_worker", str(out),
+                   "0", f"model.hf_dir={hf}", f"data.train_file={train}", f"logging.dir={tmp / f'{k}_{rep}'}",
+                   "parallel.tensor_model_parallel_size=1", "rollout.tensor_parallel_size=1", "algorithm.kl_coef=0",
+                   f"training.max_steps={steps}", "logging.progress_bar=false", "logging.tensorboard=false",
+                   *overrides]
+            p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+            if p.returncode:
+                sys.exit(f"{name} run failed:\n{p.stderr[-4000:]}")
+            rows = json.loads(out.read_text())[1:]  # step 1 pays one-time costs
+            r = res.setdefault(name, {"old_logprob_pass": [], "train": [], "step": []})
+            r["old_logprob_pass"] += [x["time/infer_logprobs"] for x in rows]
+            r["train"] += [x["time/infer_train"] for x in rows]
+            r["step"] += [x["time/step"] for x in rows]
+
+    def stats(v):
+        return {"median": round(statistics.median(v), 3), "min": round(min(v), 3), "max": round(max(v), 3)}
+
+    return {m: {k: stats(v) for k, v in r.items()} for m, r in res.items()}
+
+
 def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "_dp_worker":
         return dp_worker(sys.argv[2:])
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("part", choices=["tokens", "dp"])
+    ap.add_argument("part", choices=["tokens", "dp", "logprobs"])
     ap.add_argument("--seeds", type=int, default=5)
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--repeats", type=int, default=3)
     a = ap.parse_args()
-    res = bench_tokens(a.seeds) if a.part == "tokens" else bench_dp(a.steps, a.repeats)
+    res = {"tokens": lambda: bench_tokens(a.seeds), "dp": lambda: bench_dp(a.steps, a.repeats),
+           "logprobs": lambda: bench_logprobs(a.steps, a.repeats)}[a.part]()
     print(json.dumps(res, indent=1))
 
 

@@ -125,8 +125,8 @@ class CheckpointManager:
         return final
 
     def _describe_model(self) -> None:
-        """megatron_spark.json + hf_assets/ at the root, so `megatron-spark convert megatron-to-hf` can export any iteration
-        without the original HF directory."""
+        """megatron_spark.json + hf_assets/ at the root, so `megatron-spark convert megatron-to-hf` can export any
+        iteration without the original HF directory."""
         import json
 
         from megatron_spark.convert.layout import META_FILE, write_model_metadata

@@ -149,11 +149,23 @@ class AlgorithmConfig(_Section):
     advantage_std: Literal["unbiased", "population"] = "unbiased"
     accept_box_alias: bool = True         # also accept \box{...} as the final answer (see reward.py)
     labels_case_insensitive: bool = True  # Yes/No/A/B labels compare case-insensitively
+    # Verifier options beyond SPARK's (off for paper runs; reward.py, measured in bench/verifier.py): every boxed
+    # answer of a response as a set against the gold's elements ("find all solutions"; the last box is tried first)
+    answer_all_boxed: bool = False
+    answer_decimal_comma: bool = False  # 3,5 equals 3.5 when the other side is a decimal number with a point
+    # numeric answers (numbers, or closed forms sympy evaluates) equal within this relative tolerance (0 = exact)
+    answer_rel_tol: float = 0.0
     reward_timeout_s: float = 5.0  # hard deadline per verified answer (a pathological one scores 0)
     reward_workers: int = 2  # verifier worker processes (on the reward rank)
     # Not in SPARK (off for paper runs): leave samples whose group has zero advantage (all rewards equal) out of
     # the update, as DAPO's dynamic sampling does without refilling; they carry only the KL term and dilute the rest
     skip_zero_advantage: bool = False
+    # Not in SPARK (off for paper runs): DAPO's dynamic sampling with refill. Groups whose rewards are all equal are
+    # discarded and more prompts (the data stream's next batch in the infer period, the queue's next recycled
+    # batch in the reward period) are generated, up to dynamic_sampling_rounds rounds in all, until the period holds
+    # as many groups with reward spread as it started with
+    dynamic_sampling: bool = False
+    dynamic_sampling_rounds: int = 3  # generation rounds per period at most, the first included
     # off-policy correction for rollouts from an engine that differs from the trainer (FP8 rollouts, other kernels):
     # tis = truncated importance sampling, each token's policy-gradient term times min(pi_old / pi_rollout, cap)
     rollout_is: Literal["off", "tis"] = "off"
@@ -586,6 +598,12 @@ def validate(cfg: SparkConfig, world_size: Optional[int] = None, model: Optional
                                            f"the penalty off), got {alg.overlong_buffer}")
     if alg.overlong_penalty_factor < 0:
         _fail("algorithm.overlong_penalty_factor", f"must be >= 0, got {alg.overlong_penalty_factor}")
+    if alg.dynamic_sampling_rounds < 1:
+        _fail("algorithm.dynamic_sampling_rounds", f"counts generation rounds per period (the first included) and "
+                                                   f"must be >= 1, got {alg.dynamic_sampling_rounds}")
+    if not 0 <= alg.answer_rel_tol < 1:
+        _fail("algorithm.answer_rel_tol", f"is a relative tolerance for numeric answers and must be in [0, 1) "
+                                          f"(e.g. 1e-3; 0 = exact), got {alg.answer_rel_tol}")
     if alg.rollout_is_cap < 1:
         _fail("algorithm.rollout_is_cap", f"caps the importance ratio pi_old / pi_rollout and must be >= 1, got "
                                           f"{alg.rollout_is_cap}")

@@ -96,7 +96,8 @@ def main(argv=None) -> int:
                                  trainer.templates, cfg.rollout.max_new_tokens)
     before = accuracy()
     if rank0:
-        print(f"warm start: {cfg.training.sft_warmup_steps} batches, {len(losses)} optimizer steps, loss {losses[0]:.2f} -> {losses[-1]:.2f} "
+        print(f"warm start: {cfg.training.sft_warmup_steps} batches, {len(losses)} optimizer steps, "
+              f"loss {losses[0]:.2f} -> {losses[-1]:.2f} "
               f"({time.time() - t0:.0f}s); before RL: {before}", flush=True)
     t1 = time.time()
     trainer.run(0, total)

@@ -69,10 +69,11 @@ class RolloutPlacement:
         return range(start, start + base + (engine < extra))
 
 
-def sampling_seed(base_seed: int, step: int, period: str, engine: int) -> int:
-    """Reproducible, and different for every engine, step and period (below 500k steps): no two engines draw the
-    same samples. Engine 0 keeps the seed a single engine has always used, so one-engine runs reproduce."""
-    return base_seed * 100_003 + step * 2 + (period == "reward") + engine * 1_000_003
+def sampling_seed(base_seed: int, step: int, period: str, engine: int, round: int = 0) -> int:
+    """Reproducible, and different for every engine, step, period (below 500k steps) and refill round of dynamic
+    sampling (below 100 engines): no two engines draw the same samples. Engine 0 of round 0 keeps the seed a single
+    engine has always used, so one-engine runs reproduce."""
+    return base_seed * 100_003 + step * 2 + (period == "reward") + engine * 1_000_003 + round * 100_000_007
 
 
 def balanced_partition(costs: Sequence[float], parts: int) -> list[list[int]]:

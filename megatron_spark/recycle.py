@@ -9,8 +9,8 @@ Per prompt group (as the SPARK release does, arXiv 2509.22624):
   groups carry a wrong response's full reasoning, the rest only its boxed answer.
 Judge prompts carry the extracted answers (not the reasoning), as SPARK does. At most `judge_cap` judge and
 `reflection_cap` reflection tasks are kept per batch (random subset). With `balance_pointwise` (not SPARK; off by
-default) the pointwise tasks are first cut to equal numbers of Yes and No labels. Groups are keyed by prompt id, never by
-position in a flat batch. Deterministic for a given `random.Random`.
+default) the pointwise tasks are first cut to equal numbers of Yes and No labels. Groups are keyed by prompt id,
+never by position in a flat batch. Deterministic for a given `random.Random`.
 """
 from __future__ import annotations
 

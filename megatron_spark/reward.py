@@ -9,6 +9,16 @@ Decisions (defaults, all configurable through `VerifierConfig`):
   the letter/word carries the judgement, not its case.
 - Equivalence: labels by normalised string; otherwise math-verify with the gold wrapped in `$...$` (bare LaTeX gold
   parses to nothing), string extraction for letter answers, then a normalised string comparison as fallback.
+Options beyond SPARK's verifier, all off by default (measured against math-verify's own test cases:
+bench/verifier.py, docs/benchmarks.md):
+- `all_boxed`: every box of the response, as a set, against the gold's elements ("find all solutions" answered as
+  `\\boxed{1}` and `\\boxed{-2}`; a gold of `1, -2` or of several boxes). Elements are split at top-level
+  commas, a leading `x =` is dropped, repeats count once. It only adds acceptances (the last box is tried
+  first); off by default because intermediate boxes then count as answers.
+- `decimal_comma`: `3,5` reads as 3.5 when the other side is a decimal number with a point (never for sets or
+  thousands separators, which have no decimal number opposite them).
+- `numeric_rel_tol`: two numeric values (numbers, or closed forms such as `\\frac{1}{3}` or `\\sqrt{2}`
+  evaluated by sympy) within this relative tolerance are equal: rounded answers such as 0.333 for 1/3.
 
 math-verify's own timeouts use SIGALRM and fail off the main thread, so they are disabled and every check runs in
 a `RewardPool` worker process with a hard per-item deadline: a pathological answer costs at most the limit, its
@@ -36,6 +46,9 @@ for _name in ("math_verify", "math_verify.parser", "math_verify.grader"):
 class VerifierConfig:
     accept_box_alias: bool = True
     labels_case_insensitive: bool = True
+    all_boxed: bool = False         # every box, as a set, against the gold's elements
+    decimal_comma: bool = False     # 3,5 == 3.5 when the other side has a decimal point
+    numeric_rel_tol: float = 0.0    # numeric values equal within this relative tolerance (0 = exact)
 
 
 def _balanced(text: str, start: int) -> Optional[tuple[str, int]]:
@@ -52,19 +65,26 @@ def _balanced(text: str, start: int) -> Optional[tuple[str, int]]:
     return None
 
 
-def extract_boxed(text: str, accept_box_alias: bool = True) -> Optional[str]:
-    """The content of the last complete `\\boxed{...}` (or `\\box{...}`), or None."""
-    pattern = r"\\boxed\s*\{|\\box\s*\{" if accept_box_alias else r"\\boxed\s*\{"
-    found = None
+def extract_all_boxed(text: str, accept_box_alias: bool = True) -> list[str]:
+    """The contents of every complete `\\boxed{...}` (or `\\box{...}`), in order."""
+    pattern = re.compile(r"\\boxed\s*\{|\\box\s*\{" if accept_box_alias else r"\\boxed\s*\{")
+    found: list[str] = []
     pos = 0
     while True:
-        m = re.compile(pattern).search(text, pos)
+        m = pattern.search(text, pos)
         if not m:
             return found
         got = _balanced(text, m.end() - 1)
         if got is None:
             return found
-        found, pos = got[0].strip(), got[1]
+        found.append(got[0].strip())
+        pos = got[1]
+
+
+def extract_boxed(text: str, accept_box_alias: bool = True) -> Optional[str]:
+    """The content of the last complete `\\boxed{...}` (or `\\box{...}`), or None."""
+    boxes = extract_all_boxed(text, accept_box_alias)
+    return boxes[-1] if boxes else None
 
 
 def normalize(ans: str) -> str:
@@ -84,6 +104,35 @@ def is_label(gold: str) -> bool:
     return normalize(gold).lower() in LABELS
 
 
+_DECIMAL_COMMA = re.compile(r"-?\d+,\d+")
+_DECIMAL_POINT = re.compile(r"-?\d*\.\d+")
+
+
+def _with_decimal_point(a: str, b: str) -> str:
+    """`a` with its decimal comma read as a point, when `b` opposite is a decimal number with a point."""
+    return a.replace(",", ".") if _DECIMAL_COMMA.fullmatch(a) and _DECIMAL_POINT.fullmatch(b) else a
+
+
+def numeric_value(ans: str) -> Optional[float]:
+    """The answer as a real number: a plain number, or a closed form sympy evaluates (fractions, roots, pi)."""
+    s = normalize(ans).replace("\\approx", "").replace("\\dfrac", "\\frac").lstrip("=~")
+    if "," in s or "_" in s:  # a list, a thousands separator or a base subscript: not one real number
+        return None
+    try:
+        return float(s)
+    except ValueError:
+        pass
+    try:
+        from math_verify import LatexExtractionConfig, parse
+
+        for v in parse(f"${s}$", extraction_config=[LatexExtractionConfig()], parsing_timeout=None):
+            if hasattr(v, "is_number") and v.is_number and v.is_real:
+                return float(v.evalf())
+    except Exception:  # not a number
+        return None
+    return None
+
+
 def check(pred: Optional[str], gold: str, cfg: VerifierConfig = VerifierConfig()) -> bool:
     """Is the extracted prediction equivalent to the gold answer? (No timeout here: run it in a RewardPool.)"""
     if pred is None or not gold.strip():
@@ -91,8 +140,16 @@ def check(pred: Optional[str], gold: str, cfg: VerifierConfig = VerifierConfig()
     p, g = normalize(pred), normalize(gold)
     if is_label(gold):
         return p.lower() == g.lower() if cfg.labels_case_insensitive else p == g
+    if cfg.decimal_comma:
+        p2, g2 = _with_decimal_point(p, g), _with_decimal_point(g, p)
+        if (p2, g2) != (p, g):
+            pred, gold, p, g = p2, g2, p2, g2
     if p == g:
         return True
+    if cfg.numeric_rel_tol > 0:
+        a, b = numeric_value(p), numeric_value(g)
+        if a is not None and b is not None and abs(a - b) <= cfg.numeric_rel_tol * max(abs(b), 1e-12):
+            return True
     try:
         from math_verify import ExprExtractionConfig, LatexExtractionConfig, StringExtractionConfig, parse, verify
 
@@ -106,8 +163,65 @@ def check(pred: Optional[str], gold: str, cfg: VerifierConfig = VerifierConfig()
     return False
 
 
+def elements(answer: str) -> list[str]:
+    """The elements of a set-valued answer: the outer braces dropped, split at top-level commas (a pair `(1, 2)`
+    or an interval stays whole), a leading `x =` / `x_1 =` dropped, spacing commands removed."""
+    s = re.sub(r"\\(?:qquad|quad)|\\(?:left|right)\b|\\[ ,;!]", " ", answer.strip())
+    while True:  # outer {...} or \{...\}
+        m = re.fullmatch(r"\\\{(.*)\\\}|\{(.*)\}", s.strip(), re.S)
+        if not m or (m.group(2) is not None and _balanced(s.strip(), 0) != (m.group(2), len(s.strip()))):
+            break
+        s = m.group(1) if m.group(1) is not None else m.group(2)
+    parts, depth, cur = [], 0, ""
+    for c in s:
+        if c in "([{":
+            depth += 1
+        elif c in ")]}":
+            depth -= 1
+        if c == "," and depth == 0:
+            parts.append(cur)
+            cur = ""
+        else:
+            cur += c
+    parts.append(cur)
+    out = []
+    for x in parts:
+        x = re.sub(r"^\s*[A-Za-z](?:_\{?\w+\}?)?\s*=(?!=)", "", x).strip()
+        if x:
+            out.append(x)
+    return out
+
+
+def check_set(preds: Sequence[str], golds: Sequence[str], cfg: VerifierConfig = VerifierConfig()) -> bool:
+    """Each predicted element matches a distinct gold element and none is left over (repeats count once)."""
+    unique: list[str] = []
+    for x in preds:
+        if normalize(x) not in {normalize(u) for u in unique}:
+            unique.append(x)
+    left = list(golds)
+    if len(unique) != len(left):
+        return False
+    for x in unique:
+        hit = next((i for i, g in enumerate(left) if check(x, g, cfg)), None)
+        if hit is None:
+            return False
+        left.pop(hit)
+    return True
+
+
 def score(response: str, gold: str, cfg: VerifierConfig = VerifierConfig()) -> float:
-    return 1.0 if check(extract_boxed(response, cfg.accept_box_alias), gold, cfg) else 0.0
+    boxes = extract_all_boxed(response, cfg.accept_box_alias)
+    if not boxes:
+        return 0.0
+    if check(boxes[-1], gold, cfg):
+        return 1.0
+    if cfg.all_boxed and not is_label(gold):
+        gold_boxes = extract_all_boxed(gold, cfg.accept_box_alias)
+        golds = [e for b in (gold_boxes or [gold]) for e in elements(b)]
+        preds = [e for b in boxes for e in elements(b)]
+        if len(golds) > 1 or len(preds) > 1:
+            return 1.0 if check_set(preds, golds, cfg) else 0.0
+    return 0.0
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -13,7 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, Optional
 
-ANSWER_SUFFIX = "Please first conduct reasoning, and then answer the question. Repeat the final answer using a '\\boxed{}'."
+ANSWER_SUFFIX = ("Please first conduct reasoning, and then answer the question. "
+                 "Repeat the final answer using a '\\boxed{}'.")
 
 FAMILIES = ("pointwise", "pairwise", "reflection_cot", "reflection_ans")
 FIELDS = {

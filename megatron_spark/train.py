@@ -8,11 +8,15 @@ import argparse
 import os
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
 
 from megatron_spark.config import SparkConfig, load_config, validate_for_launch
+
+if TYPE_CHECKING:
+    from megatron_spark.stack import RLStack
 
 
 def prelaunch_check(cfg: SparkConfig, world: int, force: bool = False):
@@ -29,7 +33,9 @@ def prelaunch_check(cfg: SparkConfig, world: int, force: bool = False):
 
     gpu_bytes = gpu_memory_bytes()
     if shape is not None and gpu_bytes is not None:
-        fit = check_fit(cfg, shape, world, gpu_bytes)
+        from megatron_spark.compat import have_transformer_engine
+
+        fit = check_fit(cfg, shape, world, gpu_bytes, te_available=have_transformer_engine())
         if not fit.ok:
             msg = (f"the planner predicts this layout does not fit {world} GPU(s) of "
                    f"{gpu_bytes / 2 ** 30:.0f} GiB ({fit.describe()}):\n  " + "\n  ".join(fit.problems))
@@ -111,8 +117,10 @@ def build_stack(cfg: SparkConfig, world: int, force: bool = False) -> "RLStack":
     placement = RolloutPlacement(world, ro.tensor_parallel_size)
     pool = None
     if rank == placement.reward_rank:
-        pool = RewardPool(cfg.algorithm.reward_workers, cfg.algorithm.reward_timeout_s,
-                          VerifierConfig(cfg.algorithm.accept_box_alias, cfg.algorithm.labels_case_insensitive))
+        alg = cfg.algorithm
+        pool = RewardPool(alg.reward_workers, alg.reward_timeout_s,
+                          VerifierConfig(alg.accept_box_alias, alg.labels_case_insensitive, alg.answer_all_boxed,
+                                         alg.answer_decimal_comma, alg.answer_rel_tol))
     logger = MetricsLogger(cfg.logging.dir, rank == 0, cfg.logging.tensorboard, cfg.logging.wandb_project,
                            cfg.to_dict(), resume=cfg.checkpoint.resume)
     return RLStack(shape=shape, layout=layout, placement=placement, prompts=prompts, data=data, policy=policy,

@@ -68,6 +68,13 @@ class PromptCache:
             self.done[i] = self.builder.build(self.tasks[i].messages)
         return self.done[i]
 
+    def select(self, tasks: list[Task], indices: list[int]) -> "PromptCache":
+        """The cache of `tasks` (a longer list this cache was not built for) restricted to `indices`: prompts
+        already built keep their work (dynamic sampling's kept groups)."""
+        out = PromptCache(self.builder, [tasks[i] for i in indices])
+        out.done = {k: self.done[i] for k, i in enumerate(indices) if i in self.done}
+        return out
+
     def prompt_mismatches(self, outs: list) -> int:
         """Samples whose prompt tokens (as vLLM saw them) differ from the trainer's, over the prompts built here;
         summed over all ranks."""
@@ -119,7 +126,8 @@ class SparkTrainer:
         self.stop_requested = True
 
     # -- the stages of a period, in order -----------------------------------------------------------------------
-    def generate(self, name: str, tasks: list[Task], built: "PromptCache", step: int) -> tuple[list, dict]:
+    def generate(self, name: str, tasks: list[Task], built: "PromptCache", step: int, round: int = 0
+                 ) -> tuple[list, dict]:
         """This engine generates only its share of the prompts (each prompt's n samples stay on one engine);
         every rank then holds all samples, in prompt order."""
         ro = self.cfg.rollout
@@ -128,7 +136,7 @@ class SparkTrainer:
         local = self.engine.generate([RolloutRequest(built[i]["prompt"], built[i]["images"]) for i in share],
                                      n=ro.n_samples_per_prompt, temperature=ro.temperature, top_p=ro.top_p,
                                      top_k=ro.top_k, max_new_tokens=ro.max_new_tokens,
-                                     seed=sampling_seed(self.cfg.training.seed, step, name, self.engine_id))
+                                     seed=sampling_seed(self.cfg.training.seed, step, name, self.engine_id, round))
         seconds = time.perf_counter() - t0
         mine = (list(share), local, seconds) if self.placement.is_leader(self.rank) else None
         gathered = [None] * dist.get_world_size()
@@ -154,6 +162,55 @@ class SparkTrainer:
         box = [self.reward_pool.score(responses, golds) if self.rank == src else None]
         dist.broadcast_object_list(box, src=src)
         return box[0]
+
+    def sample(self, name: str, tasks: list[Task], step: int, more=None
+               ) -> tuple[list[Task], "PromptCache", list, list[float], dict]:
+        """generate -> score. With algorithm.dynamic_sampling, groups whose rewards are all equal are discarded and
+        `more()` (the next prompts, or None when there are none) is generated and scored too, until the period holds
+        as many groups with reward spread as it started with or `dynamic_sampling_rounds` rounds are spent; the
+        first groups with spread, in generation order, are kept. Every rank decides alike (all hold all rewards)."""
+        alg = self.cfg.algorithm
+        built = PromptCache(self.prompts, tasks)
+        outs, metrics = self.generate(name, tasks, built, step)
+        rewards = self._score_outs(tasks, outs)
+        if not alg.dynamic_sampling:
+            return tasks, built, outs, rewards, metrics
+        target, rounds = len(tasks), 1
+        first_mean, first_spread = sum(rewards) / max(1, len(rewards)), sum(self._spread(outs, rewards))
+        while rounds < alg.dynamic_sampling_rounds and sum(self._spread(outs, rewards)) < target:
+            extra = more() if more is not None else None
+            if not extra:
+                break
+            extra_built = PromptCache(self.prompts, extra)
+            extra_outs, m = self.generate(name, extra, extra_built, step, round=rounds)
+            for k, v in m.items():  # samples and times add up over the rounds (per engine: each round's shares
+                metrics[k] += v     # are fixed by the placement, so min and max add up as well)
+            rewards = rewards + self._score_outs(extra, extra_outs)
+            extra_built.done = {i + len(tasks): b for i, b in extra_built.done.items()}
+            built.done.update(extra_built.done)
+            tasks, outs, rounds = tasks + list(extra), outs + extra_outs, rounds + 1
+        spread = self._spread(outs, rewards)
+        keep = [i for i, ok in enumerate(spread) if ok][:target]
+        flat = [r for i, g in enumerate(outs) for r in [i] * len(g)]
+        metrics.update({f"{name}/sampling_rounds": rounds, f"{name}/groups_generated": len(tasks),
+                        f"{name}/groups_kept": len(keep), f"{name}/groups_discarded": len(tasks) - len(keep),
+                        f"{name}/groups_target": target, f"{name}/reward_mean_first_round": first_mean,
+                        f"{name}/groups_with_spread_first_round": first_spread})
+        kept_rewards = [r for r, i in zip(rewards, flat) if i in set(keep)]
+        return [tasks[i] for i in keep], built.select(tasks, keep), [outs[i] for i in keep], kept_rewards, metrics
+
+    def _score_outs(self, tasks: list[Task], outs: list) -> list[float]:
+        return self.score([s.text for g in outs for s in g], [t.answer for t, g in zip(tasks, outs) for _ in g])
+
+    @staticmethod
+    def _spread(outs: list, rewards: list[float]) -> list[bool]:
+        """Per group: does it hold two different rewards?"""
+        ids = [i for i, g in enumerate(outs) for _ in g]
+        per_sample = has_spread(rewards, ids)
+        first = {}
+        for i, ok in zip(ids, per_sample):
+            first.setdefault(i, ok)
+        return [first.get(i, False) for i in range(len(outs))]
 
     def groups(self, tasks: list[Task], outs: list, rewards: list[float]) -> list[Group]:
         """Per prompt: its responses and rewards, for recycling. Recycled prompts quote responses: decode them
@@ -247,15 +304,13 @@ class SparkTrainer:
         return [self.policy.train_step(b.rollouts, grpo_loss_fn(alg)) for b in batches]
 
     # -- one period ---------------------------------------------------------------------------------------------
-    def period(self, name: str, tasks: list[Task], step: int) -> tuple[dict, list[Group]]:
-        """generate (this engine's prompts) -> score (once) -> advantages (global) -> this DP rank's share ->
-        its log-probs -> updates -> weight sync."""
+    def period(self, name: str, tasks: list[Task], step: int, more=None) -> tuple[dict, list[Group]]:
+        """generate (this engine's prompts) -> score (once) [-> refill: dynamic sampling] -> advantages (global) ->
+        this DP rank's share -> its log-probs -> updates -> weight sync. `more()`: the next prompts for a refill."""
         t0 = time.perf_counter()
-        built = PromptCache(self.prompts, tasks)
-        outs, gen_metrics = self.generate(name, tasks, built, step)
+        tasks, built, outs, rewards, gen_metrics = self.sample(name, tasks, step, more)
         self.engine.sleep()  # GPU: free the KV cache and offload vLLM's weights while Megatron trains (CPU: no-op)
         t1 = time.perf_counter()
-        rewards = self.score([s.text for g in outs for s in g], [t.answer for t, g in zip(tasks, outs) for _ in g])
         shaped = self.shaped(rewards, [s for g in outs for s in g])
         t2 = time.perf_counter()
         groups = self.groups(tasks, outs, rewards)  # (recycling and the accuracy metrics: the verifier's 0/1)
@@ -318,9 +373,26 @@ class SparkTrainer:
                   f"time/{name}_sync": t4 - t3})  # (train excludes the log-prob pass: the plot stacks both)
         return m, groups
 
+    # -- refills for dynamic sampling (the same on every rank) --------------------------------------------------
+    def _more_prompts(self) -> list[Task]:
+        episode, batch = self.data.next_batch()
+        return [Task(f"e{episode}-{ex.index}", ex.messages, ex.answer, ex.image, ex.question) for ex in batch]
+
+    def _aux_tasks(self, aux: list, step: int, first: int = 0) -> list[Task]:
+        rc = self.cfg.algorithm.recycle
+        return [Task.from_aux(f"s{step}-{first + i}", t, rc.max_pixels) for i, t in enumerate(aux)]
+
+    def _more_aux(self, step: int, drawn: list[int]) -> Optional[list[Task]]:
+        """The queue's next recycled batch, numbered on from the `drawn[0]` tasks this step has taken."""
+        aux = self.queue.pop_batch()
+        if aux is None:
+            return None
+        tasks = self._aux_tasks(aux, step, drawn[0])
+        drawn[0] += len(aux)
+        return tasks
+
     # -- the loop ----------------------------------------------------------------------------------------------
     def run(self, start_step: int, total_steps: int, on_step=None) -> None:
-        rc = self.cfg.algorithm.recycle
         bar = None
         if self.rank == 0 and self.cfg.logging.progress_bar:
             from tqdm import tqdm
@@ -331,12 +403,13 @@ class SparkTrainer:
             episode, batch = self.data.next_batch()
             self.queue.start_episode(episode)
             tasks = [Task(f"e{episode}-{ex.index}", ex.messages, ex.answer, ex.image, ex.question) for ex in batch]
-            metrics, groups = self.period("infer", tasks, step)
+            metrics, groups = self.period("infer", tasks, step, more=self._more_prompts)
             self.queue.push(recycle(groups, self.templates, self.recycle_settings, self.rng))
             aux = self.queue.pop_batch()
             if aux is not None:
-                aux_tasks = [Task.from_aux(f"s{step}-{i}", t, rc.max_pixels) for i, t in enumerate(aux)]
-                m2, _ = self.period("reward", aux_tasks, step)
+                drawn = [len(aux)]
+                m2, _ = self.period("reward", self._aux_tasks(aux, step), step,
+                                    more=lambda: self._more_aux(step, drawn))
                 metrics.update(m2)
             metrics.update({"episode": episode, "queue": len(self.queue), "reward_period": int(aux is not None),
                             "time/step": time.perf_counter() - t0, "optimizer_steps": self.policy.optimizer_steps})

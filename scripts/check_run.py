@@ -30,7 +30,8 @@ def main(argv=None) -> int:
             drift = r.get(f"{period}/train_rollout_logprob_drift")
             if drift is not None and drift > a.max_drift:
                 problems.append(f"step {r['step']}: {period} drift {drift:.2e} > {a.max_drift}")
-        print(f"step {r['step']}: reward {r.get('infer/reward_mean')}, drift {r.get('infer/train_rollout_logprob_drift')}"
+        print(f"step {r['step']}: reward {r.get('infer/reward_mean')}, "
+              f"drift {r.get('infer/train_rollout_logprob_drift')}"
               f", grad_norm {r.get('infer/grad_norm')}, kl {r.get('infer/kl')}, samples "
               f"{r.get('infer/samples_generated')}, memory {r.get('memory/max_allocated_gib')}")
     for p in problems:

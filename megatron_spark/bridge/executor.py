@@ -5,7 +5,8 @@ receives for every peer as ONE group (`batch_isend_irecv`; gloo on CPU, NCCL on 
 the parameter into the target tensor, column slices through one staging buffer per peer. One group per bucket is
 what NCCL needs: it runs a pair's ungrouped point-to-point ops in posting order on one stream, so two ranks that
 each post a send to the other before the matching receive would both wait forever (gloo is truly asynchronous and
-never shows it; tests/unit/test_bridge_replay.py replays the posted ops under NCCL's rules). It copies its own slices locally and yields the
+never shows it; tests/unit/test_bridge_replay.py replays the posted ops under NCCL's rules). It copies its own
+slices locally and yields the
 completed target tensors. Targets are either allocated per bucket and handed to the engine's loader (peak extra
 memory: one bucket plus the column staging, two with double buffering) or, in place, the engine's own weight
 tensors (`targets`: no allocation and no second copy; only the column staging is extra). The engine runs in the

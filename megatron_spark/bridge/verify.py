@@ -1,6 +1,7 @@
 """Token-exact check of a weight sync: vLLM greedy tokens and logprobs against the Megatron model's own forward.
 
-Shared by `megatron-spark verify-sync` and tests/dist/sync_worker.py. All ranks call every function (collectives inside).
+Shared by `megatron-spark verify-sync` and tests/dist/sync_worker.py. All ranks call every function (collectives
+inside).
 """
 from __future__ import annotations
 

@@ -9,7 +9,8 @@ import os
 import sys
 
 DOCS = {
-    'hf-to-megatron': """Convert a Hugging Face Qwen2 / Qwen2.5 / Qwen2.5-VL directory into a megatron-core torch_dist checkpoint.
+    'hf-to-megatron': """Convert a Hugging Face Qwen2 / Qwen2.5 / Qwen2.5-VL directory into a megatron-core
+torch_dist checkpoint.
 
     megatron-spark convert hf-to-megatron --hf-dir Qwen2.5-VL-32B-Instruct --out ckpt/spark-vl-32b [--dtype bf16]
 
@@ -20,8 +21,9 @@ OUT/megatron_spark.json (family, HF config, true and padded vocab, dtype, tool v
 checkpoint, so pass it only for a TP like 3 or 6. --pp is only checked against the layer count.
 Streams one tensor at a time (peak memory ~ the largest tensor, never the model); writes OUT atomically.
 """,
-    'megatron-to-hf': """Export a megatron-core torch_dist checkpoint (converted, or written by `megatron-spark train` at any TP/PP/VPP)
-to a Hugging Face directory that transformers and vLLM load as the original model type.
+    'megatron-to-hf': """Export a megatron-core torch_dist checkpoint (converted, or written by
+`megatron-spark train` at any TP/PP/VPP) to a Hugging Face directory that transformers and vLLM load as the
+original model type.
 
     megatron-spark convert megatron-to-hf --ckpt runs/spark-vl-32b/checkpoints --out spark-vl-32b-hf [--iteration 400]
 

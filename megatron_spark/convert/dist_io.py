@@ -204,15 +204,15 @@ class DistCheckpointReader:
         for c in md.chunks:
             lo = [max(a, b) for a, b in zip(offsets, c.offsets)]
             hi = [min(a + n, b + m) for a, n, b, m in zip(offsets, sizes, c.offsets, c.sizes)]
-            if any(h <= l for l, h in zip(lo, hi)):
+            if any(h <= a for a, h in zip(lo, hi)):
                 continue
-            lengths = [h - l for l, h in zip(lo, hi)]
+            lengths = [h - a for a, h in zip(lo, hi)]
             covered += _volume(lengths)
             items.append(ReadItem(
                 type=LoadItemType.TENSOR, dest_index=MetadataIndex(key, torch.Size(offsets)),
-                dest_offsets=torch.Size([l - o for l, o in zip(lo, offsets)]),
+                dest_offsets=torch.Size([a - o for a, o in zip(lo, offsets)]),
                 storage_index=MetadataIndex(key, c.offsets),
-                storage_offsets=torch.Size([l - o for l, o in zip(lo, c.offsets)]),
+                storage_offsets=torch.Size([a - o for a, o in zip(lo, c.offsets)]),
                 lengths=torch.Size(lengths)))
         if covered != _volume(sizes):
             raise ValueError(f"'{self.path}': the saved chunks of '{key}' cover {covered} of the {_volume(sizes)} "

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Callable, Optional, Sequence
 
 from megatron_spark.evaluation import reward_bench as rb
-from megatron_spark.evaluation.backends import Backend, Reply, conversation
+from megatron_spark.evaluation.backends import Backend, conversation
 from megatron_spark.evaluation.items import EvalInputError, Item, MathItem
 from megatron_spark.evaluation.scoring import SCORE_BOTH
 from megatron_spark.evaluation.settings import EvalSettings, differences

@@ -140,9 +140,12 @@ class QKVInterleave(Transform):
         v_base = (self.h + self.g) * d if self.fused_hf else 0
         segs, row = [], 0
         for g in range(self.g):
-            segs.append(Segment(row, qpg * d, q_idx, g * qpg * d)); row += qpg * d
-            segs.append(Segment(row, d, k_idx, k_base + g * d)); row += d
-            segs.append(Segment(row, d, v_idx, v_base + g * d)); row += d
+            segs.append(Segment(row, qpg * d, q_idx, g * qpg * d))
+            row += qpg * d
+            segs.append(Segment(row, d, k_idx, k_base + g * d))
+            row += d
+            segs.append(Segment(row, d, v_idx, v_base + g * d))
+            row += d
         return segs
 
     def __repr__(self) -> str:

@@ -1,7 +1,7 @@
 """Running megatron-core models: batches in, full-vocabulary logits out, on any TP/PP layout.
 
-Used by the parity tests, `megatron-spark convert verify` and the trainer's log-prob pass. The pipeline path goes through
-megatron-core's own schedule (`get_forward_backward_func`), so PP here is the real 1F1B machinery.
+Used by the parity tests, `megatron-spark convert verify` and the trainer's log-prob pass. The pipeline path goes
+through megatron-core's own schedule (`get_forward_backward_func`), so PP here is the real 1F1B machinery.
 """
 from __future__ import annotations
 

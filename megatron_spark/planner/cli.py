@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import argparse
-import sys
 
 
 def add_plan_args(p: argparse.ArgumentParser) -> None:

@@ -34,11 +34,13 @@ class Fit:
         return ", ".join(f"{p} {g(v)} GiB" for p, v in self.phases.items()) + f" of {g(self.gpu_bytes)} GiB"
 
 
-def check_fit(cfg, shape, gpus: int, gpu_bytes: float, margin: float = MARGIN) -> Fit:
-    """The planner's verdict for `cfg`'s layout and workload on `gpus` GPUs of `gpu_bytes` each."""
+def check_fit(cfg, shape, gpus: int, gpu_bytes: float, margin: float = MARGIN,
+              te_available: Optional[bool] = None) -> Fit:
+    """The planner's verdict for `cfg`'s layout and workload on `gpus` GPUs of `gpu_bytes` each (`te_available`:
+    whether Transformer Engine imports there; without it `transformer_impl: auto` runs unfused attention)."""
     from megatron_spark.planner.search import from_config
 
-    layout, work = from_config(cfg)
+    layout, work = from_config(cfg, te_available)
     layout = replace(layout, dp=max(1, gpus // (layout.tp * layout.pp)))
     if shape.vision is None:
         work = replace(work, image_tokens=0)
@@ -58,6 +60,9 @@ def check_fit(cfg, shape, gpus: int, gpu_bytes: float, margin: float = MARGIN) -
             "a larger TP or PP"
         if cfg.parallel.tensor_model_parallel_size > 1 and not cfg.parallel.sequence_parallel:
             fix += ", parallel.sequence_parallel=true"
+        if work.attention == "unfused":
+            fix += (", or fused attention (model.transformer_impl is local, or Transformer Engine does not import "
+                    "here: its scores are materialised; docs/gpu.md)")
         problems.append(f"train: stage {worst.stage} needs {g(worst.train)} GiB (static {g(worst.static)}, "
                         f"activations {g(worst.activations)}, logits {g(worst.logits)}) of {g(gpu_bytes)} GiB, more "
                         f"than the {1 - margin:.0%} that leaves room for the rest; use {fix}")

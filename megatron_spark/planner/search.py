@@ -94,7 +94,8 @@ def _row(i: int, p: Plan) -> str:
     m, t = p.peak, p.time
     g = lambda x: f"{x / GIB:.1f}"  # noqa: E731
     return (f"| {i} | {p.layout.describe()} | {g(m.peak)} (stage {m.stage}, {m.peak_phase}) | {g(m.static)} | "
-            f"{g(m.activations + m.logits)} | {g(m.vllm_weights)} + {g(m.kv_cache)} ({m.concurrency} seqs) | {t.total:.0f} ({t.rollout:.0f} / "
+            f"{g(m.activations + m.logits)} | {g(m.vllm_weights)} + {g(m.kv_cache)} ({m.concurrency} seqs) | "
+            f"{t.total:.0f} ({t.rollout:.0f} / "
             f"{t.logprobs:.0f} / {t.update:.0f} / {t.sync:.1f}) | {p.tokens_per_gpu_s():.0f} |")
 
 
@@ -107,7 +108,7 @@ def report(plans: list[Plan], top: int = 8, infeasible_shown: int = 5) -> str:
         lines.append("| - | no feasible layout | | | | | | |")
     bad = [p for p in plans if not p.feasible]
     lines.append(f"\n{len(feasible)} feasible of {len(plans)} valid layouts"
-                 + (f"; the fastest infeasible ones fail because:" if bad else ""))
+                 + ("; the fastest infeasible ones fail because:" if bad else ""))
     bad.sort(key=lambda p: -p.tokens_per_gpu_s())
     lines += [f"- {p.layout.describe()}: {p.reason}" for p in bad[:infeasible_shown]]
     return "\n".join(lines)
@@ -122,8 +123,18 @@ def to_json(plans: list[Plan]) -> str:
                                    for m in p.memory]} for p in plans], indent=1)
 
 
-def from_config(cfg) -> tuple[Layout, Workload]:
-    """The layout and workload a SparkConfig asks for (megatron_spark.config)."""
+def attention_kind(transformer_impl: str, te_available: Optional[bool] = None) -> str:
+    """The attention the trainer will run: fused ('flash': TE's kernels, the vision tower as THD windows) unless
+    the local spec is asked for, or `auto` finds no working Transformer Engine (`te_available` False), in which
+    case attention scores and the vision tower's dense window masks are materialised ('unfused', s^2 memory)."""
+    if transformer_impl == "local" or (transformer_impl == "auto" and te_available is False):
+        return "unfused"
+    return "flash"
+
+
+def from_config(cfg, te_available: Optional[bool] = None) -> tuple[Layout, Workload]:
+    """The layout and workload a SparkConfig asks for (megatron_spark.config). `te_available`: whether
+    Transformer Engine imports where the job runs (None: unknown, assume it does, as on a GPU cluster)."""
     par, ro, d, tr, alg = cfg.parallel, cfg.rollout, cfg.data, cfg.training, cfg.algorithm
     rc = cfg.model.recompute_activations
     return (Layout(par.tensor_model_parallel_size, par.pipeline_model_parallel_size, 1, ro.tensor_parallel_size, rc,
@@ -133,4 +144,5 @@ def from_config(cfg) -> tuple[Layout, Workload]:
             Workload(d.rollout_batch_size, alg.recycle.reward_batch_size, ro.n_samples_per_prompt, d.prompt_max_len,
                      0, ro.max_new_tokens, tr.micro_batch_size, tr.global_batch_size,
                      dtype={"bf16": "bf16", "fp16": "fp16"}.get(cfg.model.dtype, "fp32"),
+                     attention=attention_kind(cfg.model.transformer_impl, te_available),
                      old_logprobs=alg.old_logprobs))

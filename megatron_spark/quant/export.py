@@ -1,12 +1,12 @@
 """Quantized Hugging Face exports through nvidia-modelopt, for serving a trained SPARK model.
 
-`megatron_to_hf(..., quantize=FORMAT)` (`megatron-spark convert megatron-to-hf --quantize`) first writes the plain HF export,
-then `quantize_hf` loads it in transformers, runs modelopt's post-training quantization (calibrating on a few prompts
-of a data file where the format has static activation scales) and writes modelopt's unified HF checkpoint: quantized
-weights with their scales, `quantization_config` (quant_method "modelopt") in config.json and hf_quant_config.json,
-the tokenizer and processor files beside them. vLLM (CUDA) serves FP8, FP8 per channel and NVFP4 checkpoints in this
-format. The language model's linear layers are quantized; embeddings, the output layer, norms and the vision tower
-stay in the export's dtype (as modelopt does for VLMs).
+`megatron_to_hf(..., quantize=FORMAT)` (`megatron-spark convert megatron-to-hf --quantize`) first writes the plain HF
+export, then `quantize_hf` loads it in transformers, runs modelopt's post-training quantization (calibrating on a few
+prompts of a data file where the format has static activation scales) and writes modelopt's unified HF checkpoint:
+quantized weights with their scales, `quantization_config` (quant_method "modelopt") in config.json and
+hf_quant_config.json, the tokenizer and processor files beside them. vLLM (CUDA) serves FP8, FP8 per channel and NVFP4
+checkpoints in this format. The language model's linear layers are quantized; embeddings, the output layer, norms and
+the vision tower stay in the export's dtype (as modelopt does for VLMs).
 
 Everything that can be refused is refused by `check_request` before any weight is read. `load_dequantized` builds a
 transformers model whose weights are the export's quantized values times their scales -- what a serving engine

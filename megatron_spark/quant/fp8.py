@@ -6,7 +6,8 @@ nothing depends on calibration data -- which matters in RL, where the weights ch
 row has its own scale, quantizing a fused or tensor-parallel shard of rows (vLLM's qkv_proj / gate_up_proj on one
 rollout rank) gives exactly the bytes of quantizing the whole HF tensors and slicing: no requantization when shards
 are fused. (A shard of columns -- the row-parallel o_proj / down_proj under vLLM TP -- would need each row's amax
-over all ranks; the bridge therefore quantizes whole HF tensors, target 'hf_full'.) Per-tensor scales ("fp8", static activation scales) would need both, and a
+over all ranks; the bridge therefore quantizes whole HF tensors, target 'hf_full'.) Per-tensor scales ("fp8", static
+activation scales) would need both, and a
 calibration pass per update; they are offered for exports only (quant/export.py).
 
 The arithmetic follows modelopt 0.47 exactly (tests/unit/test_quant.py checks bytes and scales against it): the

@@ -69,6 +69,8 @@ def one_step(path, shape, layout, case, variant) -> dict:
     policy = Policy.for_training(chunks, shape, dtype=torch.float32, pad_id=0, training=cfg, total_steps=10)
     inputs = sample_inputs(path, shape)
     rollouts = [r for n in (3, 5, 7, 4, 6, 8, 2, 9) for r in response_rollouts(inputs, n)][:8]
+    for r in rollouts:  # odd total lengths (23 for text): sequence parallelism must pad what TP does not divide
+        r.prompt_ids = r.prompt_ids[1:]
     for r, a in zip(rollouts, [1.0, -1.0, 0.5, -0.5, 2.0, -2.0, 0.3, -0.3]):
         r.advantage = a
     # old log-probs fixed from the unmodified weights (so every layout optimises exactly the same objective)
@@ -79,6 +81,9 @@ def one_step(path, shape, layout, case, variant) -> dict:
     size = BatchSize(tokens=sum(len(r.response_ids) for r in rollouts), sequences=len(rollouts))
     part = balanced_partition([len(r.prompt_ids) + len(r.response_ids) for r in rollouts], layout.dp)
     mine = [rollouts[i] for i in part[layout.coords(dist.get_rank())["dp"]]]
+    # micro-batches whose longest sequence TP does not divide (sequence parallelism must pad them)
+    uneven = sum(max(len(r.prompt_ids) + len(r.response_ids) for r in mb) % layout.tp != 0
+                 for mb in policy._micro_batches(mine))
     if old_mode == "pass":  # pi_old from a forward pass at the current weights (what the trainer did always)
         for r, lp in zip(mine, policy.token_logprobs(mine)):
             r.old_logprobs = lp
@@ -90,7 +95,7 @@ def one_step(path, shape, layout, case, variant) -> dict:
     else:
         policy.train_step(mine, grpo_loss_fn(alg))
     group = ps.get_tensor_model_parallel_group()
-    out = {}
+    out = {("meta", "uneven_lengths"): uneven}
     for kind, grads in (("param", False), ("grad", True)):  # grads: what the optimizer got, after DP averaging
         local = export_megatron_to_hf(policy.modules, wmap, group, grads=grads)
         stages = [None] * dist.get_world_size()
@@ -278,7 +283,8 @@ def main():
                     merged = one_step(path, shape, layout, case, variant)
                     if case not in ONE_STEP:  # the first layout's first variant is the reference: TP1 DP2 mbs 4
                         ONE_STEP[case] = merged
-                    results[f"one_step/{layout_name}/{vname}/{case}"] = compare_to_reference(case, merged, path)
+                    results[f"one_step/{layout_name}/{vname}/{case}"] = dict(
+                        compare_to_reference(case, merged, path), uneven_lengths=merged[("meta", "uneven_lengths")])
                 chunks = None
             if dist.get_rank() == 0:
                 print(f"[{layout_name}] {case}: {time.time() - t0:.1f}s", flush=True)

@@ -103,7 +103,8 @@ def server(models):
     try:
         for _ in range(240):
             if proc.poll() is not None:
-                pytest.fail(f"vllm serve exited {proc.returncode}: {(models['dir'] / 'server.log').read_text()[-3000:]}")
+                log = (models['dir'] / 'server.log').read_text()[-3000:]
+                pytest.fail(f"vllm serve exited {proc.returncode}: {log}")
             try:
                 if requests.get(f"http://127.0.0.1:{port}/v1/models", timeout=2).ok:
                     break

@@ -87,7 +87,8 @@ def test_preempted_job_checkpoints_requeues_and_resumes(tmp_path):
     assert "requeueing job" in log, log[-4000:]
     assert "resumed from" in log, log[-4000:]
     assert (ck / "latest_checkpointed_iteration.txt").read_text().strip() == "5", log[-4000:]
-    steps = [int(line.split('"step": ')[1].split(",")[0]) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    steps = [int(line.split('"step": ')[1].split(",")[0]) for line in lines]
     assert steps[-1] == 5 and sorted(set(steps)) == [1, 2, 3, 4, 5], steps
 
 

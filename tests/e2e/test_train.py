@@ -48,7 +48,8 @@ def cmd(hf, train, run_dir, ckpt, *extra):
             "--master-port", str(29600 + os.getpid() % 300), "-m", "megatron_spark.train",
             "--config", str(ROOT / "examples" / "tiny_cpu.yaml"), f"model.hf_dir={hf}", f"data.train_file={train}",
             f"logging.dir={run_dir}", f"checkpoint.dir={ckpt}", "data.rollout_batch_size=4",
-            "training.global_batch_size=8", "training.micro_batch_size=4", "rollout.max_new_tokens=12", "training.lr=1e-4",
+            "training.global_batch_size=8", "training.micro_batch_size=4", "rollout.max_new_tokens=12",
+            "training.lr=1e-4",
             "algorithm.recycle.reward_batch_size=4", "algorithm.recycle.judge_cap=4",
             "algorithm.recycle.reflection_cap=4", "logging.progress_bar=false",
             f"algorithm.recycle.templates_file={TEMPLATES}", *extra]
@@ -341,26 +342,38 @@ def test_data_parallel_run_does_each_share_once_and_resumes_exactly(variant, req
     d.mkdir()
     # held-out evaluation every 2 steps and after the last, each engine on its share; it must not disturb the run
     # (the resumed run below skips step 2's evaluation and must still reproduce step 3 exactly)
+    # with dynamic sampling (DAPO's refill): groups without reward spread are replaced by more prompts' groups
     dp = ("parallel.tensor_model_parallel_size=1", "rollout.tensor_parallel_size=1", f"eval.file={train}",
-          "eval.interval=2", "eval.max_items=6")
+          "eval.interval=2", "eval.max_items=6", "algorithm.dynamic_sampling=true")
     run(cmd(hf, train, d / "runG", d / "ckG", "training.max_steps=3", "checkpoint.save_interval=2", *dp))
     m = metrics(d / "runG")
     assert sorted(m) == [1, 2, 3]
     assert "eval/task_accuracy" not in m[1] and {"eval/task_accuracy", "eval/judge_accuracy"} <= set(m[2]) & set(m[3])
     assert m[2]["eval/items"] == m[3]["eval/items"] == 6  # 3 + 3 over the two engines, none twice, none lost
+    refilled = []
     for r in m.values():
         for period in ("infer", "reward"):
-            n = r[f"{period}/samples_generated"]
-            assert n == 16  # 4 prompts x 4 samples, each generated once
+            n, rounds = r[f"{period}/samples_generated"], r[f"{period}/sampling_rounds"]
+            assert n == 16 * rounds and 1 <= rounds <= 3  # 4 prompts x 4 samples a round, each generated once
             assert r[f"{period}/engine_samples_min"] == r[f"{period}/engine_samples_max"] == n / 2
+            kept, first = r[f"{period}/groups_kept"], r[f"{period}/groups_with_spread_first_round"]
+            assert r[f"{period}/groups_generated"] == 4 * rounds and r[f"{period}/groups_target"] == 4
+            # full unless the rounds ran out (or, in the reward period, the queue held no further batch)
+            assert kept == 4 or rounds == 3 or period == "reward"
+            assert rounds == 1 or first < 4  # a refill only when the first round fell short
+            assert kept == min(4, first) or rounds > 1
+            if rounds > 1 and kept == 4:
+                refilled.append((period, first))
             # two global batches of 8, each split 4 + 4 by cost: every sample's log-probs on exactly one DP rank
-            assert r[f"{period}/logprob_samples_min"] + r[f"{period}/logprob_samples_max"] == n
-            assert r[f"{period}/logprob_samples_min"] > 0
+            assert r[f"{period}/logprob_samples_min"] + r[f"{period}/logprob_samples_max"] == kept * 4 // 8 * 8
+            assert r[f"{period}/logprob_samples_min"] > 0 or kept < 2
             assert r[f"{period}/train_rollout_logprob_drift"] < 1e-4
             assert 0.5 < r[f"{period}/real_token_fraction"] <= 1.0
         # (a period whose samples all fail has no gradient at the first step, when the policy equals the reference)
         assert max(r["infer/grad_norm"], r["reward/grad_norm"]) > 1e-3
     assert any(0 < r["infer/reward_mean"] < 1 for r in m.values())
+    # a batch that would have shrunk (fewer than 4 groups with spread in its first round) was refilled to 4
+    assert refilled, [(p, r[f"{p}/groups_with_spread_first_round"]) for r in m.values() for p in ("infer", "reward")]
     ck = d / "ckG2"
     ck.mkdir()
     shutil.copytree(d / "ckG" / "iter_0000002", ck / "iter_0000002")

@@ -185,7 +185,6 @@ def test_grpo_loss_hand_computed_with_real_old_and_reference_logprobs():
     # PPO-clip per token, eps_low 0.2 / eps_high 0.28: A=+1 row: -1.28, -0.5, -1.0; A=-1 row: 1.1, 0.8 (masked: -)
     pl_tok = [[-1.28, -0.5, -1.0], [1.1, 0.8]]
     kl_tok = [[_k3(g) for g in gap[0]], [_k3(g) for g in gap[1][:2]]]
-    clip_tok = [[1, 0, 0], [0, 1]]
     for reduction in ("token_mean", "seq_mean"):
         def red(rows):
             if reduction == "token_mean":

@@ -49,7 +49,8 @@ def test_spark_items_ids_images_and_duplicates(tmp_path):
 @pytest.mark.parametrize("record,fragment", [
     ({"dataset": "MathVista", "problem": "q", "answer": "1", "image_path": "missing.png"},
      "item 0 (MathVista): field 'image_path': image 'missing.png' not found"),
-    ({"dataset": "MathVista", "problem": "q", "answer": "  "}, "item 0 (MathVista): field 'answer' is missing or empty"),
+    ({"dataset": "MathVista", "problem": "q", "answer": "  "},
+     "item 0 (MathVista): field 'answer' is missing or empty"),
     ({"question": "q", "gold": "1"}, "unknown benchmark format"),
     ({"kind": "pointwise", "question": "q", "answer": "1", "label": "yes"}, "field 'label' is 'yes'"),
     ({"id": "RLAIF-V_1", "query": "q", "response": ["a"], "human_ranking": [0, 1]},

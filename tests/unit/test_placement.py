@@ -29,6 +29,11 @@ def test_sampling_seeds_differ_across_engines_steps_and_periods():
              for e in range(8)}
     assert len(seeds) == 50 * 2 * 8
     assert sampling_seed(42, 3, "infer", 1) == sampling_seed(42, 3, "infer", 1)
+    # dynamic sampling's refill rounds draw new samples; round 0 keeps the seed runs without it have always used
+    rounds = {sampling_seed(42, step, period, e, r) for step in range(50) for period in ("infer", "reward")
+              for e in range(64) for r in range(4)}
+    assert len(rounds) == 50 * 2 * 64 * 4
+    assert sampling_seed(42, 3, "infer", 1, 0) == sampling_seed(42, 3, "infer", 1)
 
 
 def test_karmarkar_karp_hand_case():

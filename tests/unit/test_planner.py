@@ -12,7 +12,7 @@ from megatron_spark.planner import calibration
 from megatron_spark.planner.hardware import GPUS
 from megatron_spark.planner.memory import GIB, Layout, Workload, layer_activation_bytes, plan_memory, state_bytes
 from megatron_spark.planner.model import kv_bytes_per_token, load_model, param_counts, stage_params
-from megatron_spark.planner.search import from_config, layout_problem, search
+from megatron_spark.planner.search import layout_problem, search
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -109,7 +109,16 @@ def test_plan_cli_is_fast_and_leads_with_the_parameter_counts():
     assert took < 10  # the planner itself takes < 2 s; the rest is the interpreter and imports on a busy CI core
 
 
-GPU_EXAMPLES = {"spark_7b": ("qwen2.5-7b", 8), "spark_vl_7b": ("qwen2.5-vl-7b", 8), "spark_vl_32b": ("qwen2.5-vl-32b", 16)}
+GPU_EXAMPLES = {"spark_7b": ("qwen2.5-7b", 8), "spark_vl_7b": ("qwen2.5-vl-7b", 8),
+                "spark_vl_32b": ("qwen2.5-vl-32b", 16)}
+CPU_EXAMPLES = {"tiny_cpu", "pretrained_study"}
+
+
+def test_every_shipped_example_is_planned_or_known_to_be_cpu():
+    """A new example config must join one of the two lists: a GPU example is planned below, a CPU one is run by
+    the e2e tests and the study."""
+    shipped = {p.stem for p in (ROOT / "examples").glob("*.yaml")}
+    assert shipped == set(GPU_EXAMPLES) | CPU_EXAMPLES
 
 
 @pytest.mark.parametrize("name", sorted(GPU_EXAMPLES))
@@ -195,3 +204,54 @@ def test_the_log_prob_passes_follow_what_the_trainer_runs():
     assert t(eight) == pytest.approx(t(one) * (1 + 7 / 8))
     assert t(replace(eight, old_logprobs="engine")) == pytest.approx(t(one))
     assert t(one, kl=False) == 0.0
+
+
+def test_train_refuses_a_layout_that_does_not_fit_before_any_process_starts(tmp_path, monkeypatch, capsys):
+    """`megatron-spark train` on a GPU: the planner's verdict for the job's layout is asked before torchrun starts;
+    a layout that does not fit is one error naming the phases and the fix, and `--force` turns it into a warning.
+    (The GPU's size is the only thing faked: the CPU test machine has none.)"""
+    import json
+
+    from megatron_spark.config import load_config
+    from megatron_spark.planner import fit
+    from megatron_spark.planner.model import BUILTIN
+    from megatron_spark.train import prelaunch_check
+
+    hf = tmp_path / "qwen2.5-vl-7b"
+    hf.mkdir()
+    (hf / "config.json").write_text(json.dumps(BUILTIN["qwen2.5-vl-7b"]))
+    monkeypatch.setattr(fit, "gpu_memory_bytes", lambda: 79.2 * GIB)
+    monkeypatch.setattr("megatron_spark.compat.have_transformer_engine", lambda: True)  # as on the cluster
+    bad = load_config(ROOT / "examples" / "spark_vl_7b.yaml",
+                      [f"model.hf_dir={hf}", "parallel.tensor_model_parallel_size=2",
+                       "parallel.sequence_parallel=false", "rollout.gpu_memory_utilization=0.5"])
+    with pytest.raises(ValueError) as e:
+        prelaunch_check(bad, 8)
+    msg = str(e.value)
+    assert "does not fit 8 GPU(s) of 79 GiB" in msg and "train: stage 0 needs 10" in msg and "--force" in msg
+    assert "rollout.gpu_memory_utilization=0.5" in msg
+    assert prelaunch_check(bad, 8, force=True) is not None
+    assert "(--force: starting anyway)" in capsys.readouterr().err
+    good = load_config(ROOT / "examples" / "spark_vl_7b.yaml", [f"model.hf_dir={hf}"])
+    assert prelaunch_check(good, 8) is not None and capsys.readouterr().err == ""
+    # the same example where Transformer Engine does not import: unfused attention at 8k tokens cannot fit
+    monkeypatch.setattr("megatron_spark.compat.have_transformer_engine", lambda: False)
+    with pytest.raises(ValueError, match="Transformer Engine does not import here"):
+        prelaunch_check(good, 8)
+
+
+def test_the_attention_kind_follows_the_transformer_impl():
+    """The local spec (or `auto` without a working TE) materialises attention scores, and the vision tower's dense
+    window masks: the planner's activation term grows with s^2 there and the fit check sees it."""
+    from megatron_spark.config import load_config
+    from megatron_spark.planner.fit import check_fit
+    from megatron_spark.planner.search import attention_kind
+
+    assert attention_kind("local") == "unfused" and attention_kind("auto", te_available=False) == "unfused"
+    assert attention_kind("auto") == attention_kind("auto", True) == attention_kind("transformer_engine") == "flash"
+
+    def train_gib(*overrides, te=None):
+        c = load_config(ROOT / "examples" / "spark_vl_7b.yaml", ["model.hf_dir=null", *overrides])
+        return check_fit(c, load_model("qwen2.5-vl-7b"), 8, 79.2 * GIB, te_available=te).phases["train"] / GIB
+    assert train_gib("model.transformer_impl=local") > train_gib() + 1
+    assert train_gib(te=False) == train_gib("model.transformer_impl=local")

@@ -18,7 +18,7 @@ def test_the_gpu_backend_maps_both_device_types():
 def test_megatron_core_groups_inherit_the_device_map():
     """One process: the GPU's device map with NCCL swapped for gloo (no NCCL on CPU), then megatron-core's groups:
     each must carry both device types, and a CPU tensor must reduce in the data-parallel group."""
-    script = f"""
+    script = """
 import torch, torch.distributed as dist
 from megatron_spark import compat, cpu_shim
 from megatron_spark.parallel import process_group_backend
@@ -30,7 +30,7 @@ from megatron.core import parallel_state as ps
 groups = [ps.get_tensor_model_parallel_group(), ps.get_pipeline_model_parallel_group(),
           ps.get_data_parallel_group(), ps.get_data_parallel_group(with_context_parallel=True),
           ps.get_embedding_group(), ps.get_model_parallel_group()]
-configs = {{str(dist.get_backend_config(g)) for g in groups}}
+configs = {str(dist.get_backend_config(g)) for g in groups}
 t = torch.ones(1)
 dist.all_reduce(t, group=ps.get_data_parallel_group())
 print(sorted(configs), float(t))

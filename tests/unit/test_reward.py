@@ -105,7 +105,8 @@ def test_boxed_still_found_without_the_alias():
 
 @pytest.mark.parametrize("raw,normal", [
     ("$42$", "42"), ("1\\!000", "1000"), ("1\\,000", "1000"), ("1\\ 000", "1000"), (" 4 2 ", "42"),
-    ("42.", "42"), (".5", ".5"), ("2X", "2X"), ("(a)", "a"), ("b:", "b"), ("\\text{\\textbf{\\mathrm{\\mathbf{Yes}}}}", "Yes"),
+    ("42.", "42"), (".5", ".5"), ("2X", "2X"), ("(a)", "a"), ("b:", "b"),
+    ("\\text{\\textbf{\\mathrm{\\mathbf{Yes}}}}", "Yes"),
 ])
 def test_normalize(raw, normal):
     from megatron_spark.reward import normalize
@@ -131,3 +132,60 @@ def test_pool_argument_boundaries_and_stats():
         assert pool.score(["\\boxed{3}"], ["3"]) == [1.0]
         assert pool.stats.items == 7 and first < pool.stats.seconds < 60 and pool.stats.timeouts == 0
         assert 0 < pool.stats.worst_item_s < 60
+
+
+# -- verifier options beyond SPARK's (off by default) -------------------------------------------------------------
+def test_all_boxed_reads_every_box_as_a_set():
+    from megatron_spark.reward import check_set, elements
+
+    on = VerifierConfig(all_boxed=True)
+    assert elements("\\{1, -2\\}") == ["1", "-2"] and elements("(2, 1), (1, 2)") == ["(2, 1)", "(1, 2)"]
+    assert elements("x_{1}=3,\\quad x_{2}=5") == ["3", "5"] and elements("[0, 1)") == ["[0, 1)"]
+    two = "so n = \\boxed{-2} and n = \\boxed{1}."
+    assert score(two, "1, -2") == 0.0 and score(two, "1, -2", on) == 1.0  # the seed takes the last box only
+    assert score("\\boxed{1,-2}", "\\boxed{1}\\boxed{-2}", on) == 1.0      # either side may be the set
+    assert score("\\boxed{(1, 2)}, \\boxed{(2, 1)}", "(2,1),(1,2)", on) == 1.0
+    assert score("\\boxed{3}. Check: \\boxed{3}", "3", on) == 1.0          # repeats count once
+    assert score(two, "1, -2, 5", on) == 0.0 and score(two, "1, 2", on) == 0.0   # a missing or a wrong element
+    assert score("\\boxed{1} then \\boxed{2}", "2", on) == 1.0             # only adds: the last box still counts
+    assert score("\\boxed{Yes} \\boxed{No}", "No", on) == 1.0 and score("\\boxed{No} \\boxed{Yes}", "No", on) == 0.0
+    assert check_set(["1", "1"], ["1"]) and not check_set(["1", "2"], ["1", "1"])
+
+
+def test_decimal_comma_only_against_a_decimal_number():
+    on = VerifierConfig(decimal_comma=True)
+    assert score("\\boxed{3,5}", "3.5") == 0.0 and score("\\boxed{3,5}", "3.5", on) == 1.0
+    assert score("\\boxed{1.22}", "1,22", on) == 1.0
+    assert score("\\boxed{3,5}", "3,5", on) == 1.0
+    assert score("\\boxed{1,2}", "1.3", on) == 0.0
+    assert score("\\boxed{10,455}", "10.455", on) == 1.0 and score("\\boxed{2,5}", "25", on) == 0.0  # no point: no
+    # decimal reading
+
+
+def test_numeric_tolerance_for_rounded_answers():
+    from megatron_spark.reward import numeric_value
+
+    assert abs(numeric_value("\\frac{1}{3}") - 1 / 3) < 1e-12 and abs(numeric_value("\\sqrt{2}") - 2 ** 0.5) < 1e-12
+    assert numeric_value("x + 1") is None and numeric_value("1, 2") is None and numeric_value("1112_3") is None
+    tol = VerifierConfig(numeric_rel_tol=1e-3)
+    assert score("\\boxed{0.3333}", "\\frac{1}{3}") == 0.0 and score("\\boxed{0.3333}", "\\frac{1}{3}", tol) == 1.0
+    assert score("\\boxed{1.414}", "\\sqrt{2}", tol) == 1.0 and score("\\boxed{1.41}", "\\sqrt{2}", tol) == 0.0
+    assert score("\\boxed{3.14}", "\\pi", VerifierConfig(numeric_rel_tol=1e-3)) == 1.0
+    assert score("\\boxed{-2}", "2", VerifierConfig(numeric_rel_tol=0.5)) == 0.0
+
+
+def test_verifier_options_reach_the_reward_pool():
+    """The config's answer_* fields are the pool's VerifierConfig (a validated field that changes nothing is a bug)."""
+    import ast
+    from pathlib import Path
+
+    src = (Path(__file__).resolve().parents[2] / "megatron_spark" / "train.py").read_text()
+    call = next(n for n in ast.walk(ast.parse(src)) if isinstance(n, ast.Call)
+                and getattr(n.func, "id", "") == "VerifierConfig")
+    assert [ast.unparse(a) for a in call.args] == [
+        "alg.accept_box_alias", "alg.labels_case_insensitive", "alg.answer_all_boxed", "alg.answer_decimal_comma",
+        "alg.answer_rel_tol"]
+    import dataclasses
+
+    assert [f.name for f in dataclasses.fields(VerifierConfig)] == [
+        "accept_box_alias", "labels_case_insensitive", "all_boxed", "decimal_comma", "numeric_rel_tol"]
