@@ -275,8 +275,11 @@ def run_one(a, out: Path, model: Path, arm: str, seed: int) -> dict:
     res["judge_tasks_per_reward_period"] = statistics.mean(r.get("reward/diag/judge_tasks", 0) for r in rows)
     common = ["--model", str(run / "ckpt"), "--max-tokens", str(a.max_tokens), "--force"]
     for name, path, extra in (("eval", held, ["--mode", "tts"]), ("eval_judge", held.parent / "judge.json", [])):
-        subprocess.call([sys.executable, "-m", "megatron_spark.cli", "eval", str(path), "--out", str(run / name),
-                         *extra, *common], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        with open(out / f"{arm}-seed{seed}.{name}.log", "w") as log:
+            rc = subprocess.call([sys.executable, "-m", "megatron_spark.cli", "eval", str(path), "--out",
+                                  str(run / name), *extra, *common], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+        if rc:  # recorded as failed: the next `run` redoes it
+            return dict(res, rc=rc, failed=name)
     plain = json.loads((run / "eval" / "metrics.json").read_text())
     judge = json.loads((run / "eval_judge" / "metrics.json").read_text())["judge"]
     res.update(task=plain["plain"]["macro"], task_tts=plain["tts"]["macro"],

@@ -193,6 +193,7 @@ def bench_logprobs(steps: int, repeats: int) -> dict:
                    "--master-port", str(29450 + rep * 8 + k), str(Path(__file__).resolve()), "_dp_worker", str(out),
                    "0", f"model.hf_dir={hf}", f"data.train_file={train}", f"logging.dir={tmp / f'{k}_{rep}'}",
                    "parallel.tensor_model_parallel_size=1", "rollout.tensor_parallel_size=1", "algorithm.kl_coef=0",
+                   "training.micro_batch_size=4",
                    f"training.max_steps={steps}", "logging.progress_bar=false", "logging.tensorboard=false",
                    *overrides]
             p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)

@@ -98,6 +98,9 @@ class CheckpointManager:
         from megatron.core import dist_checkpointing
 
         final = iter_dir(self.root, step)
+        if not self.policy.weights_finite():  # (updates with non-finite gradients are skipped: this is a bug guard)
+            raise RuntimeError(f"not writing the step-{step} checkpoint: the weights hold non-finite values; the "
+                               f"previous checkpoint in {self.root} is the last clean one")
         tmp = final.with_name(final.name + ".tmp")
         if self.rank == 0:
             shutil.rmtree(tmp, ignore_errors=True)

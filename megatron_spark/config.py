@@ -217,6 +217,12 @@ class TrainingConfig(_Section):
     max_optimizer_steps: Optional[int] = None  # also stop after this many optimizer steps (equal-budget ablations)
     offload_reference: bool = False  # keep the frozen reference model on the host between uses (GPU)
     sft_warmup_steps: int = 0  # supervised warm-start batches (megatron-spark demo)
+    # a step (with its checkpoint) that has not finished after this many seconds dumps every thread's stack on each
+    # rank and exits non-zero, so restarts take over instead of a hang holding the allocation (0 = off)
+    hang_timeout_s: float = 3600.0
+    # updates with a non-finite loss or gradient are skipped (weights and checkpoints stay finite); this many in a
+    # row stop the run (0 = never stop)
+    max_nonfinite_updates: int = 3
 
 
 @dataclass
@@ -598,6 +604,12 @@ def validate(cfg: SparkConfig, world_size: Optional[int] = None, model: Optional
                                            f"the penalty off), got {alg.overlong_buffer}")
     if alg.overlong_penalty_factor < 0:
         _fail("algorithm.overlong_penalty_factor", f"must be >= 0, got {alg.overlong_penalty_factor}")
+    if cfg.training.hang_timeout_s < 0:
+        _fail("training.hang_timeout_s", f"must be >= 0 seconds (0 turns the watchdog off), got "
+                                         f"{cfg.training.hang_timeout_s}")
+    if cfg.training.max_nonfinite_updates < 0:
+        _fail("training.max_nonfinite_updates", f"must be >= 0 (0 = never stop), got "
+                                                f"{cfg.training.max_nonfinite_updates}")
     if alg.dynamic_sampling_rounds < 1:
         _fail("algorithm.dynamic_sampling_rounds", f"counts generation rounds per period (the first included) and "
                                                    f"must be >= 1, got {alg.dynamic_sampling_rounds}")

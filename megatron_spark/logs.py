@@ -14,6 +14,9 @@ KNOWN_HARMLESS = {
     # original tensors back right after the warning (layerwise.py, `_place_kernel_tensors`). Nothing is lost; the
     # token-exact sync tests and the train/rollout drift metric (< 1e-4) confirm it.
     "FusedMMInputNorm: Failed to load weights",
+    # the same for the rotary embeddings' cos/sin caches, computed from the config at build time, in no checkpoint
+    "RotaryEmbedding: Failed to load weights",
+    "MRotaryEmbedding: Failed to load weights",
 }
 
 

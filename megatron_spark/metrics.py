@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from pathlib import Path
 from typing import Optional
@@ -32,6 +33,16 @@ class MetricsLogger:
             import wandb
 
             self.wandb = wandb.init(project=wandb_project, config=config, dir=str(run_dir), resume="allow")
+
+    def resume_at(self, step: int) -> None:
+        """A run resumed from the checkpoint of `step`: the lines of later steps (written before a crash or a
+        preemption, then redone) are dropped, so each step's metrics appear exactly once. Atomic."""
+        if not self.enabled or not self.path.exists():
+            return
+        keep = [x for x in self.path.read_text().splitlines() if x.strip() and json.loads(x).get("step", 0) <= step]
+        tmp = self.path.with_suffix(".jsonl.tmp")
+        tmp.write_text("".join(x + "\n" for x in keep))
+        os.replace(tmp, self.path)
 
     def log(self, step: int, metrics: dict) -> None:
         if not self.enabled:

@@ -12,6 +12,24 @@ import torch
 from megatron_spark import compat, cpu_shim
 
 
+def attempt_store(timeout_s: int) -> dict:
+    """init_process_group arguments for a restarted attempt under torchrun (`--max-restarts`). torchrun's static
+    rendezvous (`--master-addr/--master-port`, what `megatron-spark train` and slurm/train.sbatch use) keeps one
+    TCPStore for every attempt, so the previous attempt's keys -- the dead ranks' gloo addresses among them -- are
+    still there and the new ranks' first connections are refused. A prefix per attempt keeps the attempts apart.
+    Empty (the usual env:// init) for a first attempt and outside torchrun."""
+    import torch.distributed as dist
+
+    attempt = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+    if attempt == 0 or os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return {}
+    world = int(os.environ["WORLD_SIZE"])
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world, is_master=False,
+                          timeout=timedelta(seconds=timeout_s))
+    return {"store": dist.PrefixStore(f"/megatron_spark/attempt_{attempt}", store),
+            "rank": int(os.environ["RANK"]), "world_size": world}
+
+
 @dataclass(frozen=True)
 class ParallelLayout:
     tp: int = 1
@@ -94,7 +112,8 @@ class ParallelLayout:
         if not dist.is_initialized():
             if on_gpu:
                 torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-            dist.init_process_group(process_group_backend(on_gpu), timeout=timedelta(seconds=timeout_s))
+            dist.init_process_group(process_group_backend(on_gpu), timeout=timedelta(seconds=timeout_s),
+                                    **attempt_store(timeout_s))
         if dist.get_world_size() != self.world_size:
             raise ValueError(f"parallel layout expects {self.world_size} ranks but the job has "
                              f"{dist.get_world_size()}; fix WORLD_SIZE / the launcher")

@@ -105,10 +105,11 @@ class Policy:
         from megatron.core import parallel_state as ps
 
         from megatron_spark.mapping.qwen import WeightMap
-        from megatron_spark.models.qwen import DTYPES, build_model
+        from megatron_spark.dtypes import torch_dtype
+        from megatron_spark.models.qwen import build_model
         from megatron_spark.models.weights import HFCheckpoint, load_hf_into_megatron
 
-        dtype = DTYPES[model.dtype]
+        dtype = torch_dtype(model.dtype)
         chunks = build_model(shape, layout, dtype=dtype, transformer_impl=model.transformer_impl,
                              recompute=model.recompute_activations if trainable else "none")
         if model.megatron_ckpt:
@@ -318,6 +319,22 @@ class Policy:
                 res.append(o["logp"][row][o["mask"][row] > 0].cpu())
         return self._from_last_stage(res)[:len(rollouts)]
 
+    def _gradients_finite(self) -> bool:
+        """Are this step's (reduced) gradients finite on every rank? One flag, agreed over the whole job: a NaN on
+        one pipeline stage or tensor shard must stop every rank's update alike."""
+        bad = any(not torch.isfinite(b.grad_data).all() for c in self.chunks
+                  for b in list(getattr(c, "buffers", [])) + list(getattr(c, "expert_parallel_buffers", [])))
+        flag = torch.tensor([float(bad)])
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return not flag.item()
+
+    def weights_finite(self) -> bool:
+        """Every parameter finite, on every rank (checked before a checkpoint is written)."""
+        bad = any(not torch.isfinite(p).all() for m in self.modules for p in m.parameters())
+        flag = torch.tensor([float(bad)])
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return not flag.item()
+
     def train_step(self, rollouts: list[Rollout], loss_fn: Callable, share_of_batch: bool = False) -> dict:
         """One optimizer step on these rollouts (this rank's data-parallel share of the global batch).
 
@@ -339,9 +356,16 @@ class Policy:
             return loss, {}
         dp = ps.get_data_parallel_world_size(with_context_parallel=True)
         self._run(rollouts, wrapped, forward_only=False, share_of_batch=share_of_batch)
-        ok, grad_norm, _ = self.optimizer.step()
-        self.scheduler.step(increment=1)
-        self.optimizer_steps += 1
+        if self._gradients_finite():
+            ok, grad_norm, _ = self.optimizer.step()
+            self.scheduler.step(increment=1)
+            self.optimizer_steps += 1
+            skipped = 0
+        else:  # a non-finite loss or gradient on some rank: every rank skips this update (weights stay finite)
+            for c in self.chunks:
+                c.zero_grad_buffer()
+            self.optimizer.zero_grad()
+            ok, grad_norm, skipped = False, float("nan"), 1
         keys = sorted({k for m in metrics for k in m if not k.endswith("_max")})
         peaks = sorted({k for m in metrics for k in m if k.endswith("_max")})  # maxima, not shares or means
         if share_of_batch:
@@ -363,7 +387,7 @@ class Policy:
                 dist.all_reduce(m, op=dist.ReduceOp.MAX, group=group)
                 agg.update(zip(names, m.tolist()))
         agg.update(grad_norm=float(grad_norm) if grad_norm is not None else float("nan"),
-                   lr=self.optimizer.param_groups[0]["lr"], update_ok=bool(ok))
+                   lr=self.optimizer.param_groups[0]["lr"], update_ok=bool(ok), update_skipped=skipped)
         return agg
 
 

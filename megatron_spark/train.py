@@ -76,7 +76,7 @@ def build_stack(cfg: SparkConfig, world: int, force: bool = False) -> "RLStack":
     layout = ParallelLayout.from_config(cfg.parallel, world)
     layout.initialize(seed=cfg.training.seed)
     rank = dist.get_rank()
-    multimodal = shape.family == "qwen2_5_vl"
+    multimodal = shape.multimodal
     prompts = PromptBuilder(m.hf_dir, multimodal, cfg.data.min_pixels, cfg.data.max_pixels)
     examples, report = load_records(cfg.data.train_file, cfg.data.prompt_key, cfg.data.answer_key,
                                     cfg.data.skip_bad_records)
@@ -145,6 +145,24 @@ def fp8_engine_dir(cfg) -> str:
     return str(out)
 
 
+def refuse_restarts(reason: str) -> None:
+    """A bad config or input fails the same way every time: record the reason where the launcher looks
+    (SPARK_NO_RETRY_FILE, set by `megatron-spark train` and slurm/train.sbatch, which then neither restart nor
+    requeue), and under torchrun's own restarts (`--max-restarts`) stop this node's agent, which ends every rank."""
+    marker = os.environ.get("SPARK_NO_RETRY_FILE")
+    if not marker:
+        return
+    Path(marker).write_text(reason)
+    if int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0")) > 0:
+        import signal
+        import time
+
+        if int(os.environ.get("LOCAL_RANK", "0")) == 0:  # (after the error is printed) the torchrun agent
+            os.kill(os.getppid(), signal.SIGTERM)
+        else:  # an exit now would count as a failure to restart from: wait for the agent to end this rank
+            time.sleep(120)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="megatron-spark train")
     ap.add_argument("--config", default=None, help="YAML config (examples/*.yaml); defaults for what it leaves out")
@@ -155,6 +173,7 @@ def main(argv=None) -> int:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     from megatron_spark.checkpoint import CheckpointManager
     from megatron_spark.trainer import SparkTrainer
+    from megatron_spark.watchdog import NonFiniteUpdates
 
     try:
         cfg = load_config(a.config, a.overrides)
@@ -165,13 +184,20 @@ def main(argv=None) -> int:
     except ValueError as e:  # a bad config, input or checkpoint (the same on every rank): one message, no traceback
         if int(os.environ.get("RANK", "0")) == 0:
             print(f"error: {e}", file=sys.stderr, flush=True)
+        refuse_restarts(str(e))
         return 2
     try:
         if start:  # the engine still holds the initial weights: bring it to the resumed policy
             stack.sync.push(stack.engine)
+        stack.logger.resume_at(start)  # steps logged after that checkpoint are redone: each step once
         trainer.run(start, stack.total_steps, on_step=ckpt.on_step if ckpt else None)
         if ckpt is not None:
             ckpt.finish()
+    except NonFiniteUpdates as e:  # diverged: the same again after a restart, so never retried
+        if dist.get_rank() == 0:
+            print(f"error: {e}", file=sys.stderr, flush=True)
+        refuse_restarts(str(e))
+        return 3
     finally:
         stack.close()
     dist.barrier()

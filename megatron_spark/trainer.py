@@ -31,6 +31,7 @@ from megatron_spark.policy import Rollout, grpo_loss_fn
 from megatron_spark.recycle import AuxQueue, AuxTask, Group, RecycleSettings, recycle
 from megatron_spark.rollout.engine import RolloutRequest
 from megatron_spark.stack import RLStack
+from megatron_spark.watchdog import NonFiniteGuard, StepWatchdog, inject_step_faults, nonfinite_loss_at
 
 
 @dataclass
@@ -107,6 +108,8 @@ class SparkTrainer:
         self.recycle_settings = RecycleSettings.from_config(cfg.algorithm.recycle)
         self.queue = AuxQueue(cfg.algorithm.recycle.reward_batch_size)
         self.stop_requested = False
+        self.watchdog = StepWatchdog(cfg.training.hang_timeout_s)
+        self.nonfinite = NonFiniteGuard(cfg.training.max_nonfinite_updates)
         self.held_out = []
         if cfg.eval.interval:
             from megatron_spark.evaluation.periodic import load_held_out
@@ -296,12 +299,18 @@ class SparkTrainer:
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
         return t.item()
 
-    def train(self, batches: list[TrainBatch]) -> list[dict]:
+    def train(self, batches: list[TrainBatch], step: int) -> list[dict]:
         alg = self.cfg.algorithm
+        poison = nonfinite_loss_at(step + 1)  # (tests: a non-finite loss injected at this step, 1-based as logged)
+
+        def loss(size=None):
+            fn = grpo_loss_fn(alg, size) if size is not None else grpo_loss_fn(alg)
+            if poison is None:
+                return fn
+            return lambda logp, mb: (lambda out: (out[0] * poison, out[1]))(fn(logp, mb))
         if alg.loss_normalization == "global_batch":
-            return [self.policy.train_step(b.rollouts, grpo_loss_fn(alg, b.size), share_of_batch=True)
-                    for b in batches]
-        return [self.policy.train_step(b.rollouts, grpo_loss_fn(alg)) for b in batches]
+            return [self.policy.train_step(b.rollouts, loss(b.size), share_of_batch=True) for b in batches]
+        return [self.policy.train_step(b.rollouts, loss()) for b in batches]
 
     # -- one period ---------------------------------------------------------------------------------------------
     def period(self, name: str, tasks: list[Task], step: int, more=None) -> tuple[dict, list[Group]]:
@@ -320,7 +329,7 @@ class SparkTrainer:
         t_lp = time.perf_counter()
         drift = self.fill_logprobs(mine)
         t_lp = time.perf_counter() - t_lp
-        train_metrics = self.train(mine)
+        train_metrics = self.train(mine, step)
         drift = max([drift] + [x.get("train_rollout_logprob_drift_max", 0.0) for x in train_metrics])
         t3 = time.perf_counter()
         self.engine.wake_up()  # weights back in place before the sync writes them
@@ -338,7 +347,8 @@ class SparkTrainer:
              f"{name}/response_len": sum(len(s.token_ids) for g in outs for s in g) / len(rewards),
              f"{name}/train_rollout_logprob_drift": drift,
              f"{name}/prompt_token_mismatch": built.prompt_mismatches(outs),
-             f"{name}/optimizer_steps": len(train_metrics),
+             f"{name}/optimizer_steps": sum(1 - x["update_skipped"] for x in train_metrics),
+             f"{name}/updates_skipped_nonfinite": sum(x["update_skipped"] for x in train_metrics),
              f"{name}/logprob_samples_min": min(w[0].item() for w in dp_first),
              f"{name}/logprob_samples_max": max(w[0].item() for w in dp_first),
              f"{name}/real_token_fraction": sum(w[1].item() for w in dp_first) / max(1.0, sum(
@@ -399,6 +409,8 @@ class SparkTrainer:
 
             bar = tqdm(total=total_steps, initial=start_step, desc="SPARK", dynamic_ncols=True)
         for step in range(start_step, total_steps):
+            self.watchdog.arm()  # (re-armed each step: the step and its checkpoint must finish in time)
+            inject_step_faults(step + 1, self.rank)
             t0 = time.perf_counter()
             episode, batch = self.data.next_batch()
             self.queue.start_episode(episode)
@@ -411,8 +423,13 @@ class SparkTrainer:
                 m2, _ = self.period("reward", self._aux_tasks(aux, step), step,
                                     more=lambda: self._more_aux(step, drawn))
                 metrics.update(m2)
+            step_s = time.perf_counter() - t0
+            per_rank = [torch.zeros(1) for _ in range(dist.get_world_size())]
+            dist.all_gather(per_rank, torch.tensor([step_s]))
+            times = [t.item() for t in per_rank]
             metrics.update({"episode": episode, "queue": len(self.queue), "reward_period": int(aux is not None),
-                            "time/step": time.perf_counter() - t0, "optimizer_steps": self.policy.optimizer_steps})
+                            "time/step": step_s, "time/step_rank_min": min(times), "time/step_rank_max": max(times),
+                            "slowest_rank": times.index(max(times)), "optimizer_steps": self.policy.optimizer_steps})
             if torch.cuda.is_available():  # the sweep's memory figure (the planner's comparison)
                 peak = torch.tensor([torch.cuda.max_memory_allocated() / 2 ** 30])
                 dist.all_reduce(peak, op=dist.ReduceOp.MAX)
@@ -437,6 +454,9 @@ class SparkTrainer:
             flag = torch.tensor([float(self.stop_requested)])
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
             self.stop_requested = bool(flag.item())
+            # (after logging: the skipped updates are on record; the error is the same on every rank)
+            self.nonfinite.record(sum(int(metrics.get(f"{p}/updates_skipped_nonfinite", 0))
+                                      for p in ("infer", "reward")), step + 1)
             if on_step is not None:
                 on_step(step + 1, metrics, self.stop_requested)
             if done and not self.stop_requested:
@@ -451,5 +471,6 @@ class SparkTrainer:
                     if marker:
                         Path(marker).write_text(str(step + 1))
                 break
+        self.watchdog.disarm()
         if bar is not None:
             bar.close()

@@ -34,7 +34,7 @@ def sample_requests(hf_dir: str, shape) -> list[tuple[RolloutRequest, dict]]:
 
     out = []
     texts = ["Question: what is 3 + 4? Answer:", "Count the red squares and blue triangles."]
-    if shape.family == "qwen2_5_vl":
+    if shape.multimodal:
         proc = AutoProcessor.from_pretrained(hf_dir)
         for i, q in enumerate(texts):
             msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": q}]}]
@@ -190,7 +190,7 @@ def verify_sync(hf_dir: str, layouts: list[tuple[int, int]], rollout_tp: int, bu
         if engine is None:
             engine = RolloutEngine(hf_dir, tensor_parallel_size=rollout_tp, max_model_len=512,
                                    tied_embeddings=shape.text.tied_embeddings,
-                                   multimodal=shape.family == "qwen2_5_vl")
+                                   multimodal=shape.multimodal)
             requests = sample_requests(hf_dir, shape)
             results["initial"] = compare_with_megatron(engine, chunks, shape, requests, max_new_tokens)
         perturb_(chunks, wmap, seed=rnd)

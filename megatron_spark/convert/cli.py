@@ -62,8 +62,10 @@ def add_convert_args(p: argparse.ArgumentParser) -> None:
     h.add_argument("--hf-dir", required=True, help="HF model directory (config.json + safetensors)")
     h.add_argument("--out", required=True, help="checkpoint root to create")
     h.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], help="default: the HF weights' dtype")
-    h.add_argument("--tp", type=int, default=1, help="only affects vocabulary padding (see above)")
-    h.add_argument("--pp", type=int, default=1, help="only validated against the layer count")
+    h.add_argument("--train-tp", "--tp", dest="tp", type=int, default=1,
+                   help="only affects vocabulary padding (see above)")
+    h.add_argument("--train-pp", "--pp", dest="pp", type=int, default=1,
+                   help="only validated against the layer count")
     h.add_argument("--force", action="store_true", help="replace a non-empty --out")
     h.add_argument("--no-fsync", action="store_true", help="skip fsync of each file (faster, less crash-safe)")
     m = sub.add_parser("megatron-to-hf", help="torch_dist checkpoint -> HF directory (optionally quantized)",
@@ -84,8 +86,10 @@ def add_convert_args(p: argparse.ArgumentParser) -> None:
     v.add_argument("--hf-dir", required=True, help="the HF model the checkpoint was converted from (or to)")
     v.add_argument("--ckpt", required=True, help="checkpoint root or iter_* directory")
     v.add_argument("--iteration", type=int, help="default: the latest complete one")
-    v.add_argument("--tp", type=int, nargs="+", default=[1], help="tensor-parallel sizes to check")
-    v.add_argument("--pp", type=int, nargs="+", default=[1], help="pipeline-parallel sizes to check")
+    v.add_argument("--train-tp", "--tp", dest="tp", type=int, nargs="+", default=[1],
+                   help="tensor-parallel sizes to check")
+    v.add_argument("--train-pp", "--pp", dest="pp", type=int, nargs="+", default=[1],
+                   help="pipeline-parallel sizes to check")
     v.add_argument("--atol", type=float, default=1e-3, help="max |logit difference| allowed (fp32 compute)")
 
 

@@ -22,14 +22,13 @@ from megatron_spark.convert.layout import (ASSETS_DIR, checkpoint_layout, copy_h
                                            read_model_metadata, write_model_metadata)
 from megatron_spark.convert.output import begin_output, finish_output, progress
 from megatron_spark.io.checkpoint_layout import TRACKER, resolve_checkpoint
+from megatron_spark.dtypes import NAMES, hf_name, torch_dtype
 from megatron_spark.io.safetensors import HFCheckpoint, ShardedSafetensorsWriter, TensorSpec
 from megatron_spark.mapping.qwen import WeightMap, expected_hf_shapes
 from megatron_spark.mapping.transforms import padded_vocab_size
 from megatron_spark.models.hf_config import ModelShape, load_hf_config, parse_hf_config
 
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
-HF_DTYPE_NAMES = {torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float32: "float32"}
+DTYPE_NAMES = {torch_dtype(n): n for n in NAMES}  # the torch dtypes a checkpoint may hold, by config name
 
 
 @dataclass
@@ -115,12 +114,12 @@ def hf_to_megatron(hf_dir: str | Path, out: str | Path, *, dtype: Optional[str] 
     hf_dir = Path(hf_dir)
     shape = load_hf_config(hf_dir)
     check_layout_args(shape, tp, pp)
-    if dtype is not None and dtype not in DTYPES:
-        raise ValueError(f"--dtype {dtype!r}: choose one of {sorted(DTYPES)}")
+    if dtype is not None and dtype not in NAMES:
+        raise ValueError(f"--dtype {dtype!r}: choose one of {sorted(NAMES)}")
     ckpt = HFCheckpoint(hf_dir)
     try:
         src_dtype = check_hf_checkpoint(ckpt, shape)
-        out_dtype = DTYPES[dtype] if dtype else src_dtype
+        out_dtype = torch_dtype(dtype) if dtype else src_dtype
         padded = padded_vocab_size(shape.text.vocab_size, 128, tp)
         wmap = WeightMap(shape, make_vocab_size_divisible_by=128, tp=tp)
         layout = checkpoint_layout(shape, padded)
@@ -165,12 +164,12 @@ def hf_to_megatron(hf_dir: str | Path, out: str | Path, *, dtype: Optional[str] 
 
 # -- megatron -> HF -------------------------------------------------------------------------------------------------
 def _language_prefix(shape: ModelShape) -> str:
-    return "language_model." if shape.family == "qwen2_5_vl" else ""
+    return shape.kind.megatron_prefix
 
 
 def _hf_config_for_export(cfg: dict, dtype: torch.dtype) -> dict:
     cfg = json.loads(json.dumps(cfg))
-    name = HF_DTYPE_NAMES[dtype]
+    name = hf_name(DTYPE_NAMES[dtype])
     for d in [cfg, cfg.get("text_config") or {}, cfg.get("vision_config") or {}]:
         for k in ("torch_dtype", "dtype"):
             if k in d:
@@ -193,8 +192,8 @@ def megatron_to_hf(ckpt: str | Path, out: str | Path, *, iteration: Optional[int
     if quantize is not None:
         return _quantized_export(root, it, out, quantize, calib_data, calib_prompts, dtype=dtype,
                                  hf_config_dir=hf_config_dir, force=force)
-    if dtype is not None and dtype not in DTYPES:
-        raise ValueError(f"--dtype {dtype!r}: choose one of {sorted(DTYPES)}")
+    if dtype is not None and dtype not in NAMES:
+        raise ValueError(f"--dtype {dtype!r}: choose one of {sorted(NAMES)}")
     if hf_config_dir is not None:
         cfg_path = Path(hf_config_dir) / "config.json"
         if not cfg_path.is_file():
@@ -214,7 +213,7 @@ def megatron_to_hf(ckpt: str | Path, out: str | Path, *, iteration: Optional[int
         if reader.shape(e.key) != e.global_shape:
             raise ValueError(f"'{it}': '{e.key}' has shape {reader.shape(e.key)} but the HF config implies "
                              f"{e.global_shape}; is the config the one this checkpoint was made from?")
-    out_dtype = DTYPES[dtype] if dtype else reader.dtype(emb_key)
+    out_dtype = torch_dtype(dtype) if dtype else reader.dtype(emb_key)
     if out_dtype not in DTYPE_NAMES:
         raise ValueError(f"the checkpoint's weights are {out_dtype}; pass --dtype bf16, fp16 or fp32")
     wmap = WeightMap(shape, make_vocab_size_divisible_by=padded, tp=1)

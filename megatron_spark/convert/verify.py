@@ -27,7 +27,7 @@ def check_inputs(hf_dir: str, ckpt: str, layouts: list[tuple[int, int]], iterati
 
     shape = load_hf_config(hf_dir)
     _, it = resolve_checkpoint(ckpt, "--ckpt", iteration)
-    prefix = "language_model." if shape.family == "qwen2_5_vl" else ""
+    prefix = shape.kind.megatron_prefix
     padded = DistCheckpointReader(it).shape(prefix + "embedding.word_embeddings.weight")[0]
     for tp, pp in layouts:
         check_layout_args(shape, tp, pp)

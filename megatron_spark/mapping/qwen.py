@@ -100,13 +100,9 @@ class WeightMap:
         self.shape = shape
         t = shape.text
         self.padded_vocab = padded_vocab_size(t.vocab_size, make_vocab_size_divisible_by, tp)
-        if shape.family == "qwen2":
-            rules = _text_rules(t, "", self.padded_vocab, with_output=True)
-        elif shape.family == "qwen2_5_vl":
-            rules = _text_rules(t, "language_model.", self.padded_vocab, with_output=True)
+        rules = _text_rules(t, shape.kind.megatron_prefix, self.padded_vocab, with_output=True)
+        if shape.multimodal:
             rules += _vision_rules(shape.vision, "vision_model.")
-        else:  # validated in parse_hf_config
-            raise AssertionError(shape.family)
         self.params: list[ParamMap] = []
         for r in rules:
             for i in range(r.layers) if r.layers else [None]:
@@ -137,7 +133,7 @@ class WeightMap:
 
     def export_params(self) -> list[ParamMap]:
         """The params that define the HF checkpoint (the tied output layer copy is not exported twice)."""
-        out_name = ("language_model." if self.shape.family == "qwen2_5_vl" else "") + "output_layer.weight"
+        out_name = self.shape.kind.megatron_prefix + "output_layer.weight"
         return [p for p in self.params if not (self.tied and p.megatron == out_name)]
 
 

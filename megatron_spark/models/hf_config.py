@@ -10,10 +10,21 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-ARCHITECTURES = {
-    "Qwen2ForCausalLM": "qwen2",
-    "Qwen2_5_VLForConditionalGeneration": "qwen2_5_vl",
-}
+@dataclass(frozen=True)
+class Family:
+    """What differs between the supported model families, said once (the rest of the code asks the family instead
+    of comparing names)."""
+    name: str                 # ModelShape.family, as checkpoints record it
+    hf_architecture: str      # config.json's `architectures`
+    multimodal: bool          # a vision tower, images in prompts
+    megatron_prefix: str      # where the language model's parameters sit in our Megatron module
+
+
+FAMILIES = {f.name: f for f in (
+    Family("qwen2", "Qwen2ForCausalLM", multimodal=False, megatron_prefix=""),
+    Family("qwen2_5_vl", "Qwen2_5_VLForConditionalGeneration", multimodal=True, megatron_prefix="language_model."),
+)}
+ARCHITECTURES = {f.hf_architecture: f.name for f in FAMILIES.values()}
 
 
 @dataclass(frozen=True)
@@ -58,6 +69,14 @@ class ModelShape:
     vision_start_token_id: Optional[int] = None
     raw: dict = field(default_factory=dict, compare=False, repr=False)
 
+    @property
+    def kind(self) -> Family:
+        return FAMILIES[self.family]
+
+    @property
+    def multimodal(self) -> bool:
+        return self.kind.multimodal
+
 
 def _rope(cfg: dict) -> tuple[float, Optional[tuple[int, ...]]]:
     params = cfg.get("rope_parameters") or {}
@@ -72,13 +91,14 @@ def parse_hf_config(cfg: dict, source: str = "config.json") -> ModelShape:
     family = next((ARCHITECTURES[a] for a in archs if a in ARCHITECTURES), None)
     if family is None and not archs:  # only configs without `architectures` are identified by model_type
         mt = cfg.get("model_type")
-        family = {"qwen2": "qwen2", "qwen2_5_vl": "qwen2_5_vl"}.get(mt)
+        family = mt if mt in FAMILIES else None
     if family is None:
         raise ValueError(f"{source}: unsupported architecture {archs or cfg.get('model_type')!r}; supported: "
                          f"{', '.join(ARCHITECTURES)}")
-    text_cfg = dict(cfg.get("text_config") or cfg) if family == "qwen2_5_vl" else cfg
+    multimodal = FAMILIES[family].multimodal
+    text_cfg = dict(cfg.get("text_config") or cfg) if multimodal else cfg
     theta, mrope = _rope(text_cfg)
-    if family == "qwen2_5_vl" and mrope is None:
+    if multimodal and mrope is None:
         theta, mrope = _rope(cfg)
     tied = bool(cfg.get("tie_word_embeddings", text_cfg.get("tie_word_embeddings", False)))
     heads = text_cfg["num_attention_heads"]
@@ -91,7 +111,7 @@ def parse_hf_config(cfg: dict, source: str = "config.json") -> ModelShape:
         rope_theta=theta, tied_embeddings=tied,
         max_position_embeddings=text_cfg.get("max_position_embeddings", 32768), mrope_section=mrope)
     vision = None
-    if family == "qwen2_5_vl":
+    if multimodal:
         v = cfg["vision_config"]
         vparams = v.get("rope_parameters") or {}
         vision = VisionShape(

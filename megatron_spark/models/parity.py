@@ -13,7 +13,9 @@ from megatron_spark.models.runtime import forward_logits, make_batch
 def hf_reference(path: str, family: str):
     from transformers import AutoModelForCausalLM, Qwen2_5_VLForConditionalGeneration
 
-    cls = Qwen2_5_VLForConditionalGeneration if family == "qwen2_5_vl" else AutoModelForCausalLM
+    from megatron_spark.models.hf_config import FAMILIES
+
+    cls = Qwen2_5_VLForConditionalGeneration if FAMILIES[family].multimodal else AutoModelForCausalLM
     return cls.from_pretrained(path, dtype=torch.float32, attn_implementation="eager").eval()
 
 
@@ -22,7 +24,7 @@ def sample_inputs(path: str, shape: ModelShape, text_len: int = 24) -> list[tupl
     g = torch.Generator().manual_seed(0)
     # Ids above the special-token range, so random text never contains image placeholders.
     cases = [("text", {"input_ids": torch.randint(20, shape.text.vocab_size, (2, text_len), generator=g)})]
-    if shape.family == "qwen2_5_vl":
+    if shape.multimodal:
         from transformers import AutoProcessor
 
         from megatron_spark.tiny import tiny_image

@@ -30,9 +30,6 @@ try:
 except ImportError:  # pragma: no cover - megatron-core is a hard dependency; keeps the docs importable
     _MegatronModule = torch.nn.Module
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
 class TorchRMSNorm(torch.nn.RMSNorm):
     """The local spec's RMSNorm: torch's, in the model's dtype, and usable under sequence parallelism.
 
@@ -336,10 +333,10 @@ def build_model(shape: ModelShape, layout, *, dtype: torch.dtype = torch.float32
             else ps.is_pipeline_last_stage()
         common = dict(dtype=dtype, use_te=use_te, pre_process=first, post_process=last, vp_stage=vp_stage,
                       make_vocab_size_divisible_by=make_vocab_size_divisible_by, recompute=recompute)
-        if shape.family == "qwen2":
-            chunks.append(build_gpt(shape.text, layout, **common))
-        else:
+        if shape.multimodal:
             chunks.append(Qwen25VLModel(shape, layout, **common))
+        else:
+            chunks.append(build_gpt(shape.text, layout, **common))
     mark_tensor_parallel_params(chunks, shape, layout.tp, make_vocab_size_divisible_by)
     target = torch.device(device) if device is not None else default_device()
     return [c.to(target) for c in chunks]

@@ -44,7 +44,7 @@ def make_batch(shape, input_ids: Tensor, pixel_values=None, image_grid_thw=None,
 
     b, s = input_ids.shape
     image_mask = None
-    if shape.family == "qwen2_5_vl":
+    if shape.multimodal:
         grids = grids_per_sequence if grids_per_sequence is not None else image_grid_thw
         pos, image_mask = mrope_positions_and_image_mask(input_ids, grids, shape.image_token_id,
                                                          shape.vision.spatial_merge_size)

@@ -9,24 +9,25 @@ def add_plan_args(p: argparse.ArgumentParser) -> None:
     from megatron_spark.planner.model import BUILTIN
 
     p.add_argument("--model", required=True, help=f"{', '.join(BUILTIN)}, a HF directory or a config.json")
-    p.add_argument("--gpus", type=int, required=True)
-    p.add_argument("--gpus-per-node", type=int, default=8)
-    p.add_argument("--gpu", default="h100-80gb", choices=sorted(GPUS))
+    p.add_argument("--gpus", type=int, required=True, help="GPUs of the job (all nodes)")
+    p.add_argument("--gpus-per-node", type=int, default=8, help="GPUs per node (TP stays within a node)")
+    p.add_argument("--gpu", default="h100-80gb", choices=sorted(GPUS), help="GPU model (memory, FLOP/s, bandwidth)")
     p.add_argument("--config", help="also evaluate the layout and shape of this training config (YAML)")
     p.add_argument("--prompts", type=int, default=64, help="task prompts per step")
     p.add_argument("--reward-prompts", type=int, default=64, help="recycled tasks per step (0: plain GRPO)")
-    p.add_argument("--n-samples", type=int, default=8)
-    p.add_argument("--prompt-len", type=int, default=1024)
+    p.add_argument("--n-samples", type=int, default=8, help="samples per prompt")
+    p.add_argument("--prompt-len", type=int, default=1024, help="text tokens per prompt")
     p.add_argument("--image-tokens", type=int, default=1024, help="LLM tokens per image (0 for text)")
-    p.add_argument("--response-len", type=int, default=1024)
-    p.add_argument("--micro-batch-size", type=int, default=1)
-    p.add_argument("--max-num-seqs", type=int, default=256)
-    p.add_argument("--attention", choices=["flash", "unfused"], default="flash")
+    p.add_argument("--response-len", type=int, default=1024, help="tokens per response")
+    p.add_argument("--micro-batch-size", type=int, default=1, help="sequences per micro-batch")
+    p.add_argument("--max-num-seqs", type=int, default=256, help="vLLM's concurrent sequences per engine")
+    p.add_argument("--attention", choices=["flash", "unfused"], default="flash",
+                   help="flash: TE / flash-attn kernels (GPU default); unfused: scores materialised (local spec)")
     p.add_argument("--mfu", type=float, default=0.30, help="training MFU (calibrated default, see docs/scaling.md)")
-    p.add_argument("--no-distributed-optimizer", action="store_true")
+    p.add_argument("--no-distributed-optimizer", action="store_true", help="optimizer state not sharded over DP")
     p.add_argument("--reference-offloaded", action="store_true", help="no reference model on the GPU")
-    p.add_argument("--top", type=int, default=8)
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--top", type=int, default=8, help="layouts listed")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
 
 
 def run_plan(args) -> int:
@@ -79,14 +80,29 @@ def run_plan(args) -> int:
     return 0
 
 
+SWEEP_COMMANDS = ("run", "report", "run-one")
+
+
 def add_sweep_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("what", help="GRID.yaml to run a sweep, or `report` / `run-one`")
-    p.add_argument("path", nargs="?", help="report: the sweep directory; run-one: the sweep directory")
-    p.add_argument("index", nargs="?", type=int, help=argparse.SUPPRESS)
-    p.add_argument("--out", help="sweep directory (one subdirectory per run)")
-    p.add_argument("--slurm", action="store_true", help="submit as an sbatch --array job (slurm/sweep.sbatch)")
-    p.add_argument("--wait", action="store_true", help="with --slurm: wait for the array and write the report")
-    p.add_argument("--sbatch-args", default="", help="extra sbatch arguments, e.g. '--partition=gpu --gpus-per-task=8'")
+    sub = p.add_subparsers(dest="sweep_cmd", required=True)
+    r = sub.add_parser("run", help="run every layout of a grid (locally, or as an sbatch --array job)")
+    r.add_argument("grid", help="GRID.yaml: base config, grid of layouts and/or single runs")
+    r.add_argument("--out", required=True, help="sweep directory (one subdirectory per run)")
+    r.add_argument("--slurm", action="store_true", help="submit as an sbatch --array job (slurm/sweep.sbatch)")
+    r.add_argument("--wait", action="store_true", help="with --slurm: wait for the array and write the report")
+    r.add_argument("--sbatch-args", default="", help="extra sbatch arguments, e.g. '--partition=gpu --gpus-per-task=8'")
+    rep = sub.add_parser("report", help="DIR/report.md (a row per run, failures with their reason) + report.png")
+    rep.add_argument("dir", help="the sweep directory")
+    one = sub.add_parser("run-one", help="one run of a prepared sweep (each array task of slurm/sweep.sbatch)")
+    one.add_argument("dir", help="the sweep directory")
+    one.add_argument("index", type=int, help="the run's index in DIR/plan.json")
+
+
+def sweep_argv(argv: list[str]) -> list[str]:
+    """`megatron-spark sweep GRID.yaml ...` (the form before the subcommands) means `sweep run GRID.yaml ...`."""
+    if len(argv) > 1 and argv[0] == "sweep" and argv[1] not in SWEEP_COMMANDS + ("-h", "--help"):
+        return ["sweep", "run", *argv[1:]]
+    return argv
 
 
 def run_sweep(args) -> int:
@@ -95,17 +111,13 @@ def run_sweep(args) -> int:
     from megatron_spark.planner import sweep
     from megatron_spark.planner.sweep_report import report
 
-    if args.what == "report":
-        if not args.path:
-            raise ValueError("usage: megatron-spark sweep report DIR")
-        print(report(args.path))
+    if args.sweep_cmd == "report":
+        print(report(args.dir))
         return 0
-    if args.what == "run-one":
-        r = sweep.run_one(args.path, args.index)
+    if args.sweep_cmd == "run-one":
+        r = sweep.run_one(args.dir, args.index)
         return 0 if r["status"] in ("ok", "invalid") else 1
-    if not args.out:
-        raise ValueError("--out: where the sweep's runs and report go")
-    plan = sweep.prepare(args.what, args.out)
+    plan = sweep.prepare(args.grid, args.out)
     print(f"{len(plan['runs'])} runs -> {args.out}", flush=True)
     if not args.slurm:
         sweep.run_local(args.out)

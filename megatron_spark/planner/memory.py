@@ -33,13 +33,13 @@ from math import gcd
 from typing import Optional
 
 from megatron_spark.models.hf_config import ModelShape
+from megatron_spark.dtypes import BYTES as DTYPE_BYTES
 from megatron_spark.planner.model import StageParams, kv_bytes_per_token, param_counts, stage_params
 
 GIB = 2 ** 30
 OVERHEAD_GIB = 3.4          # fitted (least relative error) to the bench/mfu.py peaks in calibration.py
 ENGINE_ASLEEP_GIB = 0.5     # vLLM's buffers a level-1 sleep keeps (assumption, not measured here)
 ENGINE_AWAKE_GIB = 1.5      # vLLM's activations / sampler / graphs besides weights and KV (assumption)
-DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
 
 
 @dataclass(frozen=True)

@@ -107,9 +107,10 @@ def run_one(out: str | Path, index: int) -> dict:
         result.update(status="invalid", reason=str(e))
         return _write(rdir, result)
     result["predicted"] = _predicted(cfg, plan["nproc_per_node"])
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(plan["nproc_per_node"]),
-           "--master-port", str(29700 + (os.getpid() + index) % 200), "-m", "megatron_spark.train"] + \
-        (["--config", plan["config"]] if plan["config"] else []) + overrides
+    from megatron_spark.launch import torchrun_command
+
+    cmd = torchrun_command(plan["nproc_per_node"], ["-m", "megatron_spark.train"] + (
+        ["--config", plan["config"]] if plan["config"] else []) + overrides)
     t0 = time.time()
     log = open(rdir / "train.log", "w")
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, start_new_session=True)

@@ -2,8 +2,7 @@
 from __future__ import annotations
 
 from megatron_spark.config import RolloutConfig
-
-VLLM_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+from megatron_spark.dtypes import hf_name as vllm_dtype
 
 
 def build_engine(ro: RolloutConfig, hf_dir: str, shape, *, dtype: str, seed: int, min_pixels: int,
@@ -13,11 +12,11 @@ def build_engine(ro: RolloutConfig, hf_dir: str, shape, *, dtype: str, seed: int
     if ro.backend == "hf":
         from megatron_spark.rollout.hf_engine import HFRolloutEngine
 
-        return HFRolloutEngine(hf_dir, dtype=VLLM_DTYPES[dtype], multimodal=multimodal,
+        return HFRolloutEngine(hf_dir, dtype=vllm_dtype(dtype), multimodal=multimodal,
                                max_model_len=ro.max_model_len)
     from megatron_spark.rollout.engine import RolloutEngine
 
-    return RolloutEngine(hf_dir, tensor_parallel_size=ro.tensor_parallel_size, dtype=VLLM_DTYPES[dtype],
+    return RolloutEngine(hf_dir, tensor_parallel_size=ro.tensor_parallel_size, dtype=vllm_dtype(dtype),
                          max_model_len=ro.max_model_len, enforce_eager=ro.enforce_eager,
                          gpu_memory_utilization=ro.gpu_memory_utilization, seed=seed, min_pixels=min_pixels,
                          max_pixels=max_pixels, tied_embeddings=shape.text.tied_embeddings, multimodal=multimodal)

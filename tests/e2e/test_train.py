@@ -46,7 +46,11 @@ def setup(tmp_path_factory):
 def cmd(hf, train, run_dir, ckpt, *extra):
     return [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
             "--master-port", str(29600 + os.getpid() % 300), "-m", "megatron_spark.train",
-            "--config", str(ROOT / "examples" / "tiny_cpu.yaml"), f"model.hf_dir={hf}", f"data.train_file={train}",
+            *train_args(hf, train, run_dir, ckpt, *extra)]
+
+
+def train_args(hf, train, run_dir, ckpt, *extra):
+    return ["--config", str(ROOT / "examples" / "tiny_cpu.yaml"), f"model.hf_dir={hf}", f"data.train_file={train}",
             f"logging.dir={run_dir}", f"checkpoint.dir={ckpt}", "data.rollout_batch_size=4",
             "training.global_batch_size=8", "training.micro_batch_size=4", "rollout.max_new_tokens=12",
             "training.lr=1e-4",
@@ -424,6 +428,60 @@ def test_no_usable_checkpoint_is_one_clear_error(full_run, setup, tmp_path):
     assert last.startswith(f"error: config field 'checkpoint.dir': no usable checkpoint in '{ck}' (iter_0000004 (")
     assert "iter_0000002 (" in last and "move the directory away" in last
     assert "Traceback" not in p.stderr and "torch.distributed" not in p.stderr
+
+
+def test_a_killed_rank_and_a_hung_rank_come_back_by_themselves(setup):
+    """`megatron-spark train --max-restarts 2`: rank 1 is SIGKILLed at step 2 of the first attempt and hangs at step
+    3 of the second (the step watchdog, 30 s, dumps every thread's stack and ends it); torchrun restarts the ranks,
+    each attempt resumes from the last checkpoint, and the run finishes with each step's metrics exactly once.
+    Step 4's loss is made non-finite: its updates are skipped (the weights stay those of step 3) and the run goes
+    on. (The faults are injected through SPARK_TEST_FAULTS: megatron_spark/watchdog.py.)"""
+    d, hf, train = setup
+    faults = {"kill": [0, 2, 1], "hang": [1, 3, 1], "nonfinite": [4]}
+    p = subprocess.run([sys.executable, "-m", "megatron_spark.cli", "train", "--nproc-per-node", "2",
+                        "--max-restarts", "2", *train_args(hf, train, d / "runR", d / "ckR", "training.max_steps=5",
+                                                           "checkpoint.save_interval=1", "checkpoint.keep_last=5",
+                                                           "training.hang_timeout_s=30",
+                                                           "training.max_nonfinite_updates=5")],
+                       cwd=ROOT, capture_output=True, text=True, timeout=900,
+                       env=dict(os.environ, SPARK_TEST_FAULTS=json.dumps(faults)))
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-6000:]
+    assert p.stdout.count("resumed from") == 2, p.stdout[-3000:]
+    assert "Timeout (0:00:30)!" in p.stderr and "_injected_hang" in p.stderr  # the hung rank's stack, dumped
+    steps = [json.loads(x)["step"] for x in (d / "runR" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4, 5]
+    m = metrics(d / "runR")
+    assert m[4]["infer/updates_skipped_nonfinite"] == 2 and m[4]["infer/optimizer_steps"] == 0
+    assert m[4].get("reward/updates_skipped_nonfinite", 0) == 2 * m[4]["reward_period"]
+    assert m[3]["infer/updates_skipped_nonfinite"] == 0 and m[5]["infer/optimizer_steps"] == 2
+    assert m[4]["optimizer_steps"] == m[3]["optimizer_steps"] < m[5]["optimizer_steps"]
+    assert {"time/step_rank_max", "time/step_rank_min", "slowest_rank"} <= set(m[5])
+    pieces = {s: checkpoint_pieces(d / "ckR" / f"iter_{s:07d}") for s in (2, 3, 4)}
+    model = [k for k in pieces[3] if k.startswith("tensor:") and "optimizer" not in k]
+    assert model and all(_same(pieces[4][k], pieces[3][k]) for k in model)  # step 4 applied nothing
+    assert not all(_same(pieces[3][k], pieces[2][k]) for k in model)      # (step 3 did)
+
+
+def test_bad_input_is_not_retried_and_a_spent_budget_says_so(setup, tmp_path):
+    """A bad input found by the ranks (a data file with no usable record) fails the same way every time: with
+    restarts allowed it is not retried. A failure with no restarts left ends with one summary line."""
+    d, hf, train = setup
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps([{"message": "not a chat", "answer": "1"}]))
+    t0 = time.time()
+    p = subprocess.run([sys.executable, "-m", "megatron_spark.cli", "train", "--nproc-per-node", "2",
+                        "--max-restarts", "3", *train_args(hf, bad, tmp_path / "run", tmp_path / "ck")],
+                       cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 2, p.stderr[-3000:]
+    assert "not restarted: the error above is in the config or the input" in p.stderr
+    assert p.stderr.count("error: ") == 1 and "data" in p.stderr
+    p = subprocess.run([sys.executable, "-m", "megatron_spark.cli", "train", "--nproc-per-node", "2",
+                        *train_args(hf, train, tmp_path / "run2", tmp_path / "ck2", "training.max_steps=2")],
+                       cwd=ROOT, capture_output=True, text=True, timeout=600,
+                       env=dict(os.environ, SPARK_TEST_FAULTS=json.dumps({"kill": [0, 1, 0]})))
+    assert p.returncode not in (0, 2)
+    assert "megatron-spark train: failed (exit" in p.stderr and "after 0 automatic restart(s)" in p.stderr
+    assert time.time() - t0 < 400
 
 
 def test_every_config_leaf_is_read(setup):  # (last in the module: it reads what the runs above recorded)

@@ -192,3 +192,30 @@ def test_every_field_is_documented_and_listed_by_help_config():
     listed = [x.split("  (")[0] for x in p.stdout.splitlines() if not x.startswith(" ")]
     assert listed == list(leaf_paths().values())
     assert "rollout.backend  (Literal['vllm', 'hf'], default 'vllm')" in p.stdout
+
+
+def test_every_cli_flag_has_help_and_parallel_sizes_are_named_alike():
+    """`megatron-spark ... --help` documents every flag; the trainer's TP is --train-tp and the engines' TP is
+    --rollout-tp wherever a command takes them (older spellings stay as aliases)."""
+    import argparse
+
+    from megatron_spark.cli import build_parser
+
+    missing, flags = [], {}
+
+    def walk(parser, prefix):
+        for a in parser._actions:
+            if isinstance(a, argparse._SubParsersAction):
+                for name, sub in a.choices.items():
+                    walk(sub, prefix + [name])
+            elif not isinstance(a, argparse._HelpAction):
+                name = " ".join(prefix + [a.option_strings[0] if a.option_strings else a.dest])
+                if not a.help:
+                    missing.append(name)
+                flags[name] = a.option_strings
+    walk(build_parser(), [])
+    assert missing == []
+    assert "--train-tp" in flags["verify-sync --train-tp"] and "--rollout-tp" in flags["verify-sync --rollout-tp"]
+    assert "--rollout-tp" in flags["eval --tensor-parallel-size"]
+    for sub in ("hf-to-megatron", "verify"):
+        assert "--train-tp" in flags[f"convert {sub} --train-tp"] and "--tp" in flags[f"convert {sub} --train-tp"]

@@ -76,3 +76,43 @@ def test_model_code_reads_files_through_io_not_the_converters(package):
     bad = {str(p.relative_to(ROOT)): sorted(i for i in imports(p) if i.startswith("megatron_spark.convert"))
            for p in (ROOT / "megatron_spark" / package).rglob("*.py")}
     assert not {k: v for k, v in bad.items() if v}
+
+
+def test_one_dtype_table():
+    """Config dtype names map to torch / HF / vLLM names and sizes in megatron_spark/dtypes.py only: no other module
+    spells a table keyed by 'bf16' (five copies had drifted apart before)."""
+    bad = []
+    for p in (ROOT / "megatron_spark").rglob("*.py"):
+        if p.name == "dtypes.py":
+            continue
+        for node in ast.walk(ast.parse(p.read_text())):
+            if isinstance(node, ast.Dict) and any(isinstance(k, ast.Constant) and k.value == "bf16" for k in node.keys):
+                bad.append(f"{p.relative_to(ROOT)}:{node.lineno}")
+    assert not bad, bad
+
+
+def test_dtype_table_round_trips():
+    import torch
+
+    from megatron_spark import dtypes
+
+    for n in dtypes.NAMES:
+        t = dtypes.torch_dtype(n)
+        assert dtypes.name_of(t) == n and torch.tensor([], dtype=t).element_size() == dtypes.BYTES[n]
+        assert getattr(torch, dtypes.hf_name(n)) == t
+    with pytest.raises(ValueError, match="choose one of bf16, fp16, fp32"):
+        dtypes.torch_dtype("fp8")
+
+
+def test_model_families_are_asked_not_compared():
+    """What differs between families lives in `models.hf_config.FAMILIES`; no module compares a family name."""
+    bad = []
+    for p in (ROOT / "megatron_spark").rglob("*.py"):
+        if p.name == "hf_config.py":
+            continue
+        for node in ast.walk(ast.parse(p.read_text())):
+            if isinstance(node, ast.Compare) and any(
+                    isinstance(x, ast.Constant) and x.value in ("qwen2", "qwen2_5_vl")
+                    for x in [node.left, *node.comparators]):
+                bad.append(f"{p.relative_to(ROOT)}:{node.lineno}")
+    assert not bad, bad

@@ -1,0 +1,85 @@
+"""Watchdogs for long runs: a step that never finishes, and updates that would write non-finite weights.
+
+- `StepWatchdog`: re-armed at the start of every step; if the step (with its checkpoint) has not finished within
+  `training.hang_timeout_s`, the process prints every thread's Python stack (faulthandler: "Timeout (h:mm:ss)!",
+  then each thread, the main one last) and exits with status 1. Every rank of a hung collective does the same, so
+  the launcher sees a failure at once (and `--max-restarts` resumes from the last checkpoint) instead of the job
+  holding its allocation until the time limit. faulthandler's timer runs in C, outside the GIL: it fires even
+  when the main thread is stuck inside a collective.
+- `NonFiniteGuard`: counts updates skipped for a non-finite loss or gradient (`Policy.train_step` skips them, so
+  the weights, and any checkpoint of them, stay finite) and stops the run after `training.max_nonfinite_updates`
+  in a row.
+- Test hooks (`SPARK_TEST_FAULTS`): faults that cannot be caused on demand otherwise -- a rank that hangs or dies
+  at a given step, a non-finite loss at given steps -- injected by the e2e tests; inert unless the variable is set.
+"""
+from __future__ import annotations
+
+import faulthandler
+import json
+import os
+import signal
+import sys
+import time
+from typing import Optional
+
+
+class StepWatchdog:
+    def __init__(self, timeout_s: float):
+        self.timeout_s = timeout_s
+
+    def arm(self) -> None:
+        if self.timeout_s > 0:
+            faulthandler.dump_traceback_later(self.timeout_s, repeat=False, file=sys.stderr, exit=True)
+
+    def disarm(self) -> None:
+        if self.timeout_s > 0:
+            faulthandler.cancel_dump_traceback_later()
+
+
+class NonFiniteUpdates(RuntimeError):
+    """Raised on every rank alike when too many updates in a row were skipped as non-finite."""
+
+
+class NonFiniteGuard:
+    def __init__(self, limit: int):
+        self.limit, self.in_row, self.total = limit, 0, 0
+
+    def record(self, skipped: int, step: int) -> None:
+        """`skipped` updates of this step were dropped as non-finite (0: the step's updates were all applied)."""
+        self.total += skipped
+        self.in_row = self.in_row + skipped if skipped else 0
+        if self.limit and self.in_row >= self.limit:
+            raise NonFiniteUpdates(
+                f"config field 'training.max_nonfinite_updates': {self.in_row} updates in a row had a non-finite "
+                f"loss or gradient (the last at step {step}); none was applied, so the last checkpoint is clean. "
+                f"Lower training.lr or raise training.clip_grad, check the data of these steps, and resume.")
+
+
+# -- injected faults (tests only) ------------------------------------------------------------------------------
+def _faults() -> dict:
+    raw = os.environ.get("SPARK_TEST_FAULTS")
+    return json.loads(raw) if raw else {}
+
+
+def _attempt() -> int:
+    """Which start of the run this is: torchrun's restarts within a job plus SLURM's requeues of it."""
+    return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) + int(os.environ.get("SLURM_RESTART_COUNT", "0"))
+
+
+def inject_step_faults(step: int, rank: int) -> None:
+    """{"hang": [attempt, step, rank]} sleeps forever there; {"kill": [attempt, step, rank]} SIGKILLs the rank."""
+    f = _faults()
+    if f.get("kill") == [_attempt(), step, rank]:
+        os.kill(os.getpid(), signal.SIGKILL)
+    if f.get("hang") == [_attempt(), step, rank]:
+        _injected_hang()
+
+
+def _injected_hang() -> None:  # (named, so that the watchdog's stack dump shows where the rank stopped)
+    while True:
+        time.sleep(3600)
+
+
+def nonfinite_loss_at(step: int) -> Optional[float]:
+    """{"nonfinite": [step, ...]}: the loss of those steps' updates is multiplied by NaN."""
+    return float("nan") if step in _faults().get("nonfinite", []) else None

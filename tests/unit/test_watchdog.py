@@ -1,0 +1,48 @@
+"""The watchdogs on their own (the e2e test kills and hangs real ranks: tests/e2e/test_train.py)."""
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+
+from megatron_spark.watchdog import NonFiniteGuard, NonFiniteUpdates
+
+
+def test_a_step_past_its_deadline_dumps_every_thread_and_exits():
+    code = textwrap.dedent("""
+        import threading, time
+        from megatron_spark.watchdog import StepWatchdog
+        def stuck_in_a_collective():
+            time.sleep(60)
+        threading.Thread(target=lambda: time.sleep(60), name="helper", daemon=True).start()
+        w = StepWatchdog(1.0)
+        w.arm(); time.sleep(0.2); w.arm()   # re-armed: the deadline counts from the last arm
+        stuck_in_a_collective()
+    """)
+    t0 = time.time()
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=30)
+    took = time.time() - t0
+    assert p.returncode == 1 and took < 20, (p.returncode, took)
+    assert "Timeout (0:00:01)!" in p.stderr and "stuck_in_a_collective" in p.stderr
+    assert p.stderr.count("Thread 0x") >= 2  # every thread, not only the main one
+
+
+def test_a_disarmed_watchdog_stays_quiet():
+    code = ("import time\nfrom megatron_spark.watchdog import StepWatchdog\nw = StepWatchdog(0.5)\nw.arm()\n"
+            "w.disarm()\ntime.sleep(1.5)\nprint('finished')")
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=30)
+    assert p.returncode == 0 and p.stdout.strip() == "finished" and "Timeout" not in p.stderr
+
+
+def test_non_finite_updates_stop_the_run_only_in_a_row():
+    g = NonFiniteGuard(limit=3)
+    g.record(2, step=1)
+    g.record(0, step=2)  # a clean step resets the count
+    g.record(2, step=3)
+    with pytest.raises(NonFiniteUpdates, match=r"training.max_nonfinite_updates': 4 updates in a row.*step 4"):
+        g.record(2, step=4)
+    assert g.total == 6
+    never = NonFiniteGuard(limit=0)
+    for s in range(10):
+        never.record(2, step=s)
