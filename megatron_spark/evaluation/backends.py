@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Optional, Protocol, Sequence
 
 from megatron_spark.evaluation.settings import GenerationSettings
-from megatron_spark.logs import dedupe_vllm_warnings
 
 
 _MIME = {".png": "png", ".jpg": "jpeg", ".jpeg": "jpeg", ".gif": "gif", ".webp": "webp", ".bmp": "bmp"}
@@ -81,25 +80,13 @@ class VLLMBackend:
                  seed: int = 0, dtype: Optional[str] = None, max_num_seqs: int = 64):
         import torch
 
-        from megatron_spark.rollout.engine import vllm_process_env
-
-        vllm_process_env()
-        from vllm import LLM
+        from megatron_spark.rollout.engine import build_llm
 
         self.multimodal = is_multimodal(model_dir)
         on_gpu = torch.cuda.is_available()
-        from megatron_spark.logs import vllm_progress_bars
-
-        kwargs = dict(model=model_dir, tensor_parallel_size=tensor_parallel_size, seed=seed,
-                      dtype=dtype or ("bfloat16" if on_gpu else "float32"), enforce_eager=not on_gpu,
-                      max_num_seqs=max_num_seqs, use_tqdm_on_load=vllm_progress_bars())
-        if max_model_len:
-            kwargs["max_model_len"] = max_model_len
-        if self.multimodal:
-            kwargs["limit_mm_per_prompt"] = {"image": 1, "video": 0}
-        dedupe_vllm_warnings()
-        self.llm = LLM(**kwargs)
-        dedupe_vllm_warnings()
+        self.llm = build_llm(model_dir, tensor_parallel_size=tensor_parallel_size, seed=seed,
+                             dtype=dtype or ("bfloat16" if on_gpu else "float32"), enforce_eager=not on_gpu,
+                             max_num_seqs=max_num_seqs, multimodal=self.multimodal, max_model_len=max_model_len)
 
     def chat(self, conversations: Sequence[Conversation], gen: GenerationSettings, n: int = 1,
              temperature: Optional[float] = None) -> list[Reply]:

@@ -100,42 +100,56 @@ def _isolate_cpu_shm(token: str) -> None:
     cls.make_group_name = staticmethod(lambda communicator: f"/{token}{original(communicator).lstrip('/')}")
 
 
+def build_llm(model: str, *, tensor_parallel_size: int, dtype: str, seed: int, max_num_seqs: int,
+              enforce_eager: bool, multimodal: bool, max_model_len: Optional[int] = None,
+              colocated: bool = False, gpu_memory_utilization: Optional[float] = None, sleep_mode: bool = False,
+              image_size: Optional[dict] = None):
+    """The one place a vLLM `LLM` is made, for training (`colocated`: one worker in each trainer rank through the
+    external launcher, sleep mode on GPU) and for evaluation (an engine of its own). vLLM's process environment is
+    set first; its start-up warnings are shown once."""
+    import torch.distributed as dist
+
+    from megatron_spark.logs import dedupe_vllm_warnings, vllm_progress_bars
+
+    vllm_process_env()
+    from vllm import LLM
+
+    kwargs: dict[str, Any] = dict(model=model, dtype=dtype, max_num_seqs=max_num_seqs, enforce_eager=enforce_eager,
+                                  seed=seed, tensor_parallel_size=tensor_parallel_size,
+                                  use_tqdm_on_load=vllm_progress_bars())
+    if max_model_len:
+        kwargs["max_model_len"] = max_model_len
+    if colocated and dist.is_available() and dist.is_initialized():
+        kwargs["distributed_executor_backend"] = "external_launcher"
+        if not torch.cuda.is_available():
+            token = [f"spark{os.getpid()}x{int(time.time() * 1000) % 10**9}" if dist.get_rank() == 0 else None]
+            dist.broadcast_object_list(token, src=0)
+            _isolate_cpu_shm(token[0])
+    if gpu_memory_utilization is not None and torch.cuda.is_available():
+        kwargs["gpu_memory_utilization"] = gpu_memory_utilization
+    if sleep_mode and torch.cuda.is_available():
+        kwargs["enable_sleep_mode"] = True
+    if multimodal:
+        kwargs["limit_mm_per_prompt"] = {"image": 1, "video": 0}
+        if image_size:  # (the image bounds in the form current image processors take)
+            kwargs["mm_processor_kwargs"] = {"size": image_size}
+    dedupe_vllm_warnings()
+    llm = LLM(**kwargs)
+    dedupe_vllm_warnings()
+    return llm
+
+
 class RolloutEngine:
     def __init__(self, hf_dir: str, *, tensor_parallel_size: int = 1, dtype: str = "float32",
                  max_model_len: int = 1024, max_num_seqs: int = 64, gpu_memory_utilization: float = 0.5,
                  enforce_eager: bool = True, seed: int = 0, min_pixels: Optional[int] = None,
                  max_pixels: Optional[int] = None, tied_embeddings: bool = False, multimodal: bool = False):
-        import torch.distributed as dist
-
-        from megatron_spark.logs import vllm_progress_bars
-
-        vllm_process_env()
-        from vllm import LLM
-
-        kwargs: dict[str, Any] = dict(model=hf_dir, dtype=dtype, max_model_len=max_model_len,
-                                      max_num_seqs=max_num_seqs, enforce_eager=enforce_eager, seed=seed,
-                                      tensor_parallel_size=tensor_parallel_size,
-                                      use_tqdm_on_load=vllm_progress_bars())
-        if dist.is_available() and dist.is_initialized():
-            kwargs["distributed_executor_backend"] = "external_launcher"
-            if not torch.cuda.is_available():
-                token = [f"spark{os.getpid()}x{int(time.time() * 1000) % 10**9}" if dist.get_rank() == 0 else None]
-                dist.broadcast_object_list(token, src=0)
-                _isolate_cpu_shm(token[0])
-        if torch.cuda.is_available():
-            kwargs.update(gpu_memory_utilization=gpu_memory_utilization, enable_sleep_mode=True)
-        if multimodal:
-            kwargs["limit_mm_per_prompt"] = {"image": 1, "video": 0}
-            # the image bounds in the form current image processors take (min_pixels / max_pixels call arguments
-            # are deprecated and warned about on every request)
-            size = {k: v for k, v in (("shortest_edge", min_pixels), ("longest_edge", max_pixels)) if v is not None}
-            if size:
-                kwargs["mm_processor_kwargs"] = {"size": size}
-        from megatron_spark.logs import dedupe_vllm_warnings
-
-        dedupe_vllm_warnings()
-        self.llm = LLM(**kwargs)
-        dedupe_vllm_warnings()
+        # (min_pixels / max_pixels call arguments are deprecated and warned about on every request: a size dict)
+        size = {k: v for k, v in (("shortest_edge", min_pixels), ("longest_edge", max_pixels)) if v is not None}
+        self.llm = build_llm(hf_dir, tensor_parallel_size=tensor_parallel_size, dtype=dtype, seed=seed,
+                             max_num_seqs=max_num_seqs, enforce_eager=enforce_eager, multimodal=multimodal,
+                             max_model_len=max_model_len, colocated=True,
+                             gpu_memory_utilization=gpu_memory_utilization, sleep_mode=True, image_size=size or None)
         self.tokenizer = self.llm.get_tokenizer()
         self.tied = tied_embeddings
         self.on_cpu = not torch.cuda.is_available()

@@ -116,3 +116,15 @@ def test_model_families_are_asked_not_compared():
                     for x in [node.left, *node.comparators]):
                 bad.append(f"{p.relative_to(ROOT)}:{node.lineno}")
     assert not bad, bad
+
+
+def test_one_vllm_engine_builder():
+    """Training and evaluation make their vLLM engines through `rollout.engine.build_llm` only."""
+    bad = []
+    for p in (ROOT / "megatron_spark").rglob("*.py"):
+        for node in ast.walk(ast.parse(p.read_text())):
+            if isinstance(node, ast.Call) and getattr(node.func, "id", getattr(node.func, "attr", "")) == "LLM":
+                bad.append(f"{p.relative_to(ROOT)}:{node.lineno}")
+    assert bad == ["megatron_spark/rollout/engine.py:" + str(next(
+        n.lineno for n in ast.walk(ast.parse((ROOT / "megatron_spark/rollout/engine.py").read_text()))
+        if isinstance(n, ast.Call) and getattr(n.func, "id", "") == "LLM"))], bad
