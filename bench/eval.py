@@ -87,11 +87,11 @@ def main() -> int:
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=3)
     a = ap.parse_args()
-    from megatron_spark.data import make_shapes_benchmark
+    from megatron_spark.fixtures.shapes import make_shapes_benchmark
     from megatron_spark.evaluation.backends import ServerBackend, VLLMBackend, conversation
     from megatron_spark.evaluation.items import load_items
     from megatron_spark.evaluation.settings import GenerationSettings
-    from megatron_spark.tiny import build_qwen2_5_vl
+    from megatron_spark.fixtures.tiny import build_qwen2_5_vl
 
     tmp = Path(tempfile.mkdtemp(prefix="bench-eval-"))
     model = str(build_qwen2_5_vl(tmp / "model", min_pixels=3136, max_pixels=3136))

@@ -134,8 +134,8 @@ def dp_worker(argv: list[str]) -> None:
 
 
 def bench_dp(steps: int, repeats: int) -> dict:
-    from megatron_spark.data import make_shapes_task
-    from megatron_spark.tiny import build_qwen2_5_vl
+    from megatron_spark.fixtures.shapes import make_shapes_task
+    from megatron_spark.fixtures.tiny import build_qwen2_5_vl
 
     tmp = Path(tempfile.mkdtemp(prefix="bench_step_"))
     hf = build_qwen2_5_vl(tmp / "model", min_pixels=3136, max_pixels=3136)
@@ -179,8 +179,8 @@ def bench_logprobs(steps: int, repeats: int) -> dict:
     """The cheaper step: seconds of the old-log-prob pass per infer period and of the whole step, per arm (the
     tiny VL model at TP=1 DP=2, kl_coef=0): a pass for the samples after the period's first optimizer step
     (recompute, 4 steps), none (engine log-probs), none (recompute, one step consumes the period)."""
-    from megatron_spark.data import make_shapes_task
-    from megatron_spark.tiny import build_qwen2_5_vl
+    from megatron_spark.fixtures.shapes import make_shapes_task
+    from megatron_spark.fixtures.tiny import build_qwen2_5_vl
 
     tmp = Path(tempfile.mkdtemp(prefix="bench_logprobs_"))
     hf = build_qwen2_5_vl(tmp / "model", min_pixels=3136, max_pixels=3136)

@@ -16,8 +16,8 @@ def _demo(args) -> int:
     from megatron_spark.logs import quiet_libraries
 
     quiet_libraries(args.verbose)  # before torch and vLLM are imported (this process evaluates in the end)
-    from megatron_spark.data import make_shapes_benchmark, make_shapes_task
-    from megatron_spark.tiny import build_qwen2_5_vl
+    from megatron_spark.fixtures.shapes import make_shapes_benchmark, make_shapes_task
+    from megatron_spark.fixtures.tiny import build_qwen2_5_vl
 
     t0 = time.time()
     run = Path(args.run_dir)

@@ -13,7 +13,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-from megatron_spark.templates import with_suffix
 
 
 class DataError(ValueError):
@@ -211,80 +210,3 @@ class PromptStream:
         batch = [self.examples[i] for i in order[self.cursor.position:self.cursor.position + self.batch_size]]
         self.cursor = Cursor(self.cursor.episode, self.cursor.position + self.batch_size)
         return self.cursor.episode, batch
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# The built-in verifiable task of the demo: which colour fills the picture?
-
-COLOURS = [("red", (220, 30, 30)), ("green", (30, 170, 60)), ("blue", (40, 60, 220)), ("yellow", (230, 210, 40))]
-
-
-def shapes_question() -> str:
-    names = ", ".join(f"{i + 1} for {c}" for i, (c, _) in enumerate(COLOURS))
-    return f"Which colour fills most of the picture? Answer with its number: {names}."
-
-
-def make_shapes_task(out_dir: str | Path, n: int, seed: int, size: int = 56) -> Path:
-    """Writes n images (a dominant colour with a few small shapes of other colours) and a Spark-format JSON."""
-    from PIL import Image, ImageDraw
-
-    out = Path(out_dir)
-    (out / "images").mkdir(parents=True, exist_ok=True)
-    rnd = random.Random(seed)
-    records = []
-    for i in range(n):
-        k = rnd.randrange(len(COLOURS))
-        img = Image.new("RGB", (size, size), COLOURS[k][1])
-        draw = ImageDraw.Draw(img)
-        for _ in range(rnd.randint(0, 3)):
-            other = COLOURS[rnd.randrange(len(COLOURS))][1]
-            x, y = rnd.randint(0, size - 12), rnd.randint(0, size - 12)
-            draw.ellipse([x, y, x + 10, y + 10], fill=other)
-        path = out / "images" / f"{i:05d}.png"
-        img.save(path)
-        msg = [{"role": "user", "content": [{"type": "image", "image": f"images/{path.name}",
-                                             "max_pixels": 28 * 28 * 4},
-                                            {"type": "text", "text": with_suffix(shapes_question())}]}]
-        records.append({"message": json.dumps(msg), "answer": str(k + 1)})
-    path = out / "train.json"
-    path.write_text(json.dumps(records))
-    return path
-
-
-def make_colour_text_task(out_dir: str | Path, n: int, seed: int) -> Path:
-    """The shapes task as text only (the text-model path): the prompt names the colour and asks for its number."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    rnd = random.Random(seed)
-    records = []
-    for _ in range(n):
-        k = rnd.randrange(len(COLOURS))
-        q = f"The picture is {COLOURS[k][0]}. " + shapes_question()
-        msg = [{"role": "user", "content": [{"type": "text", "text": with_suffix(q)}]}]
-        records.append({"message": json.dumps(msg), "answer": str(k + 1)})
-    path = out / "train.json"
-    path.write_text(json.dumps(records))
-    return path
-
-
-def make_shapes_benchmark(out_dir: str | Path, n: int, seed: int, size: int = 56) -> Path:
-    """The shapes task as a benchmark file in the released Spark format ({dataset, problem, answer, image_path},
-    image paths relative to the file), plus `judge.json`: balanced pointwise and pairwise judge tasks on it."""
-    src = make_shapes_task(out_dir, n, seed, size)
-    rnd = random.Random(seed + 1)
-    items, judge = [], []
-    for i, rec in enumerate(json.loads(src.read_text())):
-        image = json.loads(rec["message"])[0]["content"][0]["image"]
-        items.append({"dataset": "shapes", "problem": shapes_question(), "answer": rec["answer"], "image_path": image})
-        wrong = rnd.choice([str(k) for k in range(1, len(COLOURS) + 1) if str(k) != rec["answer"]])
-        right = i % 2 == 0
-        judge.append({"kind": "pointwise", "question": shapes_question(), "answer": rec["answer"] if right else wrong,
-                      "label": "Yes" if right else "No", "image_path": image})
-        a_right = (i // 2) % 2 == 0
-        judge.append({"kind": "pairwise", "question": shapes_question(),
-                      "answer_a": rec["answer"] if a_right else wrong, "answer_b": wrong if a_right else rec["answer"],
-                      "label": "A" if a_right else "B", "image_path": image})
-    (Path(out_dir) / "judge.json").write_text(json.dumps(judge))
-    path = Path(out_dir) / "bench.json"
-    path.write_text(json.dumps(items))
-    return path

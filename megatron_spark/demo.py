@@ -15,7 +15,7 @@ import time
 
 import torch.distributed as dist
 
-from megatron_spark.data import COLOURS
+from megatron_spark.fixtures.shapes import COLOURS
 from megatron_spark.evaluation.periodic import _with_text, held_out_accuracy, load_held_out
 from megatron_spark.policy import Rollout, sft_loss_fn
 from megatron_spark.templates import strip_suffix, with_suffix

@@ -44,7 +44,7 @@ def main() -> int:
     from megatron_spark.parallel import ParallelLayout
     from megatron_spark.quant.export import quantize_hf
     from megatron_spark.quant.rollout_checkpoint import write_fp8_checkpoint
-    from megatron_spark.tiny import build_qwen2
+    from megatron_spark.fixtures.tiny import build_qwen2
 
     out = Path(a.out)
     shutil.rmtree(out, ignore_errors=True)

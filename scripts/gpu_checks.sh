@@ -25,7 +25,7 @@ step tests 180 $py -m pytest -q -p no:cacheprovider -o addopts= tests/gpu -rs
 # model's placement), the non-distributed optimizer, full recompute, a checkpoint; fp32 (the drift check) and bf16
 step smoke_build 120 $py -c "
 from megatron_spark.data import make_shapes_task
-from megatron_spark.tiny import build_qwen2_5_vl
+from megatron_spark.fixtures.tiny import build_qwen2_5_vl
 build_qwen2_5_vl('$out/smoke/model', tied=False, min_pixels=3136, max_pixels=3136)
 make_shapes_task('$out/smoke/data', 64, seed=0)"
 for dtype in fp32 bf16; do
@@ -58,7 +58,7 @@ n_gpu=$($py -c 'import torch; print(torch.cuda.device_count())' 2>/dev/null || e
 if [ "${n_gpu:-0}" -ge 2 ]; then
   step dp2_models 120 $py -c "
 import json
-from megatron_spark.tiny import build_qwen2, build_qwen2_5_vl
+from megatron_spark.fixtures.tiny import build_qwen2, build_qwen2_5_vl
 d = '$out/dp2_models'
 json.dump({'q2_untied_gqa4': str(build_qwen2(d + '/q2', hidden=256, heads=8, kv_heads=2, tied=False, seed=1)),
            'vl_tied': str(build_qwen2_5_vl(d + '/vl', tied=True, seed=2)),

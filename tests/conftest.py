@@ -13,7 +13,7 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory):
     """Tiny HF checkpoints covering GQA, odd (padded) vocab, tied and untied embeddings, Qwen2.5-VL."""
-    from megatron_spark.tiny import build_qwen2, build_qwen2_5_vl
+    from megatron_spark.fixtures.tiny import build_qwen2, build_qwen2_5_vl
 
     root = tmp_path_factory.mktemp("tiny")
     return {

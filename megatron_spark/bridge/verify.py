@@ -30,7 +30,7 @@ def sample_requests(hf_dir: str, shape) -> list[tuple[RolloutRequest, dict]]:
     """(vLLM request, HF-processor encoding of the same prompt) pairs: two text prompts, plus an image for VL."""
     from transformers import AutoProcessor, AutoTokenizer
 
-    from megatron_spark.tiny import tiny_image
+    from megatron_spark.fixtures.tiny import tiny_image
 
     out = []
     texts = ["Question: what is 3 + 4? Answer:", "Count the red squares and blue triangles."]

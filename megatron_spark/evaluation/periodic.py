@@ -11,7 +11,9 @@ from typing import Sequence
 
 import torch.distributed as dist
 
-from megatron_spark.data import COLOURS, Example, load_records
+from megatron_spark.data import Example, load_records
+
+from megatron_spark.fixtures.shapes import COLOURS
 from megatron_spark.reward import score
 from megatron_spark.templates import TemplateBank, strip_suffix, with_suffix
 

@@ -27,7 +27,7 @@ def sample_inputs(path: str, shape: ModelShape, text_len: int = 24) -> list[tupl
     if shape.multimodal:
         from transformers import AutoProcessor
 
-        from megatron_spark.tiny import tiny_image
+        from megatron_spark.fixtures.tiny import tiny_image
 
         proc = AutoProcessor.from_pretrained(path)
         for i, size in enumerate([(112, 84), (84, 140)]):

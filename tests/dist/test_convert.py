@@ -94,7 +94,7 @@ def test_a_checkpoint_saved_at_tp2_pp2_exports_to_the_original(verified, convert
 
 
 def test_verify_cli_passes_a_good_checkpoint_and_fails_a_wrong_one(converted, tmp_path):
-    from megatron_spark.tiny import build_qwen2
+    from megatron_spark.fixtures.tiny import build_qwen2
 
     _, cases = converted
     c = cases["q2_tied"]
@@ -113,7 +113,7 @@ def test_verify_cli_passes_a_good_checkpoint_and_fails_a_wrong_one(converted, tm
 
 def test_a_layer_count_pp_does_not_divide_converts_and_verifies(tmp_path):
     """3 layers at PP=2 (1 + 2 layers): the converter accepts --pp 2 and verify builds that uneven pipeline."""
-    from megatron_spark.tiny import build_qwen2
+    from megatron_spark.fixtures.tiny import build_qwen2
 
     hf = build_qwen2(tmp_path / "hf3", layers=3, tied=False, seed=5)
     mg = hf_to_megatron(hf, tmp_path / "mg", pp=2).out

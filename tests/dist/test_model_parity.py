@@ -10,7 +10,7 @@ TOL = 1e-4
 
 @pytest.fixture(scope="module")
 def parity(tiny_models, tmp_path_factory):
-    from megatron_spark.tiny import build_qwen2
+    from megatron_spark.fixtures.tiny import build_qwen2
 
     d = tmp_path_factory.mktemp("parity")
     # 3 layers: PP=2 must split them unevenly (1 + 2), as Qwen2.5-VL-7B's 28 layers at PP=8 (2 + 6 x 4 + 2)

@@ -21,7 +21,7 @@ def sync_results(request, tiny_models, tmp_path_factory):
     d = tmp_path_factory.mktemp("sync")
     out = d / "out.json"
     if request.param == "q2_kv1":
-        from megatron_spark.tiny import build_qwen2
+        from megatron_spark.fixtures.tiny import build_qwen2
 
         hf = str(build_qwen2(d / "kv1", hidden=128, heads=4, kv_heads=1, ffn=512, layers=3, tied=False, seed=3))
     else:

@@ -42,8 +42,8 @@ def _free_port() -> int:
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
-    from megatron_spark.data import make_colour_text_task, make_shapes_benchmark, make_shapes_task
-    from megatron_spark.tiny import build_qwen2, build_qwen2_5_vl
+    from megatron_spark.fixtures.shapes import make_colour_text_task, make_shapes_benchmark, make_shapes_task
+    from megatron_spark.fixtures.tiny import build_qwen2, build_qwen2_5_vl
     from tests.e2e.warm import warm_started
 
     d = tmp_path_factory.mktemp("eval")

@@ -45,8 +45,8 @@ def release_requeued(job: str) -> None:
 
 
 def test_preempted_job_checkpoints_requeues_and_resumes(tmp_path):
-    from megatron_spark.data import make_shapes_task
-    from megatron_spark.tiny import build_qwen2_5_vl
+    from megatron_spark.fixtures.shapes import make_shapes_task
+    from megatron_spark.fixtures.tiny import build_qwen2_5_vl
 
     hf = build_qwen2_5_vl(tmp_path / "model", min_pixels=3136, max_pixels=3136)
     train = make_shapes_task(tmp_path / "data", 64, seed=0)
@@ -98,8 +98,8 @@ def test_eval_job_stops_requeues_and_finishes_every_item_once(tmp_path):
     import json
     import os
 
-    from megatron_spark.data import make_shapes_benchmark
-    from megatron_spark.tiny import build_qwen2_5_vl
+    from megatron_spark.fixtures.shapes import make_shapes_benchmark
+    from megatron_spark.fixtures.tiny import build_qwen2_5_vl
 
     hf = build_qwen2_5_vl(tmp_path / "model", min_pixels=3136, max_pixels=3136)
     bench = make_shapes_benchmark(tmp_path / "bench", 24, seed=1)
@@ -141,8 +141,8 @@ def test_sweep_array_job_records_every_layout_and_reports(tmp_path):
 
     import yaml
 
-    from megatron_spark.data import make_shapes_task
-    from megatron_spark.tiny import build_qwen2_5_vl
+    from megatron_spark.fixtures.shapes import make_shapes_task
+    from megatron_spark.fixtures.tiny import build_qwen2_5_vl
 
     hf = build_qwen2_5_vl(tmp_path / "model", min_pixels=3136, max_pixels=3136)
     train = make_shapes_task(tmp_path / "data", 16, seed=0)

@@ -24,8 +24,8 @@ TEMPLATES = ROOT / "examples" / "templates" / "tiny.yaml"
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    from megatron_spark.data import make_shapes_task
-    from megatron_spark.tiny import build_qwen2_5_vl
+    from megatron_spark.fixtures.shapes import make_shapes_task
+    from megatron_spark.fixtures.tiny import build_qwen2_5_vl
     from tests.e2e.warm import warm_started
 
     d = tmp_path_factory.mktemp("e2e")

@@ -3,8 +3,8 @@ import json
 
 import pytest
 
-from megatron_spark.data import (DataError, PromptBuilder, PromptStream, check_lengths, load_records,
-                                 make_shapes_task)
+from megatron_spark.data import DataError, PromptBuilder, PromptStream, check_lengths, load_records
+from megatron_spark.fixtures.shapes import make_shapes_task
 
 
 def write(tmp_path, records):

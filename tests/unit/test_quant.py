@@ -74,7 +74,7 @@ def test_only_the_language_models_linear_weights_are_quantized():
 
 @pytest.fixture(scope="module")
 def calib_file(tmp_path_factory):
-    from megatron_spark.data import make_shapes_task
+    from megatron_spark.fixtures.shapes import make_shapes_task
 
     return make_shapes_task(tmp_path_factory.mktemp("calib"), 4, seed=0)
 

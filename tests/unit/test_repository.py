@@ -13,9 +13,11 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 TRAINER = ("megatron_spark.policy", "megatron_spark.trainer", "megatron_spark.train", "megatron_spark.checkpoint",
-           "megatron_spark.demo", "megatron_spark.rollout", "megatron_spark.bridge", "megatron_spark.evaluation")
-LOW_LEVEL = ("models", "mapping", "io", "convert", "planner", "quant")
-CORE = ("algorithm", "recycle", "reward", "templates", "reflection", "placement", "diagnostics", "lifetime")
+           "megatron_spark.demo", "megatron_spark.rollout", "megatron_spark.bridge", "megatron_spark.evaluation",
+           "megatron_spark.stack")
+LOW_LEVEL = ("models", "mapping", "io", "convert", "planner", "quant", "fixtures")
+CORE = ("algorithm", "recycle", "reward", "templates", "reflection", "placement", "diagnostics", "lifetime",
+        "watchdog")
 
 
 def tracked() -> list[Path]:
@@ -128,3 +130,23 @@ def test_one_vllm_engine_builder():
     assert bad == ["megatron_spark/rollout/engine.py:" + str(next(
         n.lineno for n in ast.walk(ast.parse((ROOT / "megatron_spark/rollout/engine.py").read_text()))
         if isinstance(n, ast.Call) and getattr(n.func, "id", "") == "LLM"))], bad
+
+
+def test_the_dtype_table_imports_nothing_of_the_package():
+    assert not [i for i in imports(ROOT / "megatron_spark" / "dtypes.py") if i.startswith("megatron_spark")]
+
+
+def test_no_component_reaches_into_another_ones_private_state():
+    """`x._name` on anything but self/cls appears only where third-party internals are patched on purpose
+    (megatron-core in cpu_shim.py and compat.py, the version-difference module) and for os._exit."""
+    allowed = {"cpu_shim.py", "compat.py"}
+    bad = []
+    for p in (ROOT / "megatron_spark").rglob("*.py"):
+        if p.name in allowed:
+            continue
+        for n in ast.walk(ast.parse(p.read_text())):
+            if isinstance(n, ast.Attribute) and n.attr.startswith("_") and not n.attr.startswith("__"):
+                base = n.value.id if isinstance(n.value, ast.Name) else None
+                if base not in ("self", "cls") and (base, n.attr) != ("os", "_exit"):
+                    bad.append(f"{p.relative_to(ROOT)}:{n.lineno}: {base}.{n.attr}")
+    assert bad == [], bad

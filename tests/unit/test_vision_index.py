@@ -21,7 +21,7 @@ def test_window_index_and_rope_positions_match_hf(tiny_models):
 def test_mrope_positions_match_hf_get_rope_index(tiny_models):
     from transformers import AutoProcessor, Qwen2_5_VLForConditionalGeneration
 
-    from megatron_spark.tiny import tiny_image
+    from megatron_spark.fixtures.tiny import tiny_image
 
     path = tiny_models["vl_untied"]
     shape = load_hf_config(path)
