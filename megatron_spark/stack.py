@@ -3,24 +3,37 @@ the checkpoint manager and the demo are given. (Built once per process; every ra
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Optional, Union
+
+if TYPE_CHECKING:  # (annotations only: building a stack imports megatron-core and vLLM lazily, in build_stack)
+    from megatron_spark.bridge.sync import WeightSync
+    from megatron_spark.data import PromptBuilder, PromptStream
+    from megatron_spark.metrics import MetricsLogger
+    from megatron_spark.models.hf_config import ModelShape
+    from megatron_spark.parallel import ParallelLayout
+    from megatron_spark.placement import RolloutPlacement
+    from megatron_spark.policy import Policy
+    from megatron_spark.reward import RewardPool
+    from megatron_spark.rollout.engine import RolloutEngine
+    from megatron_spark.rollout.hf_engine import HFRolloutEngine
+    from megatron_spark.templates import TemplateBank
 
 
 @dataclass
 class RLStack:
-    shape: Any                  # models.hf_config.ModelShape
-    layout: Any                 # parallel.ParallelLayout (process groups initialised)
-    placement: Any              # placement.RolloutPlacement: which rank does what
-    prompts: Any                # data.PromptBuilder
-    data: Any                   # data.PromptStream
-    policy: Any                 # policy.Policy (trainable)
-    reference: Any              # policy.Policy (frozen; the KL term)
-    engine: Any                 # rollout.engine.RolloutEngine or rollout.hf_engine.HFRolloutEngine
-    sync: Any                   # bridge.sync.WeightSync
-    rewards: Optional[Any]      # reward.RewardPool on the rank that scores (placement.reward_rank), else None
-    templates: Any              # templates.TemplateBank
-    logger: Any                 # metrics.MetricsLogger
-    total_steps: int            # global steps of the run (training.max_steps, or the episodes' worth)
+    shape: ModelShape
+    layout: ParallelLayout                          # process groups initialised
+    placement: RolloutPlacement                     # which rank does what
+    prompts: PromptBuilder
+    data: PromptStream
+    policy: Policy                                  # trainable
+    reference: Policy                               # frozen; the KL term
+    engine: Union[RolloutEngine, HFRolloutEngine]
+    sync: WeightSync
+    rewards: Optional[RewardPool]                   # on the rank that scores (placement.reward_rank), else None
+    templates: TemplateBank
+    logger: MetricsLogger
+    total_steps: int                                # global steps of the run (training.max_steps, or the episodes')
 
     def close(self) -> None:
         """End what the stack started that does not end with the process by itself (the reward workers)."""
