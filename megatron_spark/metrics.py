@@ -39,7 +39,13 @@ class MetricsLogger:
         preemption, then redone) are dropped, so each step's metrics appear exactly once. Atomic."""
         if not self.enabled or not self.path.exists():
             return
-        keep = [x for x in self.path.read_text().splitlines() if x.strip() and json.loads(x).get("step", 0) <= step]
+        keep = []
+        for line in self.path.read_text().splitlines():
+            try:  # (a line torn by the crash that led here is dropped)
+                if json.loads(line).get("step", 0) <= step:
+                    keep.append(line)
+            except ValueError:
+                continue
         tmp = self.path.with_suffix(".jsonl.tmp")
         tmp.write_text("".join(x + "\n" for x in keep))
         os.replace(tmp, self.path)

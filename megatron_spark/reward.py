@@ -104,7 +104,8 @@ def is_label(gold: str) -> bool:
     return normalize(gold).lower() in LABELS
 
 
-_DECIMAL_COMMA = re.compile(r"-?\d+,\d+")
+_DECIMAL_COMMA = re.compile(r"-?\d+,(?!\d{3}$)\d+")  # (exactly three digits after it: a thousands separator)
+_INTEGER = re.compile(r"-?\d+")
 _DECIMAL_POINT = re.compile(r"-?\d*\.\d+")
 
 
@@ -148,7 +149,8 @@ def check(pred: Optional[str], gold: str, cfg: VerifierConfig = VerifierConfig()
         return True
     if cfg.numeric_rel_tol > 0:
         a, b = numeric_value(p), numeric_value(g)
-        if a is not None and b is not None and abs(a - b) <= cfg.numeric_rel_tol * max(abs(b), 1e-12):
+        exact = _INTEGER.fullmatch(p) and _INTEGER.fullmatch(g)  # counts are exact: 2017 is not 2016
+        if not exact and a is not None and b is not None and abs(a - b) <= cfg.numeric_rel_tol * max(abs(b), 1e-12):
             return True
     try:
         from math_verify import ExprExtractionConfig, LatexExtractionConfig, StringExtractionConfig, parse, verify
@@ -184,12 +186,11 @@ def elements(answer: str) -> list[str]:
         else:
             cur += c
     parts.append(cur)
-    out = []
-    for x in parts:
-        x = re.sub(r"^\s*[A-Za-z](?:_\{?\w+\}?)?\s*=(?!=)", "", x).strip()
-        if x:
-            out.append(x)
-    return out
+    lhs = re.compile(r"^\s*([A-Za-z])(?:_\{?\w+\}?)?\s*=(?!=)")
+    names = {m.group(1) if m else None for m in map(lhs.match, parts)}
+    # `x_1 = ..., x_2 = ...` are values of one unknown: its name goes; `x = 1, y = 2` keep theirs (no swaps)
+    drop = len(names) == 1 and None not in names
+    return [y for y in ((lhs.sub("", x) if drop else x).strip() for x in parts) if y]
 
 
 def check_set(preds: Sequence[str], golds: Sequence[str], cfg: VerifierConfig = VerifierConfig()) -> bool:

@@ -110,6 +110,7 @@ class SparkTrainer:
         self.stop_requested = False
         self.watchdog = StepWatchdog(cfg.training.hang_timeout_s)
         self.nonfinite = NonFiniteGuard(cfg.training.max_nonfinite_updates)
+        self.update_flags: list[int] = []  # this step's updates, in order: 1 = skipped as non-finite
         self.held_out = []
         if cfg.eval.interval:
             from megatron_spark.evaluation.periodic import load_held_out
@@ -122,7 +123,8 @@ class SparkTrainer:
         """The trainer's own resumable state, by the name checkpoints store it under (beside the policy's)."""
         from megatron_spark.checkpoint import RandomState
 
-        return {"cursor": self.data, "queue": self.queue, "trainer_rng": RandomState(self.rng)}
+        return {"cursor": self.data, "queue": self.queue, "trainer_rng": RandomState(self.rng),
+                "nonfinite": self.nonfinite}
 
     def _on_signal(self, signum, frame) -> None:
         # SLURM preemption: finish the current step, write a checkpoint, exit cleanly (requeue resumes).
@@ -194,12 +196,19 @@ class SparkTrainer:
             tasks, outs, rounds = tasks + list(extra), outs + extra_outs, rounds + 1
         spread = self._spread(outs, rewards)
         keep = [i for i, ok in enumerate(spread) if ok][:target]
+        with_spread = len(keep)
+        if with_spread < target:  # rounds (or recycled tasks) ran out: the batch keeps its size, the rest of it
+            keep += [i for i, ok in enumerate(spread) if not ok][:target - with_spread]  # without spread
+            keep.sort()
         flat = [r for i, g in enumerate(outs) for r in [i] * len(g)]
         metrics.update({f"{name}/sampling_rounds": rounds, f"{name}/groups_generated": len(tasks),
-                        f"{name}/groups_kept": len(keep), f"{name}/groups_discarded": len(tasks) - len(keep),
+                        f"{name}/groups_kept": with_spread,
+                        f"{name}/groups_filled_without_spread": len(keep) - with_spread,
+                        f"{name}/groups_discarded": len(tasks) - len(keep),
                         f"{name}/groups_target": target, f"{name}/reward_mean_first_round": first_mean,
                         f"{name}/groups_with_spread_first_round": first_spread})
-        kept_rewards = [r for r, i in zip(rewards, flat) if i in set(keep)]
+        kept = set(keep)
+        kept_rewards = [r for r, i in zip(rewards, flat) if i in kept]
         return [tasks[i] for i in keep], built.select(tasks, keep), [outs[i] for i in keep], kept_rewards, metrics
 
     def _score_outs(self, tasks: list[Task], outs: list) -> list[float]:
@@ -355,8 +364,11 @@ class SparkTrainer:
                  w[2].item() for w in dp_first)),
              f"{name}/tokens": sum(len(s.prompt_token_ids) + len(s.token_ids) for g in outs for s in g),
              **gen_metrics}
+        applied = [x for x in train_metrics if not x["update_skipped"]] or train_metrics
+        self.update_flags += [x["update_skipped"] for x in train_metrics]  # (the non-finite guard reads these)
         for key in (train_metrics[0] if train_metrics else {}):
-            vals = [x[key] for x in train_metrics if isinstance(x[key], (int, float))]
+            vals = [x[key] for x in (train_metrics if key == "update_skipped" else applied)
+                    if isinstance(x[key], (int, float))]
             if vals:
                 m[f"{name}/{key}"] = sum(vals) / len(vals)
         by_kind: dict[str, list[float]] = {}
@@ -455,8 +467,8 @@ class SparkTrainer:
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
             self.stop_requested = bool(flag.item())
             # (after logging: the skipped updates are on record; the error is the same on every rank)
-            self.nonfinite.record(sum(int(metrics.get(f"{p}/updates_skipped_nonfinite", 0))
-                                      for p in ("infer", "reward")), step + 1)
+            flags, self.update_flags = self.update_flags, []
+            self.nonfinite.record(flags, step + 1)
             if on_step is not None:
                 on_step(step + 1, metrics, self.stop_requested)
             if done and not self.stop_requested:

@@ -41,18 +41,28 @@ class NonFiniteUpdates(RuntimeError):
 
 
 class NonFiniteGuard:
+    """Stateful (saved with the checkpoint): a resumed run counts the streak on from where it was."""
+
     def __init__(self, limit: int):
         self.limit, self.in_row, self.total = limit, 0, 0
 
-    def record(self, skipped: int, step: int) -> None:
-        """`skipped` updates of this step were dropped as non-finite (0: the step's updates were all applied)."""
-        self.total += skipped
-        self.in_row = self.in_row + skipped if skipped else 0
+    def record(self, skipped: list[int], step: int) -> None:
+        """This step's updates in order, 1 for each one skipped as non-finite: an applied update ends a streak."""
+        for s in skipped:
+            self.total += s
+            self.in_row = self.in_row + 1 if s else 0
         if self.limit and self.in_row >= self.limit:
             raise NonFiniteUpdates(
                 f"config field 'training.max_nonfinite_updates': {self.in_row} updates in a row had a non-finite "
                 f"loss or gradient (the last at step {step}); none was applied, so the last checkpoint is clean. "
                 f"Lower training.lr or raise training.clip_grad, check the data of these steps, and resume.")
+
+
+    def state_dict(self) -> dict:
+        return {"in_row": self.in_row, "total": self.total}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.in_row, self.total = int(state["in_row"]), int(state["total"])
 
 
 # -- injected faults (tests only) ------------------------------------------------------------------------------

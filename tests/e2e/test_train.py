@@ -368,9 +368,11 @@ def test_data_parallel_run_does_each_share_once_and_resumes_exactly(variant, req
             assert kept == min(4, first) or rounds > 1
             if rounds > 1 and kept == 4:
                 refilled.append((period, first))
-            # two global batches of 8, each split 4 + 4 by cost: every sample's log-probs on exactly one DP rank
-            assert r[f"{period}/logprob_samples_min"] + r[f"{period}/logprob_samples_max"] == kept * 4 // 8 * 8
-            assert r[f"{period}/logprob_samples_min"] > 0 or kept < 2
+            # the batch keeps its 4 groups (filled up with groups without spread when the rounds ran out); two global
+            # batches of 8, each split 4 + 4 by cost: every sample's log-probs on exactly one DP rank
+            assert kept + r[f"{period}/groups_filled_without_spread"] == 4
+            assert r[f"{period}/logprob_samples_min"] + r[f"{period}/logprob_samples_max"] == 16
+            assert r[f"{period}/logprob_samples_min"] > 0
             assert r[f"{period}/train_rollout_logprob_drift"] < 1e-4
             assert 0.5 < r[f"{period}/real_token_fraction"] <= 1.0
         # (a period whose samples all fail has no gradient at the first step, when the policy equals the reference)

@@ -141,6 +141,8 @@ def test_all_boxed_reads_every_box_as_a_set():
     on = VerifierConfig(all_boxed=True)
     assert elements("\\{1, -2\\}") == ["1", "-2"] and elements("(2, 1), (1, 2)") == ["(2, 1)", "(1, 2)"]
     assert elements("x_{1}=3,\\quad x_{2}=5") == ["3", "5"] and elements("[0, 1)") == ["[0, 1)"]
+    assert score("\\boxed{x=2, y=1}", "x=1, y=2", on) == 0.0 and score("\\boxed{y=2, x=1}", "x=1, y=2", on) == 1.0
+    assert elements("x=1, y=2") == ["x=1", "y=2"]  # named unknowns keep their names: values cannot swap
     two = "so n = \\boxed{-2} and n = \\boxed{1}."
     assert score(two, "1, -2") == 0.0 and score(two, "1, -2", on) == 1.0  # the seed takes the last box only
     assert score("\\boxed{1,-2}", "\\boxed{1}\\boxed{-2}", on) == 1.0      # either side may be the set
@@ -158,8 +160,8 @@ def test_decimal_comma_only_against_a_decimal_number():
     assert score("\\boxed{1.22}", "1,22", on) == 1.0
     assert score("\\boxed{3,5}", "3,5", on) == 1.0
     assert score("\\boxed{1,2}", "1.3", on) == 0.0
-    assert score("\\boxed{10,455}", "10.455", on) == 1.0 and score("\\boxed{2,5}", "25", on) == 0.0  # no point: no
-    # decimal reading
+    assert score("\\boxed{10,455}", "10.455", on) == 0.0  # three digits after the comma: a thousands separator
+    assert score("\\boxed{2,5}", "25", on) == 0.0  # no decimal number opposite: no decimal reading
 
 
 def test_numeric_tolerance_for_rounded_answers():
@@ -172,6 +174,8 @@ def test_numeric_tolerance_for_rounded_answers():
     assert score("\\boxed{1.414}", "\\sqrt{2}", tol) == 1.0 and score("\\boxed{1.41}", "\\sqrt{2}", tol) == 0.0
     assert score("\\boxed{3.14}", "\\pi", VerifierConfig(numeric_rel_tol=1e-3)) == 1.0
     assert score("\\boxed{-2}", "2", VerifierConfig(numeric_rel_tol=0.5)) == 0.0
+    assert score("\\boxed{2017}", "2016", tol) == 0.0 and score("\\boxed{2016.4}", "2016", tol) == 1.0  # counts
+    # are exact; a decimal approximation is within the tolerance
 
 
 def test_verifier_options_reach_the_reward_pool():

@@ -37,12 +37,16 @@ def test_a_disarmed_watchdog_stays_quiet():
 
 def test_non_finite_updates_stop_the_run_only_in_a_row():
     g = NonFiniteGuard(limit=3)
-    g.record(2, step=1)
-    g.record(0, step=2)  # a clean step resets the count
-    g.record(2, step=3)
-    with pytest.raises(NonFiniteUpdates, match=r"training.max_nonfinite_updates': 4 updates in a row.*step 4"):
-        g.record(2, step=4)
-    assert g.total == 6
+    g.record([1, 1], step=1)
+    g.record([0, 0], step=2)  # a clean step resets the count
+    g.record([1, 0], step=3)  # so does an applied update after a skipped one
+    g.record([1, 1], step=4)
+    resumed = NonFiniteGuard(limit=3)
+    resumed.load_state_dict(g.state_dict())  # (saved with the checkpoint: a resumed run counts on)
+    for guard in (g, resumed):
+        with pytest.raises(NonFiniteUpdates, match=r"training.max_nonfinite_updates': 4 updates in a row.*step 5"):
+            guard.record([1, 1], step=5)
+    assert g.total == 7
     never = NonFiniteGuard(limit=0)
     for s in range(10):
-        never.record(2, step=s)
+        never.record([1, 1], step=s)
