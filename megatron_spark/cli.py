@@ -85,8 +85,8 @@ def _train(args) -> int:
         no_retry = Path(tmp) / "no_retry"
         rc = subprocess.call(cmd, env=dict(os.environ, SPARK_NO_RETRY_FILE=str(no_retry)))
         if no_retry.exists():  # a bad config or input (the trainer said which): never retried
-            print("megatron-spark train: not restarted: the error above is in the config or the input",
-                  file=sys.stderr)
+            print("megatron-spark train: not restarted: the error above is in the config or the input, or the run's "
+                  "updates stay non-finite: it would happen again", file=sys.stderr)
             return 2
     if rc and rc != 2:  # (2: a bad config or input, said by the trainer itself)
         where = f"; the last complete checkpoint is under {cfg.checkpoint.dir}" if cfg.checkpoint.dir else ""

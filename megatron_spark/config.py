@@ -163,7 +163,10 @@ class AlgorithmConfig(_Section):
     # Not in SPARK (off for paper runs): DAPO's dynamic sampling with refill. Groups whose rewards are all equal are
     # discarded and more prompts (the data stream's next batch in the infer period, the queue's next recycled
     # batch in the reward period) are generated, up to dynamic_sampling_rounds rounds in all, until the period holds
-    # as many groups with reward spread as it started with
+    # as many groups with reward spread as it started with (when the rounds run out, groups without spread fill the
+    # batch up: it never shrinks). Refills read the data stream further, so an episode is used up in fewer steps;
+    # the run's length stays training.max_steps (or data.num_episodes' worth of steps without refills). Discarded
+    # groups are not recycled.
     dynamic_sampling: bool = False
     dynamic_sampling_rounds: int = 3  # generation rounds per period at most, the first included
     # off-policy correction for rollouts from an engine that differs from the trainer (FP8 rollouts, other kernels):

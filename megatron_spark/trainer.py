@@ -441,7 +441,8 @@ class SparkTrainer:
             times = [t.item() for t in per_rank]
             metrics.update({"episode": episode, "queue": len(self.queue), "reward_period": int(aux is not None),
                             "time/step": step_s, "time/step_rank_min": min(times), "time/step_rank_max": max(times),
-                            "slowest_rank": times.index(max(times)), "optimizer_steps": self.policy.optimizer_steps})
+                            "time/slowest_rank": times.index(max(times)),
+                            "optimizer_steps": self.policy.optimizer_steps})
             if torch.cuda.is_available():  # the sweep's memory figure (the planner's comparison)
                 peak = torch.tensor([torch.cuda.max_memory_allocated() / 2 ** 30])
                 dist.all_reduce(peak, op=dist.ReduceOp.MAX)
