@@ -38,10 +38,30 @@ def job_state(job: str) -> str:
 
 def release_requeued(job: str) -> None:
     """SLURM holds a requeued job back for a while (BeginTime); the tests are about requeue and resume, not the
-    wait, so start it now when that is the only reason it pends."""
+    wait, so bring the start forward when that is the only reason it pends. Never to the second of the requeue:
+    slurmd revokes the old allocation's credential at that second, and a launch in the same second dies with "Job
+    credential revoked" (seen in CI). Two seconds out, and only once (a later call finds the begin time near)."""
+    import datetime
+
     p = subprocess.run(["scontrol", "show", "job", job], capture_output=True, text=True)
-    if "JobState=PENDING" in p.stdout and "Reason=BeginTime" in p.stdout:
-        subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], capture_output=True)
+    if "JobState=PENDING" not in p.stdout or "Reason=BeginTime" not in p.stdout:
+        return
+    begin = next((tok.split("=", 1)[1] for tok in p.stdout.split() if tok.startswith("EligibleTime=")), "")
+    try:
+        wait = (datetime.datetime.fromisoformat(begin) - datetime.datetime.now()).total_seconds()
+    except ValueError:
+        return
+    if wait > 5:
+        subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now+2"], capture_output=True)
+
+
+def slurm_story(job: str) -> str:
+    """What slurmctld said about the job: the reason a requeued job never came back is there, not in its log."""
+    try:
+        lines = Path("/var/log/slurm/slurmctld.log").read_text().splitlines()
+    except OSError:
+        return "(no slurmctld log)"
+    return "\n".join(line for line in lines if f"JobId={job} " in line + " " or f"JobId={job}_" in line)[-3000:]
 
 
 def test_preempted_job_checkpoints_requeues_and_resumes(tmp_path):
@@ -85,7 +105,7 @@ def test_preempted_job_checkpoints_requeues_and_resumes(tmp_path):
             subprocess.run(["scancel", job])
     log = out.read_text()
     assert "requeueing job" in log, log[-4000:]
-    assert "resumed from" in log, log[-4000:]
+    assert "resumed from" in log, log[-4000:] + slurm_story(job)
     assert (ck / "latest_checkpointed_iteration.txt").read_text().strip() == "5", log[-4000:]
     lines = (run_dir / "metrics.jsonl").read_text().splitlines()
     steps = [int(line.split('"step": ')[1].split(",")[0]) for line in lines]
@@ -128,7 +148,7 @@ def test_eval_job_stops_requeues_and_finishes_every_item_once(tmp_path):
         if job_state(job) in ("PENDING", "RUNNING", "REQUEUED", "CONFIGURING"):
             subprocess.run(["scancel", job])
     text = log.read_text()
-    assert "stop requested" in text and text.count("megatron-spark eval") == 2, text[-4000:]
+    assert "stop requested" in text and text.count("megatron-spark eval") == 2, text[-4000:] + slurm_story(job)
     ids = [json.loads(x)["id"] for x in results.read_text().splitlines()]
     assert len(ids) == len(set(ids)) == 24, text[-3000:]
     assert json.loads((out / "metrics.json").read_text())["plain"]["items"] == 24
