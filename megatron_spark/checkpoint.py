@@ -148,10 +148,25 @@ class CheckpointManager:
             shutil.rmtree(p, ignore_errors=True)
 
     def on_step(self, step: int, metrics: dict, stopping: bool = False) -> None:
-        """After every step: save at the interval, and before a requested stop (SLURM's signals)."""
+        """After every step: save at the interval, and before a requested stop (SLURM's signals); the HF export
+        at its own interval (not on a stop: the job is asked to end quickly)."""
         self.current = step
         if step % self.cfg.save_interval == 0 or stopping:
             self.save(step)
+        if self.cfg.hf_interval and step % self.cfg.hf_interval == 0 and not stopping:
+            self.export_hf(step)
+
+    def export_hf(self, step: int) -> Path:
+        """CKPT/hf/step_N from the live weights (megatron_spark/convert/hf_export.py)."""
+        from megatron_spark.convert.hf_export import export_hf
+        from megatron_spark.mapping.qwen import WeightMap
+
+        c = self.card
+        path = export_hf(step, self.policy.modules, WeightMap(c.shape, tp=c.tp), self.layout, c.hf_dir, self.root,
+                         self.cfg.hf_keep_last)
+        if self.rank == 0:
+            print(f"HF weights of step {step}: {path}", flush=True)
+        return path
 
     def finish(self) -> None:
         """A final checkpoint at the last completed step, unless the interval already wrote it."""

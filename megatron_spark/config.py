@@ -234,6 +234,8 @@ class CheckpointConfig(_Section):
     save_interval: int = 50  # save every N steps (and on SIGTERM / SIGUSR1)
     resume: bool = True  # resume from the newest usable checkpoint in dir
     keep_last: int = 2  # checkpoints kept (older ones deleted)
+    hf_interval: int = 0  # also write an HF directory (dir/hf/step_N, dir/hf/latest) every N steps; 0: off
+    hf_keep_last: int = 2  # HF directories kept (older ones deleted)
 
 
 @dataclass
@@ -685,6 +687,12 @@ def validate(cfg: SparkConfig, world_size: Optional[int] = None, model: Optional
     ck = cfg.checkpoint
     _positive("checkpoint.save_interval", ck.save_interval)
     _positive("checkpoint.keep_last", ck.keep_last)
+    if ck.hf_interval < 0:
+        _fail("checkpoint.hf_interval", f"must be >= 0 (0 turns the HF export off), got {ck.hf_interval}")
+    if ck.hf_interval and ck.dir is None:
+        _fail("checkpoint.hf_interval", f"hf_interval={ck.hf_interval} writes into checkpoint.dir/hf; set "
+                                        f"checkpoint.dir, or checkpoint.hf_interval=0")
+    _positive("checkpoint.hf_keep_last", ck.hf_keep_last)
 
 
 def validate_for_launch(cfg: SparkConfig, world_size: int):

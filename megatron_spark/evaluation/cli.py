@@ -72,6 +72,10 @@ def add_eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--score-timeout", type=float, default=10.0, help="seconds per answer check")
     p.add_argument("--force", action="store_true", help="discard results of other settings in --out")
     p.add_argument("--verbose", action="store_true", help="vLLM's and transformers' info logs")
+    p.add_argument("--num-nodes", type=int, default=1,
+                   help="nodes sharing this evaluation (slurm/eval.sbatch sets it): each runs its part (--node-rank) "
+                        "with its own --engines and writes no report; a last run without these flags reports")
+    p.add_argument("--node-rank", type=int, default=0, help="this node's part, 0 .. --num-nodes - 1")
     p.add_argument("--shard", type=int, help=argparse.SUPPRESS)
     p.add_argument("--num-shards", type=int, default=1, help=argparse.SUPPRESS)
     p.add_argument("--model-id", help=argparse.SUPPRESS)
@@ -109,10 +113,10 @@ def settings_from(args, fmt: str, model_id: str) -> EvalSettings:
                         args.swap_seed, read(args.templates), read(args.judge_prompt), gen).validate()
 
 
-def _export(ckpt: str, args, out: Path) -> str:
+def _export(ckpt: str, args, out: Path, node: int = 0) -> str:
     from megatron_spark.convert.converters import megatron_to_hf
 
-    target = out / ".model-export"
+    target = out / f".model-export-{node}"  # one per node of a multi-node evaluation (they share --out)
     shutil.rmtree(target, ignore_errors=True)
     print(f"exporting Megatron checkpoint {ckpt} to a temporary HF directory ...", file=sys.stderr, flush=True)
     megatron_to_hf(ckpt, target, iteration=args.iteration, hf_config_dir=args.hf_config_dir)
@@ -150,6 +154,16 @@ def run_eval(args) -> int:
         _check_file("--" + flag.replace("_", "-"), getattr(args, flag))
     if args.engines < 1 or args.tensor_parallel_size < 1:
         raise EvalInputError("--engines and --tensor-parallel-size must be >= 1")
+    node_part = args.num_nodes > 1
+    if args.num_nodes < 1 or not 0 <= args.node_rank < args.num_nodes:
+        raise EvalInputError(f"--node-rank {args.node_rank} of --num-nodes {args.num_nodes}: the rank must be in "
+                             f"0 .. {args.num_nodes - 1}")
+    if node_part and args.force:
+        raise EvalInputError("--force with --num-nodes: every node would discard the others' results; clear --out "
+                             "(or run once with --force and --limit 0) before a multi-node evaluation")
+    if node_part and args.shard is None and args.engines == 1:
+        # one engine per node: this node is one shard of num_nodes (several engines: _run_shards splits further)
+        args.shard, args.num_shards = args.node_rank, args.num_nodes
     kind = "server" if args.server else _model_kind(args.model)
     if args.model_id:
         model_id = args.model_id
@@ -171,7 +185,7 @@ def run_eval(args) -> int:
     if todo:
         hf_dir = args.model
         if kind == "megatron":
-            hf_dir = export_dir = _export(args.model, args, out)
+            hf_dir = export_dir = _export(args.model, args, out, args.node_rank)
         try:
             if args.engines > 1 and kind != "server" and args.shard is None:
                 _run_shards(args, hf_dir, model_id, store, ids, len(items), done)
@@ -180,8 +194,8 @@ def run_eval(args) -> int:
         finally:
             if export_dir:
                 shutil.rmtree(export_dir, ignore_errors=True)
-    if args.shard is not None:
-        return 0
+    if args.shard is not None or node_part:
+        return 0  # a shard or a node's part: whoever started it reports
     records = [r for i, r in store.records().items() if i in ids]
     m = write_reports(out, fmt, records, settings.mode, args.spark_compat,
                       {"items": len(items), "seconds": round(time.time() - t0, 1), "settings_hash": settings.hash})
@@ -223,8 +237,10 @@ def _run_shards(args, hf_dir: str, model_id: str, store, ids: set, total: int, d
     import torch
 
     argv = list(args.argv)
+    # a node's part of a multi-node evaluation takes shards node_rank * engines ... of num_nodes * engines
+    first, num_shards = args.node_rank * args.engines, args.num_nodes * args.engines
     base = [sys.executable, "-m", "megatron_spark.cli"] + _replace_model(argv, hf_dir) + \
-        ["--model-id", model_id, "--num-shards", str(args.engines)]
+        ["--model-id", model_id, "--num-shards", str(num_shards)]
     gpus = os.environ.get("CUDA_VISIBLE_DEVICES", ",".join(map(str, range(torch.cuda.device_count())))).split(",")
     procs = []
     try:
@@ -233,7 +249,7 @@ def _run_shards(args, hf_dir: str, model_id: str, store, ids: set, total: int, d
             if torch.cuda.is_available():
                 tp = args.tensor_parallel_size
                 env["CUDA_VISIBLE_DEVICES"] = ",".join(gpus[i * tp:(i + 1) * tp])
-            procs.append(subprocess.Popen(base + ["--shard", str(i)], env=env))
+            procs.append(subprocess.Popen(base + ["--shard", str(first + i)], env=env))
         bar = _bar(total, done)
         while any(p.poll() is None for p in procs):
             time.sleep(2)

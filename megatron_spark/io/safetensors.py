@@ -163,21 +163,19 @@ class ShardedSafetensorsWriter:
     `write` must be called once per spec, in spec order; shapes and dtypes are checked against the plan.
     """
 
-    def __init__(self, out_dir: str | Path, specs: Iterable[TensorSpec], max_shard_bytes: int = 5 * 2 ** 30):
+    def __init__(self, out_dir: str | Path, specs: Iterable[TensorSpec], max_shard_bytes: int = 5 * 2 ** 30, *,
+                 files: Optional[list[tuple[str, list[TensorSpec]]]] = None, write_index: bool = True):
+        """`files`: a given layout of (file name, its specs) instead of splitting `specs` here: several writers of
+        one directory (one per pipeline stage) then share a numbering, and one of them writes the index
+        (`write_index`)."""
         self.dir = Path(out_dir)
-        self.specs = list(specs)
-        shards: list[list[TensorSpec]] = [[]]
-        size = 0
-        for s in self.specs:
-            if shards[-1] and size + s.nbytes > max_shard_bytes:
-                shards.append([])
-                size = 0
-            shards[-1].append(s)
-            size += s.nbytes
-        n = len(shards)
-        self.files = [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
-        self._plan = [(fname, spec) for fname, shard in zip(self.files, shards) for spec in shard]
-        self._shards = dict(zip(self.files, shards))
+        if files is None:
+            files = name_shards(split_shards(list(specs), max_shard_bytes))
+        self.specs = [spec for _, shard in files for spec in shard]
+        self.files = [fname for fname, _ in files]
+        self._plan = [(fname, spec) for fname, shard in files for spec in shard]
+        self._shards = dict(files)
+        self._write_index = write_index
         self._next = 0
         self._open_name: Optional[str] = None
         self._fh = None
@@ -223,7 +221,33 @@ class ShardedSafetensorsWriter:
         if self._next != len(self._plan):
             raise AssertionError(f"only {self._next} of {len(self._plan)} planned tensors were written")
         self._close_file()
-        total = sum(s.nbytes for s in self.specs)
-        index = {"metadata": {"total_size": total}, "weight_map": {s.name: f for f, s in self._plan}}
-        (self.dir / INDEX).write_text(json.dumps(index, indent=2) + "\n")
-        return total
+        if self._write_index:
+            write_index(self.dir, [(f, [s]) for f, s in self._plan])
+        return sum(s.nbytes for s in self.specs)
+
+
+def split_shards(specs: list[TensorSpec], max_shard_bytes: int) -> list[list[TensorSpec]]:
+    """Consecutive specs grouped into shards of at most `max_shard_bytes` (a larger tensor gets a shard alone)."""
+    shards: list[list[TensorSpec]] = [[]]
+    size = 0
+    for s in specs:
+        if shards[-1] and size + s.nbytes > max_shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(s)
+        size += s.nbytes
+    return shards
+
+
+def name_shards(shards: list[list[TensorSpec]]) -> list[tuple[str, list[TensorSpec]]]:
+    """HF's shard file names, model-00001-of-0000N.safetensors, in order."""
+    n = len(shards)
+    return [(f"model-{i + 1:05d}-of-{n:05d}.safetensors", shard) for i, shard in enumerate(shards)]
+
+
+def write_index(out_dir: str | Path, files: list[tuple[str, list[TensorSpec]]]) -> None:
+    """model.safetensors.index.json for shards laid out as `files`."""
+    specs = [(f, s) for f, shard in files for s in shard]
+    index = {"metadata": {"total_size": sum(s.nbytes for _, s in specs)},
+             "weight_map": {s.name: f for f, s in specs}}
+    (Path(out_dir) / INDEX).write_text(json.dumps(index, indent=2) + "\n")

@@ -64,7 +64,27 @@ def slurm_story(job: str) -> str:
     return "\n".join(line for line in lines if f"JobId={job} " in line + " " or f"JobId={job}_" in line)[-3000:]
 
 
+def two_nodes_ready() -> bool:
+    p = subprocess.run(["sinfo", "-h", "-N", "-p", "multi", "-o", "%t"], capture_output=True, text=True)
+    return p.returncode == 0 and sum(s.strip() in ("idle", "mix", "alloc") for s in p.stdout.splitlines()) >= 2
+
+
 def test_preempted_job_checkpoints_requeues_and_resumes(tmp_path):
+    """One node, two ranks (TP=2 trainer and a TP=2 engine in the same two processes)."""
+    preempt_and_resume(tmp_path, ["--nodes=1"], ranks_per_node=2)
+
+
+@pytest.mark.skipif(not two_nodes_ready(), reason="no two-node partition (scripts/slurm_up.sh makes one where "
+                                                  "network namespaces are allowed)")
+def test_two_node_job_trains_across_nodes_is_preempted_and_resumes(tmp_path):
+    """Two nodes (each its own network namespace, address and hostname), one rank each: the trainer's TP group and
+    the TP=2 rollout engine span both nodes, rendezvous goes through the first node's address, the checkpoint
+    directory is shared; a preemption signal mid-run checkpoints, requeues and resumes on both nodes."""
+    log = preempt_and_resume(tmp_path, ["--partition=multi", "--nodes=2"], ranks_per_node=1)
+    assert "2 node(s) x 1 processes, master spark-n1:" in log, log[-3000:]
+
+
+def preempt_and_resume(tmp_path, sbatch_args: list[str], ranks_per_node: int) -> str:
     from megatron_spark.fixtures.shapes import make_shapes_task
     from megatron_spark.fixtures.tiny import build_qwen2_5_vl
 
@@ -76,10 +96,11 @@ def test_preempted_job_checkpoints_requeues_and_resumes(tmp_path):
                  "rollout.max_new_tokens=12", "algorithm.recycle.reward_batch_size=4", "training.max_steps=5",
                  "checkpoint.save_interval=2", "logging.progress_bar=false",
                  f"algorithm.recycle.templates_file={ROOT / 'examples' / 'templates' / 'tiny.yaml'}"]
-    env = {"GPUS_PER_NODE": "2", "SPARK_PYTHON": sys.executable}
+    env = {"GPUS_PER_NODE": str(ranks_per_node), "SPARK_PYTHON": sys.executable}
     import os
 
-    job = subprocess.run(["sbatch", "--parsable", "--nodes=1", f"--cpus-per-task={os.cpu_count()}", "--gpus-per-node=0",
+    job = subprocess.run(["sbatch", "--parsable", *sbatch_args, f"--cpus-per-task={os.cpu_count()}",
+                          "--gpus-per-node=0",
                           str(ROOT / "slurm" / "train.sbatch"), str(ROOT / "examples" / "tiny_cpu.yaml"),
                           *overrides], cwd=tmp_path, env={**os.environ, **env}, capture_output=True, text=True,
                          check=True).stdout.strip().split(";")[0]
@@ -110,6 +131,7 @@ def test_preempted_job_checkpoints_requeues_and_resumes(tmp_path):
     lines = (run_dir / "metrics.jsonl").read_text().splitlines()
     steps = [int(line.split('"step": ')[1].split(",")[0]) for line in lines]
     assert steps[-1] == 5 and sorted(set(steps)) == [1, 2, 3, 4, 5], steps
+    return log
 
 
 def test_eval_job_stops_requeues_and_finishes_every_item_once(tmp_path):
@@ -177,10 +199,15 @@ def test_sweep_array_job_records_every_layout_and_reports(tmp_path):
         "grid": {"parallel.tensor_model_parallel_size": [2], "rollout.tensor_parallel_size": [2]},
         "runs": [{"parallel.tensor_model_parallel_size": 3}]}))
     out = tmp_path / "sweep"
+    # on the two-node partition where there is one: each task takes a whole node, so the two run side by side
+    partition = " --partition=multi" if two_nodes_ready() else ""
     p = subprocess.run([sys.executable, "-m", "megatron_spark.cli", "sweep", str(grid), "--out", str(out), "--slurm",
-                        "--wait", f"--sbatch-args=--cpus-per-task={os.cpu_count()} --gpus-per-node=0"],
+                        "--wait", f"--sbatch-args=--cpus-per-task={os.cpu_count()} --gpus-per-node=0{partition}"],
                        cwd=ROOT, capture_output=True, text=True, timeout=1500)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    hosts = {line.rsplit(" on ", 1)[1] for f in out.glob("spark-sweep-*.out") for line in f.read_text().splitlines()
+             if line.startswith("sweep task ")}
+    assert hosts == ({"spark-n1", "spark-n2"} if partition else {os.uname().nodename}), hosts
     rows = [json.loads((out / f"run_{i:03d}" / "result.json").read_text()) for i in range(2)]
     assert [r["status"] for r in rows] == ["ok", "invalid"], [(r["status"], r.get("reason")) for r in rows]
     assert "tensor_model_parallel_size" in rows[1]["reason"] and "TP=3" in rows[1]["reason"]
@@ -192,3 +219,40 @@ def test_sweep_array_job_records_every_layout_and_reports(tmp_path):
     report = (out / "report.md").read_text()
     table_rows = [x for x in report.splitlines() if x.startswith("| ")][1:]  # after the header
     assert len(table_rows) == 2 and "| invalid |" in report and (out / "report.png").stat().st_size > 1000
+
+
+@pytest.mark.skipif(not two_nodes_ready(), reason="no two-node partition (scripts/slurm_up.sh makes one where "
+                                                  "network namespaces are allowed)")
+def test_eval_job_on_two_nodes_splits_the_items_and_reports_once(tmp_path):
+    """slurm/eval.sbatch with --nodes=2: each node evaluates its own part (its results file), every item exactly
+    once, then one report over both parts."""
+    import json
+    import os
+
+    from megatron_spark.fixtures.shapes import make_shapes_benchmark
+    from megatron_spark.fixtures.tiny import build_qwen2_5_vl
+
+    hf = build_qwen2_5_vl(tmp_path / "model", min_pixels=3136, max_pixels=3136)
+    bench = make_shapes_benchmark(tmp_path / "bench", 12, seed=2)
+    out = tmp_path / "eval"
+    env = {"GPUS_PER_NODE": "1", "SPARK_PYTHON": sys.executable}
+    job = subprocess.run(["sbatch", "--parsable", "--partition=multi", "--nodes=2", f"--cpus-per-task={os.cpu_count()}",
+                          "--gpus-per-node=0", str(ROOT / "slurm" / "eval.sbatch"), str(bench), "--model", str(hf),
+                          "--out", str(out), "--max-tokens", "16", "--min-pixels", "3136", "--max-pixels", "3136",
+                          "--chunk-size", "4"], cwd=tmp_path, env={**os.environ, **env}, capture_output=True,
+                         text=True, check=True).stdout.strip().split(";")[0]
+    log = tmp_path / f"spark-eval-{job}.out"
+    try:
+        deadline = time.time() + 400
+        while time.time() < deadline and job_state(job) not in ("COMPLETED", "FAILED", "GONE", "CANCELLED"):
+            time.sleep(1)
+    finally:
+        if job_state(job) in ("PENDING", "RUNNING", "REQUEUED", "CONFIGURING"):
+            subprocess.run(["scancel", job])
+    text = log.read_text()
+    assert "on 2 node(s)" in text and (out / "metrics.json").is_file(), text[-4000:] + slurm_story(job)
+    parts = {p.name: [json.loads(x)["id"] for x in p.read_text().splitlines()] for p in out.glob("results*.jsonl")}
+    assert sorted(parts) == ["results.part0.jsonl", "results.part1.jsonl"], parts
+    ids = [i for v in parts.values() for i in v]
+    assert len(ids) == len(set(ids)) == 12 and all(len(v) == 6 for v in parts.values()), parts
+    assert json.loads((out / "metrics.json").read_text())["plain"]["items"] == 12

