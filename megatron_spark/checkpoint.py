@@ -4,8 +4,9 @@ Layout (Megatron-LM's): CKPT/iter_0000042/ (torch_dist model + optimizer, common
 cursor/FIFO, rng/rank_*.pt) and CKPT/latest_checkpointed_iteration.txt. A checkpoint is written into
 `iter_X.tmp`, renamed when every rank has finished, and only then named in the tracker file (itself replaced
 atomically): a crash never leaves a half checkpoint that looks complete, and a manifest of every file's size,
-written last, shows later damage. Resuming reshards the model and optimizer to the current TP/PP
-(dist-checkpointing); the caller then re-syncs the rollout engine.
+written last, shows later damage. With `checkpoint.async_save` the files are written by a forked process while
+training goes on, and the rename happens when every rank's write is done. Resuming reshards the model and optimizer
+to the current TP/PP (dist-checkpointing); the caller then re-syncs the rollout engine.
 
 What is saved is declared, not read off a trainer: the policy's sharded model and optimizer plus its own
 `state_dict()`, and a map of named `Stateful` parts (data cursor, recycling queue, trainer RNG), each saved under
@@ -80,6 +81,7 @@ class CheckpointManager:
             self.root.mkdir(parents=True, exist_ok=True)
         self.last_saved: Optional[int] = None
         self.current: Optional[int] = None
+        self.async_queue = compat.async_calls_queue() if ck_cfg.async_save else None
 
     @classmethod
     def for_trainer(cls, cfg, trainer) -> "CheckpointManager":
@@ -95,8 +97,14 @@ class CheckpointManager:
 
     # -- save ---------------------------------------------------------------------------------------------------
     def save(self, step: int) -> Path:
+        """The step-`step` checkpoint. Synchronous, or with `checkpoint.async_save` staged here and written in the
+        background: it is renamed into place and named in the tracker only once every rank's write has finished
+        (`poll` after each step, `wait`), and at most one save is in flight."""
         from megatron.core import dist_checkpointing
 
+        from megatron_spark import compat
+
+        self.wait()  # the previous save is complete (and named) before the next one starts
         final = iter_dir(self.root, step)
         if not self.policy.weights_finite():  # (updates with non-finite gradients are skipped: this is a bug guard)
             raise RuntimeError(f"not writing the step-{step} checkpoint: the weights hold non-finite values; the "
@@ -108,12 +116,26 @@ class CheckpointManager:
         dist.barrier()
         state = self.policy.sharded_state()
         state["common"] = self._common(step)
+        # taken now: the state a resume continues from, whenever the files are finished
+        rng = {"torch": torch.get_rng_state(), "python": random.getstate(), "cuda_tracker": _tracker_states()}
         # into an empty directory (megatron-core warns "Overwriting old incomplete / corrupted checkpoint" at
         # anything else); the per-rank RNG files go in after it
-        dist_checkpointing.save(state, str(tmp))
+        if self.async_queue is not None:
+            request = compat.save_async(state, str(tmp))
+            request.add_finalize_fn(lambda: self._complete(step, tmp, final, rng))
+            # at once, nothing in between: the writer's fork is the snapshot of the tensors it writes
+            self.async_queue.schedule_async_request(request)
+            for pid in compat.async_writer_pids(self.async_queue):
+                self.reaper.watch(pid)
+        else:
+            dist_checkpointing.save(state, str(tmp))
+            self._complete(step, tmp, final, rng)
+        return final
+
+    def _complete(self, step: int, tmp: Path, final: Path, rng: dict) -> None:
+        """Every rank's files are written: RNG files, then (rank 0) the manifest, the rename and the tracker."""
         (tmp / "rng").mkdir(exist_ok=True)
-        torch.save({"torch": torch.get_rng_state(), "python": random.getstate(),
-                    "cuda_tracker": _tracker_states()}, tmp / "rng" / f"rank_{self.rank}.pt")
+        torch.save(rng, tmp / "rng" / f"rank_{self.rank}.pt")
         dist.barrier()
         if self.rank == 0:
             write_manifest(tmp)
@@ -125,7 +147,16 @@ class CheckpointManager:
             self._prune()
         dist.barrier()
         self.last_saved = step
-        return final
+
+    def poll(self) -> None:
+        """Complete a background save that has finished on every rank (a collective: all ranks, same place)."""
+        if self.async_queue is not None and self.async_queue.get_num_unfinalized_calls():
+            self.async_queue.maybe_finalize_async_calls(blocking=False)
+
+    def wait(self) -> None:
+        """Block until the save in flight (if any) is written and named."""
+        if self.async_queue is not None and self.async_queue.get_num_unfinalized_calls():
+            self.async_queue.maybe_finalize_async_calls(blocking=True)
 
     def _describe_model(self) -> None:
         """megatron_spark.json + hf_assets/ at the root, so `megatron-spark convert megatron-to-hf` can export any
@@ -151,8 +182,11 @@ class CheckpointManager:
         """After every step: save at the interval, and before a requested stop (SLURM's signals); the HF export
         at its own interval (not on a stop: the job is asked to end quickly)."""
         self.current = step
+        self.poll()
         if step % self.cfg.save_interval == 0 or stopping:
             self.save(step)
+        if stopping:
+            self.wait()  # the job ends next: its checkpoint must be complete
         if self.cfg.hf_interval and step % self.cfg.hf_interval == 0 and not stopping:
             self.export_hf(step)
 
@@ -170,8 +204,12 @@ class CheckpointManager:
 
     def finish(self) -> None:
         """A final checkpoint at the last completed step, unless the interval already wrote it."""
+        self.wait()
         if self.current is not None and self.current != self.last_saved:
             self.save(self.current)
+            self.wait()
+        if self.async_queue is not None:
+            self.async_queue.close()
         self.reaper.close()  # a normal end: the helpers shut down on their own
 
     def _usable_step(self) -> Optional[int]:

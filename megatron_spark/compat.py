@@ -96,3 +96,35 @@ def checkpoint_writer_queue(initializer=None) -> Optional[int]:
         fa._results_queue = manager.Queue()  # the proxy keeps the manager (and so its process) alive
     proc = getattr(getattr(fa._results_queue, "_manager", None), "_process", None)
     return proc.pid if proc is not None else None
+
+
+def async_calls_queue():
+    """megatron-core's queue of asynchronous checkpoint saves, with a fresh forked writer per save: the fork is the
+    snapshot (CPU tensors that own their storage are written by reference, so the fork's copy-on-write pages are
+    what keeps the next optimizer step out of the checkpoint). The persistent worker is not used: it calls
+    torch.cuda.set_device in its own process and dies without a GPU, leaving the trainer waiting for it."""
+    from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
+
+    return AsyncCallsQueue(persistent=False)
+
+
+def save_async(state: dict, directory: str):
+    """dist_checkpointing.save(..., async_sharded_save=True) -> its AsyncRequest. megatron-core 0.19 defaults the
+    async strategy to NVIDIA Resiliency Extension's ("nvrx"), which clusters may not have: ask for its own."""
+    import inspect
+
+    from megatron.core import dist_checkpointing
+
+    extra = {"async_strategy": "mcore"} if "async_strategy" in inspect.signature(dist_checkpointing.save).parameters \
+        else {}
+    return dist_checkpointing.save(state, directory, async_sharded_save=True, **extra)
+
+
+def async_writer_pids(queue) -> list[int]:
+    """The processes writing the saves in flight (for the reaper: none outlives a killed trainer)."""
+    pids = []
+    for call in getattr(queue, "async_calls", []):
+        proc = getattr(call.async_caller, "process", None)
+        if proc is not None and proc.pid is not None:
+            pids.append(proc.pid)
+    return pids

@@ -234,6 +234,7 @@ class CheckpointConfig(_Section):
     save_interval: int = 50  # save every N steps (and on SIGTERM / SIGUSR1)
     resume: bool = True  # resume from the newest usable checkpoint in dir
     keep_last: int = 2  # checkpoints kept (older ones deleted)
+    async_save: bool = False  # write in the background (megatron-core async save): the loop blocks only to stage
     hf_interval: int = 0  # also write an HF directory (dir/hf/step_N, dir/hf/latest) every N steps; 0: off
     hf_keep_last: int = 2  # HF directories kept (older ones deleted)
 

@@ -121,7 +121,7 @@ def checkpoint_at_step_2(d, name):
 def full_run(setup):
     d, hf, train = setup
     run(cmd(hf, train, d / "runA", d / "ckA", "training.max_steps=4", "checkpoint.save_interval=2",
-            "checkpoint.hf_interval=2", "checkpoint.hf_keep_last=1"))
+            "checkpoint.hf_interval=2", "checkpoint.hf_keep_last=1", "checkpoint.async_save=true"))
     return d, metrics(d / "runA")
 
 
@@ -159,7 +159,9 @@ def test_the_run_really_trains_both_periods(full_run):
 
 def test_resume_reproduces_the_uninterrupted_run(full_run, setup):
     """Resumed at step 2, the run's step-4 checkpoint equals the uninterrupted run's bit for bit in every piece
-    (weights, Adam moments, scheduler, RNG streams, cursor, queue), and so do the metrics of steps 3 and 4."""
+    (weights, Adam moments, scheduler, RNG streams, cursor, queue), and so do the metrics of steps 3 and 4. Run A
+    saves asynchronously (its step-2 checkpoint is written while step 3 trains), this one synchronously: the
+    background write holds the state of its step, not of the step that ran beside it."""
     d, ref = full_run
     _, hf, train = setup
     ck = checkpoint_at_step_2(d, "ckB")
