@@ -1,12 +1,12 @@
 #!/usr/bin/env python
 """How long a checkpoint blocks training: synchronous save vs `checkpoint.async_save` (megatron-core's async save).
 
-    python bench/checkpoint.py [--model DIR] [--repeats 5] [--train-s 4] [--dir /tmp/spark-ckpt-bench]
+    python bench/checkpoint.py [--model DIR] [--repeats 5] [--updates 20] [--dir /tmp/spark-ckpt-bench]
 
-torchrun, 2 CPU ranks (gloo), Megatron TP=2: the policy of `megatron-spark train` (model, Adam state, LR schedule)
-saved by the trainer's CheckpointManager. Each repeat saves once, then "trains" for --train-s seconds (every
-parameter and Adam moment rewritten in place, as optimizer steps do, polling the save after each one), then waits
-for the save to complete. Reported per mode, median and range over the repeats:
+torchrun, 2 CPU ranks (gloo), Megatron PP=2: the policy of `megatron-spark train` (model, Adam state, LR schedule)
+saved by the trainer's CheckpointManager. Each repeat saves once, then makes --updates in-place updates (every
+parameter and Adam moment rewritten, as an optimizer step does, the save polled after each one, as the trainer polls
+after each step), then waits for the save to complete. Reported per mode, median and range over the repeats:
   blocked_s  the time `save()` holds the training loop (the whole write when synchronous, the staging when async)
   done_s     from the save's start until its checkpoint is complete (renamed and named in the tracker)
 and the bytes of one checkpoint with the synchronous write rate (the physical bound of the blocking save is bytes
@@ -45,7 +45,6 @@ def worker(a) -> None:
     import torch.distributed as dist
 
     from megatron_spark.checkpoint import CheckpointManager, ModelCard
-    from megatron_spark.compat import prepare_optimizer_for_loading
     from megatron_spark.config import CheckpointConfig, load_config
     from megatron_spark.models.hf_config import load_hf_config
     from megatron_spark.parallel import ParallelLayout
@@ -53,10 +52,13 @@ def worker(a) -> None:
 
     cfg = load_config(ROOT / "examples" / "tiny_cpu.yaml", [f"model.hf_dir={a.model}"])
     shape = load_hf_config(a.model)
-    layout = ParallelLayout(tp=2, pp=1, world_size=int(os.environ["WORLD_SIZE"]))
+    layout = ParallelLayout(tp=1, pp=2, world_size=int(os.environ["WORLD_SIZE"]))  # each rank saves its stage
     layout.initialize(seed=1)
     policy = Policy.build(shape, layout, cfg.model, cfg.training, pad_id=0, total_steps=100)
-    prepare_optimizer_for_loading(policy.optimizer)
+    for c in policy.chunks:  # one optimizer step on zero gradients: Adam's moments exist, as in a running trainer
+        c.zero_grad_buffer()
+    policy.optimizer.zero_grad()
+    policy.optimizer.step()
     params = [p.data for c in policy.chunks for p in c.parameters()]
     tensors = list(params)
     for o in policy.optimizer.chained_optimizers:
@@ -83,8 +85,7 @@ def worker(a) -> None:
             mgr.save(step)
             blocked = time.perf_counter() - t0
             done = None
-            t_train = time.perf_counter()
-            while time.perf_counter() - t_train < a.train_s:
+            for _ in range(a.updates):  # the same count on every rank: poll is a collective, as after each step
                 with torch.no_grad():
                     for t in tensors:
                         t.mul_(1.0000001)  # every page touched, as an optimizer step touches them
@@ -132,7 +133,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", help="HF directory (default: SmolLM2-135M-Instruct from make pretrained, else tiny)")
     ap.add_argument("--repeats", type=int, default=5, help="saves per mode (after one uncounted warm-up save)")
-    ap.add_argument("--train-s", type=float, default=4.0, help="seconds of in-place updates after each save")
+    ap.add_argument("--updates", type=int, default=20, help="in-place updates of the whole state after each save")
     ap.add_argument("--dir", default=str(Path(tempfile.gettempdir()) / "spark-ckpt-bench"), help="scratch directory")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--result", help=argparse.SUPPRESS)
@@ -145,11 +146,11 @@ def main() -> None:
     from megatron_spark.launch import torchrun_command
 
     cmd = torchrun_command(2, [str(Path(__file__).resolve()), "--worker", "--model", str(model), "--repeats",
-                               str(a.repeats), "--train-s", str(a.train_s), "--dir", a.dir, "--result", str(result)])
+                               str(a.repeats), "--updates", str(a.updates), "--dir", a.dir, "--result", str(result)])
     subprocess.run(cmd, check=True, cwd=ROOT)
     r = json.loads(result.read_text())
-    print(f"model {model.name}, TP=2 on 2 CPU ranks, {r['sync']['bytes'] / 2**30:.2f} GiB per checkpoint, "
-          f"{a.repeats} saves per mode, {a.train_s:g} s of updates after each")
+    print(f"model {model.name}, PP=2 on 2 CPU ranks, {r['sync']['bytes'] / 2**30:.2f} GiB per checkpoint, "
+          f"{a.repeats} saves per mode, {a.updates} updates of the whole state after each")
     print("| mode | blocked s (median [range]) | save complete after s | checkpoint holds the save-time state |")
     print("|---|---|---|---|")
     for mode in ("sync", "async"):

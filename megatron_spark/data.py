@@ -113,6 +113,11 @@ def _plain_text(messages: list[dict]) -> list[dict]:
 class PromptBuilder:
     """Chat template + images -> (text prompt for the engine, token ids / pixels for Megatron)."""
 
+    @classmethod
+    def from_config(cls, data_cfg, hf_dir: str, multimodal: bool) -> "PromptBuilder":
+        """The model's tokenizer / processor with the `data` section's image bounds."""
+        return cls(hf_dir, multimodal, data_cfg.min_pixels, data_cfg.max_pixels)
+
     def __init__(self, hf_dir: str, multimodal: bool, min_pixels: int, max_pixels: int):
         from transformers import AutoProcessor, AutoTokenizer
 

@@ -12,6 +12,12 @@ from typing import Optional
 class MetricsLogger:
     """Rank 0 writes; other ranks hold a no-op logger."""
 
+    @classmethod
+    def from_config(cls, logging_cfg, enabled: bool, config: Optional[dict] = None,
+                    resume: bool = False) -> "MetricsLogger":
+        """The `logging` section's run directory and sinks; `enabled` on the one rank that writes."""
+        return cls(logging_cfg.dir, enabled, logging_cfg.tensorboard, logging_cfg.wandb_project, config, resume)
+
     def __init__(self, run_dir: str | Path, enabled: bool, tensorboard: bool = True,
                  wandb_project: Optional[str] = None, config: Optional[dict] = None, resume: bool = False):
         self.enabled = enabled

@@ -50,6 +50,12 @@ class VerifierConfig:
     decimal_comma: bool = False     # 3,5 == 3.5 when the other side has a decimal point
     numeric_rel_tol: float = 0.0    # numeric values equal within this relative tolerance (0 = exact)
 
+    @classmethod
+    def from_config(cls, alg) -> "VerifierConfig":
+        """The answer-checking options of the `algorithm` config section."""
+        return cls(alg.accept_box_alias, alg.labels_case_insensitive, alg.answer_all_boxed, alg.answer_decimal_comma,
+                   alg.answer_rel_tol)
+
 
 def _balanced(text: str, start: int) -> Optional[tuple[str, int]]:
     """Content of the brace group opening at text[start] == '{', and the index after it."""
@@ -282,6 +288,11 @@ class RewardPool:
     replaced. Deterministic output order; safe to call from any thread. `fn` ('module:function', called as
     fn(response, gold, cfg)) replaces the default 0/1 score, e.g. to return several scores at once; an item that
     times out or raises gets `failed_value`."""
+
+    @classmethod
+    def from_config(cls, alg) -> "RewardPool":
+        """The training run's pool: the `algorithm` section's workers, timeout and answer-checking options."""
+        return cls(alg.reward_workers, alg.reward_timeout_s, VerifierConfig.from_config(alg))
 
     def __init__(self, workers: int = 2, timeout_s: float = 5.0, cfg: VerifierConfig = VerifierConfig(),
                  fn: Optional[str] = None, failed_value=0.0):

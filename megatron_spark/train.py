@@ -56,7 +56,7 @@ def build_stack(cfg: SparkConfig, world: int, force: bool = False) -> "RLStack":
     # the checkpoint writer's Manager -- import this module as their __main__, and need none of it)
     from megatron_spark.parallel import ParallelLayout
     from megatron_spark.policy import Policy
-    from megatron_spark.reward import RewardPool, VerifierConfig
+    from megatron_spark.reward import RewardPool
     from megatron_spark.placement import RolloutPlacement
     from megatron_spark.rollout.build import build_engine
     from megatron_spark.stack import RLStack
@@ -77,7 +77,7 @@ def build_stack(cfg: SparkConfig, world: int, force: bool = False) -> "RLStack":
     layout.initialize(seed=cfg.training.seed)
     rank = dist.get_rank()
     multimodal = shape.multimodal
-    prompts = PromptBuilder(m.hf_dir, multimodal, cfg.data.min_pixels, cfg.data.max_pixels)
+    prompts = PromptBuilder.from_config(cfg.data, m.hf_dir, multimodal)
     examples, report = load_records(cfg.data.train_file, cfg.data.prompt_key, cfg.data.answer_key,
                                     cfg.data.skip_bad_records)
     examples = check_lengths(examples, prompts, cfg.data.prompt_max_len, cfg.data.skip_bad_records, report)
@@ -99,17 +99,7 @@ def build_stack(cfg: SparkConfig, world: int, force: bool = False) -> "RLStack":
     fp8_engine = ro.quantization == "fp8" and torch.cuda.is_available()
     engine = build_engine(ro, fp8_engine_dir(cfg) if fp8_engine else m.hf_dir, shape, dtype=m.dtype,
                           seed=cfg.training.seed, min_pixels=cfg.data.min_pixels, max_pixels=cfg.data.max_pixels)
-    target = ro.sync_target
-    if target == "auto":
-        target = "vllm_tp" if torch.cuda.is_available() and ro.quantization == "none" and ro.backend == "vllm" \
-            else "hf_full"
-    engine_params, engine_name = engine.inplace_targets() if target == "vllm_tp" else (None, lambda n: n)
-    sync = WeightSync(policy.modules, WeightMap(shape, tp=layout.tp), layout,
-                      rollout_tp=ro.tensor_parallel_size, target=target,
-                      bucket_mb=ro.sync_bucket_mb, engine_params=engine_params, engine_name=engine_name,
-                      double_buffer=(torch.cuda.is_available() if ro.sync_double_buffer is None
-                                     else ro.sync_double_buffer),
-                      quantization=ro.quantization, emulate=not fp8_engine)
+    sync = WeightSync.from_config(ro, policy.modules, WeightMap(shape, tp=layout.tp), layout, engine, fp8_engine)
     if m.megatron_ckpt or (ro.quantization != "none" and not fp8_engine):
         # the engine loaded model.hf_dir: give it the trainer's weights (a Megatron checkpoint's, or their FP8
         # values) before the first rollout
@@ -117,12 +107,8 @@ def build_stack(cfg: SparkConfig, world: int, force: bool = False) -> "RLStack":
     placement = RolloutPlacement(world, ro.tensor_parallel_size)
     pool = None
     if rank == placement.reward_rank:
-        alg = cfg.algorithm
-        pool = RewardPool(alg.reward_workers, alg.reward_timeout_s,
-                          VerifierConfig(alg.accept_box_alias, alg.labels_case_insensitive, alg.answer_all_boxed,
-                                         alg.answer_decimal_comma, alg.answer_rel_tol))
-    logger = MetricsLogger(cfg.logging.dir, rank == 0, cfg.logging.tensorboard, cfg.logging.wandb_project,
-                           cfg.to_dict(), resume=cfg.checkpoint.resume)
+        pool = RewardPool.from_config(cfg.algorithm)
+    logger = MetricsLogger.from_config(cfg.logging, rank == 0, cfg.to_dict(), resume=cfg.checkpoint.resume)
     return RLStack(shape=shape, layout=layout, placement=placement, prompts=prompts, data=data, policy=policy,
                    reference=reference, engine=engine, sync=sync, rewards=pool,
                    templates=TemplateBank.load(cfg.algorithm.recycle.templates_file), logger=logger,

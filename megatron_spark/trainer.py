@@ -451,10 +451,12 @@ class SparkTrainer:
             done = budget is not None and self.policy.optimizer_steps >= budget  # the same on every rank
             if self.held_out and ((step + 1) % self.cfg.eval.interval == 0 or step + 1 == total_steps or done):
                 from megatron_spark.evaluation.periodic import held_out_accuracy
+                from megatron_spark.reward import VerifierConfig
 
                 t1 = time.perf_counter()
                 got = held_out_accuracy(self.engine, self.prompts, self.placement, self.rank, self.held_out,
-                                        self.templates, self.cfg.rollout.max_new_tokens, self.cfg.training.seed)
+                                        self.templates, self.cfg.rollout.max_new_tokens, self.cfg.training.seed,
+                                        VerifierConfig.from_config(self.cfg.algorithm))
                 metrics.update({f"eval/{k}": v for k, v in got.items()})
                 metrics["time/eval"] = time.perf_counter() - t1
             self.logger.log(step + 1, metrics)

@@ -30,6 +30,23 @@ from megatron_spark.quant.fp8 import quantized_stream
 
 
 class WeightSync:
+    @classmethod
+    def from_config(cls, rollout_cfg, chunks: list[torch.nn.Module], wmap: WeightMap, layout, engine,
+                    fp8_engine: bool) -> "WeightSync":
+        """The training run's bridge, from the `rollout` section: the target ('auto': vLLM's own TP layout on a GPU
+        without quantization, else HF-named full tensors), buckets, double buffering (default: on a GPU) and
+        quantization (emulated unless the engine is CUDA vLLM built with FP8 layers)."""
+        ro = rollout_cfg
+        target = ro.sync_target
+        if target == "auto":
+            target = "vllm_tp" if torch.cuda.is_available() and ro.quantization == "none" and ro.backend == "vllm" \
+                else "hf_full"
+        engine_params, engine_name = engine.inplace_targets() if target == "vllm_tp" else (None, lambda n: n)
+        double = torch.cuda.is_available() if ro.sync_double_buffer is None else ro.sync_double_buffer
+        return cls(chunks, wmap, layout, rollout_tp=ro.tensor_parallel_size, target=target,
+                   bucket_mb=ro.sync_bucket_mb, engine_params=engine_params, engine_name=engine_name,
+                   double_buffer=double, quantization=ro.quantization, emulate=not fp8_engine)
+
     def __init__(self, chunks: list[torch.nn.Module], wmap: WeightMap, layout, rollout_tp: int,
                  target: str = "hf_full", bucket_mb: int = 512, double_buffer: bool = False,
                  engine_params: Optional[dict[str, torch.Tensor]] = None,

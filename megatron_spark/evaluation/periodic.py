@@ -7,14 +7,14 @@ from __future__ import annotations
 
 import json
 import random
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch.distributed as dist
 
 from megatron_spark.data import Example, load_records
 
 from megatron_spark.fixtures.shapes import COLOURS
-from megatron_spark.reward import score
+from megatron_spark.reward import VerifierConfig, score
 from megatron_spark.templates import TemplateBank, strip_suffix, with_suffix
 
 
@@ -76,8 +76,9 @@ def judge_items(examples: Sequence[Example], bank: TemplateBank, seed: int) -> l
 
 
 def held_out_accuracy(engine, prompts, placement, rank: int, examples: Sequence[Example], bank: TemplateBank,
-                      max_new_tokens: int, seed: int = 0) -> dict:
-    """{task_accuracy, judge_accuracy} over all examples, greedy; each engine generates its share."""
+                      max_new_tokens: int, seed: int = 0, verifier: Optional[VerifierConfig] = None) -> dict:
+    """{task_accuracy, judge_accuracy} over all examples, greedy; each engine generates its share; answers checked
+    as the training rewards check them (`verifier`: the algorithm section's options)."""
     from megatron_spark.rollout.engine import RolloutRequest
 
     me = placement.engine_of(rank)
@@ -88,7 +89,8 @@ def held_out_accuracy(engine, prompts, placement, rank: int, examples: Sequence[
         built = [prompts.build(m) for m, _ in mine]
         outs = engine.generate([RolloutRequest(b["prompt"], b["images"]) for b in built], n=1, temperature=0.0,
                                max_new_tokens=max_new_tokens)
-        counts += [sum(score(o[0].text, gold) for o, (_, gold) in zip(outs, mine)), len(mine)]
+        counts += [sum(score(o[0].text, gold, verifier or VerifierConfig()) for o, (_, gold) in zip(outs, mine)),
+                   len(mine)]
     leader = placement.is_leader(rank)
     gathered: list = [None] * dist.get_world_size()
     dist.all_gather_object(gathered, counts if leader else [0.0] * 4)

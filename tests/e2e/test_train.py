@@ -155,6 +155,17 @@ def test_the_run_really_trains_both_periods(full_run):
     assert all(k in changed for k in two if k.startswith("tensor:") and "_extra_state" not in k), \
         sorted(k for k in two if k.startswith("tensor:") and k not in changed)
     assert two["common:queue"]["items"], "the queue is empty at the resume point: its restore would go untested"
+    # `megatron-spark plot` on the keys this run really logged: every curve panel has data, and the stacked time
+    # split never adds up to more than the step took (a phase counted twice would)
+    from megatron_spark.metrics import panels, read_metrics
+
+    rows = read_metrics(d / "runA")
+    found = dict(panels(rows))
+    assert {"reward", "judge / reflection (training tasks)", "time per step by phase (s, stacked)"} <= set(found)
+    split = found["time per step by phase (s, stacked)"]
+    assert {"rollout", "reward", "train", "sync"} <= set(split), set(split)
+    for r in rows:
+        assert sum(dict(pts).get(r["step"], 0.0) for pts in split.values()) <= r["time/step"], r["step"]
 
 
 def test_resume_reproduces_the_uninterrupted_run(full_run, setup):
