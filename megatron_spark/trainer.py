@@ -26,6 +26,7 @@ import torch.distributed as dist
 
 from megatron_spark.algorithm import BatchSize, group_advantages, has_spread, overlong_penalty
 from megatron_spark.config import SparkConfig
+from megatron_spark.period_metrics import PhaseTimes, RankWork, period_metrics
 from megatron_spark.placement import RolloutPlacement, balanced_partition, sampling_seed
 from megatron_spark.policy import Rollout, grpo_loss_fn
 from megatron_spark.recycle import AuxQueue, AuxTask, Group, RecycleSettings, recycle
@@ -344,56 +345,21 @@ class SparkTrainer:
         self.engine.wake_up()  # weights back in place before the sync writes them
         self.sync.push(self.engine)
         t4 = time.perf_counter()
-        # what every rank did: samples it computed log-probs for, and how much of its compute was real tokens
-        work = torch.tensor([float(len(my_rollouts)), float(self.policy.tokens_real - real0),
+        self.update_flags += [x["update_skipped"] for x in train_metrics]  # (the non-finite guard reads these)
+        m = period_metrics(name, [t.kind for t in tasks], [t.answer for t in tasks], outs, rewards, shaped, drift,
+                           built.prompt_mismatches(outs), train_metrics,
+                           self._replica_work(len(my_rollouts), real0, computed0), gen_metrics,
+                           PhaseTimes(rollout=t1 - t0, reward=t2 - t1, logprobs=t_lp, train=t3 - t2 - t_lp,
+                                      sync=t4 - t3))
+        return m, groups
+
+    def _replica_work(self, samples: int, real0: int, computed0: int) -> list[RankWork]:
+        """What the first rank of each data-parallel replica did this period (a collective: all ranks)."""
+        work = torch.tensor([float(samples), float(self.policy.tokens_real - real0),
                              float(self.policy.tokens_computed - computed0)])
         per_rank = [torch.zeros(3) for _ in range(dist.get_world_size())]
         dist.all_gather(per_rank, work)
-        dp_first = [per_rank[r] for r in self.placement.replica_leaders(self.layout)]
-        m = {f"{name}/reward_mean": sum(rewards) / len(rewards),
-             **({f"{name}/shaped_reward_mean": sum(shaped) / len(shaped)} if shaped is not rewards else {}),
-             f"{name}/truncated_fraction": sum(s.finish_reason == "length" for g in outs for s in g) / len(rewards),
-             f"{name}/response_len": sum(len(s.token_ids) for g in outs for s in g) / len(rewards),
-             f"{name}/train_rollout_logprob_drift": drift,
-             f"{name}/prompt_token_mismatch": built.prompt_mismatches(outs),
-             f"{name}/optimizer_steps": sum(1 - x["update_skipped"] for x in train_metrics),
-             f"{name}/updates_skipped_nonfinite": sum(x["update_skipped"] for x in train_metrics),
-             f"{name}/logprob_samples_min": min(w[0].item() for w in dp_first),
-             f"{name}/logprob_samples_max": max(w[0].item() for w in dp_first),
-             f"{name}/real_token_fraction": sum(w[1].item() for w in dp_first) / max(1.0, sum(
-                 w[2].item() for w in dp_first)),
-             f"{name}/tokens": sum(len(s.prompt_token_ids) + len(s.token_ids) for g in outs for s in g),
-             **gen_metrics}
-        applied = [x for x in train_metrics if not x["update_skipped"]] or train_metrics
-        self.update_flags += [x["update_skipped"] for x in train_metrics]  # (the non-finite guard reads these)
-        for key in (train_metrics[0] if train_metrics else {}):
-            vals = [x[key] for x in (train_metrics if key == "update_skipped" else applied)
-                    if isinstance(x[key], (int, float))]
-            if vals:
-                m[f"{name}/{key}"] = sum(vals) / len(vals)
-        by_kind: dict[str, list[float]] = {}
-        for t, r in zip((t for t, g in zip(tasks, outs) for _ in g), rewards):
-            by_kind.setdefault(t.kind, []).append(r)
-        judge = by_kind.get("pointwise", []) + by_kind.get("pairwise", [])
-        refl = by_kind.get("reflection_cot", []) + by_kind.get("reflection_ans", [])
-        if judge:
-            m[f"{name}/judge_accuracy"] = sum(judge) / len(judge)
-        if name == "reward":
-            from megatron_spark.diagnostics import judge_diagnostics
-
-            per_task, k = [], 0
-            for t, g in zip(tasks, outs):
-                per_task.append(([s.text for s in g], rewards[k:k + len(g)], len(g[0].prompt_token_ids)))
-                k += len(g)
-            m.update(judge_diagnostics([t.kind for t in tasks], [t.answer for t in tasks],
-                                       [n for _, _, n in per_task], [r for r, _, _ in per_task],
-                                       [w for _, w, _ in per_task], prefix=name))
-        if refl:
-            m[f"{name}/reflection_success"] = sum(refl) / len(refl)
-        m.update({f"time/{name}_rollout": t1 - t0, f"time/{name}_reward": t2 - t1,
-                  f"time/{name}_train": t3 - t2 - t_lp, f"time/{name}_logprobs": t_lp,
-                  f"time/{name}_sync": t4 - t3})  # (train excludes the log-prob pass: the plot stacks both)
-        return m, groups
+        return [RankWork(*(v.item() for v in per_rank[r])) for r in self.placement.replica_leaders(self.layout)]
 
     # -- refills for dynamic sampling (the same on every rank) --------------------------------------------------
     def _more_prompts(self) -> list[Task]:
