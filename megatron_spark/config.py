@@ -79,6 +79,34 @@ class ModelFacts:
         return cls(t.num_layers, t.num_heads, t.num_kv_heads, v.num_heads if v else None)
 
 
+LAYOUT_FIELDS = {"tp": "parallel.tensor_model_parallel_size", "pp": "parallel.pipeline_model_parallel_size",
+                 "rollout_tp": "rollout.tensor_parallel_size"}
+
+
+def model_layout_problems(facts: ModelFacts, tp: int, pp: int, rollout_tp: Optional[int] = None,
+                          labels: Optional[dict[str, str]] = None) -> list[tuple[str, str]]:
+    """The rules a model puts on a layout, written once: config validation, the converters, verify-sync and the
+    planner all apply these. Returns [(knob, message)], knob in LAYOUT_FIELDS, each message naming the knob by its
+    `labels` (default TP / PP / rollout TP; a CLI passes its flags) and the fix."""
+    lab = {"tp": "TP", "pp": "PP", "rollout_tp": "rollout TP", **(labels or {})}
+    out = []
+    kv, heads, vision = facts.num_key_value_heads, facts.num_attention_heads, facts.vision_num_heads
+    if kv is not None and kv % tp:
+        out.append(("tp", f"{lab['tp']} {tp}: the model has {kv} KV heads; TP must divide them"))
+    if heads is not None and heads % tp:
+        out.append(("tp", f"{lab['tp']} {tp} does not divide the {heads} attention heads; choose a divisor"))
+    if vision is not None and vision % tp:
+        out.append(("tp", f"{lab['tp']} {tp} does not divide the vision tower's {vision} heads (it is "
+                          f"tensor-parallel over the same group); choose a divisor"))
+    if facts.num_layers is not None and pp > facts.num_layers:
+        out.append(("pp", f"{lab['pp']} {pp} exceeds the model's {facts.num_layers} layers"))
+    if rollout_tp is not None and kv is not None and \
+            ((rollout_tp > kv and rollout_tp % kv) or (rollout_tp <= kv and kv % rollout_tp)):
+        out.append(("rollout_tp", f"{lab['rollout_tp']} {rollout_tp}: vLLM needs a TP that divides the model's "
+                                  f"{kv} KV heads or is a multiple of them"))
+    return out
+
+
 @dataclass
 class ParallelConfig(_Section):
     tensor_model_parallel_size: int = 1  # Megatron TP: divides the attention, KV and vision heads
@@ -521,17 +549,9 @@ def validate(cfg: SparkConfig, world_size: Optional[int] = None, model: Optional
     for name in ("tensor_model_parallel_size", "pipeline_model_parallel_size", "context_parallel_size"):
         _positive(f"parallel.{name}", getattr(par, name))
     tp, pp = par.tensor_model_parallel_size, par.pipeline_model_parallel_size
-    if facts.num_key_value_heads is not None and facts.num_key_value_heads % tp:
-        _fail("parallel.tensor_model_parallel_size",
-              f"TP={tp} does not divide the model's {facts.num_key_value_heads} KV heads; "
-              f"choose a TP that divides {facts.num_key_value_heads}")
-    if facts.num_attention_heads is not None and facts.num_attention_heads % tp:
-        _fail("parallel.tensor_model_parallel_size",
-              f"TP={tp} does not divide the {facts.num_attention_heads} attention heads; choose a divisor")
-    if facts.vision_num_heads is not None and facts.vision_num_heads % tp:
-        _fail("parallel.tensor_model_parallel_size",
-              f"TP={tp} does not divide the vision tower's {facts.vision_num_heads} heads (it is tensor-parallel); "
-              f"choose a divisor")
+    _positive("rollout.tensor_parallel_size", ro.tensor_parallel_size)
+    for knob, why in model_layout_problems(facts, tp, pp, ro.tensor_parallel_size):
+        _fail(LAYOUT_FIELDS[knob], why)
     if facts.num_layers is not None:
         from megatron_spark.parallel import stage_layers
 
@@ -567,7 +587,6 @@ def validate(cfg: SparkConfig, world_size: Optional[int] = None, model: Optional
         if world_size % ro.tensor_parallel_size:
             _fail("rollout.tensor_parallel_size",
                   f"world size {world_size} is not a multiple of the rollout TP {ro.tensor_parallel_size}")
-    _positive("rollout.tensor_parallel_size", ro.tensor_parallel_size)
     if ro.backend == "hf":
         if ro.tensor_parallel_size != 1:
             _fail("rollout.tensor_parallel_size", f"rollout.backend=hf runs one transformers engine per rank; set "
@@ -577,10 +596,6 @@ def validate(cfg: SparkConfig, world_size: Optional[int] = None, model: Optional
         if ro.quantization != "none":
             _fail("rollout.quantization", "FP8 rollouts need a vLLM engine; set rollout.backend=vllm or "
                                           "rollout.quantization=none")
-    kv = facts.num_key_value_heads
-    if kv is not None and ro.tensor_parallel_size > kv and ro.tensor_parallel_size % kv:
-        _fail("rollout.tensor_parallel_size", f"vLLM TP={ro.tensor_parallel_size} with "
-              f"{kv} KV heads needs TP to be a multiple of the KV heads or divide them")
     if ro.n_samples_per_prompt < 2:
         _fail("rollout.n_samples_per_prompt", f"GRPO needs at least 2 samples per prompt to form a group "
                                               f"advantage, got {ro.n_samples_per_prompt}")

@@ -166,24 +166,14 @@ def stage_layers(num_layers: int, pp: int, first: Optional[int] = None, last: Op
 
 def check_model_layout(shape, tp: int, pp: int, rollout_tp: Optional[int] = None,
                        flags: tuple[str, str, str] = ("--tp", "--pp", "--rollout-tp")) -> None:
-    """The layout rules every entry point applies before starting processes or loading weights (the trainer's
-    config validation applies the same): TP divides the attention, KV and vision heads; PP splits the layers;
-    vLLM's TP divides the KV heads or is a multiple of them. Raises ValueError naming the flag and the fix."""
-    t, v = shape.text, shape.vision
+    """The model's layout rules (config.model_layout_problems, the one place they are written) for an entry point
+    that names the knobs by its `flags`: raises ValueError naming the flag and the fix."""
+    from megatron_spark.config import ModelFacts, model_layout_problems
+
     f_tp, f_pp, f_rtp = flags
     if tp < 1 or pp < 1 or (rollout_tp is not None and rollout_tp < 1):
         raise ValueError(f"{f_tp}, {f_pp}{', ' + f_rtp if rollout_tp is not None else ''} must be >= 1")
-    if t.num_kv_heads % tp:
-        raise ValueError(f"{f_tp} {tp}: the model has {t.num_kv_heads} KV heads; TP must divide them")
-    if t.num_heads % tp:
-        raise ValueError(f"{f_tp} {tp} does not divide the {t.num_heads} attention heads")
-    if v is not None and v.num_heads % tp:
-        raise ValueError(f"{f_tp} {tp} does not divide the vision tower's {v.num_heads} heads (it is "
-                         f"tensor-parallel over the same group)")
-    if pp > t.num_layers:
-        raise ValueError(f"{f_pp} {pp} exceeds the model's {t.num_layers} layers")
-    if rollout_tp is not None:
-        kv = t.num_kv_heads
-        if (rollout_tp > kv and rollout_tp % kv) or (rollout_tp <= kv and kv % rollout_tp):
-            raise ValueError(f"{f_rtp} {rollout_tp}: vLLM needs a TP that divides the model's {kv} KV heads or is a "
-                             f"multiple of them")
+    problems = model_layout_problems(ModelFacts.of(shape), tp, pp, rollout_tp,
+                                     {"tp": f_tp, "pp": f_pp, "rollout_tp": f_rtp})
+    if problems:
+        raise ValueError(problems[0][1])

@@ -32,7 +32,7 @@ def _bad(overrides, world_size=None, **model):
 CASES = [
     # (overrides, model fields, world size, expected fragments)
     (["parallel.tensor_model_parallel_size=3"], {"num_key_value_heads": 8}, None,
-     ["parallel.tensor_model_parallel_size", "does not divide the model's 8 KV heads"]),
+     ["parallel.tensor_model_parallel_size", "TP 3: the model has 8 KV heads; TP must divide them"]),
     (["parallel.pipeline_model_parallel_size=8"], {"num_layers": 4}, None,
      ["parallel.pipeline_model_parallel_size", "exceeds the model's 4 layers"]),
     (["parallel.context_parallel_size=2"], {}, None, ["parallel.context_parallel_size", "not implemented",
@@ -43,6 +43,9 @@ CASES = [
     (["parallel.tensor_model_parallel_size=4"], {}, 6, ["world size 6 is not a multiple of TP*PP*CP=4"]),
     (["rollout.n_samples_per_prompt=1"], {}, None, ["rollout.n_samples_per_prompt", "at least 2 samples"]),
     (["checkpoint.hf_interval=10"], {}, None, ["checkpoint.hf_interval", "set checkpoint.dir"]),
+    # the rule the converters and the planner applied and the config did not (rollout TP below the KV heads)
+    (["rollout.tensor_parallel_size=3"], {"num_key_value_heads": 8}, None,
+     ["rollout.tensor_parallel_size", "rollout TP 3: vLLM needs a TP that divides the model's 8 KV heads"]),
     (["checkpoint.hf_interval=-1"], {}, None, ["checkpoint.hf_interval", "0 turns the HF export off"]),
     (["checkpoint.dir=/tmp/ck", "checkpoint.hf_interval=5", "checkpoint.hf_keep_last=0"], {}, None,
      ["checkpoint.hf_keep_last", "must be > 0"]),
