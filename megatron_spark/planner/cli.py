@@ -8,7 +8,9 @@ def add_plan_args(p: argparse.ArgumentParser) -> None:
     from megatron_spark.planner.hardware import GPUS
     from megatron_spark.planner.model import BUILTIN
 
-    p.add_argument("--model", required=True, help=f"{', '.join(BUILTIN)}, a HF directory or a config.json")
+    p.add_argument("--model", required=True,
+                   help=f"{', '.join(BUILTIN)}, or as in eval: a HF directory (or its config.json) or a Megatron "
+                        f"checkpoint")
     p.add_argument("--gpus", type=int, required=True, help="GPUs of the job (all nodes)")
     p.add_argument("--gpus-per-node", type=int, default=8, help="GPUs per node (TP stays within a node)")
     p.add_argument("--gpu", default="h100-80gb", choices=sorted(GPUS), help="GPU model (memory, FLOP/s, bandwidth)")

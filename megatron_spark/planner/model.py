@@ -46,14 +46,22 @@ BUILTIN: dict[str, dict] = {
 
 
 def load_model(name_or_path: str) -> ModelShape:
-    """A built-in name (see BUILTIN), a HF directory or a config.json."""
+    """A built-in name (see BUILTIN), or what `--model` names everywhere else: a HF directory (or its config.json)
+    or a Megatron checkpoint written by this project (its root or an iteration; the model it holds)."""
     if name_or_path in BUILTIN:
         return parse_hf_config(BUILTIN[name_or_path], name_or_path)
+    from megatron_spark.io.checkpoint_layout import is_megatron_checkpoint, resolve_checkpoint
+
     p = Path(name_or_path)
+    if p.is_dir() and is_megatron_checkpoint(p):
+        from megatron_spark.convert.layout import read_model_metadata
+
+        root, _ = resolve_checkpoint(p, "--model")
+        return parse_hf_config(read_model_metadata(root)["hf_config"], str(root))
     p = p / "config.json" if p.is_dir() else p
     if not p.is_file():
-        raise ValueError(f"--model '{name_or_path}': not a built-in name ({', '.join(BUILTIN)}) nor a HF directory "
-                         f"or config.json")
+        raise ValueError(f"--model '{name_or_path}': not a built-in name ({', '.join(BUILTIN)}), a HF directory, "
+                         f"a config.json nor a Megatron checkpoint")
     return parse_hf_config(json.loads(p.read_text()), str(p))
 
 

@@ -255,3 +255,15 @@ def test_the_attention_kind_follows_the_transformer_impl():
         return check_fit(c, load_model("qwen2.5-vl-7b"), 8, 79.2 * GIB, te_available=te).phases["train"] / GIB
     assert train_gib("model.transformer_impl=local") > train_gib() + 1
     assert train_gib(te=False) == train_gib("model.transformer_impl=local")
+
+
+def test_model_means_what_it_means_in_eval(tiny_models, tmp_path):
+    """`plan --model` takes what `eval --model` takes: a HF directory or a Megatron checkpoint (the model it holds)."""
+    from megatron_spark.convert.converters import hf_to_megatron
+
+    hf = tiny_models["vl"] if "vl" in tiny_models else next(iter(tiny_models.values()))
+    ckpt = hf_to_megatron(hf, tmp_path / "mg").out
+    assert load_model(str(ckpt)) == load_model(hf)
+    assert load_model(str(ckpt / "iter_0000000")) == load_model(hf)
+    with pytest.raises(ValueError, match="nor a Megatron checkpoint"):
+        load_model(str(tmp_path / "nothing"))
