@@ -381,77 +381,111 @@ class SparkTrainer:
 
     # -- the loop ----------------------------------------------------------------------------------------------
     def run(self, start_step: int, total_steps: int, on_step=None) -> None:
-        bar = None
-        if self.rank == 0 and self.cfg.logging.progress_bar:
-            from tqdm import tqdm
-
-            bar = tqdm(total=total_steps, initial=start_step, desc="SPARK", dynamic_ncols=True)
+        """The loop: each step, its metrics (with the held-out evaluation when due) logged, then in order the
+        agreement on a requested stop, the non-finite guard, `on_step` (the checkpoint) and the end conditions
+        (the optimizer-step budget, a stop)."""
+        bar = self._progress_bar(start_step, total_steps)
         for step in range(start_step, total_steps):
             self.watchdog.arm()  # (re-armed each step: the step and its checkpoint must finish in time)
             inject_step_faults(step + 1, self.rank)
-            t0 = time.perf_counter()
-            episode, batch = self.data.next_batch()
-            self.queue.start_episode(episode)
-            tasks = [Task(f"e{episode}-{ex.index}", ex.messages, ex.answer, ex.image, ex.question) for ex in batch]
-            metrics, groups = self.period("infer", tasks, step, more=self._more_prompts)
-            self.queue.push(recycle(groups, self.templates, self.recycle_settings, self.rng))
-            aux = self.queue.pop_batch()
-            if aux is not None:
-                drawn = [len(aux)]
-                m2, _ = self.period("reward", self._aux_tasks(aux, step), step,
-                                    more=lambda: self._more_aux(step, drawn))
-                metrics.update(m2)
-            step_s = time.perf_counter() - t0
-            per_rank = [torch.zeros(1) for _ in range(dist.get_world_size())]
-            dist.all_gather(per_rank, torch.tensor([step_s]))
-            times = [t.item() for t in per_rank]
-            metrics.update({"episode": episode, "queue": len(self.queue), "reward_period": int(aux is not None),
-                            "time/step": step_s, "time/step_rank_min": min(times), "time/step_rank_max": max(times),
-                            "time/slowest_rank": times.index(max(times)),
-                            "optimizer_steps": self.policy.optimizer_steps})
-            if torch.cuda.is_available():  # the sweep's memory figure (the planner's comparison)
-                peak = torch.tensor([torch.cuda.max_memory_allocated() / 2 ** 30])
-                dist.all_reduce(peak, op=dist.ReduceOp.MAX)
-                metrics["memory/max_allocated_gib"] = peak.item()
-            budget = self.cfg.training.max_optimizer_steps
-            done = budget is not None and self.policy.optimizer_steps >= budget  # the same on every rank
-            if self.held_out and ((step + 1) % self.cfg.eval.interval == 0 or step + 1 == total_steps or done):
-                from megatron_spark.evaluation.periodic import held_out_accuracy
-                from megatron_spark.reward import VerifierConfig
-
-                t1 = time.perf_counter()
-                got = held_out_accuracy(self.engine, self.prompts, self.placement, self.rank, self.held_out,
-                                        self.templates, self.cfg.rollout.max_new_tokens, self.cfg.training.seed,
-                                        VerifierConfig.from_config(self.cfg.algorithm))
-                metrics.update({f"eval/{k}": v for k, v in got.items()})
-                metrics["time/eval"] = time.perf_counter() - t1
+            metrics = self.step(step)
+            budget_spent = self._budget_spent()  # the same on every rank
+            if self.held_out and ((step + 1) % self.cfg.eval.interval == 0 or step + 1 == total_steps
+                                  or budget_spent):
+                metrics.update(self._held_out_eval())
             self.logger.log(step + 1, metrics)
-            if bar is not None:
-                bar.update(1)
-                bar.set_postfix(reward=f"{metrics['infer/reward_mean']:.2f}",
-                                judge=f"{metrics.get('reward/judge_accuracy', float('nan')):.2f}")
-            # A signal reaches the ranks at slightly different moments: agree on stopping after the same step,
-            # or one rank would enter the checkpoint collective while another starts the next step.
-            flag = torch.tensor([float(self.stop_requested)])
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-            self.stop_requested = bool(flag.item())
+            self._show(bar, metrics)
+            self.stop_requested = self._agree_on_stop()
             # (after logging: the skipped updates are on record; the error is the same on every rank)
             flags, self.update_flags = self.update_flags, []
             self.nonfinite.record(flags, step + 1)
             if on_step is not None:
                 on_step(step + 1, metrics, self.stop_requested)
-            if done and not self.stop_requested:
-                if self.rank == 0:
-                    print(f"stopping after step {step + 1}: {self.policy.optimizer_steps} optimizer steps (budget)",
-                          flush=True)
-                break
-            if self.stop_requested:
-                if self.rank == 0:
-                    print(f"stopping after step {step + 1} on request (signal)", flush=True)
-                    marker = os.environ.get("SPARK_STOP_MARKER")  # slurm/train.sbatch requeues when it exists
-                    if marker:
-                        Path(marker).write_text(str(step + 1))
+            if self._ends_after(step + 1, budget_spent):
                 break
         self.watchdog.disarm()
         if bar is not None:
             bar.close()
+
+    def step(self, step: int) -> dict:
+        """One RL step: the infer period on the next prompts, their groups recycled into the queue, the reward
+        period when the queue holds a batch; returns the step's metrics."""
+        t0 = time.perf_counter()
+        episode, batch = self.data.next_batch()
+        self.queue.start_episode(episode)
+        tasks = [Task(f"e{episode}-{ex.index}", ex.messages, ex.answer, ex.image, ex.question) for ex in batch]
+        metrics, groups = self.period("infer", tasks, step, more=self._more_prompts)
+        self.queue.push(recycle(groups, self.templates, self.recycle_settings, self.rng))
+        aux = self.queue.pop_batch()
+        if aux is not None:
+            drawn = [len(aux)]
+            m2, _ = self.period("reward", self._aux_tasks(aux, step), step, more=lambda: self._more_aux(step, drawn))
+            metrics.update(m2)
+        metrics.update(self._step_metrics(episode, aux is not None, time.perf_counter() - t0))
+        return metrics
+
+    # -- the loop's parts ----------------------------------------------------------------------------------------
+    def _progress_bar(self, start_step: int, total_steps: int):
+        if self.rank != 0 or not self.cfg.logging.progress_bar:
+            return None
+        from tqdm import tqdm
+
+        return tqdm(total=total_steps, initial=start_step, desc="SPARK", dynamic_ncols=True)
+
+    @staticmethod
+    def _show(bar, metrics: dict) -> None:
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(reward=f"{metrics['infer/reward_mean']:.2f}",
+                            judge=f"{metrics.get('reward/judge_accuracy', float('nan')):.2f}")
+
+    def _step_metrics(self, episode: int, reward_period: bool, step_s: float) -> dict:
+        """The step's own metrics: per-rank step times (a collective) and the memory peak on GPU."""
+        per_rank = [torch.zeros(1) for _ in range(dist.get_world_size())]
+        dist.all_gather(per_rank, torch.tensor([step_s]))
+        times = [t.item() for t in per_rank]
+        m = {"episode": episode, "queue": len(self.queue), "reward_period": int(reward_period),
+             "time/step": step_s, "time/step_rank_min": min(times), "time/step_rank_max": max(times),
+             "time/slowest_rank": times.index(max(times)), "optimizer_steps": self.policy.optimizer_steps}
+        if torch.cuda.is_available():  # the sweep's memory figure (the planner's comparison)
+            peak = torch.tensor([torch.cuda.max_memory_allocated() / 2 ** 30])
+            dist.all_reduce(peak, op=dist.ReduceOp.MAX)
+            m["memory/max_allocated_gib"] = peak.item()
+        return m
+
+    def _budget_spent(self) -> bool:
+        budget = self.cfg.training.max_optimizer_steps
+        return budget is not None and self.policy.optimizer_steps >= budget
+
+    def _held_out_eval(self) -> dict:
+        from megatron_spark.evaluation.periodic import held_out_accuracy
+        from megatron_spark.reward import VerifierConfig
+
+        t1 = time.perf_counter()
+        got = held_out_accuracy(self.engine, self.prompts, self.placement, self.rank, self.held_out, self.templates,
+                                self.cfg.rollout.max_new_tokens, self.cfg.training.seed,
+                                VerifierConfig.from_config(self.cfg.algorithm))
+        return {**{f"eval/{k}": v for k, v in got.items()}, "time/eval": time.perf_counter() - t1}
+
+    def _agree_on_stop(self) -> bool:
+        """A signal reaches the ranks at slightly different moments: agree on stopping after the same step, or one
+        rank would enter the checkpoint collective while another starts the next step."""
+        flag = torch.tensor([float(self.stop_requested)])
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+    def _ends_after(self, step: int, budget_spent: bool) -> bool:
+        """Whether the run ends after `step` (the budget, or a requested stop: the SLURM marker is written)."""
+        if budget_spent and not self.stop_requested:
+            if self.rank == 0:
+                print(f"stopping after step {step}: {self.policy.optimizer_steps} optimizer steps (budget)",
+                      flush=True)
+            return True
+        if self.stop_requested:
+            if self.rank == 0:
+                print(f"stopping after step {step} on request (signal)", flush=True)
+                marker = os.environ.get("SPARK_STOP_MARKER")  # slurm/train.sbatch requeues when it exists
+                if marker:
+                    Path(marker).write_text(str(step))
+            return True
+        return False
