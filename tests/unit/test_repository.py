@@ -17,7 +17,7 @@ TRAINER = ("megatron_spark.policy", "megatron_spark.trainer", "megatron_spark.tr
            "megatron_spark.stack")
 LOW_LEVEL = ("models", "mapping", "io", "convert", "planner", "quant", "fixtures")
 CORE = ("algorithm", "recycle", "reward", "templates", "reflection", "placement", "diagnostics", "lifetime",
-        "watchdog")
+        "watchdog", "period_metrics")
 
 
 def tracked() -> list[Path]:
