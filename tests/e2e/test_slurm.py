@@ -210,7 +210,8 @@ def test_sweep_array_job_records_every_layout_and_reports(tmp_path):
     assert hosts == ({"spark-n1", "spark-n2"} if partition else {os.uname().nodename}), hosts
     rows = [json.loads((out / f"run_{i:03d}" / "result.json").read_text()) for i in range(2)]
     assert [r["status"] for r in rows] == ["ok", "invalid"], [(r["status"], r.get("reason")) for r in rows]
-    assert "tensor_model_parallel_size" in rows[1]["reason"] and "TP=3" in rows[1]["reason"]
+    assert "parallel.tensor_model_parallel_size" in rows[1]["reason"] and \
+        "TP 3: the model has 2 KV heads" in rows[1]["reason"]
     assert rows[0]["overrides"] == ["parallel.tensor_model_parallel_size=2", "rollout.tensor_parallel_size=2"]
     for r in rows[:1]:
         assert r["step_s"] > 0 and r["tokens_per_s"] > 0 and r["peak_rss_gib"] > 0.1
