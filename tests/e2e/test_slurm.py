@@ -6,6 +6,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Optional
 
 import pytest
 
@@ -84,7 +85,20 @@ def test_two_node_job_trains_across_nodes_is_preempted_and_resumes(tmp_path):
     assert "2 node(s) x 1 processes, master spark-n1:" in log, log[-3000:]
 
 
-def preempt_and_resume(tmp_path, sbatch_args: list[str], ranks_per_node: int) -> str:
+def test_a_crashed_job_is_requeued_and_resumes(tmp_path):
+    """A crash (rank 1 SIGKILLed at step 3, no torchrun restarts left in the allocation: SPARK_MAX_RESTARTS=0):
+    slurm/train.sbatch requeues the job as failure 1 of SPARK_MAX_REQUEUES (3), the new allocation resumes from the
+    step-2 checkpoint and finishes; each step's metrics once."""
+    log = preempt_and_resume(tmp_path, ["--nodes=1"], ranks_per_node=2, crash_at_step=3)
+    assert "failed (exit" in log and "requeue 1 of 3" in log, log[-3000:]
+    assert "resumed from" in log and "(step 2)" in log, log[-3000:]
+    assert not list(tmp_path.glob(".spark-failures-*")), "the failure count outlived the job that finished"
+
+
+def preempt_and_resume(tmp_path, sbatch_args: list[str], ranks_per_node: int,
+                       crash_at_step: Optional[int] = None) -> str:
+    """A training job that is preempted after its first checkpoint (or, with `crash_at_step`, loses rank 1 there
+    in its first allocation) and must still end at step 5 with every step logged once."""
     from megatron_spark.fixtures.shapes import make_shapes_task
     from megatron_spark.fixtures.tiny import build_qwen2_5_vl
 
@@ -97,6 +111,8 @@ def preempt_and_resume(tmp_path, sbatch_args: list[str], ranks_per_node: int) ->
                  "checkpoint.save_interval=2", "logging.progress_bar=false",
                  f"algorithm.recycle.templates_file={ROOT / 'examples' / 'templates' / 'tiny.yaml'}"]
     env = {"GPUS_PER_NODE": str(ranks_per_node), "SPARK_PYTHON": sys.executable}
+    if crash_at_step is not None:  # (attempt 0: the first allocation's first torchrun attempt only)
+        env.update(SPARK_MAX_RESTARTS="0", SPARK_TEST_FAULTS=json.dumps({"kill": [0, crash_at_step, 1]}))
     import os
 
     job = subprocess.run(["sbatch", "--parsable", *sbatch_args, f"--cpus-per-task={os.cpu_count()}",
@@ -113,7 +129,8 @@ def preempt_and_resume(tmp_path, sbatch_args: list[str], ranks_per_node: int) ->
         while time.time() < deadline and not tracker.is_file():
             assert job_state(job) in ("PENDING", "RUNNING", "CONFIGURING", "UNKNOWN"), out.read_text()[-3000:]
             time.sleep(1)
-        subprocess.run(["scancel", "--signal=USR1", job], check=True)   # what SLURM does before a time limit
+        if crash_at_step is None:
+            subprocess.run(["scancel", "--signal=USR1", job], check=True)   # what SLURM does before a time limit
         deadline = time.time() + 600
         while time.time() < deadline:
             tracker = ck / "latest_checkpointed_iteration.txt"
@@ -125,7 +142,7 @@ def preempt_and_resume(tmp_path, sbatch_args: list[str], ranks_per_node: int) ->
         if job_state(job) in ("PENDING", "RUNNING", "REQUEUED", "CONFIGURING"):
             subprocess.run(["scancel", job])
     log = out.read_text()
-    assert "requeueing job" in log, log[-4000:]
+    assert crash_at_step is not None or "requeueing job" in log, log[-4000:]
     assert "resumed from" in log, log[-4000:] + slurm_story(job)
     assert (ck / "latest_checkpointed_iteration.txt").read_text().strip() == "5", log[-4000:]
     lines = (run_dir / "metrics.jsonl").read_text().splitlines()
