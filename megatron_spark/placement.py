@@ -41,6 +41,11 @@ class RolloutPlacement:
 
     # the rank that scores rewards (one process pool for the whole world) and broadcasts them
     reward_rank: int = 0
+    # the rank that speaks for the run: the progress bar, metrics files, messages, the SLURM stop marker
+    writer_rank: int = 0
+
+    def writes(self, rank: int) -> bool:
+        return rank == self.writer_rank
 
     def eval_share(self, n_items: int, engine: int) -> range:
         """Held-out items an engine evaluates: the same contiguous shares as the training prompts."""

@@ -76,12 +76,13 @@ def build_stack(cfg: SparkConfig, world: int, force: bool = False) -> "RLStack":
     layout = ParallelLayout.from_config(cfg.parallel, world)
     layout.initialize(seed=cfg.training.seed)
     rank = dist.get_rank()
+    placement = RolloutPlacement(world, cfg.rollout.tensor_parallel_size)  # which rank does what
     multimodal = shape.multimodal
     prompts = PromptBuilder.from_config(cfg.data, m.hf_dir, multimodal)
     examples, report = load_records(cfg.data.train_file, cfg.data.prompt_key, cfg.data.answer_key,
                                     cfg.data.skip_bad_records)
     examples = check_lengths(examples, prompts, cfg.data.prompt_max_len, cfg.data.skip_bad_records, report)
-    if report.skipped and rank == 0:
+    if report.skipped and placement.writes(rank):
         print(f"data: skipped {len(report.skipped)} of {report.total} records "
               f"(first: {next(iter(report.skipped.values()))})", file=sys.stderr)
     data = PromptStream(examples, cfg.data.rollout_batch_size, cfg.training.seed)
@@ -104,11 +105,11 @@ def build_stack(cfg: SparkConfig, world: int, force: bool = False) -> "RLStack":
         # the engine loaded model.hf_dir: give it the trainer's weights (a Megatron checkpoint's, or their FP8
         # values) before the first rollout
         sync.push(engine)
-    placement = RolloutPlacement(world, ro.tensor_parallel_size)
     pool = None
     if rank == placement.reward_rank:
         pool = RewardPool.from_config(cfg.algorithm)
-    logger = MetricsLogger.from_config(cfg.logging, rank == 0, cfg.to_dict(), resume=cfg.checkpoint.resume)
+    logger = MetricsLogger.from_config(cfg.logging, placement.writes(rank), cfg.to_dict(),
+                                       resume=cfg.checkpoint.resume)
     return RLStack(shape=shape, layout=layout, placement=placement, prompts=prompts, data=data, policy=policy,
                    reference=reference, engine=engine, sync=sync, rewards=pool,
                    templates=TemplateBank.load(cfg.algorithm.recycle.templates_file), logger=logger,

@@ -426,7 +426,7 @@ class SparkTrainer:
 
     # -- the loop's parts ----------------------------------------------------------------------------------------
     def _progress_bar(self, start_step: int, total_steps: int):
-        if self.rank != 0 or not self.cfg.logging.progress_bar:
+        if not self.placement.writes(self.rank) or not self.cfg.logging.progress_bar:
             return None
         from tqdm import tqdm
 
@@ -477,12 +477,12 @@ class SparkTrainer:
     def _ends_after(self, step: int, budget_spent: bool) -> bool:
         """Whether the run ends after `step` (the budget, or a requested stop: the SLURM marker is written)."""
         if budget_spent and not self.stop_requested:
-            if self.rank == 0:
+            if self.placement.writes(self.rank):
                 print(f"stopping after step {step}: {self.policy.optimizer_steps} optimizer steps (budget)",
                       flush=True)
             return True
         if self.stop_requested:
-            if self.rank == 0:
+            if self.placement.writes(self.rank):
                 print(f"stopping after step {step} on request (signal)", flush=True)
                 marker = os.environ.get("SPARK_STOP_MARKER")  # slurm/train.sbatch requeues when it exists
                 if marker:

@@ -60,3 +60,12 @@ def test_balanced_partition_beats_round_robin_and_covers_everything(seed):
     assert balanced_partition(costs, 1) == [list(range(64))]
     assert balanced_partition([], 3) == [[], [], []]
     assert balanced_partition(costs, 3) == balanced_partition(costs, 3)  # deterministic
+
+
+def test_one_rank_speaks_for_the_run_and_one_scores():
+    """The run's voice (progress, metrics, messages, the stop marker) and the reward scorer are placement's answers,
+    one rank each, the same on every rank."""
+    p = RolloutPlacement(world=4, engine_size=2)
+    assert [r for r in range(4) if p.writes(r)] == [0] and p.reward_rank == 0
+    moved = RolloutPlacement(world=4, engine_size=2, reward_rank=2, writer_rank=3)
+    assert [r for r in range(4) if moved.writes(r)] == [3] and moved.reward_rank == 2
