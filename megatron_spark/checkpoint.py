@@ -188,7 +188,10 @@ class CheckpointManager:
         if stopping:
             self.wait()  # the job ends next: its checkpoint must be complete
         if self.cfg.hf_interval and step % self.cfg.hf_interval == 0 and not stopping:
-            self.export_hf(step)
+            if self.policy.weights_finite():  # (the same answer on every rank) never publish non-finite weights
+                self.export_hf(step)
+            elif self.rank == 0:
+                print(f"not exporting the HF weights of step {step}: they hold non-finite values", flush=True)
 
     def export_hf(self, step: int) -> Path:
         """CKPT/hf/step_N from the live weights (megatron_spark/convert/hf_export.py)."""

@@ -53,6 +53,13 @@ for pid, start in watched:
 """
 
 
+def _close_quietly(fd: int) -> None:
+    try:
+        os.close(fd)
+    except OSError:
+        pass
+
+
 class Reaper:
     """Kills registered processes when this process dies, however it dies (SIGKILL included): for helpers that a
     library starts and that we cannot arm with a parent-death signal, such as megatron-core's checkpoint-writer
@@ -71,6 +78,15 @@ class Reaper:
                                      start_new_session=True)  # not in the job's process group: it must outlive it
         self.proc.stdout.readline()  # its signal dispositions are set: a job signal from now on cannot kill it
         self.watched: set[int] = set()
+        # A forked child (the asynchronous checkpoint writer) would inherit the write end of the reaper's pipe and
+        # hold back the end-of-file that tells the reaper this process died: children close their copy.
+        os.register_at_fork(after_in_child=self._drop_pipe_in_child)
+
+    def _drop_pipe_in_child(self) -> None:
+        # (only while the pipe is open here: once closed, its descriptor number may belong to something else)
+        stdin = self.proc.stdin if self.proc is not None else None
+        if stdin is not None and not stdin.closed:
+            _close_quietly(stdin.fileno())
 
     def watch(self, pid: int) -> None:
         if self.proc is None or pid in self.watched:

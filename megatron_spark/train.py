@@ -181,6 +181,8 @@ def main(argv=None) -> int:
         if ckpt is not None:
             ckpt.finish()
     except NonFiniteUpdates as e:  # diverged: the same again after a restart, so never retried
+        if ckpt is not None:
+            ckpt.wait()  # (raised on every rank at the same step) a background save of clean weights completes
         if dist.get_rank() == 0:
             print(f"error: {e}", file=sys.stderr, flush=True)
         refuse_restarts(str(e))

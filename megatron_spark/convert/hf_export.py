@@ -55,18 +55,23 @@ def export_hf(step: int, chunks: list[torch.nn.Module], wmap, layout, hf_dir: st
     """Every rank calls this at the same step; returns CKPT/hf/step_N."""
     from megatron.core import parallel_state as ps
 
-    from megatron_spark.convert.converters import _hf_config_for_export
-    from megatron_spark.convert.layout import copy_hf_assets
     from megatron_spark.io.safetensors import ShardedSafetensorsWriter
     from megatron_spark.models.weights import gather_tp, megatron_named_params
 
     rank = dist.get_rank()
     final = step_dir(root, step)
     tmp = final.with_name(f".{final.name}.tmp")
+    made = [None]
     if rank == 0:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    dist.barrier()
+        try:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        except OSError as e:
+            made = [str(e)]
+    dist.broadcast_object_list(made, src=0)
+    if made[0]:
+        raise RuntimeError(f"HF export of step {step}: cannot create {tmp} ({made[0]}); the checkpoints are "
+                           f"unaffected")
     dtype = next(chunks[0].parameters()).dtype
     stages = stage_params(wmap, layout)
     files = plan_files(stages, wmap.shape, dtype, max_shard_bytes)
@@ -85,7 +90,7 @@ def export_hf(step: int, chunks: list[torch.nn.Module], wmap, layout, hf_dir: st
                     try:  # a full disk: keep gathering, so the TP ranks' collectives stay paired
                         for name, x in pm.to_hf(full).items():
                             writer.write(name, x.to("cpu", dtype))
-                    except (OSError, ValueError) as e:
+                    except Exception as e:  # noqa: BLE001 (any error: the others must not wait in a gather)
                         error = f"rank {rank}: {e}"
         if writer is not None and error is None:
             try:
@@ -99,20 +104,45 @@ def export_hf(step: int, chunks: list[torch.nn.Module], wmap, layout, hf_dir: st
             shutil.rmtree(tmp, ignore_errors=True)
         raise RuntimeError(f"HF export of step {step} failed ({'; '.join(e for e in errors if e)}); the "
                            f"checkpoints are unaffected")
+    done = [None]
     if rank == 0:
-        write_index(tmp, [f for stage in files for f in stage])
-        copy_hf_assets(Path(hf_dir), tmp)
-        cfg = json.loads((Path(hf_dir) / "config.json").read_text())
-        (tmp / "config.json").write_text(json.dumps(_hf_config_for_export(cfg, dtype), indent=2) + "\n")
-        if final.exists():  # written before a resume went back past it
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        link = final.parent / f".{LATEST}.tmp"
-        if link.is_symlink() or link.exists():
-            link.unlink()
-        link.symlink_to(final.name)
-        os.replace(link, final.parent / LATEST)
-        for old in sorted(final.parent.glob("step_*"))[:-keep_last]:
-            shutil.rmtree(old, ignore_errors=True)
-    dist.barrier()
+        try:
+            _publish(tmp, final, files, hf_dir, dtype, keep_last)
+        except Exception as e:  # noqa: BLE001 (told to every rank below, so none waits in a barrier)
+            shutil.rmtree(tmp, ignore_errors=True)
+            done = [f"rank 0: {e}"]
+    dist.broadcast_object_list(done, src=0)
+    if done[0]:
+        raise RuntimeError(f"HF export of step {step} failed ({done[0]}); the checkpoints are unaffected")
     return final
+
+
+def _publish(tmp: Path, final: Path, files: list, hf_dir: str, dtype: torch.dtype, keep_last: int) -> None:
+    """Rank 0, once every stage's shards are written: index, assets, config, then the rename, `latest` and the
+    pruning. Exports of later steps than this one (left by a run that went back to an earlier checkpoint) are
+    removed first: `latest` and the pruning then follow the run that is going on."""
+    from megatron_spark.convert.converters import _hf_config_for_export
+    from megatron_spark.convert.layout import copy_hf_assets
+
+    write_index(tmp, [f for stage in files for f in stage])
+    copy_hf_assets(Path(hf_dir), tmp)
+    cfg = json.loads((Path(hf_dir) / "config.json").read_text())
+    (tmp / "config.json").write_text(json.dumps(_hf_config_for_export(cfg, dtype), indent=2) + "\n")
+    for later in final.parent.glob("step_*"):
+        if later.name > final.name:
+            shutil.rmtree(later, ignore_errors=True)
+    if final.exists():  # written before, by a run that went back past it: set aside, then replaced
+        aside = final.with_name(f".{final.name}.old")
+        shutil.rmtree(aside, ignore_errors=True)
+        os.replace(final, aside)
+        os.replace(tmp, final)
+        shutil.rmtree(aside, ignore_errors=True)
+    else:
+        os.replace(tmp, final)
+    link = final.parent / f".{LATEST}.tmp"
+    if link.is_symlink() or link.exists():
+        link.unlink()
+    link.symlink_to(final.name)
+    os.replace(link, final.parent / LATEST)
+    for old in sorted(final.parent.glob("step_*"))[:-keep_last]:
+        shutil.rmtree(old, ignore_errors=True)

@@ -74,7 +74,7 @@ def add_eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--verbose", action="store_true", help="vLLM's and transformers' info logs")
     p.add_argument("--num-nodes", type=int, default=1,
                    help="nodes sharing this evaluation (slurm/eval.sbatch sets it): each runs its part (--node-rank) "
-                        "with its own --engines and writes no report; a last run without these flags reports")
+                        "with the same --engines and writes no report; a last run without these flags reports")
     p.add_argument("--node-rank", type=int, default=0, help="this node's part, 0 .. --num-nodes - 1")
     p.add_argument("--shard", type=int, help=argparse.SUPPRESS)
     p.add_argument("--num-shards", type=int, default=1, help=argparse.SUPPRESS)
@@ -161,7 +161,7 @@ def run_eval(args) -> int:
     if node_part and args.force:
         raise EvalInputError("--force with --num-nodes: every node would discard the others' results; clear --out "
                              "(or run once with --force and --limit 0) before a multi-node evaluation")
-    if node_part and args.shard is None and args.engines == 1:
+    if node_part and args.shard is None and (args.engines == 1 or args.server):
         # one engine per node: this node is one shard of num_nodes (several engines: _run_shards splits further)
         args.shard, args.num_shards = args.node_rank, args.num_nodes
     kind = "server" if args.server else _model_kind(args.model)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
@@ -43,7 +44,7 @@ class ResultStore:
                 for p in self.dir.glob("results*.jsonl"):
                     p.unlink()
         if not sfile.is_file() or force:
-            tmp = sfile.with_suffix(".tmp")
+            tmp = sfile.with_suffix(f".{socket.gethostname()}.{os.getpid()}.tmp")  # nodes of one --out race here
             tmp.write_text(json.dumps({"hash": self.hash, "settings": settings.to_dict()}, indent=2) + "\n")
             os.replace(tmp, sfile)
         self.path = self.dir / ("results.jsonl" if shard is None else f"results.part{shard}.jsonl")

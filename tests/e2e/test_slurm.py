@@ -65,9 +65,22 @@ def slurm_story(job: str) -> str:
     return "\n".join(line for line in lines if f"JobId={job} " in line + " " or f"JobId={job}_" in line)[-3000:]
 
 
-def two_nodes_ready() -> bool:
-    p = subprocess.run(["sinfo", "-h", "-N", "-p", "multi", "-o", "%t"], capture_output=True, text=True)
-    return p.returncode == 0 and sum(s.strip() in ("idle", "mix", "alloc") for s in p.stdout.splitlines()) >= 2
+def two_nodes_ready(idle_within_s: float = 0.0) -> bool:
+    """Both nodes of the `multi` partition are up (with `idle_within_s`: and idle, waiting that long for a previous
+    job's node to finish cleaning up)."""
+    if shutil.which("sinfo") is None:
+        return False
+    deadline = time.time() + idle_within_s
+    while True:
+        p = subprocess.run(["sinfo", "-h", "-N", "-p", "multi", "-o", "%t"], capture_output=True, text=True)
+        states = [s.strip() for s in p.stdout.splitlines()] if p.returncode == 0 else []
+        if idle_within_s <= 0:
+            return sum(s in ("idle", "mix", "alloc") for s in states) >= 2
+        if sum(s == "idle" for s in states) >= 2:
+            return True
+        if time.time() > deadline:
+            return False
+        time.sleep(1)
 
 
 def test_preempted_job_checkpoints_requeues_and_resumes(tmp_path):
@@ -217,7 +230,7 @@ def test_sweep_array_job_records_every_layout_and_reports(tmp_path):
         "runs": [{"parallel.tensor_model_parallel_size": 3}]}))
     out = tmp_path / "sweep"
     # on the two-node partition where there is one: each task takes a whole node, so the two run side by side
-    partition = " --partition=multi" if two_nodes_ready() else ""
+    partition = " --partition=multi" if two_nodes_ready(idle_within_s=120) else ""
     p = subprocess.run([sys.executable, "-m", "megatron_spark.cli", "sweep", str(grid), "--out", str(out), "--slurm",
                         "--wait", f"--sbatch-args=--cpus-per-task={os.cpu_count()} --gpus-per-node=0{partition}"],
                        cwd=ROOT, capture_output=True, text=True, timeout=1500)
