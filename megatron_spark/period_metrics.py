@@ -7,7 +7,7 @@ the phases, so none of them includes another (the train phase excludes the log-p
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Optional, Sequence
 
 
 @dataclass(frozen=True)
@@ -31,11 +31,12 @@ class PhaseTimes:
 def period_metrics(name: str, kinds: Sequence[str], answers: Sequence[str], outs: Sequence[Sequence],
                    rewards: Sequence[float], shaped: Sequence[float], drift: float, prompt_mismatches: int,
                    train_metrics: Sequence[dict], replica_work: Sequence[RankWork], gen_metrics: dict,
-                   times: PhaseTimes) -> dict:
+                   times: PhaseTimes, trained_at: Optional[int] = None) -> dict:
     """`kinds` / `answers`: per task; `outs`: per task, its samples (token_ids, prompt_token_ids, finish_reason,
     text); `rewards` / `shaped`: per sample, in task order (`shaped is rewards` when no shaping applies);
     `train_metrics`: one dict per global batch (`update_skipped` among them); `replica_work`: the first rank of each
-    data-parallel replica."""
+    data-parallel replica. `trained_at`: the policy version the update starts from; with samples stamped with the
+    version that generated them, the lag between the two is logged (one-step off-policy: 1)."""
     samples = [s for g in outs for s in g]
     n = len(rewards)
     m = {f"{name}/reward_mean": sum(rewards) / n,
@@ -77,6 +78,10 @@ def period_metrics(name: str, kinds: Sequence[str], answers: Sequence[str], outs
                                    [r for r, _, _ in per_task], [w for _, w, _ in per_task], prefix=name))
     if refl:
         m[f"{name}/reflection_success"] = sum(refl) / len(refl)
+    lags = [trained_at - s.version for s in samples if trained_at is not None and s.version is not None]
+    if lags:
+        m.update({f"{name}/version_lag_mean": sum(lags) / len(lags), f"{name}/version_lag_min": min(lags),
+                  f"{name}/version_lag_max": max(lags)})
     m.update({f"time/{name}_rollout": times.rollout, f"time/{name}_reward": times.reward,
               f"time/{name}_train": times.train, f"time/{name}_logprobs": times.logprobs,
               f"time/{name}_sync": times.sync})

@@ -406,9 +406,10 @@ def grpo_loss_fn(alg, batch: Optional[BatchSize] = None) -> Callable:
         if alg.rollout_is == "tis":  # (a row without the engine's log-probs gets weight 1)
             weights, ratio = truncated_is_weights(old, torch.where(known, mb["rollout"], old),
                                                   alg.rollout_is_cap)
-            extra = {"is_ratio_mean": masked_mean(ratio, mb["mask"], "token_mean", batch),
-                     "is_capped_fraction": masked_mean((ratio > alg.rollout_is_cap).to(logp.dtype), mb["mask"],
-                                                       "token_mean", batch)}
+            extra.update(is_ratio_mean=masked_mean(ratio, mb["mask"], "token_mean", batch),
+                         is_ratio_max=(ratio * mb["mask"]).max() if ratio.numel() else logp.new_zeros(()),
+                         is_capped_fraction=masked_mean((ratio > alg.rollout_is_cap).to(logp.dtype), mb["mask"],
+                                                        "token_mean", batch))
         out = grpo_loss(logp, old, mb["ref"] if alg.kl_coef > 0 else None, mb["adv"], mb["mask"],
                         eps_low=alg.eps_clip_low, eps_high=alg.eps_clip_high, kl_coef=alg.kl_coef,
                         entropy=sampled_entropy_surrogate(logp) if alg.entropy_coef else None,

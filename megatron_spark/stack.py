@@ -14,7 +14,9 @@ if TYPE_CHECKING:  # (annotations only: building a stack imports megatron-core a
     from megatron_spark.placement import RolloutPlacement
     from megatron_spark.policy import Policy
     from megatron_spark.reward import RewardPool
+    from megatron_spark.rollout.colocated import ColocatedRollouts
     from megatron_spark.rollout.engine import RolloutEngine
+    from megatron_spark.rollout.remote import RemoteRollouts
     from megatron_spark.rollout.hf_engine import HFRolloutEngine
     from megatron_spark.templates import TemplateBank
 
@@ -28,14 +30,17 @@ class RLStack:
     data: PromptStream
     policy: Policy                                  # trainable
     reference: Policy                               # frozen; the KL term
-    engine: Union[RolloutEngine, HFRolloutEngine]
+    engine: Optional[Union[RolloutEngine, HFRolloutEngine]]  # colocated: this rank's engine; disaggregated: None
     sync: WeightSync
+    rollouts: Union[ColocatedRollouts, RemoteRollouts]  # generation and weight sync, as the placement says
     rewards: Optional[RewardPool]                   # on the rank that scores (placement.reward_rank), else None
     templates: TemplateBank
     logger: MetricsLogger
     total_steps: int                                # global steps of the run (training.max_steps, or the episodes')
 
     def close(self) -> None:
-        """End what the stack started that does not end with the process by itself (the reward workers)."""
+        """End what the stack started that does not end with the process by itself (the reward workers; the
+        disaggregated engines are told to stop)."""
+        self.rollouts.close()
         if self.rewards is not None:
             self.rewards.close()

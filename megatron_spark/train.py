@@ -59,6 +59,8 @@ def build_stack(cfg: SparkConfig, world: int, force: bool = False) -> "RLStack":
     from megatron_spark.reward import RewardPool
     from megatron_spark.placement import RolloutPlacement
     from megatron_spark.rollout.build import build_engine
+    from megatron_spark.rollout.colocated import ColocatedRollouts
+    from megatron_spark.rollout.remote import RemoteRollouts
     from megatron_spark.stack import RLStack
     from megatron_spark.templates import TemplateBank
 
@@ -73,10 +75,19 @@ def build_stack(cfg: SparkConfig, world: int, force: bool = False) -> "RLStack":
 
         dump_reads_at_exit(f"{os.environ['SPARK_CONFIG_READS']}.{os.getpid()}.json")
     m = cfg.model
-    layout = ParallelLayout.from_config(cfg.parallel, world)
+    placement = RolloutPlacement.from_config(cfg.rollout, world)  # which rank does what
+    layout = ParallelLayout.from_config(cfg.parallel, placement.train_world)
+    bridge = None
+    if placement.disaggregated:  # a default world per role, and the bridge between them (rollout/remote.py)
+        from megatron_spark.parallel import process_group_backend
+        from megatron_spark.rollout.remote import init_role_worlds
+
+        bridge = init_role_worlds(placement, process_group_backend(torch.cuda.is_available()), timeout_s=1800)
+        if not placement.trains(bridge.rank):
+            serve_engines(cfg, shape, layout, placement, bridge)
+            raise EnginesDone()
     layout.initialize(seed=cfg.training.seed)
     rank = dist.get_rank()
-    placement = RolloutPlacement(world, cfg.rollout.tensor_parallel_size)  # which rank does what
     multimodal = shape.multimodal
     prompts = PromptBuilder.from_config(cfg.data, m.hf_dir, multimodal)
     examples, report = load_records(cfg.data.train_file, cfg.data.prompt_key, cfg.data.answer_key,
@@ -98,22 +109,51 @@ def build_stack(cfg: SparkConfig, world: int, force: bool = False) -> "RLStack":
     reference = Policy.build(shape, layout, m, cfg.training, pad_id=pad_id, trainable=False)
     ro = cfg.rollout
     fp8_engine = ro.quantization == "fp8" and torch.cuda.is_available()
-    engine = build_engine(ro, fp8_engine_dir(cfg) if fp8_engine else m.hf_dir, shape, dtype=m.dtype,
-                          seed=cfg.training.seed, min_pixels=cfg.data.min_pixels, max_pixels=cfg.data.max_pixels)
-    sync = WeightSync.from_config(ro, policy.modules, WeightMap(shape, tp=layout.tp), layout, engine, fp8_engine)
+    wmap = WeightMap(shape, tp=layout.tp)
+    if bridge is None:
+        engine = build_engine(ro, fp8_engine_dir(cfg) if fp8_engine else m.hf_dir, shape, dtype=m.dtype,
+                              seed=cfg.training.seed, min_pixels=cfg.data.min_pixels, max_pixels=cfg.data.max_pixels)
+        sync = WeightSync.from_config(ro, policy.modules, wmap, layout, engine, fp8_engine)
+        rollouts = ColocatedRollouts(engine, sync, placement, rank)
+    else:
+        engine = None
+        sync = WeightSync.from_config(ro, policy.modules, wmap, layout, None, fp8_engine, placement, bridge)
+        rollouts = RemoteRollouts(bridge, sync, placement)
     if m.megatron_ckpt or (ro.quantization != "none" and not fp8_engine):
         # the engine loaded model.hf_dir: give it the trainer's weights (a Megatron checkpoint's, or their FP8
         # values) before the first rollout
-        sync.push(engine)
+        rollouts.push()
     pool = None
     if rank == placement.reward_rank:
         pool = RewardPool.from_config(cfg.algorithm)
     logger = MetricsLogger.from_config(cfg.logging, placement.writes(rank), cfg.to_dict(),
                                        resume=cfg.checkpoint.resume)
     return RLStack(shape=shape, layout=layout, placement=placement, prompts=prompts, data=data, policy=policy,
-                   reference=reference, engine=engine, sync=sync, rewards=pool,
+                   reference=reference, engine=engine, sync=sync, rollouts=rollouts, rewards=pool,
                    templates=TemplateBank.load(cfg.algorithm.recycle.templates_file), logger=logger,
                    total_steps=total_steps)
+
+
+class EnginesDone(Exception):
+    """A disaggregated rollout rank has served the whole run (raised out of `build_stack`; `main` exits 0)."""
+
+
+def serve_engines(cfg: SparkConfig, shape, layout, placement, bridge) -> None:
+    """A rollout rank of disaggregated engines: build its engine worker, then generate and take weights when told,
+    until the trainer says stop (rollout/remote.py)."""
+    from megatron_spark.bridge.sync import WeightSync
+    from megatron_spark.dtypes import torch_dtype
+    from megatron_spark.mapping.qwen import WeightMap
+    from megatron_spark.rollout.build import build_engine
+    from megatron_spark.rollout.remote import EngineServer
+
+    ro, m = cfg.rollout, cfg.model
+    fp8_engine = ro.quantization == "fp8" and torch.cuda.is_available()
+    engine = build_engine(ro, fp8_engine_dir(cfg) if fp8_engine else m.hf_dir, shape, dtype=m.dtype,
+                          seed=cfg.training.seed, min_pixels=cfg.data.min_pixels, max_pixels=cfg.data.max_pixels)
+    sync = WeightSync.from_config(ro, [], WeightMap(shape, tp=layout.tp), layout, engine, fp8_engine, placement,
+                                  bridge, dtype=torch_dtype(m.dtype))
+    EngineServer(engine, sync, bridge, placement).serve()
 
 
 def fp8_engine_dir(cfg) -> str:
@@ -164,7 +204,10 @@ def main(argv=None) -> int:
 
     try:
         cfg = load_config(a.config, a.overrides)
-        stack = build_stack(cfg, world, a.force)
+        try:
+            stack = build_stack(cfg, world, a.force)
+        except EnginesDone:  # a rollout rank of disaggregated engines: the run is over
+            return 0
         trainer = SparkTrainer(cfg, stack)
         ckpt = CheckpointManager.for_trainer(cfg, trainer) if cfg.checkpoint.dir else None
         start = ckpt.resume() if ckpt else 0
@@ -175,7 +218,7 @@ def main(argv=None) -> int:
         return 2
     try:
         if start:  # the engine still holds the initial weights: bring it to the resumed policy
-            stack.sync.push(stack.engine)
+            stack.rollouts.push()
         stack.logger.resume_at(start)  # steps logged after that checkpoint are redone: each step once
         trainer.run(start, stack.total_steps, on_step=ckpt.on_step if ckpt else None)
         if ckpt is not None:

@@ -17,7 +17,7 @@ import os
 import random
 import signal
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Optional
 
@@ -30,7 +30,8 @@ from megatron_spark.period_metrics import PhaseTimes, RankWork, period_metrics
 from megatron_spark.placement import RolloutPlacement, balanced_partition, sampling_seed
 from megatron_spark.policy import Rollout, grpo_loss_fn
 from megatron_spark.recycle import AuxQueue, AuxTask, Group, RecycleSettings, recycle
-from megatron_spark.rollout.engine import RolloutRequest
+from megatron_spark.rollout.engine import RolloutRequest, Sample
+from megatron_spark.rollout.remote import EngineWork, GenerationPart
 from megatron_spark.stack import RLStack
 from megatron_spark.watchdog import NonFiniteGuard, StepWatchdog, inject_step_faults, nonfinite_loss_at
 
@@ -86,6 +87,49 @@ class PromptCache:
         return int(t.item())
 
 
+@dataclass
+class Round:
+    """One-step off-policy: one step's prompts handed to the engines and, once received, their samples."""
+    step: int                               # the step that trains on it
+    version: int                            # the policy version (step) whose weights generate it
+    episode: int
+    parts: list[tuple[str, list[Task]]]     # ("infer", tasks) and, when the queue held a batch, ("reward", tasks)
+    ticket: Optional[int] = None
+    received: Optional[list[tuple[list, dict]]] = None  # per part: samples per task, generation metrics
+
+    def result(self, trainer: "SparkTrainer") -> list[tuple[str, list[Task], list, dict]]:
+        """(name, tasks, samples, generation metrics) per part, waiting for the engines the first time."""
+        if self.received is None:
+            self.received = trainer.receive([(n, len(t)) for n, t in self.parts], self.ticket, self.version)
+            self.ticket = None
+        return [(n, t, outs, m) for (n, t), (outs, m) in zip(self.parts, self.received)]
+
+
+class InFlight:
+    """The round in flight as a checkpoint part: saving waits for the engines (a collective of the training ranks)
+    and stores its prompts and samples, so a resumed run trains on exactly them."""
+
+    def __init__(self, trainer: "SparkTrainer"):
+        self.trainer = trainer
+
+    def state_dict(self) -> Optional[dict]:
+        r = self.trainer.inflight
+        if r is None:
+            return None
+        received = r.result(self.trainer)
+        return {"step": r.step, "version": r.version, "episode": r.episode,
+                "parts": [(n, [asdict(t) for t in tasks]) for n, tasks in r.parts],
+                "received": [([[asdict(s) for s in g] for g in outs], m) for _, _, outs, m in received]}
+
+    def load_state_dict(self, state: Optional[dict]) -> None:
+        if state is None:
+            self.trainer.inflight = None
+            return
+        parts = [(n, [Task(**t) for t in tasks]) for n, tasks in state["parts"]]
+        received = [([[Sample(**s) for s in g] for g in outs], m) for outs, m in state["received"]]
+        self.trainer.inflight = Round(state["step"], state["version"], state["episode"], parts, None, received)
+
+
 class SparkTrainer:
     def __init__(self, cfg: SparkConfig, stack: RLStack):
         """`stack` is built by `megatron_spark.train.build_stack` (layout, models, engine, data...)."""
@@ -97,13 +141,12 @@ class SparkTrainer:
         self.data = stack.data
         self.policy = stack.policy
         self.reference = stack.reference
-        self.engine = stack.engine
-        self.sync = stack.sync
+        self.engine = stack.engine  # colocated: this rank's engine (the held-out evaluation); else None
+        self.rollouts = stack.rollouts  # generation and weight sync, colocated or on engines of their own
         self.reward_pool = stack.rewards
         self.templates = stack.templates
         self.logger = stack.logger
         self.rank = dist.get_rank()
-        self.engine_id = self.placement.engine_of(self.rank)
         self.dp_rank = self.layout.coords(self.rank)["dp"]
         self.rng = random.Random(cfg.training.seed)
         self.recycle_settings = RecycleSettings.from_config(cfg.algorithm.recycle)
@@ -112,6 +155,10 @@ class SparkTrainer:
         self.watchdog = StepWatchdog(cfg.training.hang_timeout_s)
         self.nonfinite = NonFiniteGuard(cfg.training.max_nonfinite_updates)
         self.update_flags: list[int] = []  # this step's updates, in order: 1 = skipped as non-finite
+        # policy versions: the weights at the start of step k are version k; the engines hold `engine_version`
+        self.version = self.engine_version = 0
+        self.total_steps = 0
+        self.inflight: Optional[Round] = None  # one-step off-policy: the round the engines generate meanwhile
         self.held_out = []
         if cfg.eval.interval:
             from megatron_spark.evaluation.periodic import load_held_out
@@ -124,37 +171,56 @@ class SparkTrainer:
         """The trainer's own resumable state, by the name checkpoints store it under (beside the policy's)."""
         from megatron_spark.checkpoint import RandomState
 
-        return {"cursor": self.data, "queue": self.queue, "trainer_rng": RandomState(self.rng),
-                "nonfinite": self.nonfinite}
+        parts = {"cursor": self.data, "queue": self.queue, "trainer_rng": RandomState(self.rng),
+                 "nonfinite": self.nonfinite}
+        if self.cfg.algorithm.max_staleness:
+            parts["inflight"] = InFlight(self)
+        return parts
 
     def _on_signal(self, signum, frame) -> None:
         # SLURM preemption: finish the current step, write a checkpoint, exit cleanly (requeue resumes).
         self.stop_requested = True
 
     # -- the stages of a period, in order -----------------------------------------------------------------------
+    def request(self, parts: list[tuple[str, list[Task], "PromptCache", int]], step: int,
+                overrides: Optional[dict] = None) -> int:
+        """Ask the engines for samples of each (period, tasks, their prompts, refill round): each engine generates
+        only its share of each part's prompts (a prompt's n samples stay on one engine). Returns a ticket."""
+        ro, seed = self.cfg.rollout, self.cfg.training.seed
+        sampling = dict(n=ro.n_samples_per_prompt, temperature=ro.temperature, top_p=ro.top_p, top_k=ro.top_k,
+                        max_new_tokens=ro.max_new_tokens)
+
+        def part(name: str, tasks: list[Task], built: PromptCache, rnd: int) -> GenerationPart:
+            return GenerationPart(len(tasks), lambda i: RolloutRequest(built[i]["prompt"], built[i]["images"]),
+                                  lambda engine: sampling_seed(seed, step, name, engine, rnd), overrides or {})
+        return self.rollouts.submit([part(*p) for p in parts], sampling)
+
+    def receive(self, names: list[tuple[str, int]], ticket: int, version: int) -> list[tuple[list, dict]]:
+        """The samples of each (period, number of prompts) of request `ticket`, every rank holding all of them in
+        prompt order, each stamped with the policy `version` that generated it; and the generation's metrics."""
+        out = []
+        for (name, n), works in zip(names, self.rollouts.collect(ticket)):
+            outs, metrics = self._assemble(name, n, works)
+            for s in (s for g in outs for s in g):
+                s.version = version
+            out.append((outs, metrics))
+        return out
+
     def generate(self, name: str, tasks: list[Task], built: "PromptCache", step: int, round: int = 0
                  ) -> tuple[list, dict]:
-        """This engine generates only its share of the prompts (each prompt's n samples stay on one engine);
-        every rank then holds all samples, in prompt order."""
-        ro = self.cfg.rollout
-        share = self.placement.prompt_share(len(tasks), self.engine_id)
-        t0 = time.perf_counter()
-        local = self.engine.generate([RolloutRequest(built[i]["prompt"], built[i]["images"]) for i in share],
-                                     n=ro.n_samples_per_prompt, temperature=ro.temperature, top_p=ro.top_p,
-                                     top_k=ro.top_k, max_new_tokens=ro.max_new_tokens,
-                                     seed=sampling_seed(self.cfg.training.seed, step, name, self.engine_id, round))
-        seconds = time.perf_counter() - t0
-        mine = (list(share), local, seconds) if self.placement.is_leader(self.rank) else None
-        gathered = [None] * dist.get_world_size()
-        dist.all_gather_object(gathered, mine)
-        outs: list = [None] * len(tasks)
+        """generate now, at the weights the engines hold (the trainer's: synchronous)."""
+        return self.receive([(name, len(tasks))], self.request([(name, tasks, built, round)], step),
+                            self.version)[0]
+
+    @staticmethod
+    def _assemble(name: str, n: int, works: list[EngineWork]) -> tuple[list, dict]:
+        outs: list = [None] * n
         counts, times = [], []
-        for item in filter(None, gathered):
-            idx, samples, secs = item
-            for i, s in zip(idx, samples):
+        for w in works:
+            for i, s in zip(w.prompts, w.samples):
                 outs[i] = s
-            counts.append(sum(len(s) for s in samples))
-            times.append(secs)
+            counts.append(sum(len(s) for s in w.samples))
+            times.append(w.seconds)
         missing = [i for i, o in enumerate(outs) if o is None]
         if missing:
             raise RuntimeError(f"prompts {missing[:5]} were generated by no engine (placement bug)")
@@ -328,7 +394,18 @@ class SparkTrainer:
         this DP rank's share -> its log-probs -> updates -> weight sync. `more()`: the next prompts for a refill."""
         t0 = time.perf_counter()
         tasks, built, outs, rewards, gen_metrics = self.sample(name, tasks, step, more)
-        self.engine.sleep()  # GPU: free the KV cache and offload vLLM's weights while Megatron trains (CPU: no-op)
+        self.rollouts.sleep()
+        rollout_s = time.perf_counter() - t0
+        m, groups = self.update(name, tasks, built, outs, rewards, gen_metrics, step, rollout_s)
+        t0 = time.perf_counter()
+        self.rollouts.push()
+        m[f"time/{name}_sync"] = time.perf_counter() - t0
+        return m, groups
+
+    def update(self, name: str, tasks: list[Task], built: "PromptCache", outs: list, rewards: list[float],
+               gen_metrics: dict, step: int, rollout_s: float) -> tuple[dict, list[Group]]:
+        """Scored samples -> advantages (global) -> this DP rank's share -> its log-probs -> updates; returns the
+        period's metrics (without the sync's time) and its groups for recycling."""
         t1 = time.perf_counter()
         shaped = self.shaped(rewards, [s for g in outs for s in g])
         t2 = time.perf_counter()
@@ -342,15 +419,12 @@ class SparkTrainer:
         train_metrics = self.train(mine, step)
         drift = max([drift] + [x.get("train_rollout_logprob_drift_max", 0.0) for x in train_metrics])
         t3 = time.perf_counter()
-        self.engine.wake_up()  # weights back in place before the sync writes them
-        self.sync.push(self.engine)
-        t4 = time.perf_counter()
         self.update_flags += [x["update_skipped"] for x in train_metrics]  # (the non-finite guard reads these)
         m = period_metrics(name, [t.kind for t in tasks], [t.answer for t in tasks], outs, rewards, shaped, drift,
                            built.prompt_mismatches(outs), train_metrics,
                            self._replica_work(len(my_rollouts), real0, computed0), gen_metrics,
-                           PhaseTimes(rollout=t1 - t0, reward=t2 - t1, logprobs=t_lp, train=t3 - t2 - t_lp,
-                                      sync=t4 - t3))
+                           PhaseTimes(rollout=rollout_s, reward=t2 - t1, logprobs=t_lp, train=t3 - t2 - t_lp,
+                                      sync=0.0), trained_at=self.version)
         return m, groups
 
     def _replica_work(self, samples: int, real0: int, computed0: int) -> list[RankWork]:
@@ -385,6 +459,8 @@ class SparkTrainer:
         agreement on a requested stop, the non-finite guard, `on_step` (the checkpoint) and the end conditions
         (the optimizer-step budget, a stop)."""
         bar = self._progress_bar(start_step, total_steps)
+        self.total_steps = total_steps
+        self.version = self.engine_version = start_step  # (the engines were given the start weights)
         for step in range(start_step, total_steps):
             self.watchdog.arm()  # (re-armed each step: the step and its checkpoint must finish in time)
             inject_step_faults(step + 1, self.rank)
@@ -409,7 +485,11 @@ class SparkTrainer:
 
     def step(self, step: int) -> dict:
         """One RL step: the infer period on the next prompts, their groups recycled into the queue, the reward
-        period when the queue holds a batch; returns the step's metrics."""
+        period when the queue holds a batch; returns the step's metrics. (With algorithm.max_staleness=1:
+        `overlapped_step`.)"""
+        self.version = step
+        if self.cfg.algorithm.max_staleness:
+            return self.overlapped_step(step)
         t0 = time.perf_counter()
         episode, batch = self.data.next_batch()
         self.queue.start_episode(episode)
@@ -423,6 +503,76 @@ class SparkTrainer:
             metrics.update(m2)
         metrics.update(self._step_metrics(episode, aux is not None, time.perf_counter() - t0))
         return metrics
+
+    def overlapped_step(self, step: int) -> dict:
+        """One-step off-policy: this step's samples were generated during the previous step with that step's
+        weights (the run's first step generates its own), and the next step's are generated while this one trains.
+
+            round = the round in flight                       # generated with version step-1
+            push(version step)                                # the engines are idle: the one exposed transfer
+            score(round); queue.push(recycle(its infer groups))
+            submit(the next round)                            # infer prompts + the queue's next reward batch
+            update("infer", round); update("reward", round)   # while the engines generate the next round
+        """
+        t0 = time.perf_counter()
+        if self.inflight is None:
+            self.inflight = self._submit_round(step)
+        rnd, self.inflight = self.inflight, None
+        parts = rnd.result(self)
+        wait_s = time.perf_counter() - t0  # (generation not hidden behind the previous step's training)
+        t1 = time.perf_counter()
+        if self.engine_version != step:
+            self.rollouts.push()
+            self.engine_version = step
+        sync_s = time.perf_counter() - t1
+        probe = self._sync_probe(parts[0][1], step)
+        scored = []
+        for name, tasks, outs, gen_metrics in parts:
+            t = time.perf_counter()
+            rewards = self._score_outs(tasks, outs)
+            scored.append((name, tasks, outs, rewards, gen_metrics, time.perf_counter() - t))
+        _, tasks, outs, rewards, _, _ = scored[0]
+        self.queue.push(recycle(self.groups(tasks, outs, rewards), self.templates, self.recycle_settings, self.rng))
+        if step + 1 < self.total_steps:
+            self.inflight = self._submit_round(step + 1)
+        metrics = {"policy_version": step, "sync/logprob_drift_max": probe, "time/generation_wait": wait_s}
+        for name, tasks, outs, rewards, gen_metrics, score_s in scored:
+            m, _ = self.update(name, tasks, PromptCache(self.prompts, tasks), outs, rewards, gen_metrics, step,
+                               rollout_s=wait_s if name == "infer" else 0.0)
+            m[f"time/{name}_reward"] += score_s
+            m[f"time/{name}_sync"] = sync_s if name == "infer" else 0.0
+            metrics.update(m)
+        metrics.update(self._step_metrics(rnd.episode, len(parts) > 1, time.perf_counter() - t0))
+        return metrics
+
+    def _submit_round(self, step: int) -> "Round":
+        """Draw step `step`'s prompts (the next infer batch; the queue's next reward batch, when it holds one) and
+        hand them to the engines, which generate them with the weights they hold now."""
+        episode, batch = self.data.next_batch()
+        self.queue.start_episode(episode)
+        parts = [("infer", [Task(f"e{episode}-{ex.index}", ex.messages, ex.answer, ex.image, ex.question)
+                            for ex in batch])]
+        aux = self.queue.pop_batch()
+        if aux is not None:
+            parts.append(("reward", self._aux_tasks(aux, step)))
+        ticket = self.request([(name, tasks, PromptCache(self.prompts, tasks), 0) for name, tasks in parts], step)
+        return Round(step, self.engine_version, episode, parts, ticket)
+
+    def _sync_probe(self, tasks: list[Task], step: int, prompts: int = 2, tokens: int = 8) -> float:
+        """The weight sync checked on the weights the engines now hold (the trainer's): a few greedy samples, their
+        log-probs from the engines against the trainer's (max |difference| over tokens; fp32: ~1e-6)."""
+        tasks = tasks[:prompts]
+        built = PromptCache(self.prompts, tasks)
+        greedy = dict(n=1, temperature=0.0, max_new_tokens=min(tokens, self.cfg.rollout.max_new_tokens))
+        ticket = self.request([("probe", tasks, built, 0)], step, overrides=greedy)
+        outs, _ = self.receive([("probe", len(tasks))], ticket, self.version)[0]
+        rollouts = [Rollout(built[i]["input_ids"], s.token_ids, f"probe:{i}", built[i]["pixel_values"],
+                            built[i]["image_grid_thw"]) for i, g in enumerate(outs) for s in g if s.token_ids]
+        drift = 0.0
+        for r, s, lp in zip(rollouts, (s for g in outs for s in g if s.token_ids),
+                            self.policy.token_logprobs(rollouts) if rollouts else []):
+            drift = max(drift, (lp - torch.tensor(s.logprobs)).abs().max().item())
+        return drift
 
     # -- the loop's parts ----------------------------------------------------------------------------------------
     def _progress_bar(self, start_step: int, total_steps: int):

@@ -111,13 +111,16 @@ class P2PExecutor:
 
     def __init__(self, routes: list[Route], dst_shapes: dict[str, tuple[int, ...]], local_params: dict[str, Tensor],
                  dtype: torch.dtype, device: torch.device, bucket_bytes: int, group=None, zero_fill: bool = False,
-                 double_buffer: bool = False, targets: Optional[dict[str, Tensor]] = None):
+                 double_buffer: bool = False, targets: Optional[dict[str, Tensor]] = None, bridge=None):
+        """`bridge` (disaggregated engines, rollout/remote.py): post through that job-wide group instead, ranks
+        being the job's. Its messages all go from training to rollout ranks, each side posting them in plan order,
+        so NCCL's in-order matching cannot deadlock even ungrouped."""
         self.shapes, self.params = dst_shapes, local_params
         self.targets = targets  # written in place when given (the engine's weights), else allocated per bucket
         self.double_buffer = double_buffer
         self.zero_fill = zero_fill  # targets with padding rows that no transfer covers (vLLM vocab shards)
-        self.dtype, self.device, self.group = dtype, device, group
-        self.me = dist.get_rank()
+        self.dtype, self.device, self.group, self.bridge = dtype, device, group, bridge
+        self.me = bridge.rank if bridge is not None else dist.get_rank()
         self.elem_bytes = torch.empty((), dtype=dtype).element_size()
         self.buckets = make_buckets([r.t for r in routes], dst_shapes, self.elem_bytes, bucket_bytes)
         self.by_dst: dict[str, list[Route]] = defaultdict(list)
@@ -171,16 +174,21 @@ class P2PExecutor:
                 else:
                     buf = self._src_view(m.transfers[0]).to(self.dtype).contiguous()
                 keep.append(buf)  # alive until the group completes
-                ops.append(dist.P2POp(dist.isend, buf, m.peer, group=self.group))
+                ops.append((True, buf, m.peer))
                 self.stats.bytes_sent += m.numel * self.elem_bytes
             else:
                 if m.packed:
                     buf = staged_in[m.peer] = torch.empty(m.numel, dtype=self.dtype, device=self.device)
                 else:
                     buf = self._dst_view(mine[m.transfers[0].dst_name], m.transfers[0])
-                ops.append(dist.P2POp(dist.irecv, buf, m.peer, group=self.group))
+                ops.append((False, buf, m.peer))
                 self.stats.bytes_received += m.numel * self.elem_bytes
-        reqs = dist.batch_isend_irecv(ops) if ops else []
+        if self.bridge is not None:
+            reqs = [(self.bridge.isend if send else self.bridge.irecv)(buf, peer) for send, buf, peer in ops]
+        else:
+            p2p = [dist.P2POp(dist.isend if send else dist.irecv, buf, peer, group=self.group)
+                   for send, buf, peer in ops]
+            reqs = dist.batch_isend_irecv(p2p) if p2p else []
         for t in local:
             view = self._dst_view(mine[t.dst_name], t)
             view.copy_(self._src_view(t).reshape(view.shape))

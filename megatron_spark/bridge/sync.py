@@ -32,52 +32,69 @@ from megatron_spark.quant.fp8 import quantized_stream
 class WeightSync:
     @classmethod
     def from_config(cls, rollout_cfg, chunks: list[torch.nn.Module], wmap: WeightMap, layout, engine,
-                    fp8_engine: bool) -> "WeightSync":
+                    fp8_engine: bool, placement: Optional[RolloutPlacement] = None, bridge=None,
+                    dtype: Optional[torch.dtype] = None) -> "WeightSync":
         """The training run's bridge, from the `rollout` section: the target ('auto': vLLM's own TP layout on a GPU
-        without quantization, else HF-named full tensors), buckets, double buffering (default: on a GPU) and
-        quantization (emulated unless the engine is CUDA vLLM built with FP8 layers)."""
+        without quantization and with colocated engines, else HF-named full tensors), buckets, double buffering
+        (default: on a GPU) and quantization (emulated unless the engine is CUDA vLLM built with FP8 layers).
+        Disaggregated engines (`bridge`): training ranks hold `chunks` and send, rollout ranks hold `engine` and
+        receive (their `dtype` is the trainer's)."""
         ro = rollout_cfg
         target = ro.sync_target
         if target == "auto":
             target = "vllm_tp" if torch.cuda.is_available() and ro.quantization == "none" and ro.backend == "vllm" \
-                else "hf_full"
+                and bridge is None else "hf_full"
         engine_params, engine_name = engine.inplace_targets() if target == "vllm_tp" else (None, lambda n: n)
         double = torch.cuda.is_available() if ro.sync_double_buffer is None else ro.sync_double_buffer
         return cls(chunks, wmap, layout, rollout_tp=ro.tensor_parallel_size, target=target,
                    bucket_mb=ro.sync_bucket_mb, engine_params=engine_params, engine_name=engine_name,
-                   double_buffer=double, quantization=ro.quantization, emulate=not fp8_engine)
+                   double_buffer=double, quantization=ro.quantization, emulate=not fp8_engine,
+                   placement=placement, bridge=bridge, dtype=dtype)
 
     def __init__(self, chunks: list[torch.nn.Module], wmap: WeightMap, layout, rollout_tp: int,
                  target: str = "hf_full", bucket_mb: int = 512, double_buffer: bool = False,
                  engine_params: Optional[dict[str, torch.Tensor]] = None,
                  engine_name: Callable[[str], str] = lambda name: name, quantization: str = "none",
-                 emulate: bool = False):
+                 emulate: bool = False, placement: Optional[RolloutPlacement] = None, bridge=None,
+                 dtype: Optional[torch.dtype] = None):
         """`engine_params` / `engine_name` (target 'vllm_tp'): this rank's engine weights by the engine's names,
         and the map from the plan's fused HF-style names (`planner.vllm_name`) to them. `quantization` 'fp8':
-        see the module docstring (target 'hf_full' only)."""
+        see the module docstring (target 'hf_full' only). `placement` / `bridge`: disaggregated engines (ranks
+        are the job's; see rollout/remote.py); default: engines colocated over the default world."""
         if target not in ("hf_full", "vllm_tp"):
             raise ValueError(f"unknown sync target {target!r}: use 'hf_full' or 'vllm_tp'")
         if quantization not in ("none", "fp8"):
             raise ValueError(f"unknown rollout quantization {quantization!r}: use 'none' or 'fp8'")
         if quantization != "none" and target == "vllm_tp":
             raise ValueError("FP8 weights are loaded by the engine's own loader: use target 'hf_full'")
+        if bridge is not None and target == "vllm_tp":
+            raise ValueError("disaggregated engines are synced through vLLM's loader for now: use target 'hf_full'")
         self.quantization, self.emulate = quantization, emulate
-        world = dist.get_world_size()
-        if world % rollout_tp:
-            raise ValueError(f"rollout TP {rollout_tp} does not divide the world size {world}")
+        if placement is None:
+            world = dist.get_world_size()
+            if world % rollout_tp:
+                raise ValueError(f"rollout TP {rollout_tp} does not divide the world size {world}")
+            placement = RolloutPlacement(world, rollout_tp)
+        world = placement.world
         self.local = {n: p for c in chunks for n, p in megatron_named_params(c)}
-        me = dist.get_rank()
-        routes, shapes = plan_routes(wmap, layout, rollout_tp, target, world)
-        # the plan places parameters by the layout's rules; check them against what the ranks really hold
-        owners: list = [None] * world
-        dist.all_gather_object(owners, sorted(self.local))
-        held = {(n, layout.coords(r)["pp"]) for r, names in enumerate(owners) for n in names}
-        wrong = [p.megatron for p in wmap.export_params()
-                 if (p.megatron, layout.param_stage(p.megatron, wmap.shape.text.num_layers)) not in held]
-        if wrong:
-            raise ValueError(f"the pipeline stages do not hold {wrong[:3]} where the plan expects them: the model "
-                             f"and the weight map disagree")
-        param = next(iter(self.local.values()))
+        me = bridge.rank if bridge is not None else dist.get_rank()
+        routes, shapes = plan_routes(wmap, layout, rollout_tp, target, world, placement)
+        if placement.trains(me):
+            # the plan places parameters by the layout's rules; check them against what the ranks really hold
+            owners: list = [None] * layout.world_size  # (the default world: the training ranks)
+            dist.all_gather_object(owners, sorted(self.local))
+            held = {(n, layout.coords(r)["pp"]) for r, names in enumerate(owners) for n in names}
+            wrong = [p.megatron for p in wmap.export_params()
+                     if (p.megatron, layout.param_stage(p.megatron, wmap.shape.text.num_layers)) not in held]
+            if wrong:
+                raise ValueError(f"the pipeline stages do not hold {wrong[:3]} where the plan expects them: the "
+                                 f"model and the weight map disagree")
+        if self.local:
+            param = next(iter(self.local.values()))
+            dtype, device = param.dtype, param.device
+        else:  # a rollout rank: receives only
+            device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() \
+                else torch.device("cpu")
         self.target, targets = target, None
         if target == "vllm_tp":
             if engine_params is None:
@@ -85,7 +102,7 @@ class WeightSync:
             error = None
             try:
                 targets = bind_engine_targets(wmap, expected_hf_shapes(wmap.shape), rollout_tp,
-                                              me % rollout_tp, engine_params, engine_name, param.dtype)
+                                              me % rollout_tp, engine_params, engine_name, dtype)
             except ValueError as e:
                 error = f"rank {me}: {e}"
             errors: list = [None] * world
@@ -93,9 +110,9 @@ class WeightSync:
             if any(errors):
                 raise ValueError(next(e for e in errors if e))
             shapes = {n: tuple(t.shape) for n, t in targets.items()}
-        self.executor = P2PExecutor(routes, shapes, self.local, param.dtype, param.device, bucket_mb << 20,
-                                    double_buffer=double_buffer, targets=targets)
-        self.num_transfers = len(routes) * rollout_tp // world  # one engine's plan
+        self.executor = P2PExecutor(routes, shapes, self.local, dtype, device, bucket_mb << 20,
+                                    double_buffer=double_buffer, targets=targets, bridge=bridge)
+        self.num_transfers = len(routes) // placement.engines  # one engine's plan
 
     def stream(self):
         """(target name, tensor) for this rank's engine as buckets complete: whole HF tensors ('hf_full') or, in
@@ -123,8 +140,8 @@ class WeightSync:
         return self.executor.stats
 
 
-def plan_routes(wmap: WeightMap, layout, rollout_tp: int, target: str, world: int
-                ) -> tuple[list[Route], dict[str, tuple[int, ...]]]:
+def plan_routes(wmap: WeightMap, layout, rollout_tp: int, target: str, world: int,
+                placement: Optional[RolloutPlacement] = None) -> tuple[list[Route], dict[str, tuple[int, ...]]]:
     """Every transfer of one sync bound to global ranks, and the target shapes, from shapes alone (no tensors,
     no communication): what every rank's executor posts, so a test can replay all ranks in one process. Engine e
     (rollout ranks `placement.engine_ranks(e)`) reads from the data-parallel replica `placement.replica_of(e)`."""
@@ -132,7 +149,7 @@ def plan_routes(wmap: WeightMap, layout, rollout_tp: int, target: str, world: in
     num_layers = wmap.shape.text.num_layers
     transfers = plan(wmap, hf_shapes, layout.tp, layout.pp, lambda n: layout.param_stage(n, num_layers),
                      rollout_tp, target)
-    placement = RolloutPlacement(world, rollout_tp)
+    placement = placement or RolloutPlacement(world, rollout_tp)
     routes = [Route(t, layout.rank_of(tp=t.src_tp, pp=t.src_pp, dp=placement.replica_of(e, layout.dp)),
                     placement.engine_ranks(e)[t.dst_tp])
               for e in range(placement.engines) for t in transfers]

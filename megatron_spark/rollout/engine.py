@@ -52,6 +52,7 @@ class Sample:
     logprobs: list[float]             # log-prob of each sampled token under the rollout policy
     finish_reason: Optional[str]
     prompt_token_ids: list[int]
+    version: Optional[int] = None     # the policy version (training step) whose weights generated it
 
 
 def _runner_model(worker):
