@@ -29,6 +29,9 @@ def add_plan_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-distributed-optimizer", action="store_true", help="optimizer state not sharded over DP")
     p.add_argument("--reference-offloaded", action="store_true", help="no reference model on the GPU")
     p.add_argument("--top", type=int, default=8, help="layouts listed")
+    p.add_argument("--placements", action="store_true",
+                   help="also compare colocated engines, disaggregated ones (GPUs of their own) and one-step "
+                        "off-policy overlap, each at its best split and layout")
     p.add_argument("--json", action="store_true", help="machine-readable output")
 
 
@@ -54,6 +57,13 @@ def run_plan(args) -> int:
           f" prompts x {work.n_samples} samples of {work.prompt_len} + {work.image_tokens} image + "
           f"{work.response_len} tokens; MFU {args.mfu:.2f}; predictions (docs/scaling.md)\n")
     print(report(plans, args.top))
+    if args.placements:
+        from megatron_spark.planner import placements
+
+        print("\nPlacements (the best of each; tokens/s/GPU over every GPU of the job):\n")
+        print(placements.report(placements.compare(shape, args.gpus, args.gpus_per_node, hw, work, args.mfu,
+                                                   not args.no_distributed_optimizer,
+                                                   not args.reference_offloaded)))
     if args.config:
         from dataclasses import replace
 

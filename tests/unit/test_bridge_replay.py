@@ -14,6 +14,7 @@ the tiny test layouts, in both sync targets. The executor posts each bucket as o
 previous executor posted, per peer, every send and then every receive, ungrouped: that must be reported as a
 deadlock where two ranks send to each other in one bucket (all three shipped layouts have such pairs).
 """
+import math
 from collections import defaultdict, deque
 from pathlib import Path
 
@@ -194,3 +195,34 @@ def test_a_one_way_sync_is_fine_either_way():
     ops = case_ops("tiny_text_tp1pp1_rtp2/hf_full")
     assert any(b for b in ops[0]) and not any(b for b in ops[1] if any(send for _, send, _ in b))
     assert replay_ungrouped_per_peer(ops) == []
+
+
+# Disaggregated engines (rollout ranks of their own): the executor posts through the job-wide bridge group, op by
+# op, ungrouped (rollout/remote.py). Every message goes from a training rank to a rollout rank, so no pair sends
+# both ways: the ungrouped per-peer order must complete under NCCL's rules, single and double buffered.
+DISAGG_CASES = {
+    # SPARK's 32B split on 16 GPUs: training TP8 x DP1 on 8 (here TP4 x PP2), four engines of rollout TP2 on 8
+    "vl32b_tp4pp2_to_4x_rtp2": (lambda: load_model("qwen2.5-vl-32b"), dict(tp=4, pp=2), 8, 2, 8),
+    "vl7b_tp2dp2_to_2x_rtp2": (lambda: load_model("qwen2.5-vl-7b"), dict(tp=2), 4, 2, 4),
+    "tiny_vl_tp2_to_1x_rtp1": (lambda: parse_hf_config(TINY_VL), dict(tp=2), 2, 1, 1),
+    "tiny_text_pp2_to_2x_rtp1": (lambda: parse_hf_config(TINY_TEXT), dict(pp=2), 2, 1, 2),
+}
+
+
+@pytest.mark.parametrize("name", sorted(DISAGG_CASES))
+def test_disaggregated_sync_completes_ungrouped_under_nccl_rules(name):
+    from megatron_spark.placement import RolloutPlacement
+
+    make, lay, train_world, rtp, rollout_ranks = DISAGG_CASES[name]
+    layout = ParallelLayout(world_size=train_world, **lay)
+    world = train_world + rollout_ranks
+    placement = RolloutPlacement(world, rtp, rollout_ranks=rollout_ranks)
+    routes, shapes = plan_routes(WeightMap(make(), tp=layout.tp), layout, rtp, "hf_full", world, placement)
+    assert all(placement.trains(r.src) and placement.runs_engine(r.dst) for r in routes)
+    assert {r.dst for r in routes} == set(range(train_world, world))  # every rollout rank receives
+    ops = posted_ops(routes, shapes, 2, 512 << 20, world)
+    _check_sizes(ops)
+    assert replay_ungrouped_per_peer(ops) == [] and replay_ungrouped_per_peer(ops, double_buffer=True) == []
+    # each engine receives every HF element exactly once per sync (whole tensors: target hf_full)
+    per_engine = sum(r.t.numel for r in routes if r.dst in placement.engine_ranks(0))
+    assert per_engine == rtp * sum(math.prod(s) for s in shapes.values())

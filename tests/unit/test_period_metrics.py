@@ -36,3 +36,17 @@ def test_shaped_rewards_get_their_own_mean():
     m = period_metrics("infer", ["math"], ["1"], outs, [1.0, 0.0], [0.5, 0.0], 0.0, 0, [], [RankWork(2, 1, 1)], {},
                        PhaseTimes(0, 0, 0, 0, 0))
     assert m["infer/reward_mean"] == 0.5 and m["infer/shaped_reward_mean"] == 0.25
+
+
+def test_version_lag_of_the_trained_samples():
+    """Samples stamped with the policy version that generated them: the lag to the version the update starts from
+    (one-step off-policy: 1); no stamp, no lag keys."""
+    outs = [[sample(2), sample(2)], [sample(2), sample(2)]]
+    for s, v in zip([s for g in outs for s in g], (3, 3, 2, 3)):
+        s.version = v
+    m = period_metrics("reward", ["math", "math"], ["1", "2"], outs, [1.0, 0.0, 1.0, 0.0], [1.0, 0.0, 1.0, 0.0],
+                       0.0, 0, [], [RankWork(4, 1, 1)], {}, PhaseTimes(0, 0, 0, 0, 0), trained_at=4)
+    assert (m["reward/version_lag_min"], m["reward/version_lag_max"], m["reward/version_lag_mean"]) == (1, 2, 1.25)
+    plain = period_metrics("infer", ["math"], ["1"], [[sample(2), sample(2)]], [1.0, 0.0], [1.0, 0.0], 0.0, 0, [],
+                           [RankWork(2, 1, 1)], {}, PhaseTimes(0, 0, 0, 0, 0))
+    assert not any("version_lag" in k for k in plain)

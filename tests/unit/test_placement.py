@@ -69,3 +69,22 @@ def test_one_rank_speaks_for_the_run_and_one_scores():
     assert [r for r in range(4) if p.writes(r)] == [0] and p.reward_rank == 0
     moved = RolloutPlacement(world=4, engine_size=2, reward_rank=2, writer_rank=3)
     assert [r for r in range(4) if moved.writes(r)] == [3] and moved.reward_rank == 2
+
+
+def test_disaggregated_roles_engines_and_worlds():
+    """12 ranks, 4 of them for engines of rollout TP 2: training on 0-7, engines on 8-9 and 10-11; each role's
+    default world renumbers its ranks from 0."""
+    p = RolloutPlacement(world=12, engine_size=2, rollout_ranks=4)
+    assert p.disaggregated and p.train_world == 8 and p.engines == 2
+    assert [list(p.engine_ranks(e)) for e in range(2)] == [[8, 9], [10, 11]]
+    assert [p.trains(r) for r in (0, 7, 8, 11)] == [True, True, False, False]
+    assert [p.runs_engine(r) for r in (7, 8)] == [False, True]
+    assert p.engine_of(11) == 1 and p.is_leader(10) and not p.is_leader(11)
+    assert p.role_world(3) == ("train", 3, 8) and p.role_world(10) == ("rollout", 2, 4)
+    assert p.request_rank == p.reward_rank == p.writer_rank == 0  # all on training rank 0
+    colocated = RolloutPlacement(world=4, engine_size=2)
+    assert colocated.role_world(3) == ("all", 3, 4) and colocated.trains(3) and colocated.runs_engine(0)
+    with pytest.raises(ValueError, match="must divide the 3 rollout ranks"):
+        RolloutPlacement(world=8, engine_size=2, rollout_ranks=3)
+    with pytest.raises(ValueError, match="must leave training ranks"):
+        RolloutPlacement(world=4, engine_size=2, rollout_ranks=4)
