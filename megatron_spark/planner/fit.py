@@ -8,6 +8,8 @@ it of every shipped GPU example. The phases of a colocated step, per GPU of the 
 - vLLM's start: vLLM refuses to start unless its whole share is free when it starts (the trainer's state is
   already there), and its share must hold its weights, its working memory and at least one sequence's KV cache.
 A layout fits when every phase leaves `margin` of the GPU free (communicators, fragmentation, CUDA graphs).
+With disaggregated engines (`rollout.placement: disaggregated`) the trainer's layout spans the training GPUs only
+and an engine's GPU holds nothing but vLLM: the rollout phase is vLLM's share alone.
 """
 from __future__ import annotations
 
@@ -40,16 +42,22 @@ def check_fit(cfg, shape, gpus: int, gpu_bytes: float, margin: float = MARGIN,
     whether Transformer Engine imports there; without it `transformer_impl: auto` runs unfused attention)."""
     from megatron_spark.planner.search import from_config
 
+    from megatron_spark.config import training_world
+    from megatron_spark.planner.memory import DTYPE_BYTES
+    from megatron_spark.planner.model import kv_bytes_per_token
+
     layout, work = from_config(cfg, te_available)
-    layout = replace(layout, dp=max(1, gpus // (layout.tp * layout.pp)))
+    disaggregated = cfg.rollout.placement == "disaggregated"
+    layout = replace(layout, dp=max(1, training_world(cfg, gpus) // (layout.tp * layout.pp)))
     if shape.vision is None:
         work = replace(work, image_tokens=0)
     mem = plan_memory(shape, layout, work, gpu_bytes)
     worst = max(mem, key=lambda m: m.train)
     util = cfg.rollout.gpu_memory_utilization
-    static = max(m.static for m in mem) + OVERHEAD_GIB * GIB
+    # (disaggregated: the engines' GPUs hold no trainer state)
+    static = (0.0 if disaggregated else max(m.static for m in mem)) + OVERHEAD_GIB * GIB
     share = util * gpu_bytes
-    per_seq = mem[0].kv_cache / mem[0].concurrency if mem[0].concurrency else 0.0
+    per_seq = work.seq_len * kv_bytes_per_token(shape, layout.rollout_tp, DTYPE_BYTES[work.dtype])
     need_engine = mem[0].vllm_weights + ENGINE_AWAKE_GIB * GIB + per_seq
     phases = {"train": worst.train, "rollout": static + share, "vLLM share": share}
     limit = (1 - margin) * gpu_bytes

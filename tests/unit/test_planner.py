@@ -110,7 +110,7 @@ def test_plan_cli_is_fast_and_leads_with_the_parameter_counts():
 
 
 GPU_EXAMPLES = {"spark_7b": ("qwen2.5-7b", 8), "spark_vl_7b": ("qwen2.5-vl-7b", 8),
-                "spark_vl_32b": ("qwen2.5-vl-32b", 16)}
+                "spark_vl_32b": ("qwen2.5-vl-32b", 16), "spark_vl_32b_offpolicy": ("qwen2.5-vl-32b", 24)}
 CPU_EXAMPLES = {"tiny_cpu", "pretrained_study"}
 
 
@@ -267,3 +267,39 @@ def test_model_means_what_it_means_in_eval(tiny_models, tmp_path):
     assert load_model(str(ckpt / "iter_0000000")) == load_model(hf)
     with pytest.raises(ValueError, match="nor a Megatron checkpoint"):
         load_model(str(tmp_path / "nothing"))
+
+
+def test_placements_compare_colocated_split_and_overlap():
+    """The three placements on 32 H100 (SPARK's step, 32B): the overlapped split's step is the larger phase plus
+    the sync, the synchronous split's is their sum; a split pays for the GPUs that do not train."""
+    from megatron_spark.planner import placements
+    from megatron_spark.planner.hardware import gpu
+    from megatron_spark.planner.memory import Workload
+    from megatron_spark.planner.model import load_model
+
+    work = Workload(64, 64, 8, 1024, 1024, 1024, 1, None, 256, "bf16", "flash")
+    best = {p.mode: p for p in placements.compare(load_model("qwen2.5-vl-32b"), 32, 8, gpu("h100-80gb"), work)}
+    assert set(best) == {"colocated", "disaggregated", "one-step off-policy"}
+    split, overlap = best["disaggregated"], best["one-step off-policy"]
+    assert split.train == overlap.train and split.rollout_gpus == overlap.rollout_gpus > 0
+    assert split.gpus == overlap.gpus == best["colocated"].gpus == 32
+    assert overlap.step == pytest.approx(max(overlap.generation, overlap.training) + overlap.sync)
+    assert split.step == pytest.approx(split.generation + split.training + split.sync)
+    assert overlap.tokens_per_gpu_s() > split.tokens_per_gpu_s()
+
+
+def test_a_disaggregated_config_is_fitted_as_two_kinds_of_gpu():
+    """The trainer's layout spans the training GPUs only and the engines' GPUs hold vLLM alone: at 0.9 of the GPU
+    the off-policy example fits, the same share colocated would not."""
+    from megatron_spark.config import load_config
+    from megatron_spark.planner.fit import check_fit
+    from megatron_spark.planner.hardware import gpu
+    from megatron_spark.planner.memory import GIB
+    from megatron_spark.planner.model import load_model
+
+    shape, gpu_bytes = load_model("qwen2.5-vl-32b"), gpu("h100-80gb").memory_gib * GIB
+    path = ROOT / "examples" / "spark_vl_32b_offpolicy.yaml"
+    assert check_fit(load_config(path, ["model.hf_dir=null"]), shape, 24, gpu_bytes).ok
+    colocated = load_config(path, ["model.hf_dir=null", "rollout.placement=colocated", "rollout.num_ranks=0",
+                                   "algorithm.max_staleness=0"])
+    assert any("rollout.gpu_memory_utilization" in p for p in check_fit(colocated, shape, 24, gpu_bytes).problems)
