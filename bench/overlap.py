@@ -38,7 +38,8 @@ def run(d: Path, name: str, hf: Path, train: Path, steps: int, max_new_tokens: i
     args = ["--config", str(ROOT / "examples" / "tiny_cpu.yaml"), f"model.hf_dir={hf}", f"data.train_file={train}",
             f"logging.dir={out}", "parallel.tensor_model_parallel_size=1", "rollout.tensor_parallel_size=1",
             "rollout.placement=disaggregated", "rollout.num_ranks=1", f"algorithm.max_staleness={staleness}",
-            f"data.rollout_batch_size={prompts}", "rollout.n_samples_per_prompt=4", f"rollout.max_new_tokens={max_new_tokens}",
+            f"data.rollout_batch_size={prompts}", "rollout.n_samples_per_prompt=4",
+            f"rollout.max_new_tokens={max_new_tokens}",
             f"training.global_batch_size={4 * prompts}", "training.micro_batch_size=8", "training.sft_warmup_steps=0",
             f"training.max_steps={steps}", "logging.progress_bar=false", "logging.tensorboard=false",
             "algorithm.recycle.reward_batch_size=100000",  # (no reward period: every step the same work)

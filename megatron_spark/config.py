@@ -595,6 +595,9 @@ def validate(cfg: SparkConfig, world_size: Optional[int] = None, model: Optional
                                        f"rollout.tensor_parallel_size={ro.tensor_parallel_size}, got {ro.num_ranks}")
         if ro.backend != "vllm":
             _fail("rollout.placement", "disaggregated engines are vLLM engines; set rollout.backend=vllm")
+        if ro.sync_target == "vllm_tp":
+            _fail("rollout.sync_target", "disaggregated engines load the weights through vLLM's loader (in-place "
+                                         "writes across processes are not built yet); use hf_full (or auto)")
         if cfg.eval.interval:
             _fail("eval.interval", "the held-out evaluation runs on colocated engines only (not yet through "
                                    "disaggregated ones); set eval.interval=0 and evaluate checkpoints with "

@@ -147,6 +147,12 @@ def serve_engines(cfg: SparkConfig, shape, layout, placement, bridge) -> None:
     from megatron_spark.rollout.build import build_engine
     from megatron_spark.rollout.remote import EngineServer
 
+    import signal
+
+    # SLURM's preemption signal reaches every task: the trainer checkpoints (collecting the round these engines are
+    # generating) and then tells them to stop; an engine that died of the signal would take the checkpoint with it
+    for sig in (signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(sig, lambda signum, frame: None)
     ro, m = cfg.rollout, cfg.model
     fp8_engine = ro.quantization == "fp8" and torch.cuda.is_available()
     engine = build_engine(ro, fp8_engine_dir(cfg) if fp8_engine else m.hf_dir, shape, dtype=m.dtype,

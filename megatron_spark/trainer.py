@@ -400,7 +400,16 @@ class SparkTrainer:
         t0 = time.perf_counter()
         self.rollouts.push()
         m[f"time/{name}_sync"] = time.perf_counter() - t0
+        m.update(self._sync_bytes(name))
         return m, groups
+
+    def _sync_bytes(self, name: str) -> dict:
+        """Bytes the last weight sync moved between processes and copied within them, summed over the trainer's
+        ranks (a collective): each engine receives every element of the model once."""
+        stats = self.rollouts.sync.stats
+        t = torch.tensor([float(stats.bytes_sent), float(stats.bytes_local)])
+        dist.all_reduce(t)
+        return {f"{name}/sync_bytes_sent": t[0].item(), f"{name}/sync_bytes_local": t[1].item()}
 
     def update(self, name: str, tasks: list[Task], built: "PromptCache", outs: list, rewards: list[float],
                gen_metrics: dict, step: int, rollout_s: float) -> tuple[dict, list[Group]]:
@@ -525,6 +534,7 @@ class SparkTrainer:
             self.rollouts.push()
             self.engine_version = step
         sync_s = time.perf_counter() - t1
+        sync_bytes = self._sync_bytes("infer")  # (of the last sync: a resumed run's first was made at its start)
         probe = self._sync_probe(parts[0][1], step)
         scored = []
         for name, tasks, outs, gen_metrics in parts:
@@ -535,7 +545,8 @@ class SparkTrainer:
         self.queue.push(recycle(self.groups(tasks, outs, rewards), self.templates, self.recycle_settings, self.rng))
         if step + 1 < self.total_steps:
             self.inflight = self._submit_round(step + 1)
-        metrics = {"policy_version": step, "sync/logprob_drift_max": probe, "time/generation_wait": wait_s}
+        metrics = {"policy_version": step, "sync/logprob_drift_max": probe, "time/generation_wait": wait_s,
+                   **sync_bytes}
         for name, tasks, outs, rewards, gen_metrics, score_s in scored:
             m, _ = self.update(name, tasks, PromptCache(self.prompts, tasks), outs, rewards, gen_metrics, step,
                                rollout_s=wait_s if name == "infer" else 0.0)
