@@ -58,10 +58,9 @@ class Bridge:
         timeout = timedelta(seconds=timeout_s)
         self.cpu = dist.ProcessGroupGloo(dist.PrefixStore("bridge_gloo", store), rank, world, timeout)
         self.cuda = None
-        if torch.cuda.is_available():
-            opts = dist.ProcessGroupNCCL.Options()
-            opts._timeout = timeout
-            self.cuda = dist.ProcessGroupNCCL(dist.PrefixStore("bridge_nccl", store), rank, world, opts)
+        if torch.cuda.is_available():  # (NCCL's own timeout: only weight messages travel here, never a wait)
+            self.cuda = dist.ProcessGroupNCCL(dist.PrefixStore("bridge_nccl", store), rank, world,
+                                              dist.ProcessGroupNCCL.Options())
 
     def group_for(self, tensor: torch.Tensor):
         return self.cuda if tensor.is_cuda else self.cpu
