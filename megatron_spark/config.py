@@ -202,8 +202,10 @@ class AlgorithmConfig(_Section):
     # groups are not recycled.
     dynamic_sampling: bool = False
     dynamic_sampling_rounds: int = 3  # generation rounds per period at most, the first included
-    # off-policy correction for rollouts from an engine that differs from the trainer (FP8 rollouts, other kernels):
-    # tis = truncated importance sampling, each token's policy-gradient term times min(pi_old / pi_rollout, cap)
+    # off-policy correction for rollouts from an engine that differs from the trainer (FP8 rollouts, other kernels,
+    # one-step off-policy's older weights): tis = truncated importance sampling, each token's policy-gradient term
+    # times min(pi_old / pi_rollout, cap); with old_logprobs=recompute that is decoupled PPO (proximal policy = the
+    # trainer before the update, behaviour policy = the engine) with the behaviour weight capped
     rollout_is: Literal["off", "tis"] = "off"
     rollout_is_cap: float = 2.0  # TIS: the importance weight's upper bound
     # pi_old of the PPO ratio: recompute = the trainer's log-probs before the period's updates (a forward pass;

@@ -1,4 +1,8 @@
-"""Weight sync from the Megatron trainer into colocated vLLM engines: plan once, stream buckets every update.
+"""Weight sync from the Megatron trainer into vLLM engines: plan once, stream buckets every update.
+
+Engines colocated with the trainer (below), or on ranks of their own (`placement.disaggregated`): the same plan,
+bound to the job's ranks, executed over the job-wide bridge group (rollout/remote.py); training ranks only send,
+rollout ranks only receive and load through vLLM's loader ('hf_full').
 
 Layout: the world is split into engines of `rollout_tp` consecutive ranks; engine e pulls from Megatron
 data-parallel replica `RolloutPlacement.replica_of(e)`. The plan is computed once from the shapes. Two targets:
