@@ -236,6 +236,9 @@ class CheckpointManager:
         c = loaded["common"]
         self.policy.load_state_dict(c)
         for name, part in self.parts.items():
+            if name not in c and getattr(part, "optional", False):  # (a part newer than the checkpoint)
+                part.load_state_dict(None)
+                continue
             part.load_state_dict(c[name])
         rng_file = path / "rng" / f"rank_{self.rank}.pt"
         if rng_file.is_file() and c["parallel"]["world"] == self.layout.world_size:

@@ -82,6 +82,9 @@ def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     config, eval_file, overrides = argv[0], argv[1], argv[2:]
     cfg = load_config(config, overrides)
+    if cfg.rollout.placement != "colocated":  # (its held-out evaluation runs on colocated engines)
+        raise SystemExit("error: config field 'rollout.placement': the demo runs colocated engines; use "
+                         "`megatron-spark train` for disaggregated ones")
     stack = build_stack(cfg, int(os.environ.get("WORLD_SIZE", "1")))
     total = stack.total_steps
     trainer = SparkTrainer(cfg, stack)

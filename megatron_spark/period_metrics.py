@@ -31,7 +31,7 @@ class PhaseTimes:
 def period_metrics(name: str, kinds: Sequence[str], answers: Sequence[str], outs: Sequence[Sequence],
                    rewards: Sequence[float], shaped: Sequence[float], drift: float, prompt_mismatches: int,
                    train_metrics: Sequence[dict], replica_work: Sequence[RankWork], gen_metrics: dict,
-                   times: PhaseTimes, trained_at: Optional[int] = None) -> dict:
+                   times: PhaseTimes, trained_at: Optional[int] = None, updates_at: Optional[int] = None) -> dict:
     """`kinds` / `answers`: per task; `outs`: per task, its samples (token_ids, prompt_token_ids, finish_reason,
     text); `rewards` / `shaped`: per sample, in task order (`shaped is rewards` when no shaping applies);
     `train_metrics`: one dict per global batch (`update_skipped` among them); `replica_work`: the first rank of each
@@ -82,6 +82,10 @@ def period_metrics(name: str, kinds: Sequence[str], answers: Sequence[str], outs
     if lags:
         m.update({f"{name}/version_lag_mean": sum(lags) / len(lags), f"{name}/version_lag_min": min(lags),
                   f"{name}/version_lag_max": max(lags)})
+    behind = [updates_at - s.updates for s in samples if updates_at is not None and s.updates is not None]
+    if behind:
+        m.update({f"{name}/updates_behind_mean": sum(behind) / len(behind),
+                  f"{name}/updates_behind_max": max(behind)})
     m.update({f"time/{name}_rollout": times.rollout, f"time/{name}_reward": times.reward,
               f"time/{name}_train": times.train, f"time/{name}_logprobs": times.logprobs,
               f"time/{name}_sync": times.sync})

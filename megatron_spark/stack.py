@@ -38,9 +38,10 @@ class RLStack:
     logger: MetricsLogger
     total_steps: int                                # global steps of the run (training.max_steps, or the episodes')
 
-    def close(self) -> None:
-        """End what the stack started that does not end with the process by itself (the reward workers; the
-        disaggregated engines are told to stop)."""
-        self.rollouts.close()
+    def close(self, stop_engines: bool = True) -> None:
+        """End what the stack started that does not end with the process by itself (the reward workers; with
+        `stop_engines`, disaggregated engines are told to stop)."""
+        if stop_engines:
+            self.rollouts.close()
         if self.rewards is not None:
             self.rewards.close()

@@ -8,7 +8,7 @@ import argparse
 import os
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Union
 
 import torch
 import torch.distributed as dist
@@ -16,6 +16,7 @@ import torch.distributed as dist
 from megatron_spark.config import SparkConfig, load_config, validate_for_launch
 
 if TYPE_CHECKING:
+    from megatron_spark.rollout.remote import EngineServer
     from megatron_spark.stack import RLStack
 
 
@@ -46,8 +47,9 @@ def prelaunch_check(cfg: SparkConfig, world: int, force: bool = False):
     return shape
 
 
-def build_stack(cfg: SparkConfig, world: int, force: bool = False) -> "RLStack":
-    """Every component of the run from the config, each given the section it consumes."""
+def build_stack(cfg: SparkConfig, world: int, force: bool = False) -> Union["RLStack", "EngineServer"]:
+    """Every component of the run from the config, each given the section it consumes; on a rollout rank of
+    disaggregated engines, its engine server (which `main` runs until the trainer says stop)."""
     from megatron_spark.bridge.sync import WeightSync
     from megatron_spark.data import PromptBuilder, PromptStream, check_lengths, load_records
     from megatron_spark.mapping.qwen import WeightMap
@@ -82,10 +84,12 @@ def build_stack(cfg: SparkConfig, world: int, force: bool = False) -> "RLStack":
         from megatron_spark.parallel import process_group_backend
         from megatron_spark.rollout.remote import init_role_worlds
 
-        bridge = init_role_worlds(placement, process_group_backend(torch.cuda.is_available()), timeout_s=1800)
+        # (waits across the bridge last as long as a phase of the other role -- a generation, a checkpoint -- so
+        # its timeout is far above the step watchdog's, which is what detects a hang)
+        timeout = int(max(4 * cfg.training.hang_timeout_s, 7200))
+        bridge = init_role_worlds(placement, process_group_backend(torch.cuda.is_available()), timeout_s=timeout)
         if not placement.trains(bridge.rank):
-            serve_engines(cfg, shape, layout, placement, bridge)
-            raise EnginesDone()
+            return engine_server(cfg, shape, layout, placement, bridge)
     layout.initialize(seed=cfg.training.seed)
     rank = dist.get_rank()
     multimodal = shape.multimodal
@@ -134,13 +138,9 @@ def build_stack(cfg: SparkConfig, world: int, force: bool = False) -> "RLStack":
                    total_steps=total_steps)
 
 
-class EnginesDone(Exception):
-    """A disaggregated rollout rank has served the whole run (raised out of `build_stack`; `main` exits 0)."""
-
-
-def serve_engines(cfg: SparkConfig, shape, layout, placement, bridge) -> None:
-    """A rollout rank of disaggregated engines: build its engine worker, then generate and take weights when told,
-    until the trainer says stop (rollout/remote.py)."""
+def engine_server(cfg: SparkConfig, shape, layout, placement, bridge) -> "EngineServer":
+    """A rollout rank of disaggregated engines: its engine worker and its end of the weight sync, ready to generate
+    and take weights when told, until the trainer says stop (rollout/remote.py)."""
     from megatron_spark.bridge.sync import WeightSync
     from megatron_spark.dtypes import torch_dtype
     from megatron_spark.mapping.qwen import WeightMap
@@ -159,7 +159,7 @@ def serve_engines(cfg: SparkConfig, shape, layout, placement, bridge) -> None:
                           seed=cfg.training.seed, min_pixels=cfg.data.min_pixels, max_pixels=cfg.data.max_pixels)
     sync = WeightSync.from_config(ro, [], WeightMap(shape, tp=layout.tp), layout, engine, fp8_engine, placement,
                                   bridge, dtype=torch_dtype(m.dtype))
-    EngineServer(engine, sync, bridge, placement).serve()
+    return EngineServer(engine, sync, bridge, placement)
 
 
 def fp8_engine_dir(cfg) -> str:
@@ -208,20 +208,27 @@ def main(argv=None) -> int:
     from megatron_spark.trainer import SparkTrainer
     from megatron_spark.watchdog import NonFiniteUpdates
 
+    from megatron_spark.rollout.remote import EngineServer
+
     try:
         cfg = load_config(a.config, a.overrides)
-        try:
-            stack = build_stack(cfg, world, a.force)
-        except EnginesDone:  # a rollout rank of disaggregated engines: the run is over
-            return 0
-        trainer = SparkTrainer(cfg, stack)
-        ckpt = CheckpointManager.for_trainer(cfg, trainer) if cfg.checkpoint.dir else None
-        start = ckpt.resume() if ckpt else 0
+        stack = build_stack(cfg, world, a.force)
+        if isinstance(stack, EngineServer):  # a rollout rank of disaggregated engines: serve, below
+            server, stack = stack, None
+        else:
+            server = None
+            trainer = SparkTrainer(cfg, stack)
+            ckpt = CheckpointManager.for_trainer(cfg, trainer) if cfg.checkpoint.dir else None
+            start = ckpt.resume() if ckpt else 0
     except ValueError as e:  # a bad config, input or checkpoint (the same on every rank): one message, no traceback
         if int(os.environ.get("RANK", "0")) == 0:
             print(f"error: {e}", file=sys.stderr, flush=True)
         refuse_restarts(str(e))
         return 2
+    if server is not None:  # (outside the config errors: whatever goes wrong now is not the config's fault)
+        server.serve()
+        return 0
+    finished = False
     try:
         if start:  # the engine still holds the initial weights: bring it to the resumed policy
             stack.rollouts.push()
@@ -229,15 +236,19 @@ def main(argv=None) -> int:
         trainer.run(start, stack.total_steps, on_step=ckpt.on_step if ckpt else None)
         if ckpt is not None:
             ckpt.finish()
+        finished = True
     except NonFiniteUpdates as e:  # diverged: the same again after a restart, so never retried
         if ckpt is not None:
             ckpt.wait()  # (raised on every rank at the same step) a background save of clean weights completes
         if dist.get_rank() == 0:
             print(f"error: {e}", file=sys.stderr, flush=True)
         refuse_restarts(str(e))
+        finished = True
         return 3
     finally:
-        stack.close()
+        # after an error, leave disaggregated engines as they are (draining them could wait on a rank that is
+        # gone): this rank's exit makes torchrun end them
+        stack.close(stop_engines=finished)
     dist.barrier()
     return 0
 

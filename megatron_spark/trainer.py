@@ -96,6 +96,7 @@ class Round:
     parts: list[tuple[str, list[Task]]]     # ("infer", tasks) and, when the queue held a batch, ("reward", tasks)
     ticket: Optional[int] = None
     received: Optional[list[tuple[list, dict]]] = None  # per part: samples per task, generation metrics
+    prompts: Optional[list["PromptCache"]] = None       # per part: the prompts built for the request (not saved)
 
     def result(self, trainer: "SparkTrainer") -> list[tuple[str, list[Task], list, dict]]:
         """(name, tasks, samples, generation metrics) per part, waiting for the engines the first time."""
@@ -107,7 +108,9 @@ class Round:
 
 class InFlight:
     """The round in flight as a checkpoint part: saving waits for the engines (a collective of the training ranks)
-    and stores its prompts and samples, so a resumed run trains on exactly them."""
+    and stores its prompts and samples, so a resumed run trains on exactly them. (None without one: synchronous
+    runs; checkpoints written before this part existed have none either.)"""
+    optional = True
 
     def __init__(self, trainer: "SparkTrainer"):
         self.trainer = trainer
@@ -125,6 +128,10 @@ class InFlight:
         if state is None:
             self.trainer.inflight = None
             return
+        if not self.trainer.cfg.algorithm.max_staleness:  # its prompts are already drawn: they would be lost
+            raise ValueError("config field 'algorithm.max_staleness': the checkpoint holds a round generated ahead "
+                             "by a one-step off-policy run (max_staleness=1); resume it with max_staleness=1 (its "
+                             "prompts were drawn from the data and the recycling queue already)")
         parts = [(n, [Task(**t) for t in tasks]) for n, tasks in state["parts"]]
         received = [([[Sample(**s) for s in g] for g in outs], m) for outs, m in state["received"]]
         self.trainer.inflight = Round(state["step"], state["version"], state["episode"], parts, None, received)
@@ -156,7 +163,7 @@ class SparkTrainer:
         self.nonfinite = NonFiniteGuard(cfg.training.max_nonfinite_updates)
         self.update_flags: list[int] = []  # this step's updates, in order: 1 = skipped as non-finite
         # policy versions: the weights at the start of step k are version k; the engines hold `engine_version`
-        self.version = self.engine_version = 0
+        self.version = self.engine_version = self.engine_updates = 0
         self.total_steps = 0
         self.inflight: Optional[Round] = None  # one-step off-policy: the round the engines generate meanwhile
         self.held_out = []
@@ -171,11 +178,8 @@ class SparkTrainer:
         """The trainer's own resumable state, by the name checkpoints store it under (beside the policy's)."""
         from megatron_spark.checkpoint import RandomState
 
-        parts = {"cursor": self.data, "queue": self.queue, "trainer_rng": RandomState(self.rng),
-                 "nonfinite": self.nonfinite}
-        if self.cfg.algorithm.max_staleness:
-            parts["inflight"] = InFlight(self)
-        return parts
+        return {"cursor": self.data, "queue": self.queue, "trainer_rng": RandomState(self.rng),
+                "nonfinite": self.nonfinite, "inflight": InFlight(self)}
 
     def _on_signal(self, signum, frame) -> None:
         # SLURM preemption: finish the current step, write a checkpoint, exit cleanly (requeue resumes).
@@ -197,12 +201,13 @@ class SparkTrainer:
 
     def receive(self, names: list[tuple[str, int]], ticket: int, version: int) -> list[tuple[list, dict]]:
         """The samples of each (period, number of prompts) of request `ticket`, every rank holding all of them in
-        prompt order, each stamped with the policy `version` that generated it; and the generation's metrics."""
+        prompt order, each stamped with the policy `version` that generated it (and the optimizer steps of the
+        weights the engines hold); and the generation's metrics."""
         out = []
         for (name, n), works in zip(names, self.rollouts.collect(ticket)):
             outs, metrics = self._assemble(name, n, works)
             for s in (s for g in outs for s in g):
-                s.version = version
+                s.version, s.updates = version, self.engine_updates
             out.append((outs, metrics))
         return out
 
@@ -399,13 +404,14 @@ class SparkTrainer:
         m, groups = self.update(name, tasks, built, outs, rewards, gen_metrics, step, rollout_s)
         t0 = time.perf_counter()
         self.rollouts.push()
+        self.engine_updates = self.policy.optimizer_steps
         m[f"time/{name}_sync"] = time.perf_counter() - t0
         m.update(self._sync_bytes(name))
         return m, groups
 
     def _sync_bytes(self, name: str) -> dict:
         """Bytes the last weight sync moved between processes and copied within them, summed over the trainer's
-        ranks (a collective): each engine receives every element of the model once."""
+        ranks (a collective); with whole HF tensors ('hf_full') every rollout rank receives the whole model once."""
         stats = self.rollouts.sync.stats
         t = torch.tensor([float(stats.bytes_sent), float(stats.bytes_local)])
         dist.all_reduce(t)
@@ -422,6 +428,7 @@ class SparkTrainer:
         mine = [self.my_share(name, tasks, built, b) for b in self.global_batches(outs, shaped)]
         my_rollouts = [r for b in mine for r in b.rollouts]
         real0, computed0 = self.policy.tokens_real, self.policy.tokens_computed
+        updates_at = self.policy.optimizer_steps
         t_lp = time.perf_counter()
         drift = self.fill_logprobs(mine)
         t_lp = time.perf_counter() - t_lp
@@ -433,7 +440,7 @@ class SparkTrainer:
                            built.prompt_mismatches(outs), train_metrics,
                            self._replica_work(len(my_rollouts), real0, computed0), gen_metrics,
                            PhaseTimes(rollout=rollout_s, reward=t2 - t1, logprobs=t_lp, train=t3 - t2 - t_lp,
-                                      sync=0.0), trained_at=self.version)
+                                      sync=0.0), trained_at=self.version, updates_at=updates_at)
         return m, groups
 
     def _replica_work(self, samples: int, real0: int, computed0: int) -> list[RankWork]:
@@ -470,6 +477,7 @@ class SparkTrainer:
         bar = self._progress_bar(start_step, total_steps)
         self.total_steps = total_steps
         self.version = self.engine_version = start_step  # (the engines were given the start weights)
+        self.engine_updates = self.policy.optimizer_steps
         for step in range(start_step, total_steps):
             self.watchdog.arm()  # (re-armed each step: the step and its checkpoint must finish in time)
             inject_step_faults(step + 1, self.rank)
@@ -528,14 +536,15 @@ class SparkTrainer:
             self.inflight = self._submit_round(step)
         rnd, self.inflight = self.inflight, None
         parts = rnd.result(self)
+        built = rnd.prompts or [PromptCache(self.prompts, tasks) for _, tasks, _, _ in parts]
         wait_s = time.perf_counter() - t0  # (generation not hidden behind the previous step's training)
         t1 = time.perf_counter()
         if self.engine_version != step:
             self.rollouts.push()
-            self.engine_version = step
+            self.engine_version, self.engine_updates = step, self.policy.optimizer_steps
         sync_s = time.perf_counter() - t1
         sync_bytes = self._sync_bytes("infer")  # (of the last sync: a resumed run's first was made at its start)
-        probe = self._sync_probe(parts[0][1], step)
+        probe = self._sync_probe(parts[0][1], built[0], step)
         scored = []
         for name, tasks, outs, gen_metrics in parts:
             t = time.perf_counter()
@@ -547,8 +556,8 @@ class SparkTrainer:
             self.inflight = self._submit_round(step + 1)
         metrics = {"policy_version": step, "sync/logprob_drift_max": probe, "time/generation_wait": wait_s,
                    **sync_bytes}
-        for name, tasks, outs, rewards, gen_metrics, score_s in scored:
-            m, _ = self.update(name, tasks, PromptCache(self.prompts, tasks), outs, rewards, gen_metrics, step,
+        for (name, tasks, outs, rewards, gen_metrics, score_s), prompts in zip(scored, built):
+            m, _ = self.update(name, tasks, prompts, outs, rewards, gen_metrics, step,
                                rollout_s=wait_s if name == "infer" else 0.0)
             m[f"time/{name}_reward"] += score_s
             m[f"time/{name}_sync"] = sync_s if name == "infer" else 0.0
@@ -559,21 +568,25 @@ class SparkTrainer:
     def _submit_round(self, step: int) -> "Round":
         """Draw step `step`'s prompts (the next infer batch; the queue's next reward batch, when it holds one) and
         hand them to the engines, which generate them with the weights they hold now."""
+        # the reward batch first: the queue holds the groups recycled up to this step, which a new episode's
+        # start would clear (a synchronous step also trains on them before its successor starts the next episode)
+        aux = self.queue.pop_batch()
         episode, batch = self.data.next_batch()
         self.queue.start_episode(episode)
         parts = [("infer", [Task(f"e{episode}-{ex.index}", ex.messages, ex.answer, ex.image, ex.question)
                             for ex in batch])]
-        aux = self.queue.pop_batch()
         if aux is not None:
             parts.append(("reward", self._aux_tasks(aux, step)))
-        ticket = self.request([(name, tasks, PromptCache(self.prompts, tasks), 0) for name, tasks in parts], step)
-        return Round(step, self.engine_version, episode, parts, ticket)
+        built = [PromptCache(self.prompts, tasks) for _, tasks in parts]
+        ticket = self.request([(name, tasks, b, 0) for (name, tasks), b in zip(parts, built)], step)
+        return Round(step, self.engine_version, episode, parts, ticket, prompts=built)
 
-    def _sync_probe(self, tasks: list[Task], step: int, prompts: int = 2, tokens: int = 8) -> float:
+    def _sync_probe(self, tasks: list[Task], cache: "PromptCache", step: int, prompts: int = 2, tokens: int = 8
+                    ) -> float:
         """The weight sync checked on the weights the engines now hold (the trainer's): a few greedy samples, their
         log-probs from the engines against the trainer's (max |difference| over tokens; fp32: ~1e-6)."""
+        built = cache.select(tasks, list(range(min(prompts, len(tasks)))))
         tasks = tasks[:prompts]
-        built = PromptCache(self.prompts, tasks)
         greedy = dict(n=1, temperature=0.0, max_new_tokens=min(tokens, self.cfg.rollout.max_new_tokens))
         ticket = self.request([("probe", tasks, built, 0)], step, overrides=greedy)
         outs, _ = self.receive([("probe", len(tasks))], ticket, self.version)[0]

@@ -54,8 +54,10 @@ def check_fit(cfg, shape, gpus: int, gpu_bytes: float, margin: float = MARGIN,
     mem = plan_memory(shape, layout, work, gpu_bytes)
     worst = max(mem, key=lambda m: m.train)
     util = cfg.rollout.gpu_memory_utilization
-    # (disaggregated: the engines' GPUs hold no trainer state)
-    static = (0.0 if disaggregated else max(m.static for m in mem)) + OVERHEAD_GIB * GIB
+    # (disaggregated: the engines' GPUs hold no trainer state, but receive the sync's buckets of whole tensors
+    # beside vLLM's share: two with double buffering, the GPU default)
+    buckets = (1 if cfg.rollout.sync_double_buffer is False else 2) * cfg.rollout.sync_bucket_mb * 2 ** 20
+    static = (buckets if disaggregated else max(m.static for m in mem)) + OVERHEAD_GIB * GIB
     share = util * gpu_bytes
     per_seq = work.seq_len * kv_bytes_per_token(shape, layout.rollout_tp, DTYPE_BYTES[work.dtype])
     need_engine = mem[0].vllm_weights + ENGINE_AWAKE_GIB * GIB + per_seq

@@ -7,10 +7,10 @@
 rollout(R) and train(T) are `steptime.plan_time`'s phases on R and T GPUs (train = the log-prob passes + the
 update); an engine on a GPU of its own holds only vLLM, so its KV cache (and the sequences it runs at once) is what
 the GPU leaves after the weights at vLLM's usual 90 % share, where a colocated engine shares it with the trainer's
-state. The sync of a split sends every engine its rollout-TP share of the weights over the network when the engines
-sit on other nodes than the trainer (NVLink otherwise); it is exposed in both split modes (the engines wait for the
-new weights). Throughput is tokens trained per second per GPU of the whole job (T + R), so a split pays for the
-GPUs that do not train.
+state. The sync of a split sends every rollout GPU the whole model (vLLM's loader takes whole HF tensors), each
+training replica feeding its engines from its TP x PP GPUs, over the network when the engines sit on other nodes
+(NVLink otherwise); it is exposed in both split modes (the engines wait for the new weights). Throughput is tokens
+trained per second per GPU of the whole job (T + R), so a split pays for the GPUs that do not train.
 """
 from __future__ import annotations
 
@@ -103,7 +103,11 @@ def split_plans(shape: ModelShape, gpus: int, gpus_per_node: int, hw: Gpu, work:
             gen = plan_time(shape, Layout(1, 1, rollout_gpus, rtp), work, hw, gpus_per_node, mfu,
                             concurrency=conc).rollout
             bw = hw.network_gb_s if train_gpus >= gpus_per_node else hw.nvlink_gb_s
-            sync = total * b / rtp / (bw * 1e9)
+            # (disaggregated engines load whole HF tensors: each rollout GPU receives the whole model; each training
+            # replica sends it to its engines' GPUs, spread over its TP x PP GPUs)
+            lay = best.layout
+            per_replica = -(-engines // lay.dp) * rtp * total * b / (lay.tp * lay.pp)
+            sync = max(total * b, per_replica) / (bw * 1e9)
             t = best.time
             for mode in ("disaggregated", "one-step off-policy"):
                 out.append(PlacementPlan(mode, best.layout, rollout_gpus, rtp, gen, t.logprobs + t.update, sync,

@@ -53,6 +53,7 @@ class Sample:
     finish_reason: Optional[str]
     prompt_token_ids: list[int]
     version: Optional[int] = None     # the policy version (training step) whose weights generated it
+    updates: Optional[int] = None     # ... and the trainer's optimizer steps when those weights were synced
 
 
 def _runner_model(worker):

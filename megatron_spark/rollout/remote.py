@@ -199,7 +199,8 @@ class RemoteRollouts:
                     raise RuntimeError(f"engine {e} answered request {got}, expected {ticket}")
                 answers.append(works)
             box = [[list(per_part) for per_part in zip(*answers)]]
-        dist.broadcast_object_list(box, src=0)  # (training world: its rank 0 is the request rank)
+        # (the training world numbers its ranks as the job does: the request rank is the same number in both)
+        dist.broadcast_object_list(box, src=self.placement.request_rank)
         self.outstanding = None
         return box[0]
 

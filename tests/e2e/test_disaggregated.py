@@ -85,6 +85,7 @@ def test_synchronous_disaggregated_updates_as_colocated(setup):
     assert sorted(c) == sorted(a) == sorted(b) == [1, 2]
     assert c[2]["reward_period"] == 1  # both periods ran
     for step in (1, 2):
+        assert c[step]["infer/updates_behind_max"] == c[step]["reward/updates_behind_max"] == 0  # synchronous
         assert a[step] == c[step], step  # TP1: the same run, key for key
         for key, value in c[step].items():  # TP2: the same samples, updates within round-off
             if "drift" in key:
@@ -120,6 +121,11 @@ def test_one_step_off_policy_lags_by_one_trains_and_resumes_with_a_round_in_flig
         for period in ("infer", "reward") if r["reward_period"] else ("infer",):
             assert r[f"{period}/version_lag_min"] == r[f"{period}/version_lag_max"] == 1, (step, period)
         assert r["policy_version"] == step - 1
+        # in optimizer steps: the previous step's updates, and for the reward period this step's infer updates too
+        previous = full[step - 1]["optimizer_steps"] - (full[step - 2]["optimizer_steps"] if step > 2 else 0)
+        assert r["infer/updates_behind_max"] == previous > 0
+        if r["reward_period"]:
+            assert r["reward/updates_behind_max"] == previous + r["infer/optimizer_steps"]
     assert any(full[s]["reward_period"] for s in (2, 3, 4))
     for r in full.values():
         assert r["sync/logprob_drift_max"] <= 1e-4  # trainer vs engine on the weights the engine holds

@@ -43,10 +43,11 @@ def test_version_lag_of_the_trained_samples():
     (one-step off-policy: 1); no stamp, no lag keys."""
     outs = [[sample(2), sample(2)], [sample(2), sample(2)]]
     for s, v in zip([s for g in outs for s in g], (3, 3, 2, 3)):
-        s.version = v
+        s.version, s.updates = v, 10 * v
     m = period_metrics("reward", ["math", "math"], ["1", "2"], outs, [1.0, 0.0, 1.0, 0.0], [1.0, 0.0, 1.0, 0.0],
-                       0.0, 0, [], [RankWork(4, 1, 1)], {}, PhaseTimes(0, 0, 0, 0, 0), trained_at=4)
+                       0.0, 0, [], [RankWork(4, 1, 1)], {}, PhaseTimes(0, 0, 0, 0, 0), trained_at=4, updates_at=42)
     assert (m["reward/version_lag_min"], m["reward/version_lag_max"], m["reward/version_lag_mean"]) == (1, 2, 1.25)
+    assert (m["reward/updates_behind_max"], m["reward/updates_behind_mean"]) == (22, 14.5)
     plain = period_metrics("infer", ["math"], ["1"], [[sample(2), sample(2)]], [1.0, 0.0], [1.0, 0.0], 0.0, 0, [],
                            [RankWork(2, 1, 1)], {}, PhaseTimes(0, 0, 0, 0, 0))
     assert not any("version_lag" in k for k in plain)
