@@ -72,7 +72,8 @@ def worker(a) -> None:
         dist.barrier()
         mgr = CheckpointManager(CheckpointConfig(dir=str(root), save_interval=1, keep_last=1,
                                                  async_save=mode == "async"), policy, {},
-                                ModelCard(shape, layout.tp, str(a.model), cfg.model.dtype), layout)
+                                ModelCard(shape, layout.tp, str(a.model), cfg.model.dtype), layout,
+                                writes=rank == 0)
         rows = []
         for rep in range(a.repeats + 1):  # the first save of each mode starts its helpers: not counted
             step = rep + 1

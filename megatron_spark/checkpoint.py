@@ -63,7 +63,8 @@ def _atomic_write(path: Path, text: str) -> None:
 
 
 class CheckpointManager:
-    def __init__(self, ck_cfg, policy, parts: dict[str, Stateful], card: ModelCard, layout):
+    def __init__(self, ck_cfg, policy, parts: dict[str, Stateful], card: ModelCard, layout, writes: bool):
+        """`writes`: this rank writes the run-wide files (directories, manifest, tracker; `placement.writes`)."""
         from megatron_spark import compat
         from megatron_spark.lifetime import Reaper, ignore_job_signals
 
@@ -76,8 +77,8 @@ class CheckpointManager:
         if writer_pid is not None:
             self.reaper.watch(writer_pid)
         self.root = Path(ck_cfg.dir)
-        self.rank = dist.get_rank()
-        if self.rank == 0:
+        self.rank, self.writes = dist.get_rank(), writes
+        if self.writes:
             self.root.mkdir(parents=True, exist_ok=True)
         self.last_saved: Optional[int] = None
         self.current: Optional[int] = None
@@ -87,7 +88,8 @@ class CheckpointManager:
     def for_trainer(cls, cfg, trainer) -> "CheckpointManager":
         """The manager of a SparkTrainer's run: its policy and the parts it declares (`state_parts`)."""
         return cls(cfg.checkpoint, trainer.policy, trainer.state_parts(),
-                   ModelCard(trainer.shape, trainer.layout.tp, cfg.model.hf_dir, cfg.model.dtype), trainer.layout)
+                   ModelCard(trainer.shape, trainer.layout.tp, cfg.model.hf_dir, cfg.model.dtype), trainer.layout,
+                   writes=trainer.placement.writes(trainer.rank))
 
     # -- state --------------------------------------------------------------------------------------------------
     def _common(self, step: int) -> dict:
@@ -110,7 +112,7 @@ class CheckpointManager:
             raise RuntimeError(f"not writing the step-{step} checkpoint: the weights hold non-finite values; the "
                                f"previous checkpoint in {self.root} is the last clean one")
         tmp = final.with_name(final.name + ".tmp")
-        if self.rank == 0:
+        if self.writes:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
         dist.barrier()
@@ -133,11 +135,11 @@ class CheckpointManager:
         return final
 
     def _complete(self, step: int, tmp: Path, final: Path, rng: dict) -> None:
-        """Every rank's files are written: RNG files, then (rank 0) the manifest, the rename and the tracker."""
+        """Every rank's files are written: RNG files, then (the writing rank) manifest, rename and tracker."""
         (tmp / "rng").mkdir(exist_ok=True)
         torch.save(rng, tmp / "rng" / f"rank_{self.rank}.pt")
         dist.barrier()
-        if self.rank == 0:
+        if self.writes:
             write_manifest(tmp)
             self._describe_model()
             if final.exists():
@@ -190,7 +192,7 @@ class CheckpointManager:
         if self.cfg.hf_interval and step % self.cfg.hf_interval == 0 and not stopping:
             if self.policy.weights_finite():  # (the same answer on every rank) never publish non-finite weights
                 self.export_hf(step)
-            elif self.rank == 0:
+            elif self.writes:
                 print(f"not exporting the HF weights of step {step}: they hold non-finite values", flush=True)
 
     def export_hf(self, step: int) -> Path:
@@ -201,7 +203,7 @@ class CheckpointManager:
         c = self.card
         path = export_hf(step, self.policy.modules, WeightMap(c.shape, tp=c.tp), self.layout, c.hf_dir, self.root,
                          self.cfg.hf_keep_last)
-        if self.rank == 0:
+        if self.writes:
             print(f"HF weights of step {step}: {path}", flush=True)
         return path
 
@@ -216,7 +218,7 @@ class CheckpointManager:
         self.reaper.close()  # a normal end: the helpers shut down on their own
 
     def _usable_step(self) -> Optional[int]:
-        return usable_step(self.root, self.rank)
+        return usable_step(self.root, say=self.writes)
 
     # -- resume -------------------------------------------------------------------------------------------------
     def resume(self) -> int:
@@ -247,14 +249,15 @@ class CheckpointManager:
             random.setstate(r["python"])
             _set_tracker_states(r["cuda_tracker"])
         self.last_saved = step
-        if self.rank == 0:
+        if self.writes:
             print(f"resumed from {path} (step {step})", flush=True)
         return step
 
 
-def usable_step(root: Path, rank: int) -> Optional[int]:
+def usable_step(root: Path, say: bool) -> Optional[int]:
     """The newest iteration of `root` that checks out (`check_iteration`), naming each damaged one on the way
-    (rank 0); None for an empty directory; an error naming the directory and the fix when none is usable."""
+    (`say`: the rank that writes); None for an empty directory; an error naming the directory and the fix when
+    none is usable."""
     steps = complete_steps(root)
     damaged = []
     for step in steps:
@@ -262,7 +265,7 @@ def usable_step(root: Path, rank: int) -> Optional[int]:
         if why is None:
             return step
         damaged.append(f"iter_{step:07d} ({why})")
-        if rank == 0:
+        if say:
             print(f"checkpoint {iter_dir(root, step)} is damaged: {why}; trying the previous one", flush=True)
     if not steps:
         return None

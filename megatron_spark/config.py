@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import difflib
+import inspect
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,8 +42,8 @@ class _Section:
     def __getattribute__(self, name: str):
         if _READS is not None and not name.startswith("_"):
             cls = type(self)
-            if name in _FIELDS.get(cls, ()):
-                _READS.add((cls, name))
+            if name in _FIELDS.get(cls, ()):  # (and which module read it: each section has its owner)
+                _READS.add((cls, name, inspect.currentframe().f_back.f_globals.get("__name__", "?")))
         return object.__getattribute__(self, name)
 
 
@@ -356,13 +357,14 @@ def recording_reads() -> Iterator[set]:
         yield got
     finally:
         paths = leaf_paths()
-        got.update(paths[k] for k in _READS if k in paths)
+        got.update(paths[(cls, name)] for cls, name, _ in _READS if (cls, name) in paths)
         _READS = saved
 
 
 def dump_reads_at_exit(path: str) -> None:
-    """Record every config leaf read from now until the process exits into `path` (JSON list); used by the tests
-    that check every field is consumed (`SPARK_CONFIG_READS`)."""
+    """Record every config leaf read from now until the process exits into `path` (JSON: dotted path -> the
+    modules that read it); used by the tests that check every field is consumed, and by its owner
+    (`SPARK_CONFIG_READS`)."""
     import atexit
     import json
 
@@ -370,9 +372,39 @@ def dump_reads_at_exit(path: str) -> None:
     _READS = set()
 
     def dump():
-        paths = leaf_paths()
-        Path(path).write_text(json.dumps(sorted(paths[k] for k in (_READS or ()) if k in paths)))
+        paths, readers = leaf_paths(), {}
+        for cls, name, module in _READS or ():
+            if (cls, name) in paths:
+                readers.setdefault(paths[(cls, name)], set()).add(module)
+        Path(path).write_text(json.dumps({k: sorted(v) for k, v in sorted(readers.items())}))
     atexit.register(dump)
+
+
+# Which modules consume each section (a component reads its own section; `SparkConfig.to_dict` copies are not
+# reads). The composition roots -- `train.build_stack` (run as `__main__` under torchrun) and the demo -- read leaves
+# only to wire components together. Checked on every trainer process of the e2e tier (tests/e2e/test_train.py).
+SECTION_OWNERS: dict[str, tuple[str, ...]] = {
+    "model": ("policy", "checkpoint"),          # the model is built by the policy; HF exports need its dir, dtype
+    "parallel": ("parallel",),
+    "rollout": ("rollout", "bridge", "placement"),
+    "algorithm": ("trainer", "policy", "reward"),  # the RL step, its loss, its verifier
+    "algorithm.recycle": ("recycle",),
+    "data": ("data",),
+    "training": ("trainer", "policy"),          # the loop; the optimizer and its schedule
+    "checkpoint": ("checkpoint",),
+    "logging": ("metrics",),
+    "eval": ("evaluation",),
+}
+COMPOSITION_ROOTS = ("__main__", "megatron_spark.train", "megatron_spark.demo")
+
+
+def owns(module: str, path: str) -> bool:
+    """Whether `module` (a module's `__name__`) may read the leaf at dotted `path`."""
+    if module in COMPOSITION_ROOTS:
+        return True
+    section = path.rsplit(".", 1)[0]
+    return any(module == f"megatron_spark.{o}" or module.startswith(f"megatron_spark.{o}.")
+               for o in SECTION_OWNERS.get(section, ()))
 
 
 def field_docs() -> dict[str, str]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import random
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -181,12 +182,30 @@ class Cursor:
 class PromptStream:
     """Episodes over the examples, shuffled per episode by (seed, episode); batches of `batch_size`."""
 
-    def __init__(self, examples: list[Example], batch_size: int, seed: int, cursor: Optional[Cursor] = None):
+    def __init__(self, examples: list[Example], batch_size: int, seed: int, cursor: Optional[Cursor] = None,
+                 num_episodes: int = 1):
         if len(examples) < batch_size:
             raise DataError(f"only {len(examples)} usable records for a rollout batch of {batch_size}; lower "
                             f"data.rollout_batch_size or add data")
         self.examples, self.batch_size, self.seed = examples, batch_size, seed
         self.cursor = cursor or Cursor()
+        self.num_episodes = num_episodes  # (passes over the data when training.max_steps is unset)
+
+    @classmethod
+    def from_config(cls, dc, prompts: PromptBuilder, seed: int, say: bool = True) -> "PromptStream":
+        """The `data` section's training records (loaded, checked against the prompt length, shuffled with
+        `seed`); `say`: report skipped records on stderr (the rank that writes)."""
+        examples, report = load_records(dc.train_file, dc.prompt_key, dc.answer_key, dc.skip_bad_records)
+        examples = check_lengths(examples, prompts, dc.prompt_max_len, dc.skip_bad_records, report)
+        if report.skipped and say:
+            print(f"data: skipped {len(report.skipped)} of {report.total} records "
+                  f"(first: {next(iter(report.skipped.values()))})", file=sys.stderr)
+        return cls(examples, dc.rollout_batch_size, seed, num_episodes=dc.num_episodes)
+
+    @property
+    def episode_steps(self) -> int:
+        """The global steps of the configured passes over the data (`data.num_episodes`)."""
+        return self.num_episodes * self.steps_per_episode
 
     def _order(self, episode: int) -> list[int]:
         idx = list(range(len(self.examples)))

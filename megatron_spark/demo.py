@@ -48,11 +48,7 @@ def warm_start(trainer, steps: int, seed: int) -> list[float]:
     tok = trainer.prompts.tokenizer
     eos = tok.convert_tokens_to_ids("<|im_end|>")
     losses = []
-    bar = None
-    if dist.get_rank() == 0 and trainer.cfg.logging.progress_bar:
-        from tqdm import tqdm
-
-        bar = tqdm(total=steps, desc="warm start", unit="batch", dynamic_ncols=True)
+    bar = trainer.logger.progress(0, steps, "warm start", unit="batch")
     for _ in range(steps):
         _, batch = trainer.data.next_batch()
         rollouts = []
@@ -95,7 +91,7 @@ def main(argv=None) -> int:
     if cfg.training.max_optimizer_steps is not None:  # an RL budget: the warm start's steps do not count
         cfg.training.max_optimizer_steps += trainer.policy.optimizer_steps
     def accuracy() -> dict:
-        return held_out_accuracy(trainer.engine, trainer.prompts, trainer.placement, trainer.rank, held_out,
+        return held_out_accuracy(stack.engine, trainer.prompts, trainer.placement, trainer.rank, held_out,
                                  trainer.templates, cfg.rollout.max_new_tokens)
     before = accuracy()
     if rank0:

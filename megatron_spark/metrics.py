@@ -15,12 +15,14 @@ class MetricsLogger:
     @classmethod
     def from_config(cls, logging_cfg, enabled: bool, config: Optional[dict] = None,
                     resume: bool = False) -> "MetricsLogger":
-        """The `logging` section's run directory and sinks; `enabled` on the one rank that writes."""
-        return cls(logging_cfg.dir, enabled, logging_cfg.tensorboard, logging_cfg.wandb_project, config, resume)
+        """The `logging` section's run directory, sinks and progress bar; `enabled` on the one rank that writes."""
+        return cls(logging_cfg.dir, enabled, logging_cfg.tensorboard, logging_cfg.wandb_project, config, resume,
+                   progress_bar=logging_cfg.progress_bar)
 
     def __init__(self, run_dir: str | Path, enabled: bool, tensorboard: bool = True,
-                 wandb_project: Optional[str] = None, config: Optional[dict] = None, resume: bool = False):
-        self.enabled = enabled
+                 wandb_project: Optional[str] = None, config: Optional[dict] = None, resume: bool = False,
+                 progress_bar: bool = False):
+        self.enabled, self.progress_bar = enabled, progress_bar
         self.path = Path(run_dir) / "metrics.jsonl"
         self.tb = self.wandb = None
         if not enabled:
@@ -39,6 +41,14 @@ class MetricsLogger:
             import wandb
 
             self.wandb = wandb.init(project=wandb_project, config=config, dir=str(run_dir), resume="allow")
+
+    def progress(self, start: int, total: int, desc: str, unit: str = "it"):
+        """A progress bar (tqdm) on the rank that writes when `logging.progress_bar` is on, else None."""
+        if not (self.enabled and self.progress_bar):
+            return None
+        from tqdm import tqdm
+
+        return tqdm(total=total, initial=start, desc=desc, unit=unit, dynamic_ncols=True)
 
     def resume_at(self, step: int) -> None:
         """A run resumed from the checkpoint of `step`: the lines of later steps (written before a crash or a

@@ -62,10 +62,12 @@ class RecycleSettings:
     reflection_cap: int = 32
     cot_fraction: float = 0.5
     balance_pointwise: bool = False
+    max_pixels: int = 1048576  # attached to recycled image prompts
 
     @classmethod
     def from_config(cls, rc) -> "RecycleSettings":
-        return cls(rc.pointwise_prob_mixed, rc.judge_cap, rc.reflection_cap, rc.cot_fraction, rc.balance_pointwise)
+        return cls(rc.pointwise_prob_mixed, rc.judge_cap, rc.reflection_cap, rc.cot_fraction, rc.balance_pointwise,
+                   rc.max_pixels)
 
 
 def _pointwise(g: Group, q: str, ans: str, correct: bool, bank: TemplateBank, rng: random.Random) -> AuxTask:
@@ -155,6 +157,11 @@ class AuxQueue:
     batch_size: int
     episode: Optional[int] = None
     items: deque = field(default_factory=deque)
+
+    @classmethod
+    def from_config(cls, rc) -> "AuxQueue":
+        """The `algorithm.recycle` section's batch size."""
+        return cls(rc.reward_batch_size)
 
     def start_episode(self, episode: int) -> None:
         if episode != self.episode:

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Optional, Union
 if TYPE_CHECKING:  # (annotations only: building a stack imports megatron-core and vLLM lazily, in build_stack)
     from megatron_spark.bridge.sync import WeightSync
     from megatron_spark.data import PromptBuilder, PromptStream
+    from megatron_spark.evaluation.periodic import HeldOutEval
     from megatron_spark.metrics import MetricsLogger
     from megatron_spark.models.hf_config import ModelShape
     from megatron_spark.parallel import ParallelLayout
@@ -35,6 +36,7 @@ class RLStack:
     rollouts: Union[ColocatedRollouts, RemoteRollouts]  # generation and weight sync, as the placement says
     rewards: Optional[RewardPool]                   # on the rank that scores (placement.reward_rank), else None
     templates: TemplateBank
+    evaluation: Optional[HeldOutEval]               # the held-out evaluation (eval.interval), else None
     logger: MetricsLogger
     total_steps: int                                # global steps of the run (training.max_steps, or the episodes')
 

@@ -29,7 +29,7 @@ def prelaunch_check(cfg: SparkConfig, world: int, force: bool = False):
     if ck.dir and ck.resume and Path(ck.dir).is_dir():  # an unusable checkpoint directory fails here, in one line
         from megatron_spark.checkpoint import usable_step
 
-        usable_step(Path(ck.dir), rank=-1)
+        usable_step(Path(ck.dir), say=False)
     from megatron_spark.planner.fit import check_fit, gpu_memory_bytes
 
     gpu_bytes = gpu_memory_bytes()
@@ -51,17 +51,19 @@ def build_stack(cfg: SparkConfig, world: int, force: bool = False) -> Union["RLS
     """Every component of the run from the config, each given the section it consumes; on a rollout rank of
     disaggregated engines, its engine server (which `main` runs until the trainer says stop)."""
     from megatron_spark.bridge.sync import WeightSync
-    from megatron_spark.data import PromptBuilder, PromptStream, check_lengths, load_records
+    from megatron_spark.data import PromptBuilder, PromptStream
+    from megatron_spark.evaluation.periodic import HeldOutEval
     from megatron_spark.mapping.qwen import WeightMap
     from megatron_spark.metrics import MetricsLogger
     # (megatron-core is imported here, not at the top: the helper processes started with `spawn` -- reward workers,
     # the checkpoint writer's Manager -- import this module as their __main__, and need none of it)
     from megatron_spark.parallel import ParallelLayout
     from megatron_spark.policy import Policy
-    from megatron_spark.reward import RewardPool
+    from megatron_spark.reward import RewardPool, VerifierConfig
     from megatron_spark.placement import RolloutPlacement
     from megatron_spark.rollout.build import build_engine
     from megatron_spark.rollout.colocated import ColocatedRollouts
+    from megatron_spark.rollout.engine import Sampling
     from megatron_spark.rollout.remote import RemoteRollouts
     from megatron_spark.stack import RLStack
     from megatron_spark.templates import TemplateBank
@@ -94,19 +96,12 @@ def build_stack(cfg: SparkConfig, world: int, force: bool = False) -> Union["RLS
     rank = dist.get_rank()
     multimodal = shape.multimodal
     prompts = PromptBuilder.from_config(cfg.data, m.hf_dir, multimodal)
-    examples, report = load_records(cfg.data.train_file, cfg.data.prompt_key, cfg.data.answer_key,
-                                    cfg.data.skip_bad_records)
-    examples = check_lengths(examples, prompts, cfg.data.prompt_max_len, cfg.data.skip_bad_records, report)
-    if report.skipped and placement.writes(rank):
-        print(f"data: skipped {len(report.skipped)} of {report.total} records "
-              f"(first: {next(iter(report.skipped.values()))})", file=sys.stderr)
-    data = PromptStream(examples, cfg.data.rollout_batch_size, cfg.training.seed)
-    episodes = cfg.data.num_episodes * data.steps_per_episode
-    total_steps = cfg.training.max_steps or episodes
+    data = PromptStream.from_config(cfg.data, prompts, cfg.training.seed, say=placement.writes(rank))
+    total_steps = cfg.training.max_steps or data.episode_steps
     # The LR schedule counts every optimizer step, of both periods. Each infer period makes
     # (rollout_batch x n / global_batch) steps and a reward period at most as many, so 2x the infer steps is an
     # upper bound: the cosine decays over it and never rises again (the original's schedule overran).
-    per_period = cfg.data.rollout_batch_size * cfg.rollout.n_samples_per_prompt // cfg.training.global_batch_size
+    per_period = data.batch_size * cfg.rollout.n_samples_per_prompt // cfg.training.global_batch_size
     decay_steps = 2 * total_steps * per_period + cfg.training.sft_warmup_steps
     pad_id = prompts.tokenizer.pad_token_id or 0
     policy = Policy.build(shape, layout, m, cfg.training, pad_id=pad_id, total_steps=decay_steps)
@@ -118,11 +113,11 @@ def build_stack(cfg: SparkConfig, world: int, force: bool = False) -> Union["RLS
         engine = build_engine(ro, fp8_engine_dir(cfg) if fp8_engine else m.hf_dir, shape, dtype=m.dtype,
                               seed=cfg.training.seed, min_pixels=cfg.data.min_pixels, max_pixels=cfg.data.max_pixels)
         sync = WeightSync.from_config(ro, policy.modules, wmap, layout, engine, fp8_engine)
-        rollouts = ColocatedRollouts(engine, sync, placement, rank)
+        rollouts = ColocatedRollouts(engine, sync, placement, rank, Sampling.from_config(ro))
     else:
         engine = None
         sync = WeightSync.from_config(ro, policy.modules, wmap, layout, None, fp8_engine, placement, bridge)
-        rollouts = RemoteRollouts(bridge, sync, placement)
+        rollouts = RemoteRollouts(bridge, sync, placement, Sampling.from_config(ro))
     if m.megatron_ckpt or (ro.quantization != "none" and not fp8_engine):
         # the engine loaded model.hf_dir: give it the trainer's weights (a Megatron checkpoint's, or their FP8
         # values) before the first rollout
@@ -132,10 +127,14 @@ def build_stack(cfg: SparkConfig, world: int, force: bool = False) -> Union["RLS
         pool = RewardPool.from_config(cfg.algorithm)
     logger = MetricsLogger.from_config(cfg.logging, placement.writes(rank), cfg.to_dict(),
                                        resume=cfg.checkpoint.resume)
+    templates = TemplateBank.load(cfg.algorithm.recycle.templates_file)
+    evaluation = HeldOutEval.from_config(cfg.eval, cfg.data.max_pixels, engine=engine, prompts=prompts,
+                                         placement=placement, rank=rank, templates=templates,
+                                         max_new_tokens=ro.max_new_tokens, seed=cfg.training.seed,
+                                         verifier=VerifierConfig.from_config(cfg.algorithm))
     return RLStack(shape=shape, layout=layout, placement=placement, prompts=prompts, data=data, policy=policy,
                    reference=reference, engine=engine, sync=sync, rollouts=rollouts, rewards=pool,
-                   templates=TemplateBank.load(cfg.algorithm.recycle.templates_file), logger=logger,
-                   total_steps=total_steps)
+                   templates=templates, evaluation=evaluation, logger=logger, total_steps=total_steps)
 
 
 def engine_server(cfg: SparkConfig, shape, layout, placement, bridge) -> "EngineServer":

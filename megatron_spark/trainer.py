@@ -148,16 +148,16 @@ class SparkTrainer:
         self.data = stack.data
         self.policy = stack.policy
         self.reference = stack.reference
-        self.engine = stack.engine  # colocated: this rank's engine (the held-out evaluation); else None
         self.rollouts = stack.rollouts  # generation and weight sync, colocated or on engines of their own
         self.reward_pool = stack.rewards
         self.templates = stack.templates
         self.logger = stack.logger
+        self.evaluation = stack.evaluation  # the held-out evaluation when `eval.interval` is set, else None
         self.rank = dist.get_rank()
         self.dp_rank = self.layout.coords(self.rank)["dp"]
         self.rng = random.Random(cfg.training.seed)
         self.recycle_settings = RecycleSettings.from_config(cfg.algorithm.recycle)
-        self.queue = AuxQueue(cfg.algorithm.recycle.reward_batch_size)
+        self.queue = AuxQueue.from_config(cfg.algorithm.recycle)
         self.stop_requested = False
         self.watchdog = StepWatchdog(cfg.training.hang_timeout_s)
         self.nonfinite = NonFiniteGuard(cfg.training.max_nonfinite_updates)
@@ -166,11 +166,6 @@ class SparkTrainer:
         self.version = self.engine_version = self.engine_updates = 0
         self.total_steps = 0
         self.inflight: Optional[Round] = None  # one-step off-policy: the round the engines generate meanwhile
-        self.held_out = []
-        if cfg.eval.interval:
-            from megatron_spark.evaluation.periodic import load_held_out
-
-            self.held_out = load_held_out(cfg.eval.file, cfg.eval.max_items, cfg.data.max_pixels)
         for sig in (signal.SIGTERM, signal.SIGUSR1):
             signal.signal(sig, self._on_signal)
 
@@ -190,14 +185,12 @@ class SparkTrainer:
                 overrides: Optional[dict] = None) -> int:
         """Ask the engines for samples of each (period, tasks, their prompts, refill round): each engine generates
         only its share of each part's prompts (a prompt's n samples stay on one engine). Returns a ticket."""
-        ro, seed = self.cfg.rollout, self.cfg.training.seed
-        sampling = dict(n=ro.n_samples_per_prompt, temperature=ro.temperature, top_p=ro.top_p, top_k=ro.top_k,
-                        max_new_tokens=ro.max_new_tokens)
+        seed = self.cfg.training.seed
 
         def part(name: str, tasks: list[Task], built: PromptCache, rnd: int) -> GenerationPart:
             return GenerationPart(len(tasks), lambda i: RolloutRequest(built[i]["prompt"], built[i]["images"]),
                                   lambda engine: sampling_seed(seed, step, name, engine, rnd), overrides or {})
-        return self.rollouts.submit([part(*p) for p in parts], sampling)
+        return self.rollouts.submit([part(*p) for p in parts])  # (sampled as the rollouts' `Sampling` says)
 
     def receive(self, names: list[tuple[str, int]], ticket: int, version: int) -> list[tuple[list, dict]]:
         """The samples of each (period, number of prompts) of request `ticket`, every rank holding all of them in
@@ -313,7 +306,7 @@ class SparkTrainer:
         alg = self.cfg.algorithm
         if not alg.overlong_buffer:
             return rewards
-        return [r + overlong_penalty(len(s.token_ids), self.cfg.rollout.max_new_tokens, alg.overlong_buffer,
+        return [r + overlong_penalty(len(s.token_ids), self.rollouts.sampling.max_new_tokens, alg.overlong_buffer,
                                      alg.overlong_penalty_factor) for r, s in zip(rewards, samples)]
 
     def global_batches(self, outs: list, rewards: list[float]) -> list[list[tuple]]:
@@ -457,8 +450,8 @@ class SparkTrainer:
         return [Task(f"e{episode}-{ex.index}", ex.messages, ex.answer, ex.image, ex.question) for ex in batch]
 
     def _aux_tasks(self, aux: list, step: int, first: int = 0) -> list[Task]:
-        rc = self.cfg.algorithm.recycle
-        return [Task.from_aux(f"s{step}-{first + i}", t, rc.max_pixels) for i, t in enumerate(aux)]
+        pixels = self.recycle_settings.max_pixels
+        return [Task.from_aux(f"s{step}-{first + i}", t, pixels) for i, t in enumerate(aux)]
 
     def _more_aux(self, step: int, drawn: list[int]) -> Optional[list[Task]]:
         """The queue's next recycled batch, numbered on from the `drawn[0]` tasks this step has taken."""
@@ -474,7 +467,7 @@ class SparkTrainer:
         """The loop: each step, its metrics (with the held-out evaluation when due) logged, then in order the
         agreement on a requested stop, the non-finite guard, `on_step` (the checkpoint) and the end conditions
         (the optimizer-step budget, a stop)."""
-        bar = self._progress_bar(start_step, total_steps)
+        bar = self.logger.progress(start_step, total_steps, "SPARK", unit="step")
         self.total_steps = total_steps
         self.version = self.engine_version = start_step  # (the engines were given the start weights)
         self.engine_updates = self.policy.optimizer_steps
@@ -483,9 +476,8 @@ class SparkTrainer:
             inject_step_faults(step + 1, self.rank)
             metrics = self.step(step)
             budget_spent = self._budget_spent()  # the same on every rank
-            if self.held_out and ((step + 1) % self.cfg.eval.interval == 0 or step + 1 == total_steps
-                                  or budget_spent):
-                metrics.update(self._held_out_eval())
+            if self.evaluation is not None and self.evaluation.due(step + 1, total_steps, last=budget_spent):
+                metrics.update(self.evaluation())
             self.logger.log(step + 1, metrics)
             self._show(bar, metrics)
             self.stop_requested = self._agree_on_stop()
@@ -587,7 +579,7 @@ class SparkTrainer:
         log-probs from the engines against the trainer's (max |difference| over tokens; fp32: ~1e-6)."""
         built = cache.select(tasks, list(range(min(prompts, len(tasks)))))
         tasks = tasks[:prompts]
-        greedy = dict(n=1, temperature=0.0, max_new_tokens=min(tokens, self.cfg.rollout.max_new_tokens))
+        greedy = dict(n=1, temperature=0.0, max_new_tokens=min(tokens, self.rollouts.sampling.max_new_tokens))
         ticket = self.request([("probe", tasks, built, 0)], step, overrides=greedy)
         outs, _ = self.receive([("probe", len(tasks))], ticket, self.version)[0]
         rollouts = [Rollout(built[i]["input_ids"], s.token_ids, f"probe:{i}", built[i]["pixel_values"],
@@ -599,13 +591,6 @@ class SparkTrainer:
         return drift
 
     # -- the loop's parts ----------------------------------------------------------------------------------------
-    def _progress_bar(self, start_step: int, total_steps: int):
-        if not self.placement.writes(self.rank) or not self.cfg.logging.progress_bar:
-            return None
-        from tqdm import tqdm
-
-        return tqdm(total=total_steps, initial=start_step, desc="SPARK", dynamic_ncols=True)
-
     @staticmethod
     def _show(bar, metrics: dict) -> None:
         if bar is not None:
@@ -630,16 +615,6 @@ class SparkTrainer:
     def _budget_spent(self) -> bool:
         budget = self.cfg.training.max_optimizer_steps
         return budget is not None and self.policy.optimizer_steps >= budget
-
-    def _held_out_eval(self) -> dict:
-        from megatron_spark.evaluation.periodic import held_out_accuracy
-        from megatron_spark.reward import VerifierConfig
-
-        t1 = time.perf_counter()
-        got = held_out_accuracy(self.engine, self.prompts, self.placement, self.rank, self.held_out, self.templates,
-                                self.cfg.rollout.max_new_tokens, self.cfg.training.seed,
-                                VerifierConfig.from_config(self.cfg.algorithm))
-        return {**{f"eval/{k}": v for k, v in got.items()}, "time/eval": time.perf_counter() - t1}
 
     def _agree_on_stop(self) -> bool:
         """A signal reaches the ranks at slightly different moments: agree on stopping after the same step, or one

@@ -1,5 +1,6 @@
 """Held-out evaluation inside training, through the trainer's own rollout engines: greedy task accuracy and
-pointwise judge accuracy (balanced Yes/No labels) on a small held-out file, every `eval.interval` steps.
+pointwise judge accuracy (balanced Yes/No labels) on a small held-out file, every `eval.interval` steps
+(`HeldOutEval`, the component that owns the `eval` section).
 
 Each engine evaluates only its share of the items (`RolloutPlacement.eval_share`: contiguous, as the training
 prompts); the counts of the engine leaders are summed over the world, so every rank logs the same numbers."""
@@ -7,7 +8,8 @@ from __future__ import annotations
 
 import json
 import random
-from typing import Optional, Sequence
+import time
+from typing import TYPE_CHECKING, Optional, Sequence
 
 import torch.distributed as dist
 
@@ -16,6 +18,9 @@ from megatron_spark.data import Example, load_records
 from megatron_spark.fixtures.shapes import COLOURS
 from megatron_spark.reward import VerifierConfig, score
 from megatron_spark.templates import TemplateBank, strip_suffix, with_suffix
+
+if TYPE_CHECKING:
+    from megatron_spark.config import EvalConfig
 
 
 def _with_text(messages: list[dict], text: str) -> list[dict]:
@@ -97,3 +102,33 @@ def held_out_accuracy(engine, prompts, placement, rank: int, examples: Sequence[
     total = [sum(c[k] for c in gathered) for k in range(4)]
     return {"task_accuracy": total[0] / max(1, total[1]), "judge_accuracy": total[2] / max(1, total[3]),
             "items": total[1]}
+
+
+class HeldOutEval:
+    """The run's held-out evaluation (the `eval` section): its items, when it is due, and its metrics. Built by
+    `train.build_stack` for colocated engines (each rank evaluates through its own engine), given to the trainer's
+    loop, which asks `due` after each step."""
+
+    def __init__(self, examples: Sequence[Example], interval: int, engine, prompts, placement, rank: int,
+                 templates: TemplateBank, max_new_tokens: int, seed: int, verifier: VerifierConfig):
+        self.examples, self.interval = list(examples), interval
+        self.engine, self.prompts, self.placement, self.rank = engine, prompts, placement, rank
+        self.templates, self.max_new_tokens, self.seed, self.verifier = templates, max_new_tokens, seed, verifier
+
+    @classmethod
+    def from_config(cls, ev: "EvalConfig", max_pixels: int, **parts) -> Optional["HeldOutEval"]:
+        """None when the section turns it off (`eval.interval: 0`); `parts`: the constructor's other arguments."""
+        if not ev.interval:
+            return None
+        return cls(load_held_out(ev.file, ev.max_items, max_pixels), ev.interval, **parts)
+
+    def due(self, step: int, total_steps: int, last: bool) -> bool:
+        """After `step` (1-based): every `interval` steps, and after the run's last step (`last`: it ends early)."""
+        return bool(self.examples) and (step % self.interval == 0 or step == total_steps or last)
+
+    def __call__(self) -> dict:
+        """The metrics: eval/task_accuracy, eval/judge_accuracy, eval/items and time/eval (a collective)."""
+        t0 = time.perf_counter()
+        got = held_out_accuracy(self.engine, self.prompts, self.placement, self.rank, self.examples, self.templates,
+                                self.max_new_tokens, self.seed, self.verifier)
+        return {**{f"eval/{k}": v for k, v in got.items()}, "time/eval": time.perf_counter() - t0}

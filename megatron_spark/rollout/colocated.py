@@ -7,23 +7,25 @@ import time
 import torch.distributed as dist
 
 from megatron_spark.placement import RolloutPlacement
+from megatron_spark.rollout.engine import Sampling
 from megatron_spark.rollout.remote import EngineWork, GenerationPart
 
 
 class ColocatedRollouts:
-    def __init__(self, engine, sync, placement: RolloutPlacement, rank: int):
+    def __init__(self, engine, sync, placement: RolloutPlacement, rank: int, sampling: Sampling):
         self.engine, self.sync, self.placement, self.rank = engine, sync, placement, rank
+        self.sampling = sampling
         self.engine_id = placement.engine_of(rank)
         self.done: dict[int, list[EngineWork]] = {}
         self.tickets = 0
 
-    def submit(self, parts: list[GenerationPart], sampling: dict) -> int:
+    def submit(self, parts: list[GenerationPart]) -> int:
         works = []
         for part in parts:
             share = list(self.placement.prompt_share(part.n_prompts, self.engine_id))
             t0 = time.perf_counter()
             local = self.engine.generate([part.request(i) for i in share], seed=part.seed(self.engine_id),
-                                         **{**sampling, **part.overrides}) if share else []
+                                         **self.sampling.with_overrides(part.overrides)) if share else []
             works.append(EngineWork(share, local, time.perf_counter() - t0))
         mine = works if self.placement.is_leader(self.rank) else None
         gathered: list = [None] * dist.get_world_size()

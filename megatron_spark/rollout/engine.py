@@ -45,6 +45,26 @@ class RolloutRequest:
     images: Optional[list] = None     # PIL images for the <|image_pad|> placeholders
 
 
+@dataclass(frozen=True)
+class Sampling:
+    """How the rollouts sample (the `rollout` section's sampling fields, owned by the rollouts object): every
+    training request uses it; a request may override fields (greedy for the sync probe and evaluation)."""
+    n: int                            # samples per prompt (one GRPO group)
+    temperature: float
+    top_p: float
+    top_k: int
+    max_new_tokens: int               # the response length limit (also what DAPO's overlong shaping measures)
+
+    @classmethod
+    def from_config(cls, ro) -> "Sampling":
+        return cls(ro.n_samples_per_prompt, ro.temperature, ro.top_p, ro.top_k, ro.max_new_tokens)
+
+    def with_overrides(self, overrides: dict) -> dict:
+        """The keyword arguments of `generate`: these settings, then `overrides` on top."""
+        return {"n": self.n, "temperature": self.temperature, "top_p": self.top_p, "top_k": self.top_k,
+                "max_new_tokens": self.max_new_tokens, **overrides}
+
+
 @dataclass
 class Sample:
     text: str

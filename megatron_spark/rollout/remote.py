@@ -11,8 +11,8 @@ torch.distributed's registry (whose ranks are the default world's), so they are 
 Protocol (every message from the training side comes from `placement.request_rank`):
 
     trainer rank 0                                  each rollout rank (`EngineServer.serve`)
-    ("generate", ticket, parts, sampling)        ->   generate its engine's share of each part (one part per
-                                                       period of a round; all TP ranks alike)
+    ("generate", ticket, parts)                  ->   generate its engine's share of each part (one part per
+                                                       period of a round, with its sampling; all TP ranks alike)
                          <- (ticket, [EngineWork])     the engine's first rank answers
     ("sync",)  + the bridge plan's weight messages ->  load them through vLLM's loader (`WeightSync`)
     ("stop",)                                      ->  return
@@ -33,6 +33,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_spark.placement import RolloutPlacement
+from megatron_spark.rollout.engine import Sampling
 
 _OBJECT_TAG = 7  # commands and samples; the weight messages use tag 0
 
@@ -145,11 +146,11 @@ class EngineServer:
             if cmd[0] == "sync":
                 self.sync.push(self.engine)
             elif cmd[0] == "generate":
-                _, ticket, parts, sampling = cmd
+                _, ticket, parts = cmd
                 works = []
-                for prompts, requests, seed, overrides in parts:
+                for prompts, requests, seed, sampling in parts:
                     t0 = time.perf_counter()
-                    samples = self.engine.generate(requests, seed=seed, **{**sampling, **overrides}) if requests else []
+                    samples = self.engine.generate(requests, seed=seed, **sampling) if requests else []
                     works.append(EngineWork(prompts, samples, time.perf_counter() - t0))
                 if self.leader:
                     self.bridge.send_object((ticket, works), src)
@@ -161,14 +162,14 @@ class EngineServer:
 class RemoteRollouts:
     """The training side of disaggregated engines (every training rank holds one; rank `request_rank` talks)."""
 
-    def __init__(self, bridge: Bridge, sync, placement: RolloutPlacement):
-        self.bridge, self.sync, self.placement = bridge, sync, placement
+    def __init__(self, bridge: Bridge, sync, placement: RolloutPlacement, sampling: Sampling):
+        self.bridge, self.sync, self.placement, self.sampling = bridge, sync, placement, sampling
         self.me = bridge.rank
         self.talks = self.me == placement.request_rank
         self.tickets = 0
         self.outstanding: Optional[int] = None  # the ticket the engines are working on (at most one)
 
-    def submit(self, parts: list[GenerationPart], sampling: dict) -> int:
+    def submit(self, parts: list[GenerationPart]) -> int:
         """Hand every engine its share of each part's prompts; returns at once with a ticket for `collect`."""
         if self.outstanding is not None:
             raise RuntimeError("a generation is already in flight: collect it first")
@@ -178,8 +179,8 @@ class RemoteRollouts:
             for e in range(p.engines):
                 shares = [list(p.prompt_share(part.n_prompts, e)) for part in parts]
                 cmd = ("generate", self.tickets,
-                       [(share, [part.request(i) for i in share], part.seed(e), part.overrides)
-                        for part, share in zip(parts, shares)], sampling)
+                       [(share, [part.request(i) for i in share], part.seed(e),
+                         self.sampling.with_overrides(part.overrides)) for part, share in zip(parts, shares)])
                 for r in p.engine_ranks(e):
                     self.bridge.send_object(cmd, r)
         self.outstanding = self.tickets

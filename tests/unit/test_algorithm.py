@@ -313,13 +313,15 @@ def test_overlong_shaping_and_truncation_masking_in_the_trainer():
     from types import SimpleNamespace
 
     from megatron_spark.config import load_config
+    from megatron_spark.rollout.engine import Sampling
     from megatron_spark.trainer import SparkTrainer
 
     S = lambda n, reason: SimpleNamespace(token_ids=[0] * n, finish_reason=reason, name=f"{n}{reason[0]}")  # noqa
     samples = [S(10, "stop"), S(95, "stop"), S(100, "length"), S(40, "stop")]
     cfg = load_config(None, ["rollout.max_new_tokens=100", "algorithm.overlong_buffer=20",
                              "training.global_batch_size=1"])
-    me = SimpleNamespace(cfg=cfg, rng=random.Random(0))
+    me = SimpleNamespace(cfg=cfg, rng=random.Random(0),
+                         rollouts=SimpleNamespace(sampling=Sampling.from_config(cfg.rollout)))
     shaped = SparkTrainer.shaped(me, [1.0, 1.0, 0.0, 0.0], samples)
     assert shaped == [1.0, 1.0 - 0.75, 0.0 - 1.0, 0.0]
     assert SparkTrainer.shaped(SimpleNamespace(cfg=load_config()), [1.0], samples[:1]) == [1.0]

@@ -35,24 +35,24 @@ def test_the_newest_usable_iteration_is_found_past_damaged_ones(tmp_path, capsys
     make(tmp_path, 4)
     make(tmp_path, 6)
     assert complete_steps(tmp_path) == [6, 4, 2]
-    assert usable_step(tmp_path, rank=0) == 6
+    assert usable_step(tmp_path, say=True) == 6
     (iter_dir(tmp_path, 6) / "common.pt").unlink()
     (iter_dir(tmp_path, 4) / "__0_0.distcp").write_bytes(b"")
-    assert usable_step(tmp_path, rank=0) == 2
+    assert usable_step(tmp_path, say=True) == 2
     out = capsys.readouterr().out.splitlines()
     assert out == [f"checkpoint {iter_dir(tmp_path, 6)} is damaged: common.pt is missing; trying the previous one",
                    f"checkpoint {iter_dir(tmp_path, 4)} is damaged: __0_0.distcp is 0 bytes, 100 when written; "
                    f"trying the previous one"]
-    assert usable_step(tmp_path, rank=-1) == 2 and capsys.readouterr().out == ""  # quiet off rank 0
+    assert usable_step(tmp_path, say=False) == 2 and capsys.readouterr().out == ""  # quiet off the writing rank
 
 
 def test_no_usable_checkpoint_is_an_error_naming_the_directory_and_the_fix(tmp_path):
-    assert usable_step(tmp_path, rank=0) is None  # an empty directory: start from the model
+    assert usable_step(tmp_path, say=True) is None  # an empty directory: start from the model
     make(tmp_path, 2)
     (iter_dir(tmp_path, 2) / "__0_0.distcp").unlink()
     with pytest.raises(ValueError, match=r"'checkpoint.dir': no usable checkpoint in '.*' \(iter_0000002 "
                                          r"\(__0_0.distcp is missing\)\); move the directory away"):
-        usable_step(tmp_path, rank=0)
+        usable_step(tmp_path, say=True)
 
 
 def test_an_unfinished_save_is_not_a_candidate(tmp_path):
@@ -60,4 +60,4 @@ def test_an_unfinished_save_is_not_a_candidate(tmp_path):
     complete one."""
     make(tmp_path, 2)
     (tmp_path / "iter_0000004.tmp").mkdir()
-    assert complete_steps(tmp_path) == [2] and usable_step(tmp_path, rank=-1) == 2
+    assert complete_steps(tmp_path) == [2] and usable_step(tmp_path, say=False) == 2

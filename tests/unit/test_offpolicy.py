@@ -9,7 +9,7 @@ from types import SimpleNamespace
 import pytest
 
 from megatron_spark.config import load_config
-from megatron_spark.recycle import AuxQueue, AuxTask
+from megatron_spark.recycle import AuxQueue, AuxTask, RecycleSettings
 from megatron_spark.trainer import InFlight, SparkTrainer
 
 
@@ -31,6 +31,7 @@ def trainer(per_episode: int, reward_batch: int, staleness: int = 1) -> SparkTra
     t.cfg = load_config(None, [f"algorithm.recycle.reward_batch_size={reward_batch}", "rollout.num_ranks=1",
                                "rollout.placement=disaggregated", f"algorithm.max_staleness={staleness}"])
     t.data, t.queue, t.prompts, t.engine_version = Stream(per_episode), AuxQueue(reward_batch), None, 0
+    t.recycle_settings = RecycleSettings.from_config(t.cfg.algorithm.recycle)
     t.requests = []
     t.request = lambda parts, step, overrides=None: t.requests.append([(n, len(ts)) for n, ts, _, _ in parts]) or 7
     return t

@@ -165,5 +165,5 @@ def test_the_stack_is_typed():
             mod = __import__(node.module, fromlist=[a.name for a in node.names])
             ns.update({a.name: getattr(mod, a.name) for a in node.names})
     hints = typing.get_type_hints(stack_module.RLStack, globalns={**vars(stack_module), **ns})
-    assert typing.Any not in hints.values() and len(hints) == 14
+    assert typing.Any not in hints.values() and len(hints) == 15
     assert hints["policy"].__name__ == "Policy" and hints["sync"].__name__ == "WeightSync"
