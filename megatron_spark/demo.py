@@ -88,8 +88,8 @@ def main(argv=None) -> int:
     rank0 = dist.get_rank() == 0
     t0 = time.time()
     losses = warm_start(trainer, cfg.training.sft_warmup_steps, cfg.training.seed)
-    if cfg.training.max_optimizer_steps is not None:  # an RL budget: the warm start's steps do not count
-        cfg.training.max_optimizer_steps += trainer.policy.optimizer_steps
+    if trainer.budget.max_optimizer_steps is not None:  # an RL budget: the warm start's steps do not count
+        trainer.budget.max_optimizer_steps += trainer.policy.optimizer_steps
     def accuracy() -> dict:
         return held_out_accuracy(stack.engine, trainer.prompts, trainer.placement, trainer.rank, held_out,
                                  trainer.templates, cfg.rollout.max_new_tokens)

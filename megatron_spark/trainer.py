@@ -13,12 +13,9 @@ rollouts into judge/reflection tasks, and a reward period whenever the FIFO hold
 from __future__ import annotations
 
 import json
-import os
 import random
-import signal
 import time
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Optional
 
 import torch
@@ -33,7 +30,8 @@ from megatron_spark.recycle import AuxQueue, AuxTask, Group, RecycleSettings, re
 from megatron_spark.rollout.engine import RolloutRequest, Sample
 from megatron_spark.rollout.remote import EngineWork, GenerationPart
 from megatron_spark.stack import RLStack
-from megatron_spark.watchdog import NonFiniteGuard, StepWatchdog, inject_step_faults, nonfinite_loss_at
+from megatron_spark.watchdog import (NonFiniteGuard, StepBudget, StepWatchdog, StopRequest, inject_step_faults,
+                                     nonfinite_loss_at)
 
 
 @dataclass
@@ -158,7 +156,8 @@ class SparkTrainer:
         self.rng = random.Random(cfg.training.seed)
         self.recycle_settings = RecycleSettings.from_config(cfg.algorithm.recycle)
         self.queue = AuxQueue.from_config(cfg.algorithm.recycle)
-        self.stop_requested = False
+        self.stop = StopRequest(announce=self.placement.writes(self.rank))
+        self.budget = StepBudget(cfg.training.max_optimizer_steps)
         self.watchdog = StepWatchdog(cfg.training.hang_timeout_s)
         self.nonfinite = NonFiniteGuard(cfg.training.max_nonfinite_updates)
         self.update_flags: list[int] = []  # this step's updates, in order: 1 = skipped as non-finite
@@ -166,8 +165,7 @@ class SparkTrainer:
         self.version = self.engine_version = self.engine_updates = 0
         self.total_steps = 0
         self.inflight: Optional[Round] = None  # one-step off-policy: the round the engines generate meanwhile
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
-            signal.signal(sig, self._on_signal)
+        self.stop.install()
 
     def state_parts(self) -> dict:
         """The trainer's own resumable state, by the name checkpoints store it under (beside the policy's)."""
@@ -175,10 +173,6 @@ class SparkTrainer:
 
         return {"cursor": self.data, "queue": self.queue, "trainer_rng": RandomState(self.rng),
                 "nonfinite": self.nonfinite, "inflight": InFlight(self)}
-
-    def _on_signal(self, signum, frame) -> None:
-        # SLURM preemption: finish the current step, write a checkpoint, exit cleanly (requeue resumes).
-        self.stop_requested = True
 
     # -- the stages of a period, in order -----------------------------------------------------------------------
     def request(self, parts: list[tuple[str, list[Task], "PromptCache", int]], step: int,
@@ -466,7 +460,7 @@ class SparkTrainer:
     def run(self, start_step: int, total_steps: int, on_step=None) -> None:
         """The loop: each step, its metrics (with the held-out evaluation when due) logged, then in order the
         agreement on a requested stop, the non-finite guard, `on_step` (the checkpoint) and the end conditions
-        (the optimizer-step budget, a stop)."""
+        (the optimizer-step budget, a stop: watchdog.py's guards)."""
         bar = self.logger.progress(start_step, total_steps, "SPARK", unit="step")
         self.total_steps = total_steps
         self.version = self.engine_version = start_step  # (the engines were given the start weights)
@@ -475,18 +469,24 @@ class SparkTrainer:
             self.watchdog.arm()  # (re-armed each step: the step and its checkpoint must finish in time)
             inject_step_faults(step + 1, self.rank)
             metrics = self.step(step)
-            budget_spent = self._budget_spent()  # the same on every rank
+            budget_spent = self.budget.spent(self.policy.optimizer_steps)
             if self.evaluation is not None and self.evaluation.due(step + 1, total_steps, last=budget_spent):
                 metrics.update(self.evaluation())
             self.logger.log(step + 1, metrics)
             self._show(bar, metrics)
-            self.stop_requested = self._agree_on_stop()
+            stopping = self.stop.agree()
             # (after logging: the skipped updates are on record; the error is the same on every rank)
             flags, self.update_flags = self.update_flags, []
             self.nonfinite.record(flags, step + 1)
             if on_step is not None:
-                on_step(step + 1, metrics, self.stop_requested)
-            if self._ends_after(step + 1, budget_spent):
+                on_step(step + 1, metrics, stopping)
+            if stopping:
+                self.stop.stop_after(step + 1)
+                break
+            if budget_spent:
+                if self.placement.writes(self.rank):
+                    print(f"stopping after step {step + 1}: {self.policy.optimizer_steps} optimizer steps (budget)",
+                          flush=True)
                 break
         self.watchdog.disarm()
         if bar is not None:
@@ -611,30 +611,3 @@ class SparkTrainer:
             dist.all_reduce(peak, op=dist.ReduceOp.MAX)
             m["memory/max_allocated_gib"] = peak.item()
         return m
-
-    def _budget_spent(self) -> bool:
-        budget = self.cfg.training.max_optimizer_steps
-        return budget is not None and self.policy.optimizer_steps >= budget
-
-    def _agree_on_stop(self) -> bool:
-        """A signal reaches the ranks at slightly different moments: agree on stopping after the same step, or one
-        rank would enter the checkpoint collective while another starts the next step."""
-        flag = torch.tensor([float(self.stop_requested)])
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
-
-    def _ends_after(self, step: int, budget_spent: bool) -> bool:
-        """Whether the run ends after `step` (the budget, or a requested stop: the SLURM marker is written)."""
-        if budget_spent and not self.stop_requested:
-            if self.placement.writes(self.rank):
-                print(f"stopping after step {step}: {self.policy.optimizer_steps} optimizer steps (budget)",
-                      flush=True)
-            return True
-        if self.stop_requested:
-            if self.placement.writes(self.rank):
-                print(f"stopping after step {step} on request (signal)", flush=True)
-                marker = os.environ.get("SPARK_STOP_MARKER")  # slurm/train.sbatch requeues when it exists
-                if marker:
-                    Path(marker).write_text(str(step))
-            return True
-        return False

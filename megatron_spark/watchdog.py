@@ -1,4 +1,5 @@
-"""Watchdogs for long runs: a step that never finishes, and updates that would write non-finite weights.
+"""The training loop's guards: a step that never finishes, updates that would write non-finite weights, a stop
+asked for by a signal, and the optimizer-step budget (`SparkTrainer.run` asks them after each step).
 
 - `StepWatchdog`: re-armed at the start of every step; if the step (with its checkpoint) has not finished within
   `training.hang_timeout_s`, the process prints every thread's Python stack (faulthandler: "Timeout (h:mm:ss)!",
@@ -9,6 +10,10 @@
 - `NonFiniteGuard`: counts updates skipped for a non-finite loss or gradient (`Policy.train_step` skips them, so
   the weights, and any checkpoint of them, stay finite) and stops the run after `training.max_nonfinite_updates`
   in a row.
+- `StopRequest`: SIGTERM / SIGUSR1 (SLURM's preemption notice, `scancel`) asks to finish the current step, write a
+  checkpoint and exit cleanly; the ranks agree on the step (a collective), and the writing rank leaves the marker
+  file slurm/train.sbatch requeues on (`SPARK_STOP_MARKER`).
+- `StepBudget`: `training.max_optimizer_steps` (equal-budget ablations): the run ends after the step that reaches it.
 - Test hooks (`SPARK_TEST_FAULTS`): faults that cannot be caused on demand otherwise -- a rank that hangs or dies
   at a given step, a non-finite loss at given steps -- injected by the e2e tests; inert unless the variable is set.
 """
@@ -66,6 +71,50 @@ class NonFiniteGuard:
 
 
 # -- injected faults (tests only) ------------------------------------------------------------------------------
+class StopRequest:
+    def __init__(self, announce: bool):
+        """`announce`: this rank says why the run stops and writes the requeue marker (`placement.writes`)."""
+        self.requested = False
+        self.announce = announce
+
+    def install(self) -> None:
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, self._on_signal)
+
+    def _on_signal(self, signum, frame) -> None:
+        self.requested = True  # (only noted: the step in progress finishes, then its checkpoint is written)
+
+    def agree(self) -> bool:
+        """Whether any rank was asked to stop (a collective of every training rank, after each step): a signal
+        reaches the ranks at slightly different moments, and one rank entering the checkpoint collective while
+        another starts the next step would hang both."""
+        import torch
+        import torch.distributed as dist
+
+        flag = torch.tensor([float(self.requested)])
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        self.requested = bool(flag.item())
+        return self.requested
+
+    def stop_after(self, step: int) -> None:
+        """The run stops after `step` on request: say so, and leave the marker slurm/train.sbatch requeues on."""
+        if self.announce:
+            print(f"stopping after step {step} on request (signal)", flush=True)
+            marker = os.environ.get("SPARK_STOP_MARKER")
+            if marker:
+                with open(marker, "w") as f:
+                    f.write(str(step))
+
+
+class StepBudget:
+    def __init__(self, max_optimizer_steps: Optional[int]):
+        self.max_optimizer_steps = max_optimizer_steps
+
+    def spent(self, optimizer_steps: int) -> bool:
+        """Whether the budget is reached (the same on every rank: every rank counts the same updates)."""
+        return self.max_optimizer_steps is not None and optimizer_steps >= self.max_optimizer_steps
+
+
 def _faults() -> dict:
     raw = os.environ.get("SPARK_TEST_FAULTS")
     return json.loads(raw) if raw else {}

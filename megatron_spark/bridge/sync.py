@@ -74,11 +74,8 @@ class WeightSync:
         if bridge is not None and target == "vllm_tp":
             raise ValueError("disaggregated engines are synced through vLLM's loader for now: use target 'hf_full'")
         self.quantization, self.emulate = quantization, emulate
-        if placement is None:
-            world = dist.get_world_size()
-            if world % rollout_tp:
-                raise ValueError(f"rollout TP {rollout_tp} does not divide the world size {world}")
-            placement = RolloutPlacement(world, rollout_tp)
+        if placement is None:  # (colocated over the whole world; RolloutPlacement checks that rollout TP fits it)
+            placement = RolloutPlacement(dist.get_world_size(), rollout_tp)
         world = placement.world
         self.local = {n: p for c in chunks for n, p in megatron_named_params(c)}
         me = bridge.rank if bridge is not None else dist.get_rank()

@@ -50,3 +50,31 @@ def test_non_finite_updates_stop_the_run_only_in_a_row():
     never = NonFiniteGuard(limit=0)
     for s in range(10):
         never.record([1, 1], step=s)
+
+
+def test_a_signal_asks_to_stop_and_the_writing_rank_leaves_the_requeue_marker(tmp_path, monkeypatch):
+    """SIGUSR1 (SLURM's preemption notice) only notes the request; stopping after a step writes the marker that
+    slurm/train.sbatch requeues on, on the announcing rank only. The budget counts optimizer steps."""
+    import os
+    import signal
+
+    from megatron_spark.watchdog import StepBudget, StopRequest
+
+    marker = tmp_path / "stopped"
+    monkeypatch.setenv("SPARK_STOP_MARKER", str(marker))
+    saved = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGUSR1)}
+    try:
+        quiet, writer = StopRequest(announce=False), StopRequest(announce=True)
+        writer.install()
+        assert not writer.requested
+        os.kill(os.getpid(), signal.SIGUSR1)
+        assert writer.requested and not quiet.requested
+        quiet.stop_after(3)
+        assert not marker.exists()
+        writer.stop_after(3)
+        assert marker.read_text() == "3"
+    finally:
+        for s, h in saved.items():
+            signal.signal(s, h)
+    assert not StepBudget(None).spent(10**6)
+    assert not StepBudget(4).spent(3) and StepBudget(4).spent(4)
