@@ -16,9 +16,9 @@ import time
 import torch.distributed as dist
 
 from megatron_spark.fixtures.shapes import COLOURS
-from megatron_spark.evaluation.periodic import _with_text, held_out_accuracy, load_held_out
+from megatron_spark.evaluation.periodic import held_out_accuracy, load_held_out
 from megatron_spark.policy import Rollout, sft_loss_fn
-from megatron_spark.templates import strip_suffix, with_suffix
+from megatron_spark.templates import strip_suffix, with_suffix, with_text
 
 
 NAME_QUESTION = with_suffix("Which colour fills most of the picture? Name the colour.")
@@ -32,12 +32,12 @@ def warm_start_pairs(ex, families: dict, rnd: random.Random) -> list[tuple[list[
     a, b = str(rnd.randint(1, 4)), str(rnd.randint(1, 4))
     digit = lambda: f"\\boxed{{{rnd.randint(1, len(COLOURS))}}}"  # noqa: E731
     return [(ex.messages, digit()),
-            (_with_text(ex.messages, rnd.choice(families["pointwise"]).render(question=q, answer=a)),
+            (with_text(ex.messages, rnd.choice(families["pointwise"]).render(question=q, answer=a)),
              rnd.choice(["\\boxed{Yes}", "\\boxed{No}"])),
-            (_with_text(ex.messages, rnd.choice(families["pairwise"]).render(question=q, answer_a=a, answer_b=b)),
+            (with_text(ex.messages, rnd.choice(families["pairwise"]).render(question=q, answer_a=a, answer_b=b)),
              rnd.choice(["\\boxed{A}", "\\boxed{B}"])),
-            (_with_text(ex.messages, rnd.choice(families["reflection_ans"]).render(question=q, answer=a)), digit()),
-            (_with_text(ex.messages, NAME_QUESTION), f"\\boxed{{{COLOURS[int(ex.answer) - 1][0]}}}")]
+            (with_text(ex.messages, rnd.choice(families["reflection_ans"]).render(question=q, answer=a)), digit()),
+            (with_text(ex.messages, NAME_QUESTION), f"\\boxed{{{COLOURS[int(ex.answer) - 1][0]}}}")]
 
 
 def warm_start(trainer, steps: int, seed: int) -> list[float]:

@@ -57,7 +57,7 @@ class VerifierConfig:
                    alg.answer_rel_tol)
 
 
-def _balanced(text: str, start: int) -> Optional[tuple[str, int]]:
+def brace_group(text: str, start: int) -> Optional[tuple[str, int]]:
     """Content of the brace group opening at text[start] == '{', and the index after it."""
     depth = 0
     for i in range(start, len(text)):
@@ -80,7 +80,7 @@ def extract_all_boxed(text: str, accept_box_alias: bool = True) -> list[str]:
         m = pattern.search(text, pos)
         if not m:
             return found
-        got = _balanced(text, m.end() - 1)
+        got = brace_group(text, m.end() - 1)
         if got is None:
             return found
         found.append(got[0].strip())
@@ -177,7 +177,7 @@ def elements(answer: str) -> list[str]:
     s = re.sub(r"\\(?:qquad|quad)|\\(?:left|right)\b|\\[ ,;!]", " ", answer.strip())
     while True:  # outer {...} or \{...\}
         m = re.fullmatch(r"\\\{(.*)\\\}|\{(.*)\}", s.strip(), re.S)
-        if not m or (m.group(2) is not None and _balanced(s.strip(), 0) != (m.group(2), len(s.strip()))):
+        if not m or (m.group(2) is not None and brace_group(s.strip(), 0) != (m.group(2), len(s.strip()))):
             break
         s = m.group(1) if m.group(1) is not None else m.group(2)
     parts, depth, cur = [], 0, ""

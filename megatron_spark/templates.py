@@ -152,3 +152,16 @@ def strip_suffix(question: str) -> str:
     for variant in (ANSWER_SUFFIX, ANSWER_SUFFIX.replace("'\\boxed{}'.", "'\\boxed{}.'")):
         q = q.replace(variant, "")
     return q.rstrip()
+
+
+def with_text(messages: list[dict], text: str) -> list[dict]:
+    """A copy of a chat whose text parts all read `text` (its images kept): a task's prompt re-asked as another
+    question about the same picture (judge items, the demo's warm start)."""
+    msgs = json.loads(json.dumps(messages))
+    for m in msgs:
+        for c in m["content"] if isinstance(m["content"], list) else []:
+            if c.get("type") == "text":
+                c["text"] = text
+        if isinstance(m["content"], str):
+            m["content"] = text
+    return msgs

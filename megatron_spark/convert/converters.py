@@ -167,7 +167,9 @@ def _language_prefix(shape: ModelShape) -> str:
     return shape.kind.megatron_prefix
 
 
-def _hf_config_for_export(cfg: dict, dtype: torch.dtype) -> dict:
+def hf_config_for_export(cfg: dict, dtype: torch.dtype) -> dict:
+    """The HF config.json of an export: the source config with the written dtype (both key spellings, text and
+    vision sections alike)."""
     cfg = json.loads(json.dumps(cfg))
     name = hf_name(DTYPE_NAMES[dtype])
     for d in [cfg, cfg.get("text_config") or {}, cfg.get("vision_config") or {}]:
@@ -235,7 +237,7 @@ def megatron_to_hf(ckpt: str | Path, out: str | Path, *, iteration: Optional[int
         total = writer.close()
         if assets.is_dir():
             copy_hf_assets(assets, tmp)
-        (tmp / "config.json").write_text(json.dumps(_hf_config_for_export(hf_config, out_dtype), indent=2) + "\n")
+        (tmp / "config.json").write_text(json.dumps(hf_config_for_export(hf_config, out_dtype), indent=2) + "\n")
         final = finish_output(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

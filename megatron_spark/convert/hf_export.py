@@ -121,13 +121,13 @@ def _publish(tmp: Path, final: Path, files: list, hf_dir: str, dtype: torch.dtyp
     """Rank 0, once every stage's shards are written: index, assets, config, then the rename, `latest` and the
     pruning. Exports of later steps than this one (left by a run that went back to an earlier checkpoint) are
     removed first: `latest` and the pruning then follow the run that is going on."""
-    from megatron_spark.convert.converters import _hf_config_for_export
+    from megatron_spark.convert.converters import hf_config_for_export
     from megatron_spark.convert.layout import copy_hf_assets
 
     write_index(tmp, [f for stage in files for f in stage])
     copy_hf_assets(Path(hf_dir), tmp)
     cfg = json.loads((Path(hf_dir) / "config.json").read_text())
-    (tmp / "config.json").write_text(json.dumps(_hf_config_for_export(cfg, dtype), indent=2) + "\n")
+    (tmp / "config.json").write_text(json.dumps(hf_config_for_export(cfg, dtype), indent=2) + "\n")
     for later in final.parent.glob("step_*"):
         if later.name > final.name:
             shutil.rmtree(later, ignore_errors=True)

@@ -6,7 +6,6 @@ Each engine evaluates only its share of the items (`RolloutPlacement.eval_share`
 prompts); the counts of the engine leaders are summed over the world, so every rank logs the same numbers."""
 from __future__ import annotations
 
-import json
 import random
 import time
 from typing import TYPE_CHECKING, Optional, Sequence
@@ -17,21 +16,10 @@ from megatron_spark.data import Example, load_records
 
 from megatron_spark.fixtures.shapes import COLOURS
 from megatron_spark.reward import VerifierConfig, score
-from megatron_spark.templates import TemplateBank, strip_suffix, with_suffix
+from megatron_spark.templates import TemplateBank, strip_suffix, with_suffix, with_text
 
 if TYPE_CHECKING:
     from megatron_spark.config import EvalConfig
-
-
-def _with_text(messages: list[dict], text: str) -> list[dict]:
-    msgs = json.loads(json.dumps(messages))
-    for m in msgs:
-        for c in m["content"] if isinstance(m["content"], list) else []:
-            if c.get("type") == "text":
-                c["text"] = text
-        if isinstance(m["content"], str):
-            m["content"] = text
-    return msgs
 
 
 def load_held_out(path: str, max_items: int, max_pixels: int) -> list[Example]:
@@ -75,7 +63,7 @@ def judge_items(examples: Sequence[Example], bank: TemplateBank, seed: int) -> l
     for i, ex in enumerate(examples):
         right = i % 2 == 0
         cand = ex.answer if right else _wrong_answer(ex, rnd)
-        items.append((_with_text(ex.messages, yesno.render(question=strip_suffix(ex.question), answer=cand)),
+        items.append((with_text(ex.messages, yesno.render(question=strip_suffix(ex.question), answer=cand)),
                       "Yes" if right else "No"))
     return items
 

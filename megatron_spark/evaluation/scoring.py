@@ -19,7 +19,7 @@ import re
 from collections import defaultdict
 from typing import Iterable, Optional
 
-from megatron_spark.reward import VerifierConfig, _balanced, check, extract_boxed
+from megatron_spark.reward import VerifierConfig, brace_group, check, extract_boxed
 
 
 def first_boxed(text: str) -> Optional[str]:
@@ -27,7 +27,7 @@ def first_boxed(text: str) -> Optional[str]:
     m = re.search(r"\\boxed\s*\{", text or "")
     if not m:
         return None
-    got = _balanced(text, m.end() - 1)
+    got = brace_group(text, m.end() - 1)
     return got[0] if got else None
 
 

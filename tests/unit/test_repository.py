@@ -138,7 +138,8 @@ def test_the_dtype_table_imports_nothing_of_the_package():
 
 def test_no_component_reaches_into_another_ones_private_state():
     """`x._name` on anything but self/cls appears only where third-party internals are patched on purpose
-    (megatron-core in cpu_shim.py and compat.py, the version-difference module) and for os._exit."""
+    (megatron-core in cpu_shim.py and compat.py, the version-difference module) and for os._exit; no module imports
+    another one's private names."""
     allowed = {"cpu_shim.py", "compat.py"}
     bad = []
     for p in (ROOT / "megatron_spark").rglob("*.py"):
@@ -149,6 +150,10 @@ def test_no_component_reaches_into_another_ones_private_state():
                 base = n.value.id if isinstance(n.value, ast.Name) else None
                 if base not in ("self", "cls") and (base, n.attr) != ("os", "_exit"):
                     bad.append(f"{p.relative_to(ROOT)}:{n.lineno}: {base}.{n.attr}")
+            # nor a private name imported from another of our modules
+            if isinstance(n, ast.ImportFrom) and (n.module or "").startswith("megatron_spark"):
+                bad += [f"{p.relative_to(ROOT)}:{n.lineno}: from {n.module} import {a.name}" for a in n.names
+                        if a.name.startswith("_") and not a.name.startswith("__")]
     assert bad == [], bad
 
 
