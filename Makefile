@@ -21,7 +21,7 @@ run: setup
 # The sbatch tests need a real SLURM: start it for the run (installing it on first use), stop it afterwards.
 test: setup pretrained
 	@bash scripts/slurm_up.sh || echo "SLURM unavailable: the sbatch tests will be skipped"
-	$(PY) -m pytest -q -p no:cacheprovider --durations=15 tests; rc=$$?; bash scripts/slurm_down.sh; exit $$rc
+	$(PY) -m pytest -q -p no:cacheprovider --durations=40 tests; rc=$$?; bash scripts/slurm_down.sh; exit $$rc
 
 test-unit: setup
 	$(PY) -m pytest -q tests/unit

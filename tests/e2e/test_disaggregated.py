@@ -148,11 +148,10 @@ def test_one_step_off_policy_lags_by_one_trains_and_resumes_with_a_round_in_flig
     assert checkpoint_differences(d / "ck_s1" / "iter_0000004", ck / "iter_0000004") == []
 
 
-
 def test_a_preempted_off_policy_run_saves_its_round_in_flight_and_resumes(setup):
     """SLURM's preemption signal reaches every task, the rollout ranks too: they keep serving, the trainer finishes
-    its step, checkpoints (waiting for the round the engines are generating), tells them to stop, exits 0; a new
-    run resumes from that checkpoint and trains on the saved round (lag 1)."""
+    its step, checkpoints (waiting for the round the engines are generating: it is in the checkpoint), tells them to
+    stop, exits 0. (Resuming from such a checkpoint, exactly: the off-policy test above.)"""
     import psutil
 
     from megatron_spark.launch import torchrun_command
@@ -183,8 +182,5 @@ def test_a_preempted_off_policy_run_saves_its_round_in_flight_and_resumes(setup)
     step = int((ck / "latest_checkpointed_iteration.txt").read_text())
     assert 2 <= step < 40
     inflight = torch.load(ck / f"iter_{step:07d}" / "common.pt", weights_only=False)["common"]["inflight"]
-    assert inflight["step"] == step and inflight["version"] == step - 1
-    resumed = metrics(launch(setup, "pre_resumed", 2, "parallel.tensor_model_parallel_size=1",
-                             f"training.max_steps={step + 1}", "algorithm.max_staleness=1", *DISAGG, ckpt=str(ck)))
-    assert sorted(resumed) == [step + 1]
-    assert resumed[step + 1]["infer/version_lag_min"] == 1 and resumed[step + 1]["sync/logprob_drift_max"] <= 1e-4
+    assert inflight["step"] == step and inflight["version"] == step - 1 and inflight["received"]
+    assert "stopping after step" in out
