@@ -182,14 +182,12 @@ class Cursor:
 class PromptStream:
     """Episodes over the examples, shuffled per episode by (seed, episode); batches of `batch_size`."""
 
-    def __init__(self, examples: list[Example], batch_size: int, seed: int, cursor: Optional[Cursor] = None,
-                 num_episodes: int = 1):
+    def __init__(self, examples: list[Example], batch_size: int, seed: int, cursor: Optional[Cursor] = None):
         if len(examples) < batch_size:
             raise DataError(f"only {len(examples)} usable records for a rollout batch of {batch_size}; lower "
                             f"data.rollout_batch_size or add data")
         self.examples, self.batch_size, self.seed = examples, batch_size, seed
         self.cursor = cursor or Cursor()
-        self.num_episodes = num_episodes  # (passes over the data when training.max_steps is unset)
 
     @classmethod
     def from_config(cls, dc, prompts: PromptBuilder, seed: int, say: bool = True) -> "PromptStream":
@@ -200,12 +198,7 @@ class PromptStream:
         if report.skipped and say:
             print(f"data: skipped {len(report.skipped)} of {report.total} records "
                   f"(first: {next(iter(report.skipped.values()))})", file=sys.stderr)
-        return cls(examples, dc.rollout_batch_size, seed, num_episodes=dc.num_episodes)
-
-    @property
-    def episode_steps(self) -> int:
-        """The global steps of the configured passes over the data (`data.num_episodes`)."""
-        return self.num_episodes * self.steps_per_episode
+        return cls(examples, dc.rollout_batch_size, seed)
 
     def _order(self, episode: int) -> list[int]:
         idx = list(range(len(self.examples)))

@@ -97,7 +97,7 @@ def build_stack(cfg: SparkConfig, world: int, force: bool = False) -> Union["RLS
     multimodal = shape.multimodal
     prompts = PromptBuilder.from_config(cfg.data, m.hf_dir, multimodal)
     data = PromptStream.from_config(cfg.data, prompts, cfg.training.seed, say=placement.writes(rank))
-    total_steps = cfg.training.max_steps or data.episode_steps
+    total_steps = cfg.training.max_steps or cfg.data.num_episodes * data.steps_per_episode
     # The LR schedule counts every optimizer step, of both periods. Each infer period makes
     # (rollout_batch x n / global_batch) steps and a reward period at most as many, so 2x the infer steps is an
     # upper bound: the cosine decays over it and never rises again (the original's schedule overran).
@@ -204,10 +204,9 @@ def main(argv=None) -> int:
     a = ap.parse_args(argv)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     from megatron_spark.checkpoint import CheckpointManager
+    from megatron_spark.rollout.remote import EngineServer
     from megatron_spark.trainer import SparkTrainer
     from megatron_spark.watchdog import NonFiniteUpdates
-
-    from megatron_spark.rollout.remote import EngineServer
 
     try:
         cfg = load_config(a.config, a.overrides)

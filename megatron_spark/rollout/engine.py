@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any, Iterable, Optional, Sequence
 
 import torch
@@ -61,8 +61,7 @@ class Sampling:
 
     def with_overrides(self, overrides: dict) -> dict:
         """The keyword arguments of `generate`: these settings, then `overrides` on top."""
-        return {"n": self.n, "temperature": self.temperature, "top_p": self.top_p, "top_k": self.top_k,
-                "max_new_tokens": self.max_new_tokens, **overrides}
+        return {**asdict(self), **overrides}
 
 
 @dataclass
