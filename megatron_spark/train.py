@@ -97,7 +97,8 @@ def build_stack(cfg: SparkConfig, world: int, force: bool = False) -> Union["RLS
     multimodal = shape.multimodal
     prompts = PromptBuilder.from_config(cfg.data, m.hf_dir, multimodal)
     data = PromptStream.from_config(cfg.data, prompts, cfg.training.seed, say=placement.writes(rank))
-    total_steps = cfg.training.max_steps or cfg.data.num_episodes * data.steps_per_episode
+    episodes = cfg.data.num_episodes * data.steps_per_episode  # (read even when max_steps is set: it is validated)
+    total_steps = cfg.training.max_steps or episodes
     # The LR schedule counts every optimizer step, of both periods. Each infer period makes
     # (rollout_batch x n / global_batch) steps and a reward period at most as many, so 2x the infer steps is an
     # upper bound: the cosine decays over it and never rises again (the original's schedule overran).
