@@ -54,6 +54,7 @@ class ModelCard:
     tp: int
     hf_dir: str
     dtype: str
+    prompts: Any = None   # the run's prompt protocol (evaluation/protocol.TrainedPrompts), written beside the model
 
 
 def _atomic_write(path: Path, text: str) -> None:
@@ -80,6 +81,8 @@ class CheckpointManager:
         self.rank, self.writes = dist.get_rank(), writes
         if self.writes:
             self.root.mkdir(parents=True, exist_ok=True)
+            if card.prompts is not None:  # how this run builds prompts: `megatron-spark eval` reads it (and exports)
+                card.prompts.write(self.root)
         self.last_saved: Optional[int] = None
         self.current: Optional[int] = None
         self.async_queue = compat.async_calls_queue() if ck_cfg.async_save else None
@@ -87,8 +90,11 @@ class CheckpointManager:
     @classmethod
     def for_trainer(cls, cfg, trainer) -> "CheckpointManager":
         """The manager of a SparkTrainer's run: its policy and the parts it declares (`state_parts`)."""
-        return cls(cfg.checkpoint, trainer.policy, trainer.state_parts(),
-                   ModelCard(trainer.shape, trainer.layout.tp, cfg.model.hf_dir, cfg.model.dtype), trainer.layout,
+        from megatron_spark.evaluation.protocol import TrainedPrompts
+
+        card = ModelCard(trainer.shape, trainer.layout.tp, cfg.model.hf_dir, cfg.model.dtype,
+                         TrainedPrompts.from_config(cfg))
+        return cls(cfg.checkpoint, trainer.policy, trainer.state_parts(), card, trainer.layout,
                    writes=trainer.placement.writes(trainer.rank))
 
     # -- state --------------------------------------------------------------------------------------------------

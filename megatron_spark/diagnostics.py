@@ -10,16 +10,20 @@ from __future__ import annotations
 from collections import Counter, defaultdict
 from typing import Optional, Sequence
 
-from megatron_spark.reward import extract_boxed, normalize
+from megatron_spark.reward import boxed_answer, extract_boxed, normalize
 
 JUDGE = ("pointwise", "pairwise")
 REFLECTION = ("reflection_cot", "reflection_ans")
 
 
 def _verdict(text: str) -> str:
-    v = extract_boxed(text or "")
-    if v is None:
+    """yes/no/a/b, "other" (another boxed answer), "hedge" (boxes holding different answers: scored 0) or
+    "none" (no box)."""
+    if extract_boxed(text or "") is None:
         return "none"
+    v = boxed_answer(text or "")
+    if v is None:
+        return "hedge"
     v = normalize(v).lower()
     return v if v in ("yes", "no", "a", "b") else "other"
 
@@ -48,7 +52,7 @@ def judge_diagnostics(kinds: Sequence[str], labels: Sequence[str], prompt_lens: 
         m[p + f"label_{lab}"] = label_counts.get(lab, 0) / len(judge)
     verdicts = Counter(_verdict(r) for i in judge for r in responses[i])
     total = sum(verdicts.values()) or 1
-    for v in ("yes", "no", "a", "b", "other", "none"):
+    for v in ("yes", "no", "a", "b", "other", "hedge", "none"):
         m[p + f"verdict_{v}"] = verdicts.get(v, 0) / total
     by_label: dict[str, list[float]] = defaultdict(list)
     for i in judge:

@@ -17,19 +17,22 @@ class MetricsLogger:
                     resume: bool = False) -> "MetricsLogger":
         """The `logging` section's run directory, sinks and progress bar; `enabled` on the one rank that writes."""
         return cls(logging_cfg.dir, enabled, logging_cfg.tensorboard, logging_cfg.wandb_project, config, resume,
-                   progress_bar=logging_cfg.progress_bar)
+                   progress_bar=logging_cfg.progress_bar, sample_interval=logging_cfg.sample_interval)
 
     def __init__(self, run_dir: str | Path, enabled: bool, tensorboard: bool = True,
                  wandb_project: Optional[str] = None, config: Optional[dict] = None, resume: bool = False,
-                 progress_bar: bool = False):
-        self.enabled, self.progress_bar = enabled, progress_bar
+                 progress_bar: bool = False, sample_interval: int = 0):
+        self.enabled, self.progress_bar, self.sample_interval = enabled, progress_bar, sample_interval
         self.path = Path(run_dir) / "metrics.jsonl"
+        self.samples_path = Path(run_dir) / "samples.jsonl"
         self.tb = self.wandb = None
         if not enabled:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        if not resume and self.path.exists():
-            self.path.unlink()
+        if not resume:
+            for p in (self.path, self.samples_path):
+                if p.exists():
+                    p.unlink()
         if tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
@@ -65,6 +68,20 @@ class MetricsLogger:
         tmp = self.path.with_suffix(".jsonl.tmp")
         tmp.write_text("".join(x + "\n" for x in keep))
         os.replace(tmp, self.path)
+
+    def samples(self, step: int, period: str, kinds: list[str], prompts: list[str], answers: list[str],
+                responses: list[list[str]], rewards: list[float]) -> None:
+        """Every `logging.sample_interval` steps: one line per task of the period in samples.jsonl (its kind, the
+        end of its prompt, its gold answer, its sampled responses and their rewards), to read what the model says."""
+        if not (self.enabled and self.sample_interval) or step % self.sample_interval:
+            return
+        k = 0
+        with open(self.samples_path, "a") as f:
+            for kind, prompt, answer, texts in zip(kinds, prompts, answers, responses):
+                f.write(json.dumps({"step": step, "period": period, "kind": kind, "prompt": prompt[-400:],
+                                    "answer": answer, "responses": texts, "rewards": rewards[k:k + len(texts)]})
+                        + "\n")
+                k += len(texts)
 
     def log(self, step: int, metrics: dict) -> None:
         if not self.enabled:

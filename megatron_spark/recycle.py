@@ -21,7 +21,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Hashable, Literal, Optional, Sequence
 
 from megatron_spark.reward import extract_boxed
-from megatron_spark.templates import TemplateBank, strip_suffix
+from megatron_spark.templates import Template, TemplateBank, strip_suffix
 
 Kind = Literal["pointwise", "pairwise", "reflection_cot", "reflection_ans"]
 
@@ -48,11 +48,17 @@ class AuxTask:
 
     def to_record(self, max_pixels: int = 1048576) -> dict:
         """The Spark training-data format: a JSON-stringified chat `message` and the `answer`."""
-        content: list[dict] = []
-        if self.image is not None:
-            content.append({"type": "image", "image": self.image, "max_pixels": max_pixels})
-        content.append({"type": "text", "text": self.prompt})
-        return {"message": json.dumps([{"role": "user", "content": content}]), "answer": self.answer}
+        return {"message": json.dumps(task_messages(self, max_pixels)), "answer": self.answer}
+
+
+def task_messages(task: AuxTask, max_pixels: int = 1048576) -> list[dict]:
+    """The chat of a recycled task as training rolls it out (one user turn: its image, then its text); the held-out
+    evaluation builds its judge prompts with this too, so the two are the same tokens."""
+    content: list[dict] = []
+    if task.image is not None:
+        content.append({"type": "image", "image": task.image, "max_pixels": max_pixels})
+    content.append({"type": "text", "text": task.prompt})
+    return [{"role": "user", "content": content}]
 
 
 @dataclass(frozen=True)
@@ -70,22 +76,27 @@ class RecycleSettings:
                    rc.max_pixels)
 
 
+def pointwise_task(t: Template, q: str, ans: str, correct: bool, image: Optional[str], source: Hashable) -> AuxTask:
+    """Judge one answer `ans` to question `q` with template `t`: label Yes/No (or A = correct / B = wrong)."""
+    label = ("Yes" if correct else "No") if t.label_type == "yesno" else ("A" if correct else "B")
+    return AuxTask("pointwise", t.render(question=q, answer=ans), label, image, source, correct)
+
+
+def pairwise_task(t: Template, q: str, good: str, bad: str, good_first: bool, image: Optional[str],
+                  source: Hashable) -> AuxTask:
+    """Pick the right one of two answers, the right one in slot A when `good_first`: label A or B."""
+    a, b = (good, bad) if good_first else (bad, good)
+    return AuxTask("pairwise", t.render(question=q, answer_a=a, answer_b=b), "A" if good_first else "B", image,
+                   source)
+
+
 def _pointwise(g: Group, q: str, ans: str, correct: bool, bank: TemplateBank, rng: random.Random) -> AuxTask:
-    t = bank.sample("pointwise", rng)
-    if t.label_type == "yesno":
-        label = "Yes" if correct else "No"
-    else:
-        label = "A" if correct else "B"
-    return AuxTask("pointwise", t.render(question=q, answer=ans), label, g.image, g.prompt_id, correct)
+    return pointwise_task(bank.sample("pointwise", rng), q, ans, correct, g.image, g.prompt_id)
 
 
 def _pairwise(g: Group, q: str, good: str, bad: str, bank: TemplateBank, rng: random.Random) -> AuxTask:
     t = bank.sample("pairwise", rng)
-    if rng.random() < 0.5:
-        text, label = t.render(question=q, answer_a=good, answer_b=bad), "A"
-    else:
-        text, label = t.render(question=q, answer_a=bad, answer_b=good), "B"
-    return AuxTask("pairwise", text, label, g.image, g.prompt_id)
+    return pairwise_task(t, q, good, bad, rng.random() < 0.5, g.image, g.prompt_id)
 
 
 def judge_task(g: Group, bank: TemplateBank, s: RecycleSettings, rng: random.Random) -> Optional[AuxTask]:

@@ -1,8 +1,13 @@
 """Verifiable 0/1 rewards: the final `\\boxed{}` answer of a response, checked against the gold with math-verify.
 
-Decisions (defaults, all configurable through `VerifierConfig`):
-- The answer is the content of the LAST brace-balanced `\\boxed{...}`: the prompt asks the model to *repeat* its
-  final answer in a box, so earlier boxes are intermediate. SPARK's training regex behaves the same way.
+Decisions:
+- The answer is the content of the brace-balanced `\\boxed{...}`. A response may repeat it (`\\boxed{4}` ... so
+  `\\boxed{4}`), but a response whose boxes hold two or more DIFFERENT answers scores 0 (`boxed_answer`): a hedge
+  ("`\\boxed{Yes}` or `\\boxed{No}`") or an echoed instruction must not earn the reward of whichever option comes
+  last. This is what SPARK's reference verifier does: its greedy regex spans every box and math-verify parses them
+  as one set (`\\boxed{No} ... \\boxed{Yes}` reads `No,Yes`), which matches no single gold. (Boxes that are all
+  equivalent to the gold, e.g. `\\frac12` and `0.5`, are one answer written twice and score 1.)
+The options below are configurable through `VerifierConfig` / the `algorithm` section:
 - `\\box{...}` is accepted too (`accept_box_alias`): SPARK's own judge templates ask for `\\box{}` yet its verifier
   only rewarded `\\boxed{}`, silently teaching a format the prompt did not ask for.
 - Yes/No/A/B labels compare case-insensitively (`labels_case_insensitive`): `\\boxed{yes}` is a correct verdict;
@@ -13,8 +18,8 @@ Options beyond SPARK's verifier, all off by default (measured against math-verif
 bench/verifier.py, docs/benchmarks.md):
 - `all_boxed`: every box of the response, as a set, against the gold's elements ("find all solutions" answered as
   `\\boxed{1}` and `\\boxed{-2}`; a gold of `1, -2` or of several boxes). Elements are split at top-level
-  commas, a leading `x =` is dropped, repeats count once. It only adds acceptances (the last box is tried
-  first); off by default because intermediate boxes then count as answers.
+  commas, a leading `x =` is dropped, repeats count once: the one case where different boxes can score 1;
+  off by default because intermediate boxes then count as answers.
 - `decimal_comma`: `3,5` reads as 3.5 when the other side is a decimal number with a point (never for sets or
   thousands separators, which have no decimal number opposite them).
 - `numeric_rel_tol`: two numeric values (numbers, or closed forms such as `\\frac{1}{3}` or `\\sqrt{2}`
@@ -88,9 +93,28 @@ def extract_all_boxed(text: str, accept_box_alias: bool = True) -> list[str]:
 
 
 def extract_boxed(text: str, accept_box_alias: bool = True) -> Optional[str]:
-    """The content of the last complete `\\boxed{...}` (or `\\box{...}`), or None."""
+    """The content of the last complete `\\boxed{...}` (or `\\box{...}`), or None. (What a response *shows*, e.g.
+    the answer a recycled judge task quotes; what it is *scored* as is `boxed_answer`.)"""
     boxes = extract_all_boxed(text, accept_box_alias)
     return boxes[-1] if boxes else None
+
+
+def distinct_boxes(boxes: Sequence[str]) -> list[str]:
+    """The boxes' contents with repeats (equal after `normalize`, labels in any case) dropped, in order."""
+    out, seen = [], set()
+    for b in boxes:
+        key = normalize(b).lower() if is_label(b) else normalize(b)
+        if key not in seen:
+            seen.add(key)
+            out.append(b)
+    return out
+
+
+def boxed_answer(text: str, accept_box_alias: bool = True) -> Optional[str]:
+    """The response's one boxed answer: None when it has no box or boxes holding different answers (a hedge such
+    as `\\boxed{Yes} or \\boxed{No}` gives no verdict). The verdict parse of every judge metric."""
+    boxes = distinct_boxes(extract_all_boxed(text or "", accept_box_alias))
+    return boxes[-1] if len(boxes) == 1 else None
 
 
 def normalize(ans: str) -> str:
@@ -217,10 +241,14 @@ def check_set(preds: Sequence[str], golds: Sequence[str], cfg: VerifierConfig = 
 
 
 def score(response: str, gold: str, cfg: VerifierConfig = VerifierConfig()) -> float:
+    """1.0 when the response's boxed answer is the gold, else 0.0. Two or more different boxed answers score 0
+    (SPARK's reference reads them as one set), unless each of them is the gold written another way, or
+    `all_boxed` reads them as a set answer that equals the gold's set."""
     boxes = extract_all_boxed(response, cfg.accept_box_alias)
     if not boxes:
         return 0.0
-    if check(boxes[-1], gold, cfg):
+    distinct = distinct_boxes(boxes)
+    if all(check(b, gold, cfg) for b in distinct):
         return 1.0
     if cfg.all_boxed and not is_label(gold):
         gold_boxes = extract_all_boxed(gold, cfg.accept_box_alias)

@@ -26,6 +26,8 @@ FIELDS = {
 
 
 _PLACEHOLDER = re.compile(r"\{(question|answer|answer_a|answer_b|cot)\}")
+# a box with something in it: an instruction that names a boxed answer (`\boxed{Yes}`, `e.g. \boxed{A}`)
+_FILLED_BOX = re.compile(r"\\box(?:ed)?\s*\{\s*[^{}\s][^{}]*\}")
 
 
 @dataclass(frozen=True)
@@ -48,22 +50,22 @@ DEFAULT_TEMPLATES: dict[str, list[Template]] = {
                  "decide whether the answer is right. Reply 'Yes' if it is correct and 'No' if it is not, and put "
                  "that single word in \\boxed{}." + _JUDGE_TAIL_ONE, "yesno"),
         Template("You are grading a student's final answer. Solve the question independently, then state whether "
-                 "the student's answer is correct. Finish with \\boxed{Yes} or \\boxed{No}." + _JUDGE_TAIL_ONE,
-                 "yesno"),
+                 "the student's answer is correct. Finish with your verdict, Yes or No, in \\boxed{}."
+                 + _JUDGE_TAIL_ONE, "yesno"),
         Template("Is the answer below correct for this question? Reason step by step before you decide, then give "
                  "your verdict, Yes or No, inside \\boxed{}." + _JUDGE_TAIL_ONE, "yesno"),
         Template("Evaluate the answer to the question. Think it through, then pick one option:\nA. The answer is "
                  "correct.\nB. The answer is incorrect.\nWrite the letter of your choice inside \\boxed{}."
                  + _JUDGE_TAIL_ONE, "ab"),
         Template("Decide whether the given answer solves the question correctly. After your reasoning, choose A if "
-                 "it is correct or B if it is wrong, and box the letter, e.g. \\boxed{A}." + _JUDGE_TAIL_ONE, "ab"),
+                 "it is correct or B if it is wrong, and put the letter in \\boxed{}." + _JUDGE_TAIL_ONE, "ab"),
     ],
     "pairwise": [
         Template("Two candidate answers to the same question are given, and at most one of them is right. Work out "
                  "the question, compare both candidates, and put the letter of the correct one (A or B) in "
                  "\\boxed{}." + _JUDGE_TAIL_TWO, "ab"),
         Template("Which of the two answers below is correct? Reason carefully about the question first, then "
-                 "answer with \\boxed{A} or \\boxed{B}." + _JUDGE_TAIL_TWO, "ab"),
+                 "answer with the letter A or B in \\boxed{}." + _JUDGE_TAIL_TWO, "ab"),
         Template("You are comparing two solutions' final answers. Determine which one answers the question "
                  "correctly and give its letter inside \\boxed{}." + _JUDGE_TAIL_TWO, "ab"),
     ],
@@ -102,10 +104,22 @@ class TemplateBank:
                         raise ValueError(f"templates: {fam}[{i}] lacks the placeholder {{{field}}}")
                 if fam == "pointwise" and t.label_type not in ("yesno", "ab"):
                     raise ValueError(f"templates: pointwise[{i}].label_type must be 'yesno' or 'ab'")
+                filled = _FILLED_BOX.search(_PLACEHOLDER.sub("", t.text))
+                if filled:
+                    raise ValueError(f"templates: {fam}[{i}] names the boxed answer {filled.group(0)!r}: a response "
+                                     f"that repeats the instruction would be scored as that answer; name the "
+                                     f"options in words instead (e.g. \"answer Yes or No, in a box\")")
         self.families = families
 
     def sample(self, family: str, rng: random.Random) -> Template:
         return rng.choice(self.families[family])
+
+    def judge_templates(self) -> dict[str, Template]:
+        """The one template per judge kind that evaluations use (so that two evaluations compare): the first yes/no
+        pointwise template (else the first pointwise one) and the first pairwise one."""
+        pointwise = self.families["pointwise"]
+        return {"pointwise": next((t for t in pointwise if t.label_type == "yesno"), pointwise[0]),
+                "pairwise": self.families["pairwise"][0]}
 
     @classmethod
     def default(cls) -> "TemplateBank":
@@ -120,18 +134,26 @@ class TemplateBank:
         p = Path(path)
         if not p.is_file():
             raise ValueError(f"template file '{p}' does not exist")
-        raw = p.read_text()
-        if p.suffix in (".yaml", ".yml"):
-            import yaml
+        return cls.parse(p.read_text(), str(p))
 
+    @classmethod
+    def parse(cls, raw: Optional[str], name: str = "templates") -> "TemplateBank":
+        """A template file's text (YAML, of which JSON is a subset); None: the built-in bank. (A run's prompt
+        protocol stores the text, so an evaluation reads the templates the run trained on.)"""
+        if raw is None:
+            return cls.default()
+        import yaml
+
+        try:
             data = yaml.safe_load(raw)
-        else:
-            data = json.loads(raw)
+        except yaml.YAMLError as e:
+            raise ValueError(f"template file '{name}' is neither YAML nor JSON: {e}") from None
         if not isinstance(data, dict):
-            raise ValueError(f"template file '{p}': expected a mapping of the families {', '.join(FAMILIES)}")
+            raise ValueError(f"template file '{name}': expected a mapping of the families {', '.join(FAMILIES)}")
         unknown = set(data) - set(FAMILIES)
         if unknown:
-            raise ValueError(f"template file '{p}': unknown families {sorted(unknown)}; use {', '.join(FAMILIES)}")
+            raise ValueError(f"template file '{name}': unknown families {sorted(unknown)}; use "
+                             f"{', '.join(FAMILIES)}")
         fams = {}
         for fam in FAMILIES:
             items = data.get(fam) or []

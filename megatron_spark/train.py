@@ -129,10 +129,10 @@ def build_stack(cfg: SparkConfig, world: int, force: bool = False) -> Union["RLS
     logger = MetricsLogger.from_config(cfg.logging, placement.writes(rank), cfg.to_dict(),
                                        resume=cfg.checkpoint.resume)
     templates = TemplateBank.load(cfg.algorithm.recycle.templates_file)
-    evaluation = HeldOutEval.from_config(cfg.eval, cfg.data.max_pixels, engine=engine, prompts=prompts,
-                                         placement=placement, rank=rank, templates=templates,
-                                         max_new_tokens=ro.max_new_tokens, seed=cfg.training.seed,
-                                         verifier=VerifierConfig.from_config(cfg.algorithm))
+    evaluation = HeldOutEval.from_config(cfg.eval, cfg.data.max_pixels, cfg.algorithm.recycle.max_pixels,
+                                         engine=engine, prompts=prompts, placement=placement, rank=rank,
+                                         templates=templates, sampling=Sampling.from_config(ro),
+                                         seed=cfg.training.seed, verifier=VerifierConfig.from_config(cfg.algorithm))
     return RLStack(shape=shape, layout=layout, placement=placement, prompts=prompts, data=data, policy=policy,
                    reference=reference, engine=engine, sync=sync, rollouts=rollouts, rewards=pool,
                    templates=templates, evaluation=evaluation, logger=logger, total_steps=total_steps)

@@ -423,6 +423,8 @@ class SparkTrainer:
         drift = max([drift] + [x.get("train_rollout_logprob_drift_max", 0.0) for x in train_metrics])
         t3 = time.perf_counter()
         self.update_flags += [x["update_skipped"] for x in train_metrics]  # (the non-finite guard reads these)
+        self.logger.samples(step + 1, name, [t.kind for t in tasks], [t.question for t in tasks],
+                            [t.answer for t in tasks], [[s.text for s in g] for g in outs], rewards)
         m = period_metrics(name, [t.kind for t in tasks], [t.answer for t in tasks], outs, rewards, shaped, drift,
                            built.prompt_mismatches(outs), train_metrics,
                            self._replica_work(len(my_rollouts), real0, computed0), gen_metrics,

@@ -188,6 +188,7 @@ def megatron_to_hf(ckpt: str | Path, out: str | Path, *, iteration: Optional[int
     """A converted or training checkpoint (any TP/PP/VPP it was written at) -> HF directory; with `quantize`, the
     modelopt-quantized HF checkpoint of that export (quant/export.py), the plain export being a temporary step."""
     from megatron_spark.convert.dist_io import DistCheckpointReader
+    from megatron_spark.io.prompt_protocol import copy_protocol
 
     t0 = time.time()
     root, it = resolve_checkpoint(ckpt, "--ckpt", iteration)
@@ -237,6 +238,7 @@ def megatron_to_hf(ckpt: str | Path, out: str | Path, *, iteration: Optional[int
         total = writer.close()
         if assets.is_dir():
             copy_hf_assets(assets, tmp)
+        copy_protocol(root, tmp)  # a training run's prompt protocol goes with its weights (megatron-spark eval)
         (tmp / "config.json").write_text(json.dumps(hf_config_for_export(hf_config, out_dtype), indent=2) + "\n")
         final = finish_output(tmp, out)
     except BaseException:

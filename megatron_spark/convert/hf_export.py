@@ -123,9 +123,11 @@ def _publish(tmp: Path, final: Path, files: list, hf_dir: str, dtype: torch.dtyp
     removed first: `latest` and the pruning then follow the run that is going on."""
     from megatron_spark.convert.converters import hf_config_for_export
     from megatron_spark.convert.layout import copy_hf_assets
+    from megatron_spark.io.prompt_protocol import copy_protocol
 
     write_index(tmp, [f for stage in files for f in stage])
     copy_hf_assets(Path(hf_dir), tmp)
+    copy_protocol(final.parent.parent, tmp)  # (CKPT/hf/step_N: the run's prompt protocol is at CKPT)
     cfg = json.loads((Path(hf_dir) / "config.json").read_text())
     (tmp / "config.json").write_text(json.dumps(hf_config_for_export(cfg, dtype), indent=2) + "\n")
     for later in final.parent.glob("step_*"):

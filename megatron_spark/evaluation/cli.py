@@ -11,6 +11,7 @@ DIR/accuracy.png at the end. Rerunning the same command resumes.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import shutil
@@ -22,6 +23,8 @@ from pathlib import Path
 from typing import Optional
 
 from megatron_spark.evaluation.items import FORMATS, EvalInputError, load_items
+from megatron_spark.evaluation.protocol import (PAPER_VOTE_TEMPERATURE, PROTOCOL_FILE, PROTOCOLS,
+                                                TRAINED_JUDGE_VOTES, TrainedPrompts)
 from megatron_spark.evaluation.settings import MODES, EvalSettings, GenerationSettings
 
 
@@ -50,23 +53,32 @@ def add_eval_args(p: argparse.ArgumentParser) -> None:
     srv.add_argument("--iteration", type=int, help="Megatron checkpoint iteration (default: latest)")
     srv.add_argument("--hf-config-dir", help="HF directory of a Megatron checkpoint written by another tool")
     srv.add_argument("--chunk-size", type=int, default=32, help="items per results flush")
-    gen = p.add_argument_group("generation (defaults: the SPARK paper's protocol)")
+    p.add_argument("--protocol", choices=PROTOCOLS,
+                   help="how prompts are built and sampled: 'trained' = as the training run did (read from the "
+                        "model's prompt_protocol.json; the default when it has one), 'paper' = the released SPARK "
+                        "evaluation scripts' settings (the default otherwise); the flags below override fields")
+    p.add_argument("--protocol-file", help="a prompt_protocol.json for --protocol trained when the model has none "
+                                           "beside it (e.g. with --server)")
+    gen = p.add_argument_group("generation (default: the protocol's)")
     d = GenerationSettings()
-    gen.add_argument("--system-prompt", default=d.system_prompt, help="system message of every conversation")
-    gen.add_argument("--suffix", default=d.suffix, help="appended to each math problem ('' for none)")
-    gen.add_argument("--temperature", type=float, default=d.temperature, help="sampling temperature (0: greedy)")
-    gen.add_argument("--top-p", type=float, default=d.top_p, help="nucleus sampling mass")
-    gen.add_argument("--max-tokens", type=int, default=d.max_tokens, help="new tokens per answer at most")
-    gen.add_argument("--repetition-penalty", type=float, default=d.repetition_penalty,
-                     help="vLLM's repetition penalty (1: none)")
-    gen.add_argument("--min-pixels", type=int, default=d.min_pixels, help="image resize lower bound (processor)")
-    gen.add_argument("--max-pixels", type=int, default=d.max_pixels, help="image resize upper bound (processor)")
+    gen.add_argument("--system-prompt", help=f"system message of every conversation ('' for none; paper: "
+                                             f"'{d.system_prompt}')")
+    gen.add_argument("--suffix", help="appended to each math problem ('' for none)")
+    gen.add_argument("--temperature", type=float, help="sampling temperature (0: greedy)")
+    gen.add_argument("--top-p", type=float, help="nucleus sampling mass")
+    gen.add_argument("--max-tokens", type=int, help=f"new tokens per answer at most (paper: {d.max_tokens})")
+    gen.add_argument("--repetition-penalty", type=float,
+                     help=f"vLLM's repetition penalty (1: none; paper: {d.repetition_penalty})")
+    gen.add_argument("--min-pixels", type=int, help="image resize lower bound (processor)")
+    gen.add_argument("--max-pixels", type=int, help="image resize upper bound (processor)")
     gen.add_argument("--seed", type=int, default=d.seed, help="sampling seed (per item: seed + item index)")
     rew = p.add_argument_group("judging")
-    rew.add_argument("--votes", type=int, default=1, help="VL-RewardBench samples per item (k)")
-    rew.add_argument("--vote-temperature", type=float, default=0.2, help="temperature of the k votes")
+    rew.add_argument("--votes", type=int, help=f"samples per judge item (k; default 1, judge tasks under the "
+                                               f"trained protocol {TRAINED_JUDGE_VOTES}: AUROC, vote accuracy)")
+    rew.add_argument("--vote-temperature", type=float,
+                     help=f"temperature of the k votes (paper: {PAPER_VOTE_TEMPERATURE}; trained: the run's)")
     rew.add_argument("--swap-seed", type=int, default=1234, help="seed of the answer order / slot")
-    rew.add_argument("--templates", help="judge / reflection template file (YAML or JSON)")
+    rew.add_argument("--templates", help="judge / reflection template file (YAML or JSON; trained: the run's)")
     rew.add_argument("--judge-prompt", help="a reward benchmark's prompt from a file (e.g. the official one)")
     p.add_argument("--spark-compat", action="store_true", help="lead the report with the released scripts' scorer")
     p.add_argument("--score-timeout", type=float, default=10.0, help="seconds per answer check")
@@ -105,12 +117,44 @@ def _model_kind(path: str) -> str:
                          f"model's name")
 
 
-def settings_from(args, fmt: str, model_id: str) -> EvalSettings:
-    gen = GenerationSettings(args.system_prompt, args.suffix, args.temperature, args.top_p, args.max_tokens,
-                             args.repetition_penalty, args.min_pixels, args.max_pixels, args.seed)
+_GENERATION_FLAGS = ("system_prompt", "suffix", "temperature", "top_p", "max_tokens", "repetition_penalty",
+                     "min_pixels", "max_pixels")
+
+
+def resolve_protocol(args, kind: str) -> tuple[str, Optional[TrainedPrompts]]:
+    """The protocol's name and, for `trained`, the run's prompt settings: from --protocol-file, else beside the
+    model (a Megatron checkpoint's root, an HF export); `trained` is the default when the model has them."""
+    if args.protocol_file:
+        if not Path(args.protocol_file).is_file():
+            raise EvalInputError(f"--protocol-file '{args.protocol_file}' does not exist")
+        trained = TrainedPrompts(**json.loads(Path(args.protocol_file).read_text()))
+    else:
+        trained = TrainedPrompts.read(args.model) if kind != "server" else None
+    name = args.protocol or ("trained" if trained is not None else "paper")
+    if name == "trained" and trained is None:
+        raise EvalInputError(f"--protocol trained: '{args.model}' has no {PROTOCOL_FILE} (a training run writes it "
+                             f"into its checkpoint directory and HF exports); give --protocol-file, or use "
+                             f"--protocol paper")
+    return name, trained if name == "trained" else None
+
+
+def settings_from(args, fmt: str, model_id: str, protocol: str = "paper",
+                  trained: Optional[TrainedPrompts] = None) -> EvalSettings:
+    """The protocol's settings with the explicit flags on top."""
+    base = trained.generation(args.seed) if trained is not None else GenerationSettings(seed=args.seed)
+    given = {f: getattr(args, f) for f in _GENERATION_FLAGS if getattr(args, f, None) is not None}
+    if "system_prompt" in given and given["system_prompt"] == "":
+        given["system_prompt"] = None
+    gen = dataclasses.replace(base, **given)
+    votes = args.votes if args.votes is not None else (
+        TRAINED_JUDGE_VOTES if trained is not None and fmt == "judge" else 1)
+    vote_t = args.vote_temperature if args.vote_temperature is not None else (
+        trained.temperature if trained is not None else PAPER_VOTE_TEMPERATURE)
     read = lambda p: Path(p).read_text() if p else None  # noqa: E731 - settings hash the texts, not the paths
-    return EvalSettings(model_id, fmt, args.mode, args.tts_rounds, args.votes, args.vote_temperature,
-                        args.swap_seed, read(args.templates), read(args.judge_prompt), gen).validate()
+    templates = read(args.templates) if args.templates else (trained.templates if trained is not None else None)
+    name = protocol + (f" (changed: {', '.join(sorted(given))})" if given else "")
+    return EvalSettings(model_id, fmt, name, args.mode, args.tts_rounds, votes, vote_t, args.swap_seed, templates,
+                        read(args.judge_prompt), gen).validate()
 
 
 def _export(ckpt: str, args, out: Path, node: int = 0) -> str:
@@ -171,15 +215,16 @@ def run_eval(args) -> int:
         model_id = f"served:{args.model}"
     else:
         model_id = str(Path(args.model).resolve()) + (f"@{args.iteration}" if args.iteration is not None else "")
-    settings = settings_from(args, fmt, model_id)
+    protocol, trained = resolve_protocol(args, kind)
+    settings = settings_from(args, fmt, model_id, protocol, trained)
     out = Path(args.out)
     store = runner.ResultStore(out, settings, args.shard, args.force)
     ids = {it.id for it in items}
     done = len(store.done() & ids)
     todo = len(items) - done
     if args.shard is None:
-        print(f"{args.file}: {len(items)} items ({fmt}, {settings.mode}), {done} already in {out}; settings "
-              f"{settings.hash}", file=sys.stderr, flush=True)
+        print(f"{args.file}: {len(items)} items ({fmt}, {settings.mode}, protocol {settings.protocol}), {done} "
+              f"already in {out}; settings {settings.hash}", file=sys.stderr, flush=True)
     export_dir = None
     t0 = time.time()
     if todo:
@@ -198,7 +243,8 @@ def run_eval(args) -> int:
         return 0  # a shard or a node's part: whoever started it reports
     records = [r for i, r in store.records().items() if i in ids]
     m = write_reports(out, fmt, records, settings.mode, args.spark_compat,
-                      {"items": len(items), "seconds": round(time.time() - t0, 1), "settings_hash": settings.hash})
+                      {"items": len(items), "seconds": round(time.time() - t0, 1), "settings_hash": settings.hash,
+                       "protocol": settings.protocol})
     print(markdown(fmt, m, args.spark_compat))
     print(f"results: {out}/results*.jsonl, {out}/metrics.json, {out}/table.md, {out}/accuracy.png")
     return 0
@@ -215,9 +261,10 @@ def _run_here(args, kind, hf_dir, fmt, settings, store, items, done) -> None:
             print(f"server backend: images are sized by the server; start it with "
                   f"{server_flags(settings.generation)} to match these settings", file=sys.stderr)
     else:
-        backend = VLLMBackend(hf_dir, args.tensor_parallel_size, args.max_model_len, args.seed)
+        backend = VLLMBackend(hf_dir, args.tensor_parallel_size, args.max_model_len, args.seed,
+                              as_trained=settings.protocol.startswith("trained"))
     pool = runner.scoring_pool(fmt, timeout_s=args.score_timeout)
-    evaluator = runner.Evaluator(fmt, settings, backend, pool, args.templates)
+    evaluator = runner.Evaluator(fmt, settings, backend, pool)
     mine = runner.pending_items(items, store.done(), args.shard or 0, args.num_shards)
     bar = _bar(len(mine), 0) if args.shard is None else None
     try:

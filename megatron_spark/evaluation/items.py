@@ -70,6 +70,7 @@ class JudgeItem:
     answers: tuple[str, ...]
     label: str              # Yes/No (pointwise) or A/B (pairwise)
     image_path: Optional[str]
+    gold: Optional[str] = None   # the question's right answer, when the file gives it (the solve-to-judge gap)
 
 
 Item = Union[MathItem, PairItem, RB2Item, JudgeItem]
@@ -216,5 +217,7 @@ def _parse(fmt: str, i: int, rec: dict, ld: _Loader) -> Item:
         raise EvalInputError(f"{ld.where(i, rec)}: field 'label' is '{label}'; a {kind} task's label is "
                              f"{' or '.join(allowed)}")
     question = ld.text(i, rec, "question")
+    gold = rec.get("gold")
     return JudgeItem(str(rec.get("id") or stable_id(kind, question, *answers, rec.get("image_path"))),
-                     f"judge/{kind}", question, answers, label, ld.image(i, rec))
+                     f"judge/{kind}", question, answers, label, ld.image(i, rec),
+                     None if gold is None else str(gold))

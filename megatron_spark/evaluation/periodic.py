@@ -1,9 +1,12 @@
-"""Held-out evaluation inside training, through the trainer's own rollout engines: greedy task accuracy and
-pointwise judge accuracy (balanced Yes/No labels) on a small held-out file, every `eval.interval` steps
-(`HeldOutEval`, the component that owns the `eval` section).
+"""Held-out evaluation inside training, through the trainer's own rollout engines, every `eval.interval` steps
+(`HeldOutEval`, the component that owns the `eval` section): greedy task accuracy, and the judge on two judge tasks
+per held-out example (pointwise and pairwise, balanced labels) with the metrics of `megatron_spark.judging`
+(accuracy per label, AUROC and vote accuracy from `eval.judge_votes` verdicts sampled as training samples, the
+solve-to-judge gap). Every prompt is built exactly as training builds it (the same record messages, recycling's
+judge-task construction and templates, the same chat template and image bounds).
 
 Each engine evaluates only its share of the items (`RolloutPlacement.eval_share`: contiguous, as the training
-prompts); the counts of the engine leaders are summed over the world, so every rank logs the same numbers."""
+prompts); the engine leaders' texts are gathered, so every rank logs the same numbers."""
 from __future__ import annotations
 
 import random
@@ -15,11 +18,14 @@ import torch.distributed as dist
 from megatron_spark.data import Example, load_records
 
 from megatron_spark.fixtures.shapes import COLOURS
+from megatron_spark.judging import POSITIVE, JudgeOutcome, judge_report, verdict_of
+from megatron_spark.recycle import AuxTask, pairwise_task, pointwise_task, task_messages
 from megatron_spark.reward import VerifierConfig, score
-from megatron_spark.templates import TemplateBank, strip_suffix, with_suffix, with_text
+from megatron_spark.templates import TemplateBank, strip_suffix, with_suffix
 
 if TYPE_CHECKING:
     from megatron_spark.config import EvalConfig
+    from megatron_spark.rollout.engine import Sampling
 
 
 def load_held_out(path: str, max_items: int, max_pixels: int) -> list[Example]:
@@ -55,41 +61,59 @@ def _wrong_answer(ex: Example, rnd: random.Random) -> str:
         return ex.answer + "0"
 
 
-def judge_items(examples: Sequence[Example], bank: TemplateBank, seed: int) -> list[tuple[list[dict], str]]:
-    """Pointwise yes/no judge prompts: even items with the right answer, odd ones with a wrong one."""
+def judge_tasks(examples: Sequence[Example], bank: TemplateBank, seed: int) -> list[AuxTask]:
+    """Two judge tasks per example, built as recycling builds them (the same templates, question text, image and
+    labels; `recycle.pointwise_task` / `pairwise_task`), with balanced labels: a pointwise task of its right answer
+    on even examples and of a wrong one on odd ones, and a pairwise task whose right answer is in slot A for
+    examples 0, 1, 4, 5, ... and in slot B for the others. One fixed template per kind (the bank's first yes/no
+    pointwise and first pairwise), so evaluations compare."""
     rnd = random.Random(seed)
-    yesno = next(t for t in bank.families["pointwise"] if t.label_type == "yesno")
-    items = []
+    fixed = bank.judge_templates()
+    out = []
     for i, ex in enumerate(examples):
+        q, wrong = strip_suffix(ex.question), _wrong_answer(ex, rnd)
         right = i % 2 == 0
-        cand = ex.answer if right else _wrong_answer(ex, rnd)
-        items.append((with_text(ex.messages, yesno.render(question=strip_suffix(ex.question), answer=cand)),
-                      "Yes" if right else "No"))
-    return items
+        out.append(pointwise_task(fixed["pointwise"], q, ex.answer if right else wrong, right, ex.image, i))
+        out.append(pairwise_task(fixed["pairwise"], q, ex.answer, wrong, (i // 2) % 2 == 0, ex.image, i))
+    return out
+
+
+def _generate_share(engine, prompts, placement, rank: int, messages: Sequence[list[dict]], **sampling) -> dict:
+    """{item index: [texts]} for this engine's share of `messages`, gathered so that every rank holds all."""
+    from megatron_spark.rollout.engine import RolloutRequest
+
+    mine = placement.eval_share(len(messages), placement.engine_of(rank))
+    built = [prompts.build(messages[i]) for i in mine]
+    outs = engine.generate([RolloutRequest(b["prompt"], b["images"]) for b in built], **sampling) if mine else []
+    local = {i: [s.text for s in o] for i, o in zip(mine, outs)} if placement.is_leader(rank) else {}
+    gathered: list = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, local)
+    return {i: texts for part in gathered for i, texts in part.items()}
 
 
 def held_out_accuracy(engine, prompts, placement, rank: int, examples: Sequence[Example], bank: TemplateBank,
-                      max_new_tokens: int, seed: int = 0, verifier: Optional[VerifierConfig] = None) -> dict:
-    """{task_accuracy, judge_accuracy} over all examples, greedy; each engine generates its share; answers checked
-    as the training rewards check them (`verifier`: the algorithm section's options)."""
-    from megatron_spark.rollout.engine import RolloutRequest
-
-    me = placement.engine_of(rank)
-    pairs = {"task": [(ex.messages, ex.answer) for ex in examples], "judge": judge_items(examples, bank, seed)}
-    counts = []
-    for name in ("task", "judge"):
-        mine = [pairs[name][i] for i in placement.eval_share(len(pairs[name]), me)]
-        built = [prompts.build(m) for m, _ in mine]
-        outs = engine.generate([RolloutRequest(b["prompt"], b["images"]) for b in built], n=1, temperature=0.0,
-                               max_new_tokens=max_new_tokens)
-        counts += [sum(score(o[0].text, gold, verifier or VerifierConfig()) for o, (_, gold) in zip(outs, mine)),
-                   len(mine)]
-    leader = placement.is_leader(rank)
-    gathered: list = [None] * dist.get_world_size()
-    dist.all_gather_object(gathered, counts if leader else [0.0] * 4)
-    total = [sum(c[k] for c in gathered) for k in range(4)]
-    return {"task_accuracy": total[0] / max(1, total[1]), "judge_accuracy": total[2] / max(1, total[3]),
-            "items": total[1]}
+                      max_new_tokens: int, seed: int = 0, verifier: Optional[VerifierConfig] = None,
+                      votes: int = 0, temperature: float = 1.0, top_p: float = 1.0, top_k: int = -1,
+                      max_pixels: int = 1048576) -> dict:
+    """Greedy task accuracy, and the judge's metrics (`judging.judge_report`: greedy accuracy, per label, AUROC and
+    vote accuracy from `votes` verdicts sampled with the training settings, the solve-to-judge gap) on the
+    examples' judge tasks, each prompt built exactly as training builds it. Each engine generates its share; answers
+    are checked as the training rewards check them (`verifier`: the algorithm section's options). A collective."""
+    verifier = verifier or VerifierConfig()
+    greedy = dict(n=1, temperature=0.0, max_new_tokens=max_new_tokens)
+    task_out = _generate_share(engine, prompts, placement, rank, [ex.messages for ex in examples], **greedy)
+    solved = [score(task_out[i][0], ex.answer, verifier) == 1.0 for i, ex in enumerate(examples)]
+    tasks = judge_tasks(examples, bank, seed)
+    messages = [task_messages(t, max_pixels) for t in tasks]
+    judge_out = _generate_share(engine, prompts, placement, rank, messages, **greedy)
+    sampled = _generate_share(engine, prompts, placement, rank, messages, n=votes, temperature=temperature,
+                              top_p=top_p, top_k=top_k, max_new_tokens=max_new_tokens) if votes else {}
+    outcomes = [JudgeOutcome(t.kind, t.answer, POSITIVE["yesno" if t.answer in ("Yes", "No") else "ab"],
+                             verdict_of(judge_out[k][0]), tuple(verdict_of(x) for x in sampled.get(k, ())),
+                             solved[t.source_prompt_id]) for k, t in enumerate(tasks)]
+    report = judge_report(outcomes)
+    return {"task_accuracy": sum(solved) / max(1, len(solved)), "items": len(examples),
+            **{f"judge_{k}": v for k, v in report.items() if v is not None}}
 
 
 class HeldOutEval:
@@ -98,25 +122,36 @@ class HeldOutEval:
     loop, which asks `due` after each step."""
 
     def __init__(self, examples: Sequence[Example], interval: int, engine, prompts, placement, rank: int,
-                 templates: TemplateBank, max_new_tokens: int, seed: int, verifier: VerifierConfig):
-        self.examples, self.interval = list(examples), interval
+                 templates: TemplateBank, sampling: "Sampling", seed: int, verifier: VerifierConfig, votes: int,
+                 max_pixels: int):
+        self.examples, self.interval, self.votes = list(examples), interval, votes
         self.engine, self.prompts, self.placement, self.rank = engine, prompts, placement, rank
-        self.templates, self.max_new_tokens, self.seed, self.verifier = templates, max_new_tokens, seed, verifier
+        self.templates, self.sampling, self.seed, self.verifier = templates, sampling, seed, verifier
+        self.max_pixels = max_pixels
 
     @classmethod
-    def from_config(cls, ev: "EvalConfig", max_pixels: int, **parts) -> Optional["HeldOutEval"]:
-        """None when the section turns it off (`eval.interval: 0`); `parts`: the constructor's other arguments."""
+    def from_config(cls, ev: "EvalConfig", max_pixels: int, recycled_max_pixels: int, **parts
+                    ) -> Optional["HeldOutEval"]:
+        """None when the section turns it off (`eval.interval: 0`); `max_pixels`: the data section's image bound
+        (task prompts), `recycled_max_pixels`: recycling's (judge prompts); `parts`: the constructor's others."""
         if not ev.interval:
             return None
-        return cls(load_held_out(ev.file, ev.max_items, max_pixels), ev.interval, **parts)
+        return cls(load_held_out(ev.file, ev.max_items, max_pixels), ev.interval, votes=ev.judge_votes,
+                   max_pixels=recycled_max_pixels, **parts)
+
+    def measure(self) -> dict:
+        """{task_accuracy, items, judge_*} now (a collective)."""
+        s = self.sampling
+        return held_out_accuracy(self.engine, self.prompts, self.placement, self.rank, self.examples, self.templates,
+                                 s.max_new_tokens, self.seed, self.verifier, self.votes, s.temperature, s.top_p,
+                                 s.top_k, self.max_pixels)
 
     def due(self, step: int, total_steps: int, last: bool) -> bool:
         """After `step` (1-based): every `interval` steps, and after the run's last step (`last`: it ends early)."""
         return bool(self.examples) and (step % self.interval == 0 or step == total_steps or last)
 
     def __call__(self) -> dict:
-        """The metrics: eval/task_accuracy, eval/judge_accuracy, eval/items and time/eval (a collective)."""
+        """The metrics: eval/task_accuracy, eval/items, eval/judge_* and time/eval (a collective)."""
         t0 = time.perf_counter()
-        got = held_out_accuracy(self.engine, self.prompts, self.placement, self.rank, self.examples, self.templates,
-                                self.max_new_tokens, self.seed, self.verifier)
+        got = self.measure()
         return {**{f"eval/{k}": v for k, v in got.items()}, "time/eval": time.perf_counter() - t0}

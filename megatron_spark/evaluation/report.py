@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from megatron_spark.evaluation import reward_bench as rb
-from megatron_spark.evaluation.scoring import SCORE_EXTRACTED, accuracy_table
+from megatron_spark.evaluation.scoring import SCORE_BOTH, SCORE_EXTRACTED, accuracy_table
 
 
 def metrics(fmt: str, records: Sequence[dict], mode: str = "plain") -> dict:
@@ -73,11 +73,21 @@ def markdown(fmt: str, m: dict, spark_compat: bool = False) -> str:
         lines.append(f"| **mean over datasets** | {first['items']} | "
                      + " | ".join(f"**{_pct(m[k]['macro'])}**" for k in order)
                      + f" | {first['no_box']} | {first['errors']} |")
+        if m.get("protocol"):
+            lines.append(f"\nprotocol: {m['protocol']}")
         return "\n".join(lines) + "\n"
     rows = headline(fmt, m)
     lines = ["| metric | accuracy (%) |", "|---|---:|"] + [f"| {k} | {_pct(v)} |" for k, v in rows.items()]
     if fmt == "judge":
         lines += [f"| label {k} | {_pct(v)} |" for k, v in m["judge"]["by_label"].items()]
+        rep = m["judge"].get("report") or {}
+        for key, name in (("auroc", "AUROC (x100; 50 = blind)"), ("vote_accuracy", "vote accuracy"),
+                          ("min_label_accuracy", "lowest label accuracy"),
+                          ("solved_misjudged", "solved but misjudged")):
+            if rep.get(key) is not None:
+                lines.append(f"| {name} | {_pct(rep[key])} |")
+    if m.get("protocol"):
+        lines.append(f"| protocol | {m['protocol']} |")
     boxed = {"vlrb": ("vlrb_boxed_reparse", "overall"), "rb2": ("rb2_boxed_reparse", "mean")}.get(fmt)
     if boxed:
         lines.append(f"| re-parsed as \\boxed{{}} verdicts ({boxed[1]}) | {_pct(m[boxed[0]][boxed[1]])} |")
@@ -139,7 +149,7 @@ def rescore_released(path: str | Path, workers: int = 2, timeout_s: float = 10.0
     ground_truth, vlm_output, extracted_answer, is_correct}): `correct` re-scores the full output with our
     verifier, `correct_compat` re-checks the stored extracted answer as the released re-scorer does, except that
     a missing answer is wrong (the released one kept the previous item's verdict)."""
-    from megatron_spark.reward import RewardPool, extract_boxed
+    from megatron_spark.reward import RewardPool
 
     data = json.loads(Path(path).read_text())
     if not is_released_results(data):
@@ -148,8 +158,9 @@ def rescore_released(path: str | Path, workers: int = 2, timeout_s: float = 10.0
     golds = [str(r["ground_truth"]) for r in data]
     outputs = [r.get("vlm_output") or "" for r in data]
     extracted = [r.get("extracted_answer") for r in data]
+    with RewardPool(workers, timeout_s, fn=SCORE_BOTH, failed_value=(0.0, 0.0)) as pool:
+        ours = pool.score(outputs, golds)  # (the training reward of the whole output)
     with RewardPool(workers, timeout_s, fn=SCORE_EXTRACTED, failed_value=(0.0, 0.0)) as pool:
-        ours = pool.score([extract_boxed(o) for o in outputs], golds)
         compat = pool.score(extracted, golds)
     return [{"id": str(i), "dataset": r["dataset"], "correct": o[0], "correct_compat": c[1],
              "no_box": e is None, "error": None, "released_is_correct": r.get("is_correct")}

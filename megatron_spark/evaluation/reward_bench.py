@@ -28,8 +28,9 @@ from typing import Optional
 from megatron_spark.evaluation.backends import Conversation, Reply, conversation
 from megatron_spark.evaluation.items import JudgeItem, PairItem, RB2Item, RB2_SUBSETS
 from megatron_spark.evaluation.settings import EvalSettings
-from megatron_spark.reward import extract_boxed, normalize
-from megatron_spark.templates import TemplateBank, Template
+from megatron_spark.judging import POSITIVE, JudgeOutcome, judge_report, verdict_of
+from megatron_spark.reward import boxed_answer, extract_boxed, normalize
+from megatron_spark.templates import TemplateBank
 
 VLRB_PROMPT = (
     "You are judging two answers to a question about an image. Check each answer against the image and the "
@@ -60,7 +61,8 @@ def render(template: str, **fields: str) -> str:
 class Request:
     conversation: Conversation
     n: int = 1
-    temperature: Optional[float] = None
+    temperature: Optional[float] = None   # None: the settings' (greedy by default)
+    role: str = ""                        # what the reply is for, where an item asks several things
 
 
 def _coin(seed: int, *key) -> random.Random:
@@ -82,7 +84,7 @@ def parse_vlrb(text: str) -> Optional[int]:
 
 def parse_vlrb_boxed(text: str) -> Optional[int]:
     """The re-parse for judges trained to box their verdict: \\boxed{1|2|A|B}."""
-    v = extract_boxed(text or "")
+    v = boxed_answer(text or "")
     v = normalize(v).upper() if v else None
     return {"1": 1, "A": 1, "2": 2, "B": 2}.get(v or "")
 
@@ -192,7 +194,7 @@ def rb2_record(item: RB2Item, replies: list[Reply], s: EvalSettings) -> dict:
         return rec
     slot = _SLOTS[rb2_slot(item, s.swap_seed)]
     verdict = parse_rb2(outputs[0])
-    boxed = extract_boxed(outputs[0])
+    boxed = boxed_answer(outputs[0])
     boxed = normalize(boxed).upper() if boxed else None
     rec.update(slot=slot, verdict=verdict, score=0.25 if verdict is None else float(verdict == slot),
                score_boxed=0.25 if boxed not in tuple(_SLOTS) else float(boxed == slot))
@@ -256,37 +258,53 @@ def rb2_metrics(records: list[dict], score_key: str = "score") -> dict:
 
 # -- recycled SPARK judge tasks -----------------------------------------------------------------------------------
 
-def judge_templates(bank: TemplateBank) -> dict[str, Template]:
-    return {"pointwise": next(t for t in bank.families["pointwise"] if t.label_type == "yesno"),
-            "pairwise": bank.families["pairwise"][0]}
-
-
 def judge_requests(item: JudgeItem, s: EvalSettings, bank: TemplateBank) -> list[Request]:
+    """The verdict (greedy), `s.votes` sampled verdicts when k > 1 (the judge's AUROC), and, for items that name
+    their question's gold answer, the question itself (greedy: does the model solve what it judges?). The judge
+    prompt is the one training builds for the same task (the bank's evaluation template, same fields)."""
     kind = item.dataset.split("/")[1]
-    t = judge_templates(bank)[kind]
+    t = bank.judge_templates()[kind]
     fields = {"answer": item.answers[0]} if kind == "pointwise" else \
         {"answer_a": item.answers[0], "answer_b": item.answers[1]}
-    return [Request(conversation(t.render(question=item.question, **fields), item.image_path,
-                                 s.generation.system_prompt))]
+    g = s.generation
+    conv = conversation(t.render(question=item.question, **fields), item.image_path, g.system_prompt)
+    reqs = [Request(conv, role="verdict")]
+    if s.votes > 1:
+        reqs.append(Request(conv, s.votes, s.vote_temperature, role="votes"))
+    if item.gold is not None:
+        question = f"{item.question.rstrip()}\n{g.suffix}" if g.suffix else item.question
+        reqs.append(Request(conversation(question, item.image_path, g.system_prompt), role="solve"))
+    return reqs
 
 
-def judge_record(item: JudgeItem, replies: list[Reply], s: EvalSettings) -> dict:
-    out = replies[0].texts[0] if replies[0].texts else ""
-    verdict = extract_boxed(out)
-    correct = verdict is not None and normalize(verdict).lower() == item.label.lower()
-    return {"id": item.id, "dataset": item.dataset, "output": out, "verdict": verdict, "label": item.label,
-            "correct": float(correct), "no_box": verdict is None, "error": replies[0].error}
+def judge_record(item: JudgeItem, reqs: list[Request], replies: list[Reply], s: EvalSettings,
+                 solved: Optional[bool] = None) -> dict:
+    by_role = {r.role: rep for r, rep in zip(reqs, replies)}
+    out = by_role["verdict"].texts[0] if by_role["verdict"].texts else ""
+    verdict = verdict_of(out)
+    votes = [verdict_of(x) for x in by_role["votes"].texts] if "votes" in by_role else []
+    return {"id": item.id, "dataset": item.dataset, "output": out, "verdict": verdict, "votes": votes,
+            "label": item.label, "correct": float(verdict == item.label.lower()), "no_box": extract_boxed(out) is None,
+            "solved": solved, "error": next((r.error for r in replies if r.error), None)}
+
+
+def judge_outcome(r: dict) -> JudgeOutcome:
+    kind = r["dataset"].split("/")[1]
+    positive = POSITIVE["yesno" if r["label"] in ("Yes", "No") else "ab"]
+    return JudgeOutcome(kind, r["label"], positive, r.get("verdict"), tuple(r.get("votes") or ()), r.get("solved"))
 
 
 def judge_metrics(records: list[dict]) -> dict:
-    """Accuracy per kind, and per label (a judge that always says Yes scores 0.5 on balanced labels and 1.0 on
-    the Yes half: both are shown)."""
+    """Accuracy per kind and per label (a judge that always says Yes scores 0.5 on balanced labels and 1.0 on the
+    Yes half: both are shown), and the judge report (`judging.judge_report`: AUROC from the votes, vote accuracy,
+    the solve-to-judge gap), pooled and per kind."""
     from megatron_spark.evaluation.scoring import accuracy_table
 
+    ok = [r for r in records if not r.get("error")]
     table = accuracy_table(records, "correct")
     by_label: dict[str, list[float]] = defaultdict(list)
-    for r in records:
-        if not r.get("error"):
-            by_label[r["label"]].append(r["correct"])
+    for r in ok:
+        by_label[r["label"]].append(r["correct"])
     table["by_label"] = {k: sum(v) / len(v) for k, v in sorted(by_label.items())}
+    table["report"] = judge_report([judge_outcome(r) for r in ok])
     return table

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Callable, Optional, Sequence
 
 from megatron_spark.evaluation import reward_bench as rb
-from megatron_spark.evaluation.backends import Backend, conversation
+from megatron_spark.evaluation.backends import Backend, Reply, conversation
 from megatron_spark.evaluation.items import EvalInputError, Item, MathItem
 from megatron_spark.evaluation.scoring import SCORE_BOTH
 from megatron_spark.evaluation.settings import EvalSettings, differences
@@ -90,35 +90,61 @@ def pending_items(items: Sequence[Item], done: set[str], shard: int = 0, num_sha
 
 
 def math_prompt(item: MathItem, s: EvalSettings) -> str:
+    """The problem and the answer-format suffix, joined as a training record's prompt is (`with_suffix`)."""
     g = s.generation
-    return f"{item.problem}\n{g.suffix}" if g.suffix else item.problem
+    return f"{item.problem.rstrip()}\n{g.suffix}" if g.suffix else item.problem
 
 
 class Evaluator:
     """Turns chunks of items into result records with one backend and (for math) one scoring pool."""
 
-    def __init__(self, fmt: str, settings: EvalSettings, backend: Backend, pool: Optional[RewardPool] = None,
-                 templates_file: Optional[str] = None):
+    def __init__(self, fmt: str, settings: EvalSettings, backend: Backend, pool: Optional[RewardPool] = None):
         self.fmt, self.s, self.backend, self.pool = fmt, settings, backend, pool
-        self.bank = TemplateBank.load(templates_file)
+        self.bank = TemplateBank.parse(settings.templates)  # (settings hold the template file's text)
         self.judge_prompt = settings.judge_prompt  # the prompt's text (settings hash texts, not paths)
 
     def run_chunk(self, items: Sequence[Item]) -> list[dict]:
         if self.fmt == "spark":
             return self._math_tts(items) if self.s.mode == "tts" else self._math_plain(items)
+        if self.fmt == "judge":
+            return self._judge(items)
         build, record = {"vlrb": (lambda it: rb.vlrb_requests(it, self.s, self.judge_prompt), rb.vlrb_record),
-                         "rb2": (lambda it: rb.rb2_requests(it, self.s, self.judge_prompt), rb.rb2_record),
-                         "judge": (lambda it: rb.judge_requests(it, self.s, self.bank), rb.judge_record)}[self.fmt]
+                         "rb2": (lambda it: rb.rb2_requests(it, self.s, self.judge_prompt), rb.rb2_record)}[self.fmt]
         per_item = [build(it) for it in items]
-        flat = [r for reqs in per_item for r in reqs]
-        temperatures = {r.temperature for r in flat}  # one per run: greedy, or the vote temperature
-        assert len(temperatures) == 1, temperatures
-        replies = self.backend.chat([r.conversation for r in flat], self.s.generation, 1, temperatures.pop())
+        replies = self._chat([r for reqs in per_item for r in reqs])
         out, k = [], 0
         for it, reqs in zip(items, per_item):
             out.append(record(it, replies[k:k + len(reqs)], self.s))
             k += len(reqs)
         return out
+
+    def _chat(self, requests: Sequence[rb.Request]) -> list[Reply]:
+        """Each request's reply, in order: one backend call per kind of request (samples, temperature)."""
+        replies: list[Optional[Reply]] = [None] * len(requests)
+        kinds: dict[tuple, list[int]] = {}
+        for i, r in enumerate(requests):
+            kinds.setdefault((r.n, r.temperature), []).append(i)
+        for (n, temperature), idx in kinds.items():
+            got = self.backend.chat([requests[i].conversation for i in idx], self.s.generation, n, temperature)
+            for i, reply in zip(idx, got):
+                replies[i] = reply
+        return replies  # type: ignore[return-value]
+
+    def _judge(self, items: Sequence[Item]) -> list[dict]:
+        """Judge tasks: the verdict, the votes, and (items with a gold answer) whether the model solves the
+        question, scored as training scores it."""
+        per_item = [rb.judge_requests(it, self.s, self.bank) for it in items]
+        replies = self._chat([r for reqs in per_item for r in reqs])
+        parts, k = [], 0
+        for reqs in per_item:
+            parts.append(replies[k:k + len(reqs)])
+            k += len(reqs)
+        solve = [(i, rep.texts[0] if rep.texts else "") for i, (reqs, reps) in enumerate(zip(per_item, parts))
+                 for r, rep in zip(reqs, reps) if r.role == "solve"]
+        scores = self._score([o for _, o in solve], [items[i].gold for i, _ in solve]) if solve else []
+        solved = {i: sc[0] == 1.0 for (i, _), sc in zip(solve, scores)}
+        return [rb.judge_record(it, reqs, reps, self.s, solved.get(i))
+                for i, (it, reqs, reps) in enumerate(zip(items, per_item, parts))]
 
     def _score(self, outputs: list[str], golds: list[str]) -> list[tuple[float, float]]:
         if self.pool is None:
@@ -191,4 +217,6 @@ def run(items: Sequence[Item], evaluator: Evaluator, store: ResultStore, chunk_s
 
 
 def scoring_pool(fmt: str, workers: int = 2, timeout_s: float = 10.0) -> Optional[RewardPool]:
-    return RewardPool(workers, timeout_s, fn=SCORE_BOTH, failed_value=(0.0, 0.0)) if fmt == "spark" else None
+    """Math answers (benchmarks, and the questions of judge tasks) are checked in worker processes."""
+    return RewardPool(workers, timeout_s, fn=SCORE_BOTH, failed_value=(0.0, 0.0)) if fmt in ("spark", "judge") \
+        else None

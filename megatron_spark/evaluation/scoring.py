@@ -1,11 +1,11 @@
 """Math answers scored two ways, and per-dataset accuracy.
 
-- **ours** (the trainer's verifier, `megatron_spark.reward`): the LAST `\\boxed{}` (the prompt asks the model to
-  repeat its final answer in a box), math-verify with the gold first and wrapped in `$...$`, labels compared
-  case-insensitively, a normalised string comparison as fallback.
+- **ours** (the trainer's reward, `megatron_spark.reward.score`): the boxed answer (two different boxed answers
+  score 0, as SPARK's reference verifier reads them as one set), math-verify with the gold first and wrapped in
+  `$...$`, labels compared case-insensitively, a normalised string comparison as fallback.
 - **spark-compat** (the released Spark evaluation scripts): the FIRST `\\boxed{}`, math-verify called with the
   prediction first and both as bare strings, then exact string equality. Measured differences (ours / compat):
-  first box 3 then last box 4 for gold 4 (1 / 0); `\\frac12`, `\\dfrac{1}{2}` for `\\frac{1}{2}` (1 / 0: bare
+  first box 4 then box 3 for gold 4 (0 / 1); `\\frac12`, `\\dfrac{1}{2}` for `\\frac{1}{2}` (1 / 0: bare
   strings parse to nothing and exact match fails); `50\\%` for 0.5, `\\text{B}` or `b` for B, `\\box{4}` for 4
   (1 / 0). `0.5`, `1/2` and `\\frac{1}{2}` for `\\frac{1}{2}` agree. A missing box is wrong under both (the
   released re-scorer instead kept the previous item's verdict: that bug is not reproduced).
@@ -19,7 +19,7 @@ import re
 from collections import defaultdict
 from typing import Iterable, Optional
 
-from megatron_spark.reward import VerifierConfig, brace_group, check, extract_boxed
+from megatron_spark.reward import VerifierConfig, brace_group, check, score
 
 
 def first_boxed(text: str) -> Optional[str]:
@@ -46,8 +46,8 @@ def spark_compat_check(pred: Optional[str], gold: str) -> bool:
 
 def score_both(output: str, gold: str, cfg: VerifierConfig = VerifierConfig()) -> tuple[float, float]:
     """(ours, spark-compat) 0/1 scores of one model output; a RewardPool scorer (`fn=...:score_both`)."""
-    ours = check(extract_boxed(output or "", cfg.accept_box_alias), gold, cfg)
-    return float(ours), float(spark_compat_check(first_boxed(output or ""), gold))
+    ours = score(output or "", gold, cfg)  # exactly the training reward
+    return ours, float(spark_compat_check(first_boxed(output or ""), gold))
 
 
 def score_extracted(pred: Optional[str], gold: str, cfg: VerifierConfig = VerifierConfig()) -> tuple[float, float]:

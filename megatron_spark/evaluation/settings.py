@@ -1,6 +1,7 @@
 """What an evaluation run asks of the model, written into its results and hashed into every results line.
 
-Defaults are the SPARK paper's protocol (the released evaluation scripts): system prompt "You are a helpful
+Which protocol filled them is named in the settings (`protocol`, see protocol.py: `trained` or `paper`). The
+defaults below are the SPARK paper's protocol (the released evaluation scripts): system prompt "You are a helpful
 assistant.", the image before the text, the answer-format suffix, greedy decoding, 2048 new tokens, repetition
 penalty 1.05. The released scripts left the image size to the server's processor defaults; we pin them (Qwen2.5-VL's
 processor defaults: 4 to 16384 patches of 28 x 28 pixels) so two runs compare.
@@ -21,10 +22,11 @@ BACKENDS = ("vllm", "server")
 
 @dataclass(frozen=True)
 class GenerationSettings:
-    system_prompt: str = "You are a helpful assistant."
+    system_prompt: Optional[str] = "You are a helpful assistant."   # None: no system turn (the chat template's)
     suffix: str = ANSWER_SUFFIX
     temperature: float = 0.0
     top_p: float = 1.0
+    top_k: int = -1
     max_tokens: int = 2048
     repetition_penalty: float = 1.05
     min_pixels: int = 28 * 28 * 4
@@ -38,6 +40,7 @@ class EvalSettings:
     not here: they change how fast, not what."""
     model: str
     format: str
+    protocol: str = "paper"                  # trained | paper (protocol.py); explicit flags may change fields
     mode: str = "plain"
     tts_rounds: int = 2
     votes: int = 1                           # VL-RewardBench: k samples per item (k > 1 samples at temperature)

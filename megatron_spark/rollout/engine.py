@@ -160,6 +160,17 @@ def build_llm(model: str, *, tensor_parallel_size: int, dtype: str, seed: int, m
     return llm
 
 
+def request_seed(seed: int, key: object) -> int:
+    """The sampling seed of one request of a batch sampled with `seed`: vLLM seeds each request's generator with its
+    SamplingParams' seed, so one seed for a whole batch gives every prompt the SAME random draws (prompts with
+    similar distributions then get identical samples, and a batch's groups are not independent). `key`: the
+    request's index in its batch, or anything that identifies it."""
+    import hashlib
+
+    digest = hashlib.blake2b(f"{seed}:{key}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
+
+
 class RolloutEngine:
     def __init__(self, hf_dir: str, *, tensor_parallel_size: int = 1, dtype: str = "float32",
                  max_model_len: int = 1024, max_num_seqs: int = 64, gpu_memory_utilization: float = 0.5,
@@ -183,8 +194,11 @@ class RolloutEngine:
                  seed: Optional[int] = None, ignore_eos: bool = False) -> list[list[Sample]]:
         from vllm import SamplingParams
 
-        sp = SamplingParams(n=n, temperature=temperature, top_p=top_p, top_k=top_k, max_tokens=max_new_tokens,
-                            stop=stop, seed=seed, logprobs=0, ignore_eos=ignore_eos, skip_special_tokens=False)
+        def params(i: int) -> SamplingParams:
+            return SamplingParams(n=n, temperature=temperature, top_p=top_p, top_k=top_k, max_tokens=max_new_tokens,
+                                  stop=stop, seed=None if seed is None else request_seed(seed, i), logprobs=0,
+                                  ignore_eos=ignore_eos, skip_special_tokens=False)
+        sp = [params(i) for i in range(len(requests))]  # (one seed per request: independent samples per prompt)
         prompts = []
         for r in requests:
             p: dict[str, Any] = {"prompt": r.prompt}

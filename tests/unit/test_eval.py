@@ -75,7 +75,8 @@ def test_vlrb_groups_from_ids(tmp_path):
 # -- math scoring --------------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("output,gold,expected", [
-    ("first \\boxed{3} then \\boxed{4}", "4", (1.0, 0.0)),     # ours: last box; released: first box
+    ("first \\boxed{3} then \\boxed{4}", "4", (0.0, 0.0)),     # ours: two different answers score 0
+    ("first \\boxed{4} then \\boxed{3}", "4", (0.0, 1.0)),     # ... the released scripts take the first box
     ("so \\boxed{\\frac12}", "\\frac{1}{2}", (1.0, 0.0)),       # bare-string parse fails, exact match fails
     ("\\boxed{\\dfrac{1}{2}}", "\\frac{1}{2}", (1.0, 0.0)),
     ("\\boxed{50\\%}", "0.5", (1.0, 0.0)),

@@ -39,7 +39,7 @@ def test_box_alias_is_configurable():
     ("\\boxed{yes}", "Yes", 1.0),                                 # labels case-insensitive by default
     ("\\boxed{No}", "Yes", 0.0),
     ("I think 42.", "42", 0.0),                                    # no box -> no reward
-    ("\\boxed{41} wait, \\boxed{42}", "42", 1.0),                  # several boxes: the last counts
+    ("\\boxed{41} wait, \\boxed{42}", "42", 0.0),                  # two different answers: none (SPARK)
     ("\\boxed{42}", "", 0.0),                                      # empty gold never rewards
 ])
 def test_score(response, gold, reward):
@@ -149,8 +149,8 @@ def test_all_boxed_reads_every_box_as_a_set():
     assert score("\\boxed{(1, 2)}, \\boxed{(2, 1)}", "(2,1),(1,2)", on) == 1.0
     assert score("\\boxed{3}. Check: \\boxed{3}", "3", on) == 1.0          # repeats count once
     assert score(two, "1, -2, 5", on) == 0.0 and score(two, "1, 2", on) == 0.0   # a missing or a wrong element
-    assert score("\\boxed{1} then \\boxed{2}", "2", on) == 1.0             # only adds: the last box still counts
-    assert score("\\boxed{Yes} \\boxed{No}", "No", on) == 1.0 and score("\\boxed{No} \\boxed{Yes}", "No", on) == 0.0
+    assert score("\\boxed{1} then \\boxed{2}", "2", on) == 0.0             # {1, 2} is not the answer 2
+    assert score("\\boxed{Yes} \\boxed{No}", "No", on) == 0.0 and score("\\boxed{No} \\boxed{Yes}", "No", on) == 0.0
     assert check_set(["1", "1"], ["1"]) and not check_set(["1", "2"], ["1", "1"])
 
 
@@ -198,3 +198,52 @@ def test_verifier_options_reach_the_reward_pool():
     finally:
         pool.close()
 
+
+
+# -- a reward that cannot be gamed ----------------------------------------------------------------------------------
+@pytest.mark.parametrize("response,gold,reward", [
+    ("\\boxed{No} or \\boxed{Yes}", "Yes", 0.0),                  # a hedge names both verdicts: no verdict
+    ("\\boxed{Yes} or \\boxed{No}", "No", 0.0),
+    ("\\boxed{A} ... \\boxed{B}", "B", 0.0),
+    ("first \\boxed{3} then \\boxed{4}", "4", 0.0),               # two different answers (SPARK's set reading)
+    ("\\boxed{4}. So the answer is \\boxed{4}.", "4", 1.0),       # one answer, repeated
+    ("\\boxed{yes} ... \\boxed{Yes}", "Yes", 1.0),                # the same verdict in another case
+    ("\\boxed{\\frac12}, i.e. \\boxed{0.5}", "0.5", 1.0),         # the gold written two ways
+])
+def test_different_boxed_answers_score_zero(response, gold, reward):
+    assert score(response, gold) == reward
+
+
+def _shipped_banks():
+    from pathlib import Path
+
+    from megatron_spark.templates import TemplateBank
+
+    root = Path(__file__).resolve().parents[2]
+    files = sorted((root / "examples" / "templates").glob("*.y*ml"))
+    assert files, "the shipped template files moved"
+    return [("built-in", TemplateBank.default())] + [(f.name, TemplateBank.load(f)) for f in files]
+
+
+def test_echoing_any_shipped_template_earns_nothing():
+    """A response that repeats a template's instruction (the rendered prompt, or any line of it) is never rewarded,
+    whatever the label: no template names a boxed verdict, and a hedge over several boxes scores 0."""
+    fields = {"question": "Which colour fills most of the picture? Answer with its number: 1 for red, 2 for blue.",
+              "answer": "2", "answer_a": "1", "answer_b": "2", "cot": "It is red, so \\boxed{1}."}
+    golds = ["Yes", "No", "A", "B", "2", "3"]
+    for source, bank in _shipped_banks():
+        for family, templates in bank.families.items():
+            for i, t in enumerate(templates):
+                text = t.render(**fields)
+                for echo in [text, *text.splitlines()]:
+                    for gold in golds:
+                        assert score(echo, gold) == 0.0, f"{source} {family}[{i}] echoed earns {gold}: {echo!r}"
+
+
+def test_a_template_naming_a_boxed_answer_is_refused():
+    from megatron_spark.templates import Template, TemplateBank
+
+    families = {k: list(v) for k, v in TemplateBank.default().families.items()}
+    families["pointwise"].append(Template("{question} {answer} Finish with \\boxed{Yes} or \\boxed{No}.", "yesno"))
+    with pytest.raises(ValueError, match=r"pointwise\[5\].*\\\\boxed\{Yes\}.*in words"):
+        TemplateBank(families)
