@@ -75,9 +75,7 @@ def _user(text: str) -> dict:
 
 def judge_prompts(items: list[dict], bank) -> list[tuple[str, str, str]]:
     """(kind, prompt text, label) for balanced pointwise (yes/no template) and pairwise judge tasks."""
-    from megatron_spark.evaluation.reward_bench import judge_templates
-
-    t = judge_templates(bank)
+    t = bank.judge_templates()
     out = []
     for it in items:
         if it["kind"] == "pointwise":

@@ -250,7 +250,9 @@ class CheckpointManager:
             part.load_state_dict(c[name])
         rng_file = path / "rng" / f"rank_{self.rank}.pt"
         if rng_file.is_file() and c["parallel"]["world"] == self.layout.world_size:
-            r = torch.load(rng_file, weights_only=False)
+            # plain tensors, tuples and numbers: loadable without unpickling code (a shared checkpoint must not run
+            # anything when a run resumes from it)
+            r = torch.load(rng_file, weights_only=True, map_location="cpu")
             torch.set_rng_state(r["torch"])
             random.setstate(r["python"])
             _set_tracker_states(r["cuda_tracker"])

@@ -136,6 +136,7 @@ class RolloutConfig(_Section):
     max_new_tokens: int = 768  # response length limit (a longer one is cut: finish reason 'length')
     max_model_len: int = 8960             # prompt_max_len + max_new_tokens
     gpu_memory_utilization: float = 0.5  # vLLM's share of each GPU (weights + KV cache), next to the trainer
+    max_num_seqs: int = 256  # sequences an engine runs at once (vLLM's batch; the planner's step time assumes it)
     enforce_eager: bool = False  # no CUDA graphs / torch.compile in vLLM (faster start, slower decode)
     sync_bucket_mb: int = 512             # bridge transfer bucket size
     sync_double_buffer: Optional[bool] = None  # post bucket k+1 while vLLM loads bucket k (peak: 2 buckets);
@@ -166,6 +167,9 @@ class RecycleConfig(_Section):
     # Not in SPARK (off for paper runs): keep as many pointwise tasks judging a correct answer as judging a wrong
     # one in each recycled batch (the majority class is subsampled), so the judge cannot win by one verdict
     balance_pointwise: bool = False
+    # samples per recycled task (one GRPO group of the reward period); None: rollout.n_samples_per_prompt, as SPARK.
+    # More samples keep a judge whose verdict drifted toward one answer sampling the other one now and then.
+    samples_per_task: Optional[int] = None
 
 
 @dataclass
@@ -683,6 +687,11 @@ def validate(cfg: SparkConfig, world_size: Optional[int] = None, model: Optional
     if not 0 < ro.top_p <= 1:
         _fail("rollout.top_p", f"must be in (0, 1], got {ro.top_p}")
     _positive("rollout.max_new_tokens", ro.max_new_tokens)
+    _positive("rollout.max_num_seqs", ro.max_num_seqs)
+    if m.dtype == "fp16":
+        _fail("model.dtype", "fp16 training needs dynamic loss scaling, which this trainer does not do (its "
+                             "updates would underflow to nothing); use bf16 on GPUs (or fp32); fp16 stays available "
+                             "for exports (`megatron-spark convert ... --dtype fp16`)")
     if not 0 < ro.gpu_memory_utilization <= 1:
         _fail("rollout.gpu_memory_utilization", f"must be in (0, 1], got {ro.gpu_memory_utilization}")
     _positive("rollout.sync_bucket_mb", ro.sync_bucket_mb)
@@ -730,6 +739,15 @@ def validate(cfg: SparkConfig, world_size: Optional[int] = None, model: Optional
         if getattr(rc, name) < 0:
             _fail(f"algorithm.recycle.{name}", f"must be >= 0 (0 disables that task), got {getattr(rc, name)}")
     _positive("algorithm.recycle.reward_batch_size", rc.reward_batch_size)
+    if rc.samples_per_task is not None:
+        if rc.samples_per_task < 2:
+            _fail("algorithm.recycle.samples_per_task", f"GRPO needs at least 2 samples per task to form a group "
+                                                        f"advantage, got {rc.samples_per_task}")
+        if rc.reward_batch_size * rc.samples_per_task % cfg.training.global_batch_size:
+            _fail("algorithm.recycle.samples_per_task", f"the {rc.reward_batch_size * rc.samples_per_task} samples "
+                                                        f"of a reward period (reward_batch_size x samples_per_task) "
+                                                        f"are not a multiple of training.global_batch_size="
+                                                        f"{cfg.training.global_batch_size}")
     if rc.templates_file is not None and not Path(rc.templates_file).is_file():
         _fail("algorithm.recycle.templates_file", f"'{rc.templates_file}' does not exist; give a YAML or JSON "
                                                   f"template file or leave it unset for the built-in templates")

@@ -100,10 +100,13 @@ def build_stack(cfg: SparkConfig, world: int, force: bool = False) -> Union["RLS
     episodes = cfg.data.num_episodes * data.steps_per_episode  # (read even when max_steps is set: it is validated)
     total_steps = cfg.training.max_steps or episodes
     # The LR schedule counts every optimizer step, of both periods. Each infer period makes
-    # (rollout_batch x n / global_batch) steps and a reward period at most as many, so 2x the infer steps is an
-    # upper bound: the cosine decays over it and never rises again (the original's schedule overran).
-    per_period = data.batch_size * cfg.rollout.n_samples_per_prompt // cfg.training.global_batch_size
-    decay_steps = 2 * total_steps * per_period + cfg.training.sft_warmup_steps
+    # (rollout_batch x n / global_batch) steps and a reward period at most (reward_batch x its n / global_batch),
+    # so their sum per step is an upper bound: the cosine decays over it and never rises again (the original's
+    # schedule overran).
+    rc, gbs = cfg.algorithm.recycle, cfg.training.global_batch_size
+    per_infer = data.batch_size * cfg.rollout.n_samples_per_prompt // gbs
+    per_reward = rc.reward_batch_size * (rc.samples_per_task or cfg.rollout.n_samples_per_prompt) // gbs
+    decay_steps = total_steps * (per_infer + max(per_infer, per_reward)) + cfg.training.sft_warmup_steps
     pad_id = prompts.tokenizer.pad_token_id or 0
     policy = Policy.build(shape, layout, m, cfg.training, pad_id=pad_id, total_steps=decay_steps)
     reference = Policy.build(shape, layout, m, cfg.training, pad_id=pad_id, trainable=False)

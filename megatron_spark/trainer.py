@@ -179,11 +179,14 @@ class SparkTrainer:
                 overrides: Optional[dict] = None) -> int:
         """Ask the engines for samples of each (period, tasks, their prompts, refill round): each engine generates
         only its share of each part's prompts (a prompt's n samples stay on one engine). Returns a ticket."""
-        seed = self.cfg.training.seed
+        seed, aux_n = self.cfg.training.seed, self.cfg.algorithm.recycle.samples_per_task
 
         def part(name: str, tasks: list[Task], built: PromptCache, rnd: int) -> GenerationPart:
+            # (the reward period's group size: algorithm.recycle.samples_per_task when set)
+            sampling = {"n": aux_n} if name == "reward" and aux_n else {}
             return GenerationPart(len(tasks), lambda i: RolloutRequest(built[i]["prompt"], built[i]["images"]),
-                                  lambda engine: sampling_seed(seed, step, name, engine, rnd), overrides or {})
+                                  lambda engine: sampling_seed(seed, step, name, engine, rnd),
+                                  {**sampling, **(overrides or {})})
         return self.rollouts.submit([part(*p) for p in parts])  # (sampled as the rollouts' `Sampling` says)
 
     def receive(self, names: list[tuple[str, int]], ticket: int, version: int) -> list[tuple[list, dict]]:

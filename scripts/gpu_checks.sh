@@ -24,7 +24,7 @@ step tests 180 $py -m pytest -q -p no:cacheprovider -o addopts= tests/gpu -rs
 # The whole trainer on one GPU under NCCL, without CUDA vLLM (rollout.backend=hf): KL on (the frozen reference
 # model's placement), the non-distributed optimizer, full recompute, a checkpoint; fp32 (the drift check) and bf16
 step smoke_build 120 $py -c "
-from megatron_spark.data import make_shapes_task
+from megatron_spark.fixtures.shapes import make_shapes_task
 from megatron_spark.fixtures.tiny import build_qwen2_5_vl
 build_qwen2_5_vl('$out/smoke/model', tied=False, min_pixels=3136, max_pixels=3136)
 make_shapes_task('$out/smoke/data', 64, seed=0)"

@@ -58,7 +58,8 @@ def compare_logits(chunks, shape: ModelShape, ref, inputs, reference: dict | Non
         logits = forward_logits(chunks, to_batch(shape, kw), shape.text.vocab_size)
         if logits is None:
             continue
-        ref_logits = reference[name]
+        # both sides on the host: the model's logits are on its GPU, the oracle's (HF on the CPU) are not
+        logits, ref_logits = logits.detach().float().cpu(), reference[name].float().cpu()
         agree = logits.argmax(-1) == ref_logits.argmax(-1)
         out[name] = {"max_abs_diff": (logits - ref_logits).abs().max().item(), "argmax_equal": bool(agree.all()),
                      "argmax_agree": int(agree.sum()), "tokens": int(kw["input_ids"].numel()),

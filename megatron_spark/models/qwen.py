@@ -13,6 +13,7 @@ first stage only, where the image embeddings are spliced into the token embeddin
 from __future__ import annotations
 
 import copy
+from contextvars import ContextVar
 from typing import Optional
 
 import torch
@@ -43,10 +44,16 @@ class TorchRMSNorm(torch.nn.RMSNorm):
         self.weight.sequence_parallel = config.sequence_parallel
 
 
+# Set by build_model while it builds for a device other than the GPU (the converters' meta models, CPU tools): with
+# use_cpu_initialization=False megatron-core passes device=cuda to every parameter explicitly, which overrides a
+# `torch.device("meta")` context, so a "meta" 32B model would allocate ~131 GB of real GPU memory.
+_BUILD_OFF_GPU: ContextVar[bool] = ContextVar("build_off_gpu", default=False)
+
+
 def _base_config(layout, dtype: torch.dtype, use_te: bool, **kw):
     from megatron.core.transformer import TransformerConfig
 
-    on_cpu = not torch.cuda.is_available()
+    on_cpu = not torch.cuda.is_available() or _BUILD_OFF_GPU.get()
     return TransformerConfig(**compat.transformer_config_kwargs(
         hidden_dropout=0.0, attention_dropout=0.0,
         gated_linear_unit=True, activation_func=F.silu, normalization="RMSNorm",
@@ -319,10 +326,22 @@ def build_model(shape: ModelShape, layout, *, dtype: torch.dtype = torch.float32
     parameter and buffer on `device` (default: `default_device()`). megatron-core moves parameters to the GPU only
     for DDP with the distributed optimizer; a frozen reference model or a verify tool would otherwise keep the CPU
     parameters it creates (the patch embedding, torch norms) next to CUDA activations."""
-    from megatron.core import parallel_state as ps
-
     if use_te is None:
         use_te = use_transformer_engine(transformer_impl)
+    target = torch.device(device) if device is not None else default_device()
+    token = _BUILD_OFF_GPU.set(target.type != "cuda")  # (parameters made where they go, never on the GPU first)
+    try:
+        chunks = _build_chunks(shape, layout, dtype, use_te, make_vocab_size_divisible_by, recompute)
+    finally:
+        _BUILD_OFF_GPU.reset(token)
+    mark_tensor_parallel_params(chunks, shape, layout.tp, make_vocab_size_divisible_by)
+    return [c.to(target) for c in chunks]
+
+
+def _build_chunks(shape: ModelShape, layout, dtype: torch.dtype, use_te: bool, make_vocab_size_divisible_by: int,
+                  recompute) -> list[torch.nn.Module]:
+    from megatron.core import parallel_state as ps
+
     chunks = []
     vpp = layout.vpp or 1
     for vp in range(vpp):
@@ -337,9 +356,7 @@ def build_model(shape: ModelShape, layout, *, dtype: torch.dtype = torch.float32
             chunks.append(Qwen25VLModel(shape, layout, **common))
         else:
             chunks.append(build_gpt(shape.text, layout, **common))
-    mark_tensor_parallel_params(chunks, shape, layout.tp, make_vocab_size_divisible_by)
-    target = torch.device(device) if device is not None else default_device()
-    return [c.to(target) for c in chunks]
+    return chunks
 
 
 def mark_tensor_parallel_params(chunks: list[torch.nn.Module], shape: ModelShape, tp: int,

@@ -17,6 +17,7 @@ def build_engine(ro: RolloutConfig, hf_dir: str, shape, *, dtype: str, seed: int
     from megatron_spark.rollout.engine import RolloutEngine
 
     return RolloutEngine(hf_dir, tensor_parallel_size=ro.tensor_parallel_size, dtype=vllm_dtype(dtype),
-                         max_model_len=ro.max_model_len, enforce_eager=ro.enforce_eager,
+                         max_model_len=ro.max_model_len, max_num_seqs=ro.max_num_seqs,
+                         enforce_eager=ro.enforce_eager,
                          gpu_memory_utilization=ro.gpu_memory_utilization, seed=seed, min_pixels=min_pixels,
                          max_pixels=max_pixels, tied_embeddings=shape.text.tied_embeddings, multimodal=multimodal)

@@ -99,7 +99,8 @@ def one_step(path, shape, layout, case, variant) -> dict:
     for kind, grads in (("param", False), ("grad", True)):  # grads: what the optimizer got, after DP averaging
         local = export_megatron_to_hf(policy.modules, wmap, group, grads=grads)
         stages = [None] * dist.get_world_size()
-        dist.all_gather_object(stages, {k: v.clone() for k, v in local.items()})
+        # (host copies: a pickled CUDA tensor unpickles onto the sender's device on every receiver)
+        dist.all_gather_object(stages, {k: v.detach().cpu().clone() for k, v in local.items()})
         for st in stages:
             out.update({(kind, k): v for k, v in st.items()})
     return out
@@ -242,13 +243,14 @@ def main():
                     labels = torch.roll(kw["input_ids"], -1, dims=1)
                     batch = to_batch(shape, kw)
 
-                    def ce(logits):
+                    def ce(logits):  # (the labels go where the logits are: the GPU for Megatron, the CPU for HF)
                         return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]),
-                                                                 labels.reshape(-1))
+                                                                 labels.to(logits.device).reshape(-1))
                     for c in chunks:
                         c.zero_grad(set_to_none=True)
                     forward_backward(chunks, batch, shape.text.vocab_size, loss_fn=ce)
-                    mg_grads = export_megatron_to_hf(chunks, wmap, ps.get_tensor_model_parallel_group(), grads=True)
+                    mg_grads = {n: g.detach().cpu() for n, g in export_megatron_to_hf(
+                        chunks, wmap, ps.get_tensor_model_parallel_group(), grads=True).items()}
                     ref.zero_grad(set_to_none=True)
                     ce(ref(**kw).logits.float()).backward()
                     hf_grads = {canonical_hf_name(n): p.grad for n, p in ref.named_parameters()

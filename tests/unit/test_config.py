@@ -33,6 +33,13 @@ def _bad(overrides, world_size=None, **model):
 
 CASES = [
     # (overrides, model fields, world size, expected fragments)
+    (["model.dtype=fp16"], {}, None, ["model.dtype", "loss scaling", "use bf16"]),
+    (["rollout.max_num_seqs=0"], {}, None, ["rollout.max_num_seqs"]),
+    (["algorithm.recycle.samples_per_task=1"], {}, None, ["algorithm.recycle.samples_per_task", "at least 2"]),
+    (["algorithm.recycle.samples_per_task=3", "training.global_batch_size=128"], {}, None,
+     ["algorithm.recycle.samples_per_task", "not a multiple of training.global_batch_size"]),
+    (["eval.judge_votes=-1"], {}, None, ["eval.judge_votes"]),
+    (["logging.sample_interval=-1"], {}, None, ["logging.sample_interval"]),
     (["parallel.tensor_model_parallel_size=3"], {"num_key_value_heads": 8}, None,
      ["parallel.tensor_model_parallel_size", "TP 3: the model has 8 KV heads; TP must divide them"]),
     (["parallel.pipeline_model_parallel_size=8"], {"num_layers": 4}, None,

@@ -273,3 +273,30 @@ def test_freeze_patterns_and_groups():
     assert frozen("language_model.decoder.layers.3.mlp.linear_fc2.weight", ["language_model"])
     assert frozen("decoder.layers.1.self_attention.linear_qkv.weight", [r"decoder\.layers\.[01]\."])
     assert not frozen("decoder.layers.11.self_attention.linear_qkv.weight", [r"decoder\.layers\.[01]\."])
+
+
+@pytest.mark.parametrize("config", [TEXT, VL], ids=["text", "vl"])
+def test_a_model_built_off_the_gpu_never_asks_for_gpu_memory(megatron, config, monkeypatch):
+    """With CUDA available megatron-core creates parameters with device=cuda unless use_cpu_initialization is set,
+    overriding a `torch.device("meta")` context: the converters' meta model of a 32B checkpoint would allocate
+    ~131 GB of GPU memory. CUDA is reported available here: every config of a model built for 'meta' must
+    initialise off the GPU (and the CPU shim would otherwise hide the allocation)."""
+    from megatron_spark.models import qwen
+
+    configs = []
+    real = qwen._base_config
+
+    def recording(*a, **kw):
+        c = real(*a, **kw)
+        configs.append(c)
+        return c
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(qwen, "_base_config", recording)
+    # (convert/layout.checkpoint_layout builds exactly so: device="meta")
+    qwen.build_model(parse_hf_config(config), _layout(), dtype=torch.float32, use_te=False, device="meta")
+    assert configs and all(c.use_cpu_initialization for c in configs)
+    configs.clear()
+    qwen._BUILD_OFF_GPU.set(False)  # (what a training build on a GPU gets)
+    assert not real(_layout(), torch.float32, False, num_layers=1, hidden_size=8,
+                    num_attention_heads=1).use_cpu_initialization

@@ -39,3 +39,28 @@ print(sorted(configs), float(t))
                        timeout=120)
     assert p.returncode == 0, p.stderr[-3000:]
     assert p.stdout.strip().splitlines()[-1] == "['cpu:gloo,cuda:gloo'] 1.0"
+
+
+def test_the_bridge_nccl_group_gets_the_configured_timeout(monkeypatch):
+    """The disaggregated bridge's NCCL group once kept NCCL's 10-minute default (the configured timeout reached the
+    gloo half only): a 32B sync slower than that aborted the trainer. (No NCCL on CPU: a recording stand-in.)"""
+    from datetime import timedelta
+
+    import torch
+    import torch.distributed as dist
+
+    from megatron_spark.rollout import remote
+
+    made = []
+
+    class FakeNCCL:
+        class Options:
+            _timeout = None
+
+        def __init__(self, store, rank, world, opts):
+            made.append(opts)
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(dist, "ProcessGroupNCCL", FakeNCCL, raising=False)
+    remote.Bridge(dist.HashStore(), 0, 1, 7200)
+    assert len(made) == 1 and made[0]._timeout == timedelta(seconds=7200)
