@@ -186,6 +186,11 @@ class CheckpointManager:
         for p in done[:-self.cfg.keep_last]:
             shutil.rmtree(p, ignore_errors=True)
 
+    def due(self, step: int, stopping: bool = False) -> bool:
+        """Does `on_step` write anything after `step` (a checkpoint, or an HF export)?"""
+        return step % self.cfg.save_interval == 0 or stopping or bool(
+            self.cfg.hf_interval and step % self.cfg.hf_interval == 0)
+
     def on_step(self, step: int, metrics: dict, stopping: bool = False) -> None:
         """After every step: save at the interval, and before a requested stop (SLURM's signals); the HF export
         at its own interval (not on a stop: the job is asked to end quickly)."""

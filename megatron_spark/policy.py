@@ -252,10 +252,14 @@ class Policy:
         pp = ps.get_pipeline_model_parallel_world_size()
         layout = self.micro_batch_layout(rollouts, pp, sequence_multiple(self.chunks),
                                          lambda n: pipeline_microbatches(n, self.chunks))
-        micro = []
+        param_dtype = next(self.modules[0].parameters()).dtype
+        micro = []  # on the host: one micro-batch at a time goes to the device (in `step`), not the whole call
         for part, n_real, length in layout:
             mb = collate(part, self.shape, self.pad_id, length, n_real)
-            micro.append(dict({k: v.to(device, non_blocking=True) for k, v in mb.items()}, n_real=n_real))
+            b = mb["batch"]
+            if b.pixel_values is not None and b.pixel_values.is_floating_point():
+                b.pixel_values = b.pixel_values.to(param_dtype)  # (the vision tower casts to it anyway)
+            micro.append(dict(mb, n_real=n_real))
             self.tokens_real += sum(len(r.prompt_ids) + len(r.response_ids) for r in part[:n_real])
             self.tokens_computed += len(part) * length
         seq_len = max(length for _, _, length in layout)  # what the pipeline's buffers are sized for
@@ -268,7 +272,7 @@ class Policy:
         vocab = self.shape.text.vocab_size
 
         def step(data_iter, model):
-            mb = next(data_iter)
+            mb = {k: v.to(device, non_blocking=True) if hasattr(v, "to") else v for k, v in next(data_iter).items()}
             out = call_model(model, mb["batch"])  # vocab-parallel logits on the last stage
 
             def finish(logits):

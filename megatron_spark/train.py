@@ -235,7 +235,7 @@ def main(argv=None) -> int:
         if start:  # the engine still holds the initial weights: bring it to the resumed policy
             stack.rollouts.push()
         stack.logger.resume_at(start)  # steps logged after that checkpoint are redone: each step once
-        trainer.run(start, stack.total_steps, on_step=ckpt.on_step if ckpt else None)
+        trainer.run(start, stack.total_steps, on_step=checkpointing(stack, ckpt) if ckpt else None)
         if ckpt is not None:
             ckpt.finish()
         finished = True
@@ -253,6 +253,16 @@ def main(argv=None) -> int:
         stack.close(stop_engines=finished)
     dist.barrier()
     return 0
+
+
+def checkpointing(stack: "RLStack", ckpt):
+    """After each step: the checkpoint and HF export when due, with a colocated engine asleep meanwhile (on a GPU
+    their gathers need the memory its weights and KV cache hold; the next generation wakes it)."""
+    def on_step(step: int, metrics: dict, stopping: bool) -> None:
+        if ckpt.due(step, stopping):
+            stack.rollouts.sleep()
+        ckpt.on_step(step, metrics, stopping)
+    return on_step
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ class ColocatedRollouts:
         self.tickets = 0
 
     def submit(self, parts: list[GenerationPart]) -> int:
+        self.engine.wake_up()  # (asleep after a period's generation, or during a checkpoint; a no-op when awake)
         works = []
         for part in parts:
             share = list(self.placement.prompt_share(part.n_prompts, self.engine_id))

@@ -300,3 +300,31 @@ def test_a_model_built_off_the_gpu_never_asks_for_gpu_memory(megatron, config, m
     qwen._BUILD_OFF_GPU.set(False)  # (what a training build on a GPU gets)
     assert not real(_layout(), torch.float32, False, num_layers=1, hidden_size=8,
                     num_attention_heads=1).use_cpu_initialization
+
+
+def test_one_micro_batch_at_a_time_goes_to_the_device(megatron, monkeypatch):
+    """A log-prob or update pass once moved every micro-batch of the call to the GPU before the first ran (with a
+    dense [b, 1, s, s] mask each: 8-40 GiB for the 32B-VL example). Each must move when its step runs."""
+    from megatron_spark.models import runtime
+    from megatron_spark.models.qwen import build_model
+    from megatron_spark.policy import Policy, Rollout
+
+    moves, at_start = [], []
+    real_to, real_schedule = runtime.Batch.to, runtime.run_schedule
+
+    def counting_to(self, *a, **kw):
+        moves.append(1)
+        return real_to(self, *a, **kw)
+
+    def schedule(*a, **kw):
+        at_start.append(len(moves))
+        return real_schedule(*a, **kw)
+
+    monkeypatch.setattr(runtime.Batch, "to", counting_to)
+    monkeypatch.setattr(runtime, "run_schedule", schedule)
+    shape = parse_hf_config(TEXT)
+    policy = Policy(build_model(shape, _layout(), dtype=torch.float32, device="cpu"), shape, pad_id=0,
+                    micro_batch_size=1)
+    out = policy.token_logprobs([Rollout(list(range(20, 20 + n)), [30, 31, 32], f"r{n}") for n in (5, 7, 9)])
+    assert [len(x) for x in out] == [3, 3, 3]
+    assert at_start == [0] and len(moves) == 3

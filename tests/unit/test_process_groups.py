@@ -64,3 +64,41 @@ def test_the_bridge_nccl_group_gets_the_configured_timeout(monkeypatch):
     monkeypatch.setattr(dist, "ProcessGroupNCCL", FakeNCCL, raising=False)
     remote.Bridge(dist.HashStore(), 0, 1, 7200)
     assert len(made) == 1 and made[0]._timeout == timedelta(seconds=7200)
+
+
+def test_a_colocated_engine_put_to_sleep_is_woken_before_it_generates():
+    """The trainer puts the colocated engine to sleep for a checkpoint (its gathers need the GPU memory the engine
+    holds); the next generation must wake it first, whatever put it to sleep."""
+    import torch.distributed as dist
+
+    from megatron_spark.placement import RolloutPlacement
+    from megatron_spark.rollout.colocated import ColocatedRollouts
+    from megatron_spark.rollout.engine import Sampling
+    from megatron_spark.rollout.remote import GenerationPart
+
+    events = []
+
+    class Engine:
+        asleep = False
+
+        def sleep(self):
+            events.append("sleep")
+            self.asleep = True
+
+        def wake_up(self):
+            events.append("wake")
+            self.asleep = False
+
+        def generate(self, requests, **kw):
+            assert not self.asleep, "generate() on a sleeping engine"
+            events.append("generate")
+            return [[] for _ in requests]
+
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        rollouts = ColocatedRollouts(Engine(), None, RolloutPlacement(1, 1), 0, Sampling(2, 1.0, 1.0, -1, 8))
+        rollouts.sleep()
+        rollouts.collect(rollouts.submit([GenerationPart(2, lambda i: i, lambda e: 0, {})]))
+    finally:
+        dist.destroy_process_group()
+    assert events == ["sleep", "wake", "generate"]
