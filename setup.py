@@ -13,9 +13,15 @@ setup(
         # GPU install, step 1 (docs/gpu.md): CUDA vLLM (it pins torch 2.13.0, which everything else builds against)
         # and modelopt. vLLM is pinned: the bridge uses 0.32's reload_weights(weights_iterator=...).
         "gpu": ["vllm==0.32.0", "nvidia-modelopt==0.47.0"],
-        # step 2, with `pip install --no-build-isolation`: both compile against the torch of step 1 (TE's range is
-        # megatron-core 0.16.1's own; flash-attn's what TE 2.9-2.11 accept)
-        "gpu-kernels": ["transformer-engine[pytorch]>=2.9,<2.12", "flash-attn>=2.7.4,<2.9"],
+        # step 2, with `pip install --no-build-isolation`: TE's PyTorch extension compiles against the torch of
+        # step 1, and its core library must be built for the same CUDA major (vLLM 0.32's torch 2.13 is CUDA 13;
+        # TE's plain `[pytorch]` extra takes the CUDA-12 core, which then fails to import and `auto` quietly runs
+        # the local spec). TE's range is megatron-core 0.16.1's own. `megatron-spark doctor` checks the result.
+        "gpu-kernels": ["transformer-engine[pytorch,core_cu13]>=2.9,<2.12"],
+        "gpu-kernels-cu12": ["transformer-engine[pytorch,core_cu12]>=2.9,<2.12"],  # a cluster's CUDA-12 torch
+        # optional: TE brings its own fused attention; flash-attn has no wheel for torch 2.13 and compiles from
+        # source (an hour or more)
+        "flash-attn": ["flash-attn>=2.7.4,<2.9"],
         "test": ["pytest", "pytest-timeout", "hypothesis"],
     },
     entry_points={"console_scripts": ["megatron-spark=megatron_spark.cli:main"]},

@@ -1,5 +1,5 @@
 """`megatron-spark` command line: demo (the `make run` job), train, convert, verify-sync, eval, score, plan, sweep,
-plot, fetch-model."""
+plot, fetch-model, doctor."""
 from __future__ import annotations
 
 import argparse
@@ -196,7 +196,15 @@ def build_parser() -> argparse.ArgumentParser:
     add_plan_args(pl)
     sw = sub.add_parser("sweep", help="short training runs over a grid of layouts (locally or sbatch --array)")
     add_sweep_args(sw)
+    sub.add_parser("doctor", help="what this install has, whether each part imports, which spec auto picks, GPUs "
+                                  "seen (run it first after installing)")
     return parser
+
+
+def _doctor(args) -> int:
+    from megatron_spark.doctor import main as doctor
+
+    return doctor()
 
 
 def main(argv=None) -> int:
@@ -209,7 +217,7 @@ def main(argv=None) -> int:
     try:
         return {"demo": _demo, "train": _train, "plot": _plot, "eval": _eval, "score": _score,
                 "plan": _plan, "sweep": _sweep, "fetch-model": _fetch_model, "convert": _convert,
-                "verify-sync": _verify_sync}[args.cmd](args)
+                "verify-sync": _verify_sync, "doctor": _doctor}[args.cmd](args)
     except ValueError as e:  # configuration / input errors: one clear line, no traceback
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -78,15 +78,16 @@ def run_plan(args) -> int:
             print(f"\n{args.config}: {layout.describe()} is not a valid layout on {args.gpus} GPUs: {problem}")
             return 0
         p = evaluate(shape, layout, cwork, hw, args.gpus_per_node, args.mfu)
-        m = p.peak
-        print(f"\n{args.config}: {layout.describe()}: peak {m.peak / GIB:.1f} GiB (stage {m.stage}, {m.peak_phase}), "
-              f"step {p.time.total:.0f} s, {p.tokens_per_gpu_s():.0f} tokens/s/GPU: "
-              + ("fits" if p.feasible else f"does NOT fit: {p.reason}"))
         from megatron_spark.planner.fit import check_fit
 
+        # one verdict, `megatron-spark train`'s: the peak of each phase on the most loaded GPU (plan_memory's
+        # numbers for this vLLM share), each with >= 5 % of the GPU free
         fit = check_fit(cfg, shape, args.gpus, hw.memory_gib * GIB)
-        print(f"  the job's phases: {fit.describe()}: "
-              + ("fits with >= 5% free in every phase" if fit.ok else "refused by `megatron-spark train`:"))
+        print(f"\n{args.config}: {layout.describe()}: step {p.time.total:.0f} s, {p.tokens_per_gpu_s():.0f} "
+              f"tokens/s/GPU ({p.peak.concurrency} sequences per engine at once)\n"
+              f"  peak per phase: {fit.describe()}: "
+              + ("fits with >= 5% free in every phase" if fit.ok else "does NOT fit (refused by `megatron-spark "
+                                                                     "train`):"))
         for problem in fit.problems:
             print(f"  - {problem}")
     return 0

@@ -16,9 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import Optional
 
-from megatron_spark.planner.memory import ENGINE_AWAKE_GIB, GIB, OVERHEAD_GIB, plan_memory
-
-MARGIN = 0.05
+from megatron_spark.planner.memory import ENGINE_AWAKE_GIB, GIB, MARGIN, OVERHEAD_GIB, plan_memory
 
 
 @dataclass(frozen=True)
@@ -61,7 +59,9 @@ def check_fit(cfg, shape, gpus: int, gpu_bytes: float, margin: float = MARGIN,
     share = util * gpu_bytes
     per_seq = work.seq_len * kv_bytes_per_token(shape, layout.rollout_tp, DTYPE_BYTES[work.dtype])
     need_engine = mem[0].vllm_weights + ENGINE_AWAKE_GIB * GIB + per_seq
-    phases = {"train": worst.train, "rollout": static + share, "vLLM share": share}
+    # (colocated: the rollout phase as plan_memory computes it for this share, the number `plan` prints)
+    rollout = static + share if disaggregated else max(m.rollout for m in mem)
+    phases = {"train": worst.train, "rollout": rollout, "vLLM share": share}
     limit = (1 - margin) * gpu_bytes
     g = lambda x: f"{x / GIB:.1f}"  # noqa: E731
     problems = []
@@ -82,7 +82,7 @@ def check_fit(cfg, shape, gpus: int, gpu_bytes: float, margin: float = MARGIN,
                         f"{g(free_at_start)} GiB is free next to the trainer's state ({g(static)} GiB): vLLM will "
                         f"not start; lower it to <= {int(100 * (free_at_start / gpu_bytes - margin)) / 100:.2f} or "
                         f"shard the trainer more")
-    elif static + share > limit:
+    elif rollout > limit:
         problems.append(f"rollout: the trainer's state {g(static)} GiB + vLLM's share {g(share)} GiB leave less "
                         f"than {margin:.0%} of {g(gpu_bytes)} GiB free; lower rollout.gpu_memory_utilization to "
                         f"<= {int(100 * (limit - static) / gpu_bytes) / 100:.2f}")

@@ -81,6 +81,9 @@ class Workload:
     attention: str = "flash"                # flash (TE / flash-attn, the GPU default) | unfused (local spec)
     old_logprobs: str = "recompute"         # algorithm.old_logprobs: recompute (no pass for a period's first
                                             # optimizer step) | engine (no pass at all)
+    # vLLM's share of each GPU (rollout.gpu_memory_utilization): it takes the whole share, its KV cache being what
+    # its weights leave; None (a search over layouts): the KV cache fills what the trainer leaves free
+    gpu_memory_utilization: Optional[float] = None
 
     def old_pass_share(self) -> float:
         """Share of a period's samples that need the old-log-prob forward pass: none under `engine`; under
@@ -199,11 +202,21 @@ def plan_memory(shape: ModelShape, layout: Layout, work: Workload, gpu_bytes: fl
             logits = 10 * s * vocab / layout.tp + 2 * vocab * t.hidden_size / layout.tp
         out.append(StageMemory(st.stage, params, grads, opt, params if layout.reference_on_gpu else 0.0, acts,
                                logits, vllm_weights, 0.0, parts={"layers": st.layers, "params_per_rank": st.total}))
+    if work.gpu_memory_utilization is not None and gpu_bytes != float("inf"):
+        # vLLM allocates its whole share at start: weights, working memory, and a KV cache of the rest
+        pool = max(0.0, work.gpu_memory_utilization * gpu_bytes - vllm_weights - ENGINE_AWAKE_GIB * GIB)
+        concurrency = int(min(seqs, pool / per_seq))
+        for m in out:
+            m.concurrency, m.kv_cache = concurrency, pool
+        return out
     free = gpu_bytes - max(m.static for m in out) - vllm_weights - (ENGINE_AWAKE_GIB + OVERHEAD_GIB) * GIB
     concurrency = int(max(0.0, min(seqs, free / per_seq)))
     for m in out:
         m.concurrency, m.kv_cache = concurrency, concurrency * per_seq
     return out
+
+
+MARGIN = 0.05  # of each GPU left free in every phase (communicators, fragmentation, CUDA graphs)
 
 
 def infeasible_reason(mem: list[StageMemory], limit_bytes: float, layout: Layout) -> Optional[str]:
@@ -219,9 +232,10 @@ def infeasible_reason(mem: list[StageMemory], limit_bytes: float, layout: Layout
         return (f"rollout: stage {worst.stage}'s trainer state {g(worst.static)} GiB + vLLM weights "
                 f"{g(worst.vllm_weights)} GiB leave no room for one sequence's KV cache in {g(limit_bytes)} GiB; "
                 + ", or ".join(fix))
-    if worst.peak <= limit_bytes:
+    if worst.peak <= (1 - MARGIN) * limit_bytes:  # (the margin `megatron-spark train` keeps: planner/fit.py)
         return None
-    head = f"stage {worst.stage} needs {g(worst.peak)} GiB > {g(limit_bytes)} GiB in {worst.peak_phase}"
+    head = (f"stage {worst.stage} needs {g(worst.peak)} GiB > {g((1 - MARGIN) * limit_bytes)} GiB "
+            f"({1 - MARGIN:.0%} of {g(limit_bytes)}) in {worst.peak_phase}")
     if worst.peak_phase == "rollout":
         return (f"{head}: trainer state {g(worst.static)}, vLLM weights {g(worst.vllm_weights)}, KV cache "
                 f"{g(worst.kv_cache)}; raise the rollout TP, lower max_num_seqs, or shard the trainer more")

@@ -143,6 +143,6 @@ def from_config(cfg, te_available: Optional[bool] = None) -> tuple[Layout, Workl
                    par.num_layers_in_last_pipeline_stage, tuple(cfg.model.freeze)),
             Workload(d.rollout_batch_size, alg.recycle.reward_batch_size, ro.n_samples_per_prompt, d.prompt_max_len,
                      0, ro.max_new_tokens, tr.micro_batch_size, tr.global_batch_size, ro.max_num_seqs,
-                     dtype=cfg.model.dtype,
+                     gpu_memory_utilization=ro.gpu_memory_utilization, dtype=cfg.model.dtype,
                      attention=attention_kind(cfg.model.transformer_impl, te_available),
                      old_logprobs=alg.old_logprobs))

@@ -36,3 +36,17 @@ def test_the_wheel_holds_and_imports_every_module(tmp_path):
     clean.mkdir()
     ran = subprocess.run([sys.executable, "-c", script], cwd=clean, capture_output=True, text=True, timeout=300)
     assert ran.returncode == 0, ran.stderr[-3000:]
+
+
+def test_the_gpu_kernels_match_vllms_cuda_and_flash_attn_is_optional():
+    """vLLM 0.32 pins torch 2.13, a CUDA-13 build: TE's plain [pytorch] extra takes its CUDA-12 core, which then
+    does not import (and `auto` quietly runs the local spec). flash-attn has no wheel for torch 2.13: optional."""
+    import ast
+
+    tree = ast.parse((ROOT / "setup.py").read_text())
+    extras = next(ast.literal_eval(k.value) for node in ast.walk(tree) if isinstance(node, ast.Call)
+                  for k in node.keywords if k.arg == "extras_require")
+    assert any("core_cu13" in r and r.startswith("transformer-engine[") for r in extras["gpu-kernels"])
+    assert any("core_cu12" in r for r in extras["gpu-kernels-cu12"])
+    assert not [r for r in extras["gpu-kernels"] + extras["gpu"] if r.startswith("flash-attn")]
+    assert "vllm==0.32.0" in extras["gpu"]

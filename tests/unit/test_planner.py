@@ -138,6 +138,32 @@ def test_every_shipped_gpu_example_fits_with_margin(name):
     assert max(fit.phases["train"], fit.phases["rollout"]) <= 0.95 * fit.gpu_bytes
 
 
+@pytest.mark.parametrize("name", sorted(GPU_EXAMPLES))
+def test_the_plan_and_the_fit_check_give_one_answer(name):
+    """`megatron-spark plan --config` once printed "peak 77.2 GiB (rollout) ... fits" and, on the next line,
+    "rollout 63.9 GiB": its own model filled the GPU with KV cache, the fit check used vLLM's configured share, and
+    they kept different margins. One rollout peak, one verdict."""
+    from dataclasses import replace
+
+    from megatron_spark.config import load_config
+    from megatron_spark.planner.fit import check_fit
+    from megatron_spark.planner.hardware import gpu
+    from megatron_spark.planner.memory import GIB
+    from megatron_spark.planner.model import load_model
+    from megatron_spark.planner.search import evaluate, from_config
+
+    model, gpus = GPU_EXAMPLES[name]
+    cfg = load_config(ROOT / "examples" / f"{name}.yaml", ["model.hf_dir=null"])
+    shape, hw = load_model(model), gpu("h100-80gb")
+    fit = check_fit(cfg, shape, gpus, hw.memory_gib * GIB)
+    layout, work = from_config(cfg)
+    if cfg.rollout.placement == "colocated":
+        plan = evaluate(shape, replace(layout, dp=gpus // (layout.tp * layout.pp)), work, hw, 8, 0.3)
+        assert abs(max(m.rollout for m in plan.memory) - fit.phases["rollout"]) < 0.1 * GIB
+        assert plan.feasible == fit.ok
+        assert 1 <= plan.peak.concurrency <= cfg.rollout.max_num_seqs
+
+
 def test_a_layout_that_does_not_fit_is_refused_with_the_phase_numbers_and_fix():
     """The previous Spark-VL-7B example (TP2, no SP, vLLM share 0.5): the update needs ~103 GiB and vLLM could not
     start; each problem names its phase, the numbers and the field to change."""
