@@ -23,20 +23,23 @@ from megatron_spark.templates import strip_suffix, with_suffix, with_text
 
 
 NAME_QUESTION = with_suffix("Which colour fills most of the picture? Name the colour.")
+VERDICT_TARGETS = ("\\boxed{Yes}", "\\boxed{No}", "\\boxed{A}", "\\boxed{B}")
 
 
 def warm_start_pairs(ex, families: dict, rnd: random.Random) -> list[tuple[list[dict], str]]:
-    """(messages, target text) pairs of the warm start for one example: every task family with a RANDOM label of the
-    right shape (so task and judge accuracy stay at chance and what RL adds is measured from there), plus naming
-    the picture's colour with the TRUE colour name."""
+    """(messages, target text) pairs of the warm start for one example: the task and reflection with a RANDOM label
+    of the right shape (so task accuracy stays at chance and what RL adds is measured from there); each judge prompt
+    TWICE, once with each verdict (so the format is learned and no verdict is: the two gradients on the verdict
+    cancel, and the judge starts with both verdicts equally likely, whatever the last batches were); naming the
+    picture's colour with the TRUE colour name."""
     q = strip_suffix(ex.question)
     a, b = str(rnd.randint(1, 4)), str(rnd.randint(1, 4))
     digit = lambda: f"\\boxed{{{rnd.randint(1, len(COLOURS))}}}"  # noqa: E731
+    pointwise = with_text(ex.messages, rnd.choice(families["pointwise"]).render(question=q, answer=a))
+    pairwise = with_text(ex.messages, rnd.choice(families["pairwise"]).render(question=q, answer_a=a, answer_b=b))
     return [(ex.messages, digit()),
-            (with_text(ex.messages, rnd.choice(families["pointwise"]).render(question=q, answer=a)),
-             rnd.choice(["\\boxed{Yes}", "\\boxed{No}"])),
-            (with_text(ex.messages, rnd.choice(families["pairwise"]).render(question=q, answer_a=a, answer_b=b)),
-             rnd.choice(["\\boxed{A}", "\\boxed{B}"])),
+            (pointwise, "\\boxed{Yes}"), (pointwise, "\\boxed{No}"),
+            (pairwise, "\\boxed{A}"), (pairwise, "\\boxed{B}"),
             (with_text(ex.messages, rnd.choice(families["reflection_ans"]).render(question=q, answer=a)), digit()),
             (with_text(ex.messages, NAME_QUESTION), f"\\boxed{{{COLOURS[int(ex.answer) - 1][0]}}}")]
 
@@ -52,12 +55,15 @@ def warm_start(trainer, steps: int, seed: int) -> list[float]:
     bar = trainer.logger.progress(0, steps, "warm start", unit="batch")
     for _ in range(steps):
         _, batch = trainer.data.next_batch()
+        pairs = [p for ex in batch for p in warm_start_pairs(ex, trainer.templates.families, rnd)]
+        # a judge prompt's two verdicts next to each other, at even positions: never split over two updates
+        judge = [p for p in pairs if p[1] in VERDICT_TARGETS]
+        pairs = judge + [p for p in pairs if p[1] not in VERDICT_TARGETS]
         rollouts = []
-        for ex in batch:
-            for msgs, target in warm_start_pairs(ex, trainer.templates.families, rnd):
-                b = trainer.prompts.build(msgs)
-                rollouts.append(Rollout(b["input_ids"], tok(target)["input_ids"] + [eos], "sft", b["pixel_values"],
-                                        b["image_grid_thw"]))
+        for msgs, target in pairs:
+            b = trainer.prompts.build(msgs)
+            rollouts.append(Rollout(b["input_ids"], tok(target)["input_ids"] + [eos], "sft", b["pixel_values"],
+                                    b["image_grid_thw"]))
         gbs = trainer.cfg.training.global_batch_size
         for i in range(0, len(rollouts) - gbs + 1, gbs):
             losses.append(trainer.policy.train_step(rollouts[i:i + gbs], sft_loss_fn)["sft_loss"])
