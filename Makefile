@@ -5,7 +5,7 @@ export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 export PYTHONWARNINGS := ignore
 
-.PHONY: setup pretrained run test test-unit test-dist clean
+.PHONY: setup pretrained run test test-fast test-unit test-dist clean
 
 setup:
 	@bash scripts/setup_env.sh
@@ -22,6 +22,10 @@ run: setup
 test: setup pretrained
 	@bash scripts/slurm_up.sh || echo "SLURM unavailable: the sbatch tests will be skipped"
 	$(PY) -m pytest -q -p no:cacheprovider --durations=40 tests; rc=$$?; bash scripts/slurm_down.sh; exit $$rc
+
+# The pure tier (tests/README.md): no subprocess, process group, megatron-core model or engine; minutes.
+test-fast: setup
+	SPARK_TEST_TIER=fast $(PY) -m pytest -q -p no:cacheprovider tests/unit
 
 test-unit: setup
 	$(PY) -m pytest -q tests/unit

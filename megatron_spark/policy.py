@@ -318,9 +318,9 @@ class Policy:
         """Per-response-token log-probs [R_i] for every rollout, on every rank."""
         outs = self._run(rollouts, None, forward_only=True)
         res = []
-        for o in outs:
-            for row in range(o["n_real"]):
-                res.append(o["logp"][row][o["mask"][row] > 0].cpu())
+        for o in outs:  # (one host copy per micro-batch, not one per row: each copy is a device sync)
+            logp, mask = o["logp"][:o["n_real"]].cpu(), o["mask"][:o["n_real"]].cpu()
+            res += [logp[row][mask[row] > 0] for row in range(o["n_real"])]
         return self._from_last_stage(res)[:len(rollouts)]
 
     def _gradients_finite(self) -> bool:

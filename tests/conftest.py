@@ -8,6 +8,42 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 ROOT = Path(__file__).resolve().parents[1]
+# `make test-fast` (tests/README.md): the pure tier, in minutes: no subprocess, no second process, no process group
+# (so no megatron-core model), no engine. Tests that need one are marked slow, and the guard below fails any test
+# of the tier that tries (so a new test lands in the right tier, or says why).
+FAST_TIER = os.environ.get("SPARK_TEST_TIER") == "fast"
+HEAVY_DIRS = ("dist", "e2e", "gpu")
+
+
+def pytest_collection_modifyitems(config, items):
+    if not FAST_TIER:
+        return
+    keep, drop = [], []
+    for item in items:
+        heavy = "slow" in item.keywords or "gpu" in item.keywords or \
+            any(part in HEAVY_DIRS for part in Path(str(item.fspath)).relative_to(ROOT / "tests").parts[:-1])
+        (drop if heavy else keep).append(item)
+    config.hook.pytest_deselected(items=drop)
+    items[:] = keep
+
+
+@pytest.fixture(autouse=True)
+def _fast_tier_guard(monkeypatch):
+    """In the fast tier: starting a process or a process group fails the test, naming the fix."""
+    if FAST_TIER:
+        import multiprocessing.process
+
+        import torch.distributed as dist
+
+        def refuse(what):
+            def fail(*args, **kwargs):
+                raise RuntimeError(f"the fast tier runs no {what}: mark this test @pytest.mark.slow "
+                                   f"(tests/README.md)")
+            return fail
+        monkeypatch.setattr(subprocess.Popen, "__init__", refuse("subprocess"))
+        monkeypatch.setattr(multiprocessing.process.BaseProcess, "start", refuse("second process"))
+        monkeypatch.setattr(dist, "init_process_group", refuse("process group (nor megatron-core model)"))
+    yield
 
 
 @pytest.fixture(scope="session")

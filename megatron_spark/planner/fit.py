@@ -54,7 +54,10 @@ def check_fit(cfg, shape, gpus: int, gpu_bytes: float, margin: float = MARGIN,
     util = cfg.rollout.gpu_memory_utilization
     # (disaggregated: the engines' GPUs hold no trainer state, but receive the sync's buckets of whole tensors
     # beside vLLM's share: two with double buffering, the GPU default)
-    buckets = (1 if cfg.rollout.sync_double_buffer is False else 2) * cfg.rollout.sync_bucket_mb * 2 ** 20
+    # (a bucket holds at least one whole tensor: the 32B embedding alone is 1.56 GB in bf16)
+    largest = shape.text.vocab_size * shape.text.hidden_size * DTYPE_BYTES[work.dtype]
+    buckets = (1 if cfg.rollout.sync_double_buffer is False else 2) * max(cfg.rollout.sync_bucket_mb * 2 ** 20,
+                                                                          largest)
     static = (buckets if disaggregated else max(m.static for m in mem)) + OVERHEAD_GIB * GIB
     share = util * gpu_bytes
     per_seq = work.seq_len * kv_bytes_per_token(shape, layout.rollout_tp, DTYPE_BYTES[work.dtype])

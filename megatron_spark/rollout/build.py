@@ -20,4 +20,5 @@ def build_engine(ro: RolloutConfig, hf_dir: str, shape, *, dtype: str, seed: int
                          max_model_len=ro.max_model_len, max_num_seqs=ro.max_num_seqs,
                          enforce_eager=ro.enforce_eager,
                          gpu_memory_utilization=ro.gpu_memory_utilization, seed=seed, min_pixels=min_pixels,
-                         max_pixels=max_pixels, tied_embeddings=shape.text.tied_embeddings, multimodal=multimodal)
+                         max_pixels=max_pixels, tied_embeddings=shape.text.tied_embeddings, multimodal=multimodal,
+                         sleep_mode=ro.placement == "colocated")  # (an engine on GPUs of its own never sleeps)

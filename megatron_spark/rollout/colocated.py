@@ -40,8 +40,8 @@ class ColocatedRollouts:
 
     def push(self) -> None:
         """Bring the engine up to date with the trainer's weights (every rank, after each update)."""
-        self.engine.wake_up()  # weights back in place before the sync writes them
-        self.sync.push(self.engine)
+        self.engine.wake_up(["weights"])  # weights back in place before the sync writes them; the KV cache stays
+        self.sync.push(self.engine)        # asleep until the next generation (room for the sync's buckets)
 
     def sleep(self) -> None:
         """GPU: free the KV cache and offload vLLM's weights while Megatron trains (CPU: no-op)."""

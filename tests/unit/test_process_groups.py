@@ -78,27 +78,40 @@ def test_a_colocated_engine_put_to_sleep_is_woken_before_it_generates():
 
     events = []
 
-    class Engine:
-        asleep = False
+    class Engine:  # (as RolloutEngine: the parts asleep, woken by tag)
+        sleeping: set = set()
 
         def sleep(self):
             events.append("sleep")
-            self.asleep = True
+            self.sleeping = {"weights", "kv_cache"}
 
-        def wake_up(self):
-            events.append("wake")
-            self.asleep = False
+        def wake_up(self, tags=None):
+            todo = sorted(t for t in (tags or ("weights", "kv_cache")) if t in self.sleeping)
+            if todo:
+                events.append("wake " + "+".join(todo))
+                self.sleeping -= set(todo)
 
         def generate(self, requests, **kw):
-            assert not self.asleep, "generate() on a sleeping engine"
+            assert not self.sleeping, "generate() on a sleeping engine"
             events.append("generate")
             return [[] for _ in requests]
 
+    class Sync:
+        def push(self, engine):
+            assert "weights" not in engine.sleeping, "a sync into sleeping weights"
+            events.append("sync")
+
     dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
     try:
-        rollouts = ColocatedRollouts(Engine(), None, RolloutPlacement(1, 1), 0, Sampling(2, 1.0, 1.0, -1, 8))
-        rollouts.sleep()
-        rollouts.collect(rollouts.submit([GenerationPart(2, lambda i: i, lambda e: 0, {})]))
+        rollouts = ColocatedRollouts(Engine(), Sync(), RolloutPlacement(1, 1), 0, Sampling(2, 1.0, 1.0, -1, 8))
+        part = GenerationPart(2, lambda i: i, lambda e: 0, {})
+        rollouts.sleep()   # (a checkpoint)
+        rollouts.collect(rollouts.submit([part]))
+        rollouts.sleep()   # (a period's update)
+        rollouts.push()
+        rollouts.collect(rollouts.submit([part]))
     finally:
         dist.destroy_process_group()
-    assert events == ["sleep", "wake", "generate"]
+    # the sync wakes only the weights: the KV cache is not allocated while the sync's buckets need memory
+    assert events == ["sleep", "wake kv_cache+weights", "generate", "sleep", "wake weights", "sync", "wake kv_cache",
+                      "generate"]
