@@ -56,18 +56,21 @@ class MetricsLogger:
     def resume_at(self, step: int) -> None:
         """A run resumed from the checkpoint of `step`: the lines of later steps (written before a crash or a
         preemption, then redone) are dropped, so each step's metrics appear exactly once. Atomic."""
-        if not self.enabled or not self.path.exists():
+        if not self.enabled:
             return
-        keep = []
-        for line in self.path.read_text().splitlines():
-            try:  # (a line torn by the crash that led here is dropped)
-                if json.loads(line).get("step", 0) <= step:
-                    keep.append(line)
-            except ValueError:
+        for path in (self.path, self.samples_path):  # (both are appended to step by step)
+            if not path.exists():
                 continue
-        tmp = self.path.with_suffix(".jsonl.tmp")
-        tmp.write_text("".join(x + "\n" for x in keep))
-        os.replace(tmp, self.path)
+            keep = []
+            for line in path.read_text().splitlines():
+                try:  # (a line torn by the crash that led here is dropped)
+                    if json.loads(line).get("step", 0) <= step:
+                        keep.append(line)
+                except ValueError:
+                    continue
+            tmp = path.with_suffix(".jsonl.tmp")
+            tmp.write_text("".join(x + "\n" for x in keep))
+            os.replace(tmp, path)
 
     def samples(self, step: int, period: str, kinds: list[str], prompts: list[str], answers: list[str],
                 responses: list[list[str]], rewards: list[float]) -> None:

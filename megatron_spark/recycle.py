@@ -20,7 +20,7 @@ from collections import deque
 from dataclasses import asdict, dataclass, field
 from typing import Hashable, Literal, Optional, Sequence
 
-from megatron_spark.reward import extract_boxed
+from megatron_spark.reward import boxed_answer
 from megatron_spark.templates import Template, TemplateBank, strip_suffix
 
 Kind = Literal["pointwise", "pairwise", "reflection_cot", "reflection_ans"]
@@ -101,7 +101,7 @@ def _pairwise(g: Group, q: str, good: str, bad: str, bank: TemplateBank, rng: ra
 
 def judge_task(g: Group, bank: TemplateBank, s: RecycleSettings, rng: random.Random) -> Optional[AuxTask]:
     q = strip_suffix(g.question)
-    answers = [extract_boxed(r) for r in g.responses]
+    answers = [boxed_answer(r) for r in g.responses]  # (a hedge over several boxes has none: never quoted)
     ok = [r >= 0.5 for r in g.rewards]
     good = [a for a, c in zip(answers, ok) if c and a is not None]
     bad = [a for a, c in zip(answers, ok) if not c and a is not None]
@@ -130,7 +130,7 @@ def reflection_task(g: Group, use_cot: bool, bank: TemplateBank, rng: random.Ran
         t = bank.sample("reflection_cot", rng)
         return AuxTask("reflection_cot", t.render(question=q, cot=g.responses[i].strip()), g.answer, g.image,
                        g.prompt_id)
-    boxed = [a for a in (extract_boxed(g.responses[i]) for i in wrong) if a is not None]
+    boxed = [a for a in (boxed_answer(g.responses[i]) for i in wrong) if a is not None]
     if not boxed:
         return None
     t = bank.sample("reflection_ans", rng)

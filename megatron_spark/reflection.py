@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Callable, Generator, Optional, Sequence
 
-from megatron_spark.reward import extract_boxed, normalize
+from megatron_spark.reward import boxed_answer, extract_boxed, normalize
 from megatron_spark.templates import Template, TemplateBank, with_suffix
 
 Generate = Callable[[str, Optional[Any]], str]
@@ -77,7 +77,7 @@ def reflection_steps(question: str, max_rounds: int = 2, judge_template: Optiona
         if trace.answer is not None:
             rnd.judge_output = yield "judge", judge_t.render(question=question, answer=trace.answer)
             trace.calls.append(("judge", rnd.judge_output))
-            rnd.verdict = extract_boxed(rnd.judge_output)
+            rnd.verdict = boxed_answer(rnd.judge_output)  # (a hedge over several boxes gives no verdict)
             rnd.accepted = _accepts(rnd.verdict, judge_t)
         trace.rounds = r + 1
         if rnd.accepted:

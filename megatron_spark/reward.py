@@ -99,11 +99,12 @@ def extract_boxed(text: str, accept_box_alias: bool = True) -> Optional[str]:
     return boxes[-1] if boxes else None
 
 
-def distinct_boxes(boxes: Sequence[str]) -> list[str]:
-    """The boxes' contents with repeats (equal after `normalize`, labels in any case) dropped, in order."""
+def distinct_boxes(boxes: Sequence[str], labels_case_insensitive: bool = True) -> list[str]:
+    """The boxes' contents with repeats (equal after `normalize`; labels in any case, unless case counts) dropped,
+    in order."""
     out, seen = [], set()
     for b in boxes:
-        key = normalize(b).lower() if is_label(b) else normalize(b)
+        key = normalize(b).lower() if labels_case_insensitive and is_label(b) else normalize(b)
         if key not in seen:
             seen.add(key)
             out.append(b)
@@ -247,7 +248,7 @@ def score(response: str, gold: str, cfg: VerifierConfig = VerifierConfig()) -> f
     boxes = extract_all_boxed(response, cfg.accept_box_alias)
     if not boxes:
         return 0.0
-    distinct = distinct_boxes(boxes)
+    distinct = distinct_boxes(boxes, cfg.labels_case_insensitive)
     if all(check(b, gold, cfg) for b in distinct):
         return 1.0
     if cfg.all_boxed and not is_label(gold):

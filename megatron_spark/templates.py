@@ -13,6 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, Optional
 
+from megatron_spark.reward import extract_all_boxed
+
 ANSWER_SUFFIX = ("Please first conduct reasoning, and then answer the question. "
                  "Repeat the final answer using a '\\boxed{}'.")
 
@@ -26,8 +28,6 @@ FIELDS = {
 
 
 _PLACEHOLDER = re.compile(r"\{(question|answer|answer_a|answer_b|cot)\}")
-# a box with something in it: an instruction that names a boxed answer (`\boxed{Yes}`, `e.g. \boxed{A}`)
-_FILLED_BOX = re.compile(r"\\box(?:ed)?\s*\{\s*[^{}\s][^{}]*\}")
 
 
 @dataclass(frozen=True)
@@ -104,11 +104,11 @@ class TemplateBank:
                         raise ValueError(f"templates: {fam}[{i}] lacks the placeholder {{{field}}}")
                 if fam == "pointwise" and t.label_type not in ("yesno", "ab"):
                     raise ValueError(f"templates: pointwise[{i}].label_type must be 'yesno' or 'ab'")
-                filled = _FILLED_BOX.search(_PLACEHOLDER.sub("", t.text))
+                filled = [b for b in extract_all_boxed(_PLACEHOLDER.sub("", t.text)) if b.strip()]
                 if filled:
-                    raise ValueError(f"templates: {fam}[{i}] names the boxed answer {filled.group(0)!r}: a response "
-                                     f"that repeats the instruction would be scored as that answer; name the "
-                                     f"options in words instead (e.g. \"answer Yes or No, in a box\")")
+                    raise ValueError(f"templates: {fam}[{i}] names the boxed answer '\\boxed{{{filled[0]}}}': a "
+                                     f"response that repeats the instruction would be scored as that answer; name "
+                                     f"the options in words instead (e.g. \"answer Yes or No, in a box\")")
         self.families = families
 
     def sample(self, family: str, rng: random.Random) -> Template:

@@ -14,7 +14,8 @@
 # Every step has its own limit and the whole run a deadline (GPU_CHECKS_BUDGET seconds, default 520): a step that
 # would not fit in what is left is skipped, and says so. Logs go to $OUT (or runs/gpu_checks).
 # `--dry-run`: what can be checked without a GPU (the smoke fixtures are built, each command's script and flags
-# resolve, each training config validates), the rest listed; CI runs it (tests/unit/test_entry_points.py).
+# resolve, each training config validates), the rest listed; CI runs it (tests/unit/test_entry_points.py), and
+# runs the CPU step smoke_build for real (GPU_CHECKS_ONLY="smoke_build": only the steps named).
 set -u
 dry=0
 [ "${1:-}" = "--dry-run" ] && dry=1
@@ -36,11 +37,15 @@ step() {
     printf '%s\tplanned\t%s\n' "$name" "$(echo "$*" | tr '\n' ' ')" | cut -c1-160 >>"$summary"
     return 0
   fi
+  if [ -n "${GPU_CHECKS_ONLY:-}" ] && ! [[ " $GPU_CHECKS_ONLY " == *" $name "* ]]; then
+    return 0  # (GPU_CHECKS_ONLY="step ...": run only those; CI runs smoke_build so)
+  fi
   if [ "$limit" -gt "$left" ]; then
     printf '%s\tskipped\tnot enough time left (%ss of %ss)\n' "$name" "$left" "$limit" >>"$summary"
     return 0
   fi
-  timeout "$limit" "$@" >"$out/$name.log" 2>&1
+  # (through bash -c: `timeout` runs programs, and a step may be one of the shell functions below)
+  timeout "$limit" bash -c '"$@"' _ "$@" >"$out/$name.log" 2>&1
   local rc=$?
   grep -v -i "warn" "$out/$name.log" | tail -n "${TAIL:-8}"
   local fig=""
@@ -69,6 +74,8 @@ smoke_train() {  # smoke_train DTYPE RUN_NAME EXTRA_OVERRIDES...
     algorithm.entropy_coef=0.01 logging.progress_bar=false "$@"
 }
 
+export -f smoke_fixtures smoke_train
+export out py
 if [ "$dry" = 1 ]; then
   smoke_fixtures >"$out/smoke_build.log" 2>&1 || { echo "dry run: the smoke fixtures failed"; cat "$out/smoke_build.log"; exit 1; }
   printf 'smoke_build\tok\tfixtures built on the CPU\n' >>"$summary"

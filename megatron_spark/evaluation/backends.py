@@ -33,7 +33,7 @@ Conversation = list[dict]
 
 class Backend(Protocol):
     def chat(self, conversations: Sequence[Conversation], gen: GenerationSettings, n: int = 1,
-             temperature: Optional[float] = None) -> list[Reply]: ...
+             temperature: Optional[float] = None, keys: Optional[Sequence[str]] = None) -> list[Reply]: ...
 
     def close(self) -> None: ...
 
@@ -55,6 +55,14 @@ def conversation(text: str, image_path: Optional[str], system_prompt: Optional[s
         content.insert(0 if image_first else 1, image)
     msgs.append({"role": "user", "content": content})
     return msgs
+
+
+def conversation_seed(seed: int, conv: Conversation, key: str = "") -> int:
+    """A request's own sampling seed: from the run's seed, its content and `key` (e.g. the vote index): the same
+    wherever the request runs, different for every request that differs."""
+    from megatron_spark.rollout.engine import request_seed
+
+    return request_seed(seed, json.dumps(conv, sort_keys=True) + key)
 
 
 def processor_kwargs(gen: GenerationSettings) -> dict:
@@ -125,24 +133,22 @@ class VLLMBackend:
         return self._builders[key]
 
     def chat(self, conversations: Sequence[Conversation], gen: GenerationSettings, n: int = 1,
-             temperature: Optional[float] = None) -> list[Reply]:
+             temperature: Optional[float] = None, keys: Optional[Sequence[str]] = None) -> list[Reply]:
         from vllm import SamplingParams
 
-        from megatron_spark.rollout.engine import request_seed
-
+        keys = list(keys) if keys is not None else [""] * len(conversations)
         # one seed per request, from its content: an item samples the same whatever chunk or shard it is in, and
-        # two items never share their random draws
+        # two requests never share their random draws
         sp = [SamplingParams(n=n, temperature=gen.temperature if temperature is None else temperature,
                              top_p=gen.top_p, top_k=gen.top_k, max_tokens=gen.max_tokens,
-                             repetition_penalty=gen.repetition_penalty,
-                             seed=request_seed(gen.seed, json.dumps(c, sort_keys=True)),
-                             skip_special_tokens=not self.as_trained) for c in conversations]
+                             repetition_penalty=gen.repetition_penalty, seed=conversation_seed(gen.seed, c, k),
+                             skip_special_tokens=not self.as_trained) for c, k in zip(conversations, keys)]
         mm = processor_kwargs(gen) if self.multimodal else None
         try:
             if self.as_trained:  # the prompt text and images exactly as the trainer builds them
                 built = [self.builder(gen).build(spark_messages(c)) for c in conversations]
-                prompts = [{"prompt": b["prompt"], **({"multi_modal_data": {"image": b["images"][0]}}
-                                                      if b["images"] else {})} for b in built]
+                prompts = [{"prompt": b["prompt"], **({"multi_modal_data": {"image": b["images"] if len(
+                    b["images"]) > 1 else b["images"][0]}} if b["images"] else {})} for b in built]
                 outs = self.llm.generate(prompts, sp, use_tqdm=False)
                 return [Reply([c.text for c in o.outputs]) for o in outs]
             outs = self.llm.chat(list(conversations), sp, use_tqdm=False, mm_processor_kwargs=mm)
@@ -150,7 +156,7 @@ class VLLMBackend:
         except Exception as e:  # noqa: BLE001 - one bad request fails vLLM's whole batch: find it, record it
             if len(conversations) == 1:
                 return [Reply([], f"{type(e).__name__}: {str(e)[:300]}")]
-        return [r for conv in conversations for r in self.chat([conv], gen, n, temperature)]
+        return [r for conv, k in zip(conversations, keys) for r in self.chat([conv], gen, n, temperature, [k])]
 
     def close(self) -> None:
         import gc
@@ -180,12 +186,11 @@ class ServerBackend:
         self.timeout_s, self.backoff_s, self.send_processor_kwargs = timeout_s, backoff_s, send_processor_kwargs
         self.pool = ThreadPoolExecutor(concurrency)
 
-    def _body(self, conv: Conversation, gen: GenerationSettings, n: int, temperature: Optional[float]) -> dict:
-        from megatron_spark.rollout.engine import request_seed
-
+    def _body(self, conv: Conversation, gen: GenerationSettings, n: int, temperature: Optional[float],
+              key: str = "") -> dict:
         body = {"model": self.model, "messages": conv, "n": n, "max_tokens": gen.max_tokens, "top_p": gen.top_p,
                 "temperature": gen.temperature if temperature is None else temperature,
-                "seed": request_seed(gen.seed, json.dumps(conv, sort_keys=True)),
+                "seed": conversation_seed(gen.seed, conv, key),
                 "repetition_penalty": gen.repetition_penalty, **({"top_k": gen.top_k} if gen.top_k > 0 else {})}
         if self.send_processor_kwargs and any(c.get("type") == "image_url" for m in conv
                                               if isinstance(m["content"], list) for c in m["content"]):
@@ -215,8 +220,10 @@ class ServerBackend:
         return Reply([], f"{error} ({attempt + 1} attempt{'s' if attempt else ''})")
 
     def chat(self, conversations: Sequence[Conversation], gen: GenerationSettings, n: int = 1,
-             temperature: Optional[float] = None) -> list[Reply]:
-        return list(self.pool.map(self._one, [self._body(c, gen, n, temperature) for c in conversations]))
+             temperature: Optional[float] = None, keys: Optional[Sequence[str]] = None) -> list[Reply]:
+        keys = list(keys) if keys is not None else [""] * len(conversations)
+        return list(self.pool.map(self._one, [self._body(c, gen, n, temperature, k)
+                                              for c, k in zip(conversations, keys)]))
 
     def close(self) -> None:
         self.pool.shutdown(wait=False, cancel_futures=True)

@@ -71,7 +71,8 @@ def add_eval_args(p: argparse.ArgumentParser) -> None:
                      help=f"vLLM's repetition penalty (1: none; paper: {d.repetition_penalty})")
     gen.add_argument("--min-pixels", type=int, help="image resize lower bound (processor)")
     gen.add_argument("--max-pixels", type=int, help="image resize upper bound (processor)")
-    gen.add_argument("--seed", type=int, default=d.seed, help="sampling seed (per item: seed + item index)")
+    gen.add_argument("--seed", type=int, default=d.seed,
+                     help="sampling seed (each request's own: from it and the request's content)")
     rew = p.add_argument_group("judging")
     rew.add_argument("--votes", type=int, help=f"samples per judge item (k; default 1, judge tasks under the "
                                                f"trained protocol {TRAINED_JUDGE_VOTES}: AUROC, vote accuracy)")
@@ -141,7 +142,8 @@ def resolve_protocol(args, kind: str) -> tuple[str, Optional[TrainedPrompts]]:
 def settings_from(args, fmt: str, model_id: str, protocol: str = "paper",
                   trained: Optional[TrainedPrompts] = None) -> EvalSettings:
     """The protocol's settings with the explicit flags on top."""
-    base = trained.generation(args.seed) if trained is not None else GenerationSettings(seed=args.seed)
+    base = trained.generation(args.seed, judge=fmt == "judge") if trained is not None else \
+        GenerationSettings(seed=args.seed)
     given = {f: getattr(args, f) for f in _GENERATION_FLAGS if getattr(args, f, None) is not None}
     if "system_prompt" in given and given["system_prompt"] == "":
         given["system_prompt"] = None

@@ -106,8 +106,9 @@ def held_out_accuracy(engine, prompts, placement, rank: int, examples: Sequence[
     tasks = judge_tasks(examples, bank, seed)
     messages = [task_messages(t, max_pixels) for t in tasks]
     judge_out = _generate_share(engine, prompts, placement, rank, messages, **greedy)
+    # (seeded: every evaluation of a run draws the same random numbers, so two evaluations differ by the weights)
     sampled = _generate_share(engine, prompts, placement, rank, messages, n=votes, temperature=temperature,
-                              top_p=top_p, top_k=top_k, max_new_tokens=max_new_tokens) if votes else {}
+                              top_p=top_p, top_k=top_k, max_new_tokens=max_new_tokens, seed=seed) if votes else {}
     outcomes = [JudgeOutcome(t.kind, t.answer, POSITIVE["yesno" if t.answer in ("Yes", "No") else "ab"],
                              verdict_of(judge_out[k][0]), tuple(verdict_of(x) for x in sampled.get(k, ())),
                              solved[t.source_prompt_id]) for k, t in enumerate(tasks)]

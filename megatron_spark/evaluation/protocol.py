@@ -40,13 +40,15 @@ class TrainedPrompts:
     templates: Optional[str] = None       # the judge/reflection template file's text; None: the built-in bank
     system_prompt: Optional[str] = None   # None: no system turn (training adds none)
     suffix: str = ANSWER_SUFFIX
+    recycled_max_pixels: Optional[int] = None  # the image bound of recycled (judge) prompts, when lower
 
     @classmethod
     def from_config(cls, cfg) -> "TrainedPrompts":
         """The run's `rollout`, `data` and `algorithm.recycle` sections."""
-        ro, tf = cfg.rollout, cfg.algorithm.recycle.templates_file
+        ro, rc = cfg.rollout, cfg.algorithm.recycle
         return cls(ro.temperature, ro.top_p, ro.top_k, ro.max_new_tokens, cfg.data.min_pixels, cfg.data.max_pixels,
-                   Path(tf).read_text() if tf else None)
+                   Path(rc.templates_file).read_text() if rc.templates_file else None,
+                   recycled_max_pixels=rc.max_pixels)
 
     def write(self, directory: str | Path) -> Path:
         path = Path(directory) / PROTOCOL_FILE
@@ -65,9 +67,13 @@ class TrainedPrompts:
                 return cls(**json.loads(candidate.read_text()))
         return None
 
-    def generation(self, seed: int = 0) -> GenerationSettings:
-        """Greedy answers with the run's length, image bounds, top-p / top-k and prompts; no repetition penalty."""
+    def generation(self, seed: int = 0, judge: bool = False) -> GenerationSettings:
+        """Greedy answers with the run's length, image bounds, top-p / top-k and prompts; no repetition penalty.
+        `judge`: judge tasks, whose images training bounds by recycling's limit too."""
+        max_pixels = self.max_pixels
+        if judge and self.recycled_max_pixels:
+            max_pixels = min(max_pixels, self.recycled_max_pixels)
         return GenerationSettings(system_prompt=self.system_prompt, suffix=self.suffix, temperature=0.0,
                                   top_p=self.top_p, top_k=self.top_k, max_tokens=self.max_tokens,
-                                  repetition_penalty=1.0, min_pixels=self.min_pixels, max_pixels=self.max_pixels,
-                                  seed=seed)
+                                  repetition_penalty=1.0, min_pixels=min(self.min_pixels, max_pixels),
+                                  max_pixels=max_pixels, seed=seed)

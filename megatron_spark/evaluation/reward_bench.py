@@ -63,6 +63,7 @@ class Request:
     n: int = 1
     temperature: Optional[float] = None   # None: the settings' (greedy by default)
     role: str = ""                        # what the reply is for, where an item asks several things
+    key: str = ""                         # sets apart the sampling seeds of requests with the same conversation
 
 
 def _coin(seed: int, *key) -> random.Random:
@@ -97,7 +98,7 @@ def vlrb_requests(item: PairItem, s: EvalSettings, prompt: Optional[str] = None)
         text = render(prompt or VLRB_PROMPT, query=item.query, answer1=a1, answer2=a2)
         # the benchmark sends the text before the image, with no system prompt
         conv = conversation(text, item.image_path, None, image_first=False)
-        reqs.append(Request(conv, 1, None if s.votes == 1 else s.vote_temperature))
+        reqs.append(Request(conv, 1, None if s.votes == 1 else s.vote_temperature, key=f"vote{v}"))
     return reqs
 
 

@@ -125,7 +125,8 @@ class Evaluator:
         for i, r in enumerate(requests):
             kinds.setdefault((r.n, r.temperature), []).append(i)
         for (n, temperature), idx in kinds.items():
-            got = self.backend.chat([requests[i].conversation for i in idx], self.s.generation, n, temperature)
+            got = self.backend.chat([requests[i].conversation for i in idx], self.s.generation, n, temperature,
+                                    keys=[requests[i].key for i in idx])
             for i, reply in zip(idx, got):
                 replies[i] = reply
         return replies  # type: ignore[return-value]

@@ -1,7 +1,8 @@
 """What an evaluation run asks of the model, written into its results and hashed into every results line.
 
-Which protocol filled them is named in the settings (`protocol`, see protocol.py: `trained` or `paper`). The
-defaults below are the SPARK paper's protocol (the released evaluation scripts): system prompt "You are a helpful
+Which protocol filled them is named in the settings (`protocol`, see protocol.py: `trained`, the CLI's default for
+a model that carries its training run's prompt_protocol.json, or `paper`). The field defaults below are the SPARK
+paper's protocol (the released evaluation scripts): system prompt "You are a helpful
 assistant.", the image before the text, the answer-format suffix, greedy decoding, 2048 new tokens, repetition
 penalty 1.05. The released scripts left the image size to the server's processor defaults; we pin them (Qwen2.5-VL's
 processor defaults: 4 to 16384 patches of 28 x 28 pixels) so two runs compare.

@@ -40,8 +40,9 @@ class ColocatedRollouts:
 
     def push(self) -> None:
         """Bring the engine up to date with the trainer's weights (every rank, after each update)."""
-        self.engine.wake_up(["weights"])  # weights back in place before the sync writes them; the KV cache stays
-        self.sync.push(self.engine)        # asleep until the next generation (room for the sync's buckets)
+        self.engine.wake_up(["weights"])  # weights back in place before the sync writes them; the KV cache only
+        self.sync.push(self.engine)        # after it (the sync's buckets need the memory), so the engine leaves
+        self.engine.wake_up(["kv_cache"])  # here whole: a checkpoint can put it to sleep, an evaluation can use it
 
     def sleep(self) -> None:
         """GPU: free the KV cache and offload vLLM's weights while Megatron trains (CPU: no-op)."""

@@ -253,7 +253,9 @@ class RolloutEngine:
     def sleep(self) -> None:
         """GPU: drop the KV cache and offload the weights to host memory (level 1) so training gets the memory;
         the weight tensors keep their device addresses, so in-place sync targets stay valid after `wake_up`."""
-        if not self.on_cpu and self.sleep_mode and not self.sleeping:
+        if not self.on_cpu and self.sleep_mode and self.sleeping != {"weights", "kv_cache"}:
+            if self.sleeping:  # (vLLM sleeps whole: a part asleep wakes first)
+                self.wake_up()
             self.llm.sleep(level=1)
             self.sleeping = {"weights", "kv_cache"}
 

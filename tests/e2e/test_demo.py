@@ -23,7 +23,8 @@ def test_main_job_output_is_short_and_ends_with_the_results(tmp_path):
     noise = ["WARNING", "Triton is installed", "Warning: NUMA", "Loading safetensors", "Writing model shards",
              "OMP_NUM_THREADS", "FusedMMInputNorm", "Overwriting old incomplete", "Loading weights"]
     assert [x for x in lines if any(n in x for n in noise)] == []
-    assert "task_accuracy" in p.stdout and "judge_accuracy" in p.stdout  # the before/after table
+    for row in ("task accuracy (greedy)", "judge accuracy (greedy)", "judge AUROC (votes)", "solved but misjudged"):
+        assert row in p.stdout, row  # the before/after table
     assert "| **mean over datasets** |" in p.stdout and "| judge/pointwise |" in p.stdout  # eval's tables
     seen, repeated = set(), []
     for x in lines:  # vLLM's warnings: "(MainProcess pid=N) WARNING date time [file:line] message", once per process

@@ -110,3 +110,15 @@ def test_gpu_checks_dry_run_builds_the_fixtures_and_plans_every_step(tmp_path):
     for name in ("env", "tests", "smoke_fp32", "smoke_bf16_resume", "convert_verify", "mfu_32b_8k", "sync_32b_fp8"):
         assert name in names, names
     assert (tmp_path / "smoke" / "data" / "train.json").is_file()
+
+
+def test_gpu_checks_runs_its_steps_through_the_shell(tmp_path):
+    """A real (not dry) step that is one of the script's shell functions: `timeout` alone cannot run those (exit
+    127 for every smoke step on the first GPU run)."""
+    import os
+
+    p = subprocess.run(["bash", str(GPU_CHECKS)], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                       env=dict(os.environ, OUT=str(tmp_path), PYTHON=sys.executable, GPU_CHECKS_ONLY="smoke_build"))
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
+    assert "| smoke_build | ok |" in p.stdout, p.stdout[-2000:]
+    assert (tmp_path / "smoke" / "model" / "config.json").is_file()

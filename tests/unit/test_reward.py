@@ -245,5 +245,9 @@ def test_a_template_naming_a_boxed_answer_is_refused():
 
     families = {k: list(v) for k, v in TemplateBank.default().families.items()}
     families["pointwise"].append(Template("{question} {answer} Finish with \\boxed{Yes} or \\boxed{No}.", "yesno"))
-    with pytest.raises(ValueError, match=r"pointwise\[5\].*\\\\boxed\{Yes\}.*in words"):
+    nested = {**families, "pointwise": families["pointwise"][:5] + [Template("{question} {answer} e.g. "
+                                                                             "\\boxed{\\text{A}}", "ab")]}
+    with pytest.raises(ValueError, match=r"pointwise\[5\].*text\{A\}"):  # (nested braces too)
+        TemplateBank(nested)
+    with pytest.raises(ValueError, match=r"pointwise\[5\].*\\boxed\{Yes\}.*in words"):
         TemplateBank(families)
