@@ -9,6 +9,39 @@ from pathlib import Path
 from typing import Optional
 
 
+class LineProgress:
+    """tqdm's interface (update, set_postfix, close) as one line per update: `SPARK 12/60 3.1s/step reward=0.41`."""
+
+    def __init__(self, start: int, total: int, desc: str, unit: str):
+        self.n, self.total, self.desc, self.unit = start, total, desc, unit
+        self.postfix: dict = {}
+        self.last = time.time()
+        self.pending = False
+
+    def update(self, k: int = 1) -> None:
+        self._flush()
+        self.n += k
+        self.pending = True
+        self.seconds, self.last = time.time() - self.last, time.time()
+
+    def set_postfix(self, **kw) -> None:
+        self.postfix = kw
+        self._flush()
+
+    def _flush(self) -> None:
+        if not self.pending:
+            return
+        import sys
+
+        extra = " ".join(f"{k}={v}" for k, v in self.postfix.items())
+        print(f"{self.desc} {self.n}/{self.total} {self.seconds:.1f}s/{self.unit} {extra}".rstrip(), file=sys.stderr,
+              flush=True)
+        self.pending = False
+
+    def close(self) -> None:
+        self._flush()
+
+
 class MetricsLogger:
     """Rank 0 writes; other ranks hold a no-op logger."""
 
@@ -46,9 +79,15 @@ class MetricsLogger:
             self.wandb = wandb.init(project=wandb_project, config=config, dir=str(run_dir), resume="allow")
 
     def progress(self, start: int, total: int, desc: str, unit: str = "it"):
-        """A progress bar (tqdm) on the rank that writes when `logging.progress_bar` is on, else None."""
+        """The progress display on the rank that writes when `logging.progress_bar` is on, else None: a bar (tqdm)
+        on a terminal; in a non-interactive log (a SLURM .out file, a pipe) one plain line per update instead of
+        carriage-return animation."""
         if not (self.enabled and self.progress_bar):
             return None
+        import sys
+
+        if not sys.stderr.isatty():
+            return LineProgress(start, total, desc, unit)
         from tqdm import tqdm
 
         return tqdm(total=total, initial=start, desc=desc, unit=unit, dynamic_ncols=True)

@@ -48,3 +48,19 @@ def test_token_budget_micro_batches_keep_order():
     assert [len(x) for x in parts] == [3, 1, 2]        # 3 x 10 tokens fit in 40; 32 alone; then 2 x 7
     assert [r for part in parts for r in part] == rs
     assert all(max(len(r.prompt_ids) + 2 for r in part) * len(part) <= 40 for part in parts)
+
+
+def test_progress_in_a_log_file_is_one_plain_line_per_step(tmp_path, capsys):
+    """In a non-interactive log (a SLURM .out file, a pipe: stderr is not a terminal here) the progress bar is one
+    plain line per step, no carriage-return animation."""
+    from megatron_spark.metrics import LineProgress, MetricsLogger
+
+    bar = MetricsLogger(tmp_path, True, tensorboard=False, progress_bar=True).progress(0, 3, "SPARK", unit="step")
+    assert isinstance(bar, LineProgress)
+    for r in (0.25, 0.5):
+        bar.update(1)
+        bar.set_postfix(reward=f"{r:.2f}")
+    bar.close()
+    err = capsys.readouterr().err
+    assert "\r" not in err and [x.split(" ")[:2] for x in err.splitlines()] == [["SPARK", "1/3"], ["SPARK", "2/3"]]
+    assert err.splitlines()[1].endswith("reward=0.50")
