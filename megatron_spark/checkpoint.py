@@ -88,12 +88,10 @@ class CheckpointManager:
         self.async_queue = compat.async_calls_queue() if ck_cfg.async_save else None
 
     @classmethod
-    def for_trainer(cls, cfg, trainer) -> "CheckpointManager":
-        """The manager of a SparkTrainer's run: its policy and the parts it declares (`state_parts`)."""
-        from megatron_spark.evaluation.protocol import TrainedPrompts
-
-        card = ModelCard(trainer.shape, trainer.layout.tp, cfg.model.hf_dir, cfg.model.dtype,
-                         TrainedPrompts.from_config(cfg))
+    def for_trainer(cls, cfg, trainer, prompts=None) -> "CheckpointManager":
+        """The manager of a SparkTrainer's run: its policy and the parts it declares (`state_parts`); `prompts`:
+        the run's prompt protocol (`train.prompt_protocol`), written beside the checkpoints."""
+        card = ModelCard(trainer.shape, trainer.layout.tp, cfg.model.hf_dir, cfg.model.dtype, prompts)
         return cls(cfg.checkpoint, trainer.policy, trainer.state_parts(), card, trainer.layout,
                    writes=trainer.placement.writes(trainer.rank))
 

@@ -128,3 +128,13 @@ def async_writer_pids(queue) -> list[int]:
         if proc is not None and proc.pid is not None:
             pids.append(proc.pid)
     return pids
+
+
+def nccl_options(timeout):
+    """NCCL process-group options carrying `timeout` (torch exposes it only as the private `_timeout`; without it an
+    NCCL group made directly keeps NCCL's 10-minute default, whatever its gloo sibling is given)."""
+    import torch.distributed as dist
+
+    opts = dist.ProcessGroupNCCL.Options()
+    opts._timeout = timeout
+    return opts

@@ -162,7 +162,9 @@ def main(argv=None) -> int:
     if cfg.checkpoint.dir:  # the trained model, for `megatron-spark eval` (the demo's last part)
         from megatron_spark.checkpoint import CheckpointManager
 
-        CheckpointManager.for_trainer(cfg, trainer).save(total)
+        from megatron_spark.train import prompt_protocol
+
+        CheckpointManager.for_trainer(cfg, trainer, prompt_protocol(cfg)).save(total)
     stack.close()
     dist.barrier()
     return 0

@@ -69,11 +69,12 @@ class RecycleSettings:
     cot_fraction: float = 0.5
     balance_pointwise: bool = False
     max_pixels: int = 1048576  # attached to recycled image prompts
+    samples_per_task: Optional[int] = None  # the reward period's group size (None: the rollout's n)
 
     @classmethod
     def from_config(cls, rc) -> "RecycleSettings":
         return cls(rc.pointwise_prob_mixed, rc.judge_cap, rc.reflection_cap, rc.cot_fraction, rc.balance_pointwise,
-                   rc.max_pixels)
+                   rc.max_pixels, rc.samples_per_task)
 
 
 def pointwise_task(t: Template, q: str, ans: str, correct: bool, image: Optional[str], source: Hashable) -> AuxTask:

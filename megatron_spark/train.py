@@ -220,7 +220,7 @@ def main(argv=None) -> int:
         else:
             server = None
             trainer = SparkTrainer(cfg, stack)
-            ckpt = CheckpointManager.for_trainer(cfg, trainer) if cfg.checkpoint.dir else None
+            ckpt = CheckpointManager.for_trainer(cfg, trainer, prompt_protocol(cfg)) if cfg.checkpoint.dir else None
             start = ckpt.resume() if ckpt else 0
     except ValueError as e:  # a bad config, input or checkpoint (the same on every rank): one message, no traceback
         if int(os.environ.get("RANK", "0")) == 0:
@@ -253,6 +253,17 @@ def main(argv=None) -> int:
         stack.close(stop_engines=finished)
     dist.barrier()
     return 0
+
+
+def prompt_protocol(cfg: SparkConfig):
+    """How this run builds and samples prompts (`megatron-spark eval --protocol trained` reads it beside the
+    checkpoints): the rollout's sampling, the data's image bounds, recycling's templates and image bound."""
+    from megatron_spark.evaluation.protocol import TrainedPrompts
+
+    ro, rc = cfg.rollout, cfg.algorithm.recycle
+    return TrainedPrompts(ro.temperature, ro.top_p, ro.top_k, ro.max_new_tokens, cfg.data.min_pixels,
+                          cfg.data.max_pixels, Path(rc.templates_file).read_text() if rc.templates_file else None,
+                          recycled_max_pixels=rc.max_pixels)
 
 
 def checkpointing(stack: "RLStack", ckpt):

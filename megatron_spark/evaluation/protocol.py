@@ -42,14 +42,6 @@ class TrainedPrompts:
     suffix: str = ANSWER_SUFFIX
     recycled_max_pixels: Optional[int] = None  # the image bound of recycled (judge) prompts, when lower
 
-    @classmethod
-    def from_config(cls, cfg) -> "TrainedPrompts":
-        """The run's `rollout`, `data` and `algorithm.recycle` sections."""
-        ro, rc = cfg.rollout, cfg.algorithm.recycle
-        return cls(ro.temperature, ro.top_p, ro.top_k, ro.max_new_tokens, cfg.data.min_pixels, cfg.data.max_pixels,
-                   Path(rc.templates_file).read_text() if rc.templates_file else None,
-                   recycled_max_pixels=rc.max_pixels)
-
     def write(self, directory: str | Path) -> Path:
         path = Path(directory) / PROTOCOL_FILE
         tmp = path.with_suffix(".tmp")

@@ -38,6 +38,7 @@ from megatron_spark.planner.model import StageParams, kv_bytes_per_token, param_
 
 GIB = 2 ** 30
 OVERHEAD_GIB = 3.4          # fitted (least relative error) to the bench/mfu.py peaks in calibration.py
+MARGIN = 0.05  # of each GPU left free in every phase (communicators, fragmentation, CUDA graphs)
 ENGINE_ASLEEP_GIB = 0.5     # vLLM's buffers a level-1 sleep keeps (assumption, not measured here)
 ENGINE_AWAKE_GIB = 1.5      # vLLM's activations / sampler / graphs besides weights and KV (assumption)
 
@@ -209,14 +210,13 @@ def plan_memory(shape: ModelShape, layout: Layout, work: Workload, gpu_bytes: fl
         for m in out:
             m.concurrency, m.kv_cache = concurrency, pool
         return out
-    free = gpu_bytes - max(m.static for m in out) - vllm_weights - (ENGINE_AWAKE_GIB + OVERHEAD_GIB) * GIB
+    # (vLLM sized to leave the margin `megatron-spark train` keeps free: the KV cache fills the rest)
+    free = (1 - MARGIN) * gpu_bytes - max(m.static for m in out) - vllm_weights - \
+        (ENGINE_AWAKE_GIB + OVERHEAD_GIB) * GIB
     concurrency = int(max(0.0, min(seqs, free / per_seq)))
     for m in out:
         m.concurrency, m.kv_cache = concurrency, concurrency * per_seq
     return out
-
-
-MARGIN = 0.05  # of each GPU left free in every phase (communicators, fragmentation, CUDA graphs)
 
 
 def infeasible_reason(mem: list[StageMemory], limit_bytes: float, layout: Layout) -> Optional[str]:

@@ -60,9 +60,10 @@ class Bridge:
         self.cpu = dist.ProcessGroupGloo(dist.PrefixStore("bridge_gloo", store), rank, world, timeout)
         self.cuda = None
         if torch.cuda.is_available():  # weight messages (a 32B sync enqueues all its sends at once: the same limit)
-            opts = dist.ProcessGroupNCCL.Options()
-            opts._timeout = timeout  # (NCCL's default is 10 minutes, whatever the gloo half is given)
-            self.cuda = dist.ProcessGroupNCCL(dist.PrefixStore("bridge_nccl", store), rank, world, opts)
+            from megatron_spark import compat
+
+            self.cuda = dist.ProcessGroupNCCL(dist.PrefixStore("bridge_nccl", store), rank, world,
+                                              compat.nccl_options(timeout))
 
     def group_for(self, tensor: torch.Tensor):
         return self.cuda if tensor.is_cuda else self.cpu
