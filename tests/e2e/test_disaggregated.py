@@ -95,7 +95,9 @@ def test_synchronous_disaggregated_updates_as_colocated(setup):
     assert ref and model_tensors(d / "ck_d1" / "iter_0000002").keys() == ref.keys()
     assert all(torch.equal(ref[k], v) for k, v in model_tensors(d / "ck_d1" / "iter_0000002").items())
     got = model_tensors(d / "ck_d2" / "iter_0000002")
-    assert max((ref[k] - v).abs().max().item() for k, v in got.items()) < 1e-5
+    # (TP2's reductions round differently; Adam's normalisation carries that into updates of ~lr = 5e-4 each: 2e-5
+    # after 4 updates is 1 % of one update, far below a wrong shard or a missed sync)
+    assert max((ref[k] - v).abs().max().item() for k, v in got.items()) < 2e-5
     assert all(c[s]["infer/optimizer_steps"] > 0 and c[s]["infer/grad_norm"] > 0 for s in (1, 2))  # (it moved)
     # the sync: colocated, the one engine's weights are local copies; disaggregated, every element of the model
     # crosses to the rollout rank once per sync (target hf_full: whole HF tensors, fp32)

@@ -160,6 +160,7 @@ def test_eval_section_errors_name_the_field(tmp_path):
         load_config(None, ["eval.interval=-1"]).validate()
 
 
+@pytest.mark.slow
 def test_train_cli_refuses_a_layout_the_model_cannot_take_before_starting(tiny_models):
     """`megatron-spark train` checks the layout against the model's config.json before launching torchrun."""
     import subprocess
@@ -205,6 +206,7 @@ def test_recompute_takes_booleans_and_modes():
         load_config(None, ["model.recompute_activations=some"])
 
 
+@pytest.mark.slow
 def test_every_field_is_documented_and_listed_by_help_config():
     """Fields are documented where they are declared (comments in config.py); `megatron-spark train --help-config`
     lists every one with its type and default."""

@@ -11,6 +11,8 @@ import torch
 from megatron_spark.convert.converters import hf_to_megatron, megatron_to_hf
 from megatron_spark.io.safetensors import HFCheckpoint, ShardedSafetensorsWriter, TensorSpec
 
+pytestmark = pytest.mark.slow  # (tests/README.md: subprocesses, process groups or megatron-core models)
+
 ROOT = Path(__file__).resolve().parents[2]
 
 

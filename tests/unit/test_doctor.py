@@ -1,4 +1,5 @@
 """`megatron-spark doctor`: the install report, on this CPU machine and on hand-made GPU nodes."""
+import pytest
 import subprocess
 import sys
 from pathlib import Path
@@ -10,6 +11,7 @@ BASE = [Part("torch", "2.13.0", note="CUDA 13.0"), Part("megatron-core", "0.19.0
         Part("vllm", "0.32.0")]
 
 
+@pytest.mark.slow
 def test_the_cpu_install_is_ready_and_says_why_gpu_parts_are_missing():
     p = subprocess.run([sys.executable, "-m", "megatron_spark.cli", "doctor"], cwd=ROOT, capture_output=True,
                        text=True, timeout=300)

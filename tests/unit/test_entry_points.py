@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.slow  # (tests/README.md: subprocesses, process groups or megatron-core models)
+
 ROOT = Path(__file__).resolve().parents[2]
 # patch_torchvision.py edits site-packages when run (setup_env.sh's step): it has no --help to parse
 SCRIPTS = sorted(p for p in [*ROOT.glob("bench/*.py"), *ROOT.glob("scripts/*.py"), *ROOT.glob("tools/**/*.py")]

@@ -103,6 +103,7 @@ def test_accuracy_table_counts_errors_apart_and_macro_averages():
     assert t["macro"] == 0.75 and t["micro"] == pytest.approx(2 / 3) and t["no_box"] == 1 and t["errors"] == 1
 
 
+@pytest.mark.slow
 def test_released_results_rescored_without_the_leak(tmp_path):
     # the released re-scorer kept the previous verdict for an item without an answer: item 1 would count as right
     data = [{"dataset": "D", "problem": "p", "image_path": None, "ground_truth": "4", "vlm_output": "\\boxed{4}",

@@ -7,6 +7,9 @@ import sys
 import time
 
 import psutil
+import pytest
+
+pytestmark = pytest.mark.slow  # (tests/README.md: subprocesses, process groups or megatron-core models)
 
 OWNER = r"""
 import subprocess, sys, time

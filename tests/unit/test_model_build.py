@@ -8,6 +8,8 @@ import torch
 
 from megatron_spark.models.hf_config import parse_hf_config
 
+pytestmark = pytest.mark.slow  # (tests/README.md: subprocesses, process groups or megatron-core models)
+
 ROOT = Path(__file__).resolve().parents[2]
 TEXT = {"architectures": ["Qwen2ForCausalLM"], "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 3,
         "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 257, "rms_norm_eps": 1e-6,

@@ -5,6 +5,10 @@ import sys
 import zipfile
 from pathlib import Path
 
+import pytest
+
+pytestmark = pytest.mark.slow  # (tests/README.md: subprocesses, process groups or megatron-core models)
+
 ROOT = Path(__file__).resolve().parents[2]
 
 

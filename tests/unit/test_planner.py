@@ -96,6 +96,7 @@ def test_layout_rules_and_reasons():
     assert ranked == sorted(ranked, reverse=True)
 
 
+@pytest.mark.slow
 def test_plan_cli_is_fast_and_leads_with_the_parameter_counts():
     t0 = time.time()
     p = subprocess.run([sys.executable, "-m", "megatron_spark.cli", "plan", "--model", "qwen2.5-vl-32b", "--gpus", "16",
@@ -283,6 +284,7 @@ def test_the_attention_kind_follows_the_transformer_impl():
     assert train_gib(te=False) == train_gib("model.transformer_impl=local")
 
 
+@pytest.mark.slow
 def test_model_means_what_it_means_in_eval(tiny_models, tmp_path):
     """`plan --model` takes what `eval --model` takes: a HF directory or a Megatron checkpoint (the model it holds)."""
     from megatron_spark.convert.converters import hf_to_megatron

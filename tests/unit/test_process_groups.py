@@ -1,6 +1,7 @@
 """Collectives that are right on a GPU by construction: the default group maps CPU tensors to gloo and CUDA tensors
 to NCCL, and every megatron-core group inherits that map (a pure "nccl" group fails any CPU tensor: "No backend type
 associated with device type cpu", the trainer's metrics and stop flag among them)."""
+import pytest
 import subprocess
 import sys
 from pathlib import Path
@@ -15,6 +16,7 @@ def test_the_gpu_backend_maps_both_device_types():
     assert process_group_backend(cuda=False) == "gloo"
 
 
+@pytest.mark.slow
 def test_megatron_core_groups_inherit_the_device_map():
     """One process: the GPU's device map with NCCL swapped for gloo (no NCCL on CPU), then megatron-core's groups:
     each must carry both device types, and a CPU tensor must reduce in the data-parallel group."""
@@ -66,6 +68,7 @@ def test_the_bridge_nccl_group_gets_the_configured_timeout(monkeypatch):
     assert len(made) == 1 and made[0]._timeout == timedelta(seconds=7200)
 
 
+@pytest.mark.slow
 def test_a_colocated_engine_put_to_sleep_is_woken_before_it_generates():
     """The trainer puts the colocated engine to sleep for a checkpoint (its gathers need the GPU memory the engine
     holds); the next generation must wake it first, whatever put it to sleep."""

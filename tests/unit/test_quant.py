@@ -177,6 +177,7 @@ def test_bad_requests_fail_before_any_work(tiny_models, tmp_path, calib_file):
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.slow
 def test_megatron_to_hf_quantize_from_a_converted_checkpoint(tiny_models, tmp_path):
     """The CLI from a Megatron checkpoint converted at TP=2: FP8 bytes equal our quantizer on the HF weights; a bad
     format is one error line (exit 2) and writes nothing."""

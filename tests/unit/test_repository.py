@@ -35,6 +35,7 @@ def imports(path: Path) -> set[str]:
     return names
 
 
+@pytest.mark.slow
 def test_no_file_points_outside_the_repository():
     outside = re.compile(r"\.\./shared|/work/|/root/|(?<![\w/.-])(cpu_stack|spark_method|anchors|scaleout|"
                          r"style_anchors|modelopt_cpu)\.md")

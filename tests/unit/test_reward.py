@@ -50,6 +50,7 @@ def test_case_sensitive_labels_when_configured():
     assert score("\\boxed{yes}", "Yes", VerifierConfig(labels_case_insensitive=False)) == 0.0
 
 
+@pytest.mark.slow
 def test_pool_matches_sequential_and_times_out_pathological_item():
     responses = ["Reasoning... \\boxed{\\frac{3}{4}}", "\\boxed{0.75}", "\\boxed{1}", "\\boxed{Yes}"]
     golds = ["0.75", "\\frac{3}{4}", "2", "Yes"]
@@ -67,6 +68,7 @@ def test_pool_matches_sequential_and_times_out_pathological_item():
         assert pool.score(["\\boxed{2}"], ["2"]) == [1.0]  # the replaced worker serves again
 
 
+@pytest.mark.slow
 def test_three_pathological_items_in_a_batch_of_100_cost_their_limit():
     """Spread over a batch: each timed-out item costs its limit plus scheduling noise (< 0.5 s), whichever worker
     it lands on; the batch finishes with every other item scored as a sequential check would."""
@@ -121,6 +123,7 @@ def test_unparseable_answers_are_wrong_not_crashes():
     assert check("x", "y", VerifierConfig()) is False
 
 
+@pytest.mark.slow
 def test_pool_argument_boundaries_and_stats():
     with pytest.raises(ValueError, match="RewardPool: timeout_s must be > 0, got 0"):
         RewardPool(workers=1, timeout_s=0)
@@ -178,6 +181,7 @@ def test_numeric_tolerance_for_rounded_answers():
     # are exact; a decimal approximation is within the tolerance
 
 
+@pytest.mark.slow
 def test_verifier_options_reach_the_reward_pool():
     """The config's answer_* fields are the pool's VerifierConfig (a validated field that changes nothing is a bug):
     each option, flipped in the algorithm section, changes the score it must change."""

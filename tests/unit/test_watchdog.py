@@ -9,6 +9,7 @@ import pytest
 from megatron_spark.watchdog import NonFiniteGuard, NonFiniteUpdates
 
 
+@pytest.mark.slow
 def test_a_step_past_its_deadline_dumps_every_thread_and_exits():
     code = textwrap.dedent("""
         import threading, time
@@ -28,6 +29,7 @@ def test_a_step_past_its_deadline_dumps_every_thread_and_exits():
     assert p.stderr.count("Thread 0x") >= 2  # every thread, not only the main one
 
 
+@pytest.mark.slow
 def test_a_disarmed_watchdog_stays_quiet():
     code = ("import time\nfrom megatron_spark.watchdog import StepWatchdog\nw = StepWatchdog(0.5)\nw.arm()\n"
             "w.disarm()\ntime.sleep(1.5)\nprint('finished')")
