@@ -20,11 +20,32 @@ if TYPE_CHECKING:
     from megatron_spark.stack import RLStack
 
 
+def check_data_files(cfg: SparkConfig) -> None:
+    """Every record of the training file (and the held-out file) parses, names an answer and its images exist: a
+    bad record is one error naming the file, the record and the fix, before any process starts."""
+    from megatron_spark.data import DataError, load_records
+
+    d = cfg.data
+    for field, path in (("data.train_file", d.train_file), ("eval.file", cfg.eval.file)):
+        if path is None or (field == "eval.file" and not cfg.eval.interval):
+            continue
+        try:
+            if field == "data.train_file":
+                load_records(path, d.prompt_key, d.answer_key, d.skip_bad_records)
+            else:  # (a training-format file, or a benchmark file in the released format)
+                from megatron_spark.evaluation.periodic import load_held_out
+
+                load_held_out(path, cfg.eval.max_items, d.max_pixels)
+        except DataError as e:
+            raise DataError(f"{field} '{path}': {e}") from None
+
+
 def prelaunch_check(cfg: SparkConfig, world: int, force: bool = False):
     """Everything that can be known before a process starts: the config, the layout against the model, and on a
     GPU the planner's memory verdict for this job's layout (refused with the phase, the numbers and a fix; a
     warning with `force`). Returns the model's shape (None without model.hf_dir)."""
     shape = validate_for_launch(cfg, world)
+    check_data_files(cfg)
     ck = cfg.checkpoint
     if ck.dir and ck.resume and Path(ck.dir).is_dir():  # an unusable checkpoint directory fails here, in one line
         from megatron_spark.checkpoint import usable_step

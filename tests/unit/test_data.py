@@ -77,3 +77,32 @@ def test_stream_is_resumable(tmp_path):
 def test_control_tokens_in_question_text_are_rejected(tmp_path):
     with pytest.raises(DataError, match=r"record 0: the question text contains the control token <\|image_pad\|>"):
         load_records(write(tmp_path, [rec(text="look <|image_pad|> here")]))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("bad,expected", [
+    ({"message": json.dumps([{"role": "user", "content": [{"type": "image", "image": "nope.png"},
+                                                          {"type": "text", "text": "q"}]}]), "answer": "1"},
+     "record 3: image file 'nope.png' not found"),
+    ({"message": "[{not json", "answer": "1"}, "record 3: field 'message' is not valid JSON"),
+    ({"message": json.dumps([{"role": "user", "content": "q"}])}, "record 3: empty or missing 'answer'"),
+])
+def test_train_names_a_bad_record_before_any_process_starts(tmp_path, bad, expected):
+    """A user's training file with a bad record 3: one error naming the file, the record and what is wrong; no
+    traceback, no torchrun, no megatron-core warnings."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    good = {"message": json.dumps([{"role": "user", "content": [{"type": "text", "text": "What is 1 + 1?"}]}]),
+            "answer": "2"}
+    data = tmp_path / "train.json"
+    data.write_text(json.dumps([good, good, good, bad, good]))
+    p = subprocess.run([sys.executable, "-m", "megatron_spark.cli", "train", "--config",
+                        str(root / "examples" / "tiny_cpu.yaml"), "--nproc-per-node", "2", f"data.train_file={data}"],
+                       cwd=root, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 2
+    assert p.stderr.strip().splitlines() == [f"error: data.train_file '{data}': {expected}" +
+                                             p.stderr.strip().split(expected, 1)[1]], p.stderr
+    assert "Traceback" not in p.stderr and "torchrun" not in p.stderr + p.stdout and "Warning" not in p.stderr
