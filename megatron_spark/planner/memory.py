@@ -198,6 +198,13 @@ def plan_memory(shape: ModelShape, layout: Layout, work: Workload, gpu_bytes: fl
                                          v.hidden_size // v.num_heads, patches, layout.tp, work.attention,
                                          layout.recompute, False)
             acts += inflight * v.depth * (vis if layout.recompute != "full" else 2 * patches * v.hidden_size)
+        # the inputs of the micro-batches in flight (one moves to the GPU when its step runs): token ids, labels,
+        # positions, the dense [b, 1, s, s] boolean mask, and the pixels (model dtype) on stage 0
+        inputs = inflight * (work.micro_batch_size * work.seq_len ** 2 + 40 * s)
+        if st.stage == 0 and v is not None and work.image_tokens:
+            inputs += inflight * 4 * work.image_tokens * work.micro_batch_size * 3 * 2 * 14 * 14 * DTYPE_BYTES[
+                work.dtype]
+        acts += inputs
         logits = 0.0
         if st.stage == layout.pp - 1:
             logits = 10 * s * vocab / layout.tp + 2 * vocab * t.hidden_size / layout.tp
