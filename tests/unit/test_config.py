@@ -267,3 +267,23 @@ def test_every_section_has_owners_that_exist():
     assert owns("megatron_spark.rollout.build", "rollout.backend") and owns("__main__", "eval.file")
     assert not owns("megatron_spark.trainer", "rollout.max_new_tokens")  # the rollouts' Sampling holds it
     assert not owns("megatron_spark.trainer", "eval.interval")           # the HeldOutEval component's
+
+
+def test_the_engine_runs_the_batch_the_planner_assumes(monkeypatch):
+    """The engine once ran vLLM's 64 sequences (not a config field) while the planner assumed 256: the rollout
+    section's max_num_seqs reaches both."""
+    from types import SimpleNamespace
+
+    from megatron_spark.planner.search import from_config
+    from megatron_spark.rollout import build, engine
+
+    seen = {}
+    monkeypatch.setattr(engine, "RolloutEngine", lambda hf_dir, **kw: seen.update(kw))
+    cfg = load_config(None, ["rollout.max_num_seqs=77"])
+    shape = SimpleNamespace(vision=None, text=SimpleNamespace(tied_embeddings=False))
+    build.build_engine(cfg.rollout, "model", shape, dtype="bf16", seed=0, min_pixels=1, max_pixels=2)
+    assert seen["max_num_seqs"] == 77 == from_config(cfg)[1].max_num_seqs
+    assert seen["sleep_mode"] is True  # (colocated: it shares the GPU with training)
+    build.build_engine(load_config(None, ["rollout.placement=disaggregated"]).rollout, "model", shape, dtype="bf16",
+                       seed=0, min_pixels=1, max_pixels=2)
+    assert seen["sleep_mode"] is False and seen["max_num_seqs"] == 256

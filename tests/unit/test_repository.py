@@ -173,3 +173,26 @@ def test_the_stack_is_typed():
     hints = typing.get_type_hints(stack_module.RLStack, globalns={**vars(stack_module), **ns})
     assert typing.Any not in hints.values() and len(hints) == 15
     assert hints["policy"].__name__ == "Policy" and hints["sync"].__name__ == "WeightSync"
+
+
+def test_checkpoints_load_without_running_code():
+    """A checkpoint someone shares must not run code when a run resumes from it: no `torch.load` in the package
+    passes weights_only=False, and the RNG state the checkpoints store loads with weights_only=True."""
+    import io
+    import random
+
+    import torch
+
+    bad = []
+    for p in (ROOT / "megatron_spark").rglob("*.py"):
+        for n in ast.walk(ast.parse(p.read_text())):
+            if isinstance(n, ast.Call) and getattr(n.func, "attr", "") == "load" and \
+                    any(k.arg == "weights_only" and getattr(k.value, "value", None) is False for k in n.keywords):
+                bad.append(f"{p.relative_to(ROOT)}:{n.lineno}")
+    assert bad == [], bad
+    buf = io.BytesIO()  # (what checkpoint.py saves per rank)
+    torch.save({"torch": torch.get_rng_state(), "python": random.getstate(), "cuda_tracker": {"x": torch.zeros(3)}},
+               buf)
+    buf.seek(0)
+    state = torch.load(buf, weights_only=True)
+    random.setstate(state["python"])
