@@ -179,11 +179,7 @@ class SparkTrainer:
                 overrides: Optional[dict] = None) -> int:
         """Ask the engines for samples of each (period, tasks, their prompts, refill round): each engine generates
         only its share of each part's prompts (a prompt's n samples stay on one engine). Returns a ticket."""
-<<<<<<< Updated upstream
         seed, aux_n = self.cfg.training.seed, self.recycle_settings.samples_per_task
-=======
-        seed, aux_n = self.cfg.training.seed, self.cfg.algorithm.recycle.samples_per_task
->>>>>>> Stashed changes
 
         def part(name: str, tasks: list[Task], built: PromptCache, rnd: int) -> GenerationPart:
             # (the reward period's group size: algorithm.recycle.samples_per_task when set)

@@ -55,19 +55,10 @@ step() {
   [ $rc != 0 ] && [ $rc != 124 ] && result="failed ($rc)"
   printf '%s\t%s\t%s\n' "$name" "$result" "$fig" >>"$summary"
 }
-<<<<<<< Updated upstream
 
 # what runs even in a dry run: the fixtures of the smoke lane (CPU work) and the checks of every command
 smoke_fixtures() {
   $py -c "
-=======
-step env 60 bash -c "nvidia-smi -L; $py -c 'import torch, transformers, megatron.core as m; \
-print(torch.__version__, torch.version.cuda, transformers.__version__, m.__version__)'"
-step tests 180 $py -m pytest -q -p no:cacheprovider -o addopts= tests/gpu -rs
-# The whole trainer on one GPU under NCCL, without CUDA vLLM (rollout.backend=hf): KL on (the frozen reference
-# model's placement), the non-distributed optimizer, full recompute, a checkpoint; fp32 (the drift check) and bf16
-step smoke_build 120 $py -c "
->>>>>>> Stashed changes
 from megatron_spark.fixtures.shapes import make_shapes_task
 from megatron_spark.fixtures.tiny import build_qwen2_5_vl
 build_qwen2_5_vl('$out/smoke/model', tied=False, min_pixels=3136, max_pixels=3136)
