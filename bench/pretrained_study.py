@@ -449,7 +449,12 @@ def probe_judge(a) -> int:
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     model = warm_start(a, out)
-    data = judge_data(a, out, model)
+    if a.data_only:
+        judge_data(a, out, model)
+        return 0
+    data = out / "judge_probe" / "judge_train.json"
+    if not data.is_file():  # (in a process of its own: the warm start's engine initialised torch.distributed here)
+        subprocess.run([sys.executable, __file__, *sys.argv[1:], "--data-only"], cwd=ROOT, check=True)
     run = out / "judge_probe" / "run"
     held = write_benchmark(out / "judge_probe" / "held_out", a.held_out, seed=10_000, level=a.level)
     before = _judge_eval(model, held.parent / "judge.json", out / "judge_probe" / "eval_before", a.max_tokens)
@@ -516,6 +521,7 @@ def main() -> int:
     pj.add_argument("--warm-batch", type=int, default=8)
     pj.add_argument("--warm-lr", type=float, default=1e-4)
     pj.add_argument("--out", default="runs/pretrained_study")
+    pj.add_argument("--data-only", action="store_true", help=argparse.SUPPRESS)
     pr = sub.add_parser("probe", help="(internal) one model's greedy held-out figures, as JSON")
     pr.add_argument("model")
     pr.add_argument("--level", default="add1", choices=list(LEVELS))
