@@ -27,7 +27,7 @@ def have_transformer_engine() -> bool:
 
 def gpt_layer_spec(use_te: bool, normalization: str = "RMSNorm", qk_layernorm: bool = False, norm_cls=None):
     """The GPT decoder layer spec: TE fused layers on GPU, megatron-core's local modules on CPU (with `norm_cls`
-    for its two norms when given)."""
+    for its norms when given: the two per layer, and the per-head query and key norms with `qk_layernorm`)."""
     import copy
 
     from megatron.core.models.gpt import gpt_layer_specs as specs
@@ -39,6 +39,9 @@ def gpt_layer_spec(use_te: bool, normalization: str = "RMSNorm", qk_layernorm: b
         spec = copy.deepcopy(spec)
         spec.submodules.input_layernorm = norm_cls
         spec.submodules.pre_mlp_layernorm = norm_cls
+        if qk_layernorm:
+            spec.submodules.self_attention.submodules.q_layernorm = norm_cls
+            spec.submodules.self_attention.submodules.k_layernorm = norm_cls
     return spec
 
 

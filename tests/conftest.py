@@ -48,8 +48,8 @@ def _fast_tier_guard(monkeypatch):
 
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory):
-    """Tiny HF checkpoints covering GQA, odd (padded) vocab, tied and untied embeddings, Qwen2.5-VL."""
-    from megatron_spark.fixtures.tiny import build_qwen2, build_qwen2_5_vl
+    """Tiny HF checkpoints covering GQA, odd (padded) vocab, tied and untied embeddings, Qwen3, Qwen2.5-VL."""
+    from megatron_spark.fixtures.tiny import build_qwen2, build_qwen2_5_vl, build_qwen3
 
     root = tmp_path_factory.mktemp("tiny")
     return {
@@ -59,6 +59,8 @@ def tiny_models(tmp_path_factory):
                                           seed=1)),
         "vl_untied": str(build_qwen2_5_vl(root / "vl_untied", tied=False)),
         "vl_tied": str(build_qwen2_5_vl(root / "vl_tied", tied=True, seed=2)),
+        # q/k norms, no qkv bias, head_dim 64 apart from hidden 128 / 4 heads
+        "q3_tied": str(build_qwen3(root / "q3_tied", tied=True, seed=9)),
     }
 
 

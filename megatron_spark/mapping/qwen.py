@@ -1,4 +1,4 @@
-"""The Qwen2 / Qwen2.5 / Qwen2.5-VL weight map: one declarative table per family, both directions.
+"""The Qwen2 / Qwen2.5 / Qwen3 / Qwen2.5-VL weight map: one declarative table per family, both directions.
 
 Megatron names are those of megatron-core's local layer spec (`input_layernorm`, `pre_mlp_layernorm`); with the
 Transformer Engine spec the norms are fused into the next linear and `to_te_name` renames them. HF names are the
@@ -52,7 +52,11 @@ def _text_rules(t, prefix: str, padded_vocab: int, with_output: bool) -> list[Ru
         Rule(mg + "input_layernorm.weight", (hf + "input_layernorm.weight",), Transform(REPLICATED), L),
         Rule(mg + "self_attention.linear_qkv.weight",
              tuple(hf + f"self_attn.{p}_proj.weight" for p in "qkv"), qkv, L),
-        Rule(mg + "self_attention.linear_qkv.bias", tuple(hf + f"self_attn.{p}_proj.bias" for p in "qkv"), qkv, L),
+        *([Rule(mg + "self_attention.linear_qkv.bias", tuple(hf + f"self_attn.{p}_proj.bias" for p in "qkv"), qkv,
+                L)] if t.qkv_bias else []),
+        *([Rule(mg + "self_attention.q_layernorm.weight", (hf + "self_attn.q_norm.weight",), Transform(REPLICATED), L),
+           Rule(mg + "self_attention.k_layernorm.weight", (hf + "self_attn.k_norm.weight",), Transform(REPLICATED), L)]
+          if t.qk_norm else []),
         Rule(mg + "self_attention.linear_proj.weight", (hf + "self_attn.o_proj.weight",), Transform(ROW), L),
         Rule(mg + "pre_mlp_layernorm.weight", (hf + "post_attention_layernorm.weight",), Transform(REPLICATED), L),
         Rule(mg + "mlp.linear_fc1.weight", (hf + "mlp.gate_proj.weight", hf + "mlp.up_proj.weight"),
@@ -172,13 +176,16 @@ def expected_hf_shapes(shape: ModelShape) -> dict[str, tuple[int, ...]]:
         out["lm_head.weight"] = (t.vocab_size, h)
     for i in range(t.num_layers):
         p = f"model.layers.{i}."
-        out.update({
-            p + "input_layernorm.weight": (h,), p + "post_attention_layernorm.weight": (h,),
-            p + "self_attn.q_proj.weight": (q, h), p + "self_attn.q_proj.bias": (q,),
-            p + "self_attn.k_proj.weight": (kv, h), p + "self_attn.k_proj.bias": (kv,),
-            p + "self_attn.v_proj.weight": (kv, h), p + "self_attn.v_proj.bias": (kv,),
-            p + "self_attn.o_proj.weight": (h, q), p + "mlp.gate_proj.weight": (t.ffn_hidden_size, h),
-            p + "mlp.up_proj.weight": (t.ffn_hidden_size, h), p + "mlp.down_proj.weight": (h, t.ffn_hidden_size)})
+        out.update({p + "input_layernorm.weight": (h,), p + "post_attention_layernorm.weight": (h,)})
+        for proj, rows in (("q", q), ("k", kv), ("v", kv)):
+            out[p + f"self_attn.{proj}_proj.weight"] = (rows, h)
+            if t.qkv_bias:
+                out[p + f"self_attn.{proj}_proj.bias"] = (rows,)
+        if t.qk_norm:
+            out.update({p + "self_attn.q_norm.weight": (t.head_dim,), p + "self_attn.k_norm.weight": (t.head_dim,)})
+        out.update({p + "self_attn.o_proj.weight": (h, q), p + "mlp.gate_proj.weight": (t.ffn_hidden_size, h),
+                    p + "mlp.up_proj.weight": (t.ffn_hidden_size, h),
+                    p + "mlp.down_proj.weight": (h, t.ffn_hidden_size)})
     if v is not None:
         vh, f, m = v.hidden_size, v.ffn_hidden_size, v.hidden_size * v.spatial_merge_size ** 2
         out["visual.patch_embed.proj.weight"] = (vh, v.in_channels, v.temporal_patch_size, v.patch_size,

@@ -1,4 +1,4 @@
-"""Read an HF Qwen2 / Qwen2.5 / Qwen2.5-VL `config.json` into typed shapes (no transformers import needed).
+"""Read an HF Qwen2 / Qwen2.5 / Qwen3 / Qwen2.5-VL `config.json` into typed shapes (no transformers import needed).
 
 Handles both the transformers-4 layout (text fields at top level, `rope_scaling`) and the transformers-5 layout
 (`text_config`, `rope_parameters`).
@@ -18,10 +18,13 @@ class Family:
     hf_architecture: str      # config.json's `architectures`
     multimodal: bool          # a vision tower, images in prompts
     megatron_prefix: str      # where the language model's parameters sit in our Megatron module
+    qk_norm: bool = False     # an RMSNorm over each head's queries and keys before RoPE (Qwen3)
+    qkv_bias: bool = True     # biases on the q/k/v projections (Qwen2 has them; Qwen3 has none)
 
 
 FAMILIES = {f.name: f for f in (
     Family("qwen2", "Qwen2ForCausalLM", multimodal=False, megatron_prefix=""),
+    Family("qwen3", "Qwen3ForCausalLM", multimodal=False, megatron_prefix="", qk_norm=True, qkv_bias=False),
     Family("qwen2_5_vl", "Qwen2_5_VLForConditionalGeneration", multimodal=True, megatron_prefix="language_model."),
 )}
 ARCHITECTURES = {f.hf_architecture: f.name for f in FAMILIES.values()}
@@ -41,6 +44,8 @@ class TextShape:
     tied_embeddings: bool
     max_position_embeddings: int
     mrope_section: Optional[tuple[int, ...]] = None
+    qkv_bias: bool = True
+    qk_norm: bool = False
 
 
 @dataclass(frozen=True)
@@ -86,6 +91,17 @@ def _rope(cfg: dict) -> tuple[float, Optional[tuple[int, ...]]]:
     return float(theta), tuple(mrope) if mrope else None
 
 
+def _refuse_unsupported_attention(text_cfg: dict, kind: Family, source: str) -> None:
+    """Attention variants a family's config can switch on that the Megatron model and the weight tables do not
+    build: refused by name rather than converted into a model that silently differs."""
+    if not kind.qkv_bias and text_cfg.get("attention_bias"):
+        raise ValueError(f"{source}: attention_bias=true (biases on q/k/v/o) is not supported for {kind.name}; "
+                         f"the released {kind.name} checkpoints have none")
+    if text_cfg.get("use_sliding_window") and kind.qk_norm:
+        raise ValueError(f"{source}: use_sliding_window=true is not supported for {kind.name} (every layer is "
+                         f"built with full attention); set it to false")
+
+
 def parse_hf_config(cfg: dict, source: str = "config.json") -> ModelShape:
     archs = cfg.get("architectures") or []
     family = next((ARCHITECTURES[a] for a in archs if a in ARCHITECTURES), None)
@@ -101,6 +117,8 @@ def parse_hf_config(cfg: dict, source: str = "config.json") -> ModelShape:
     if multimodal and mrope is None:
         theta, mrope = _rope(cfg)
     tied = bool(cfg.get("tie_word_embeddings", text_cfg.get("tie_word_embeddings", False)))
+    kind = FAMILIES[family]
+    _refuse_unsupported_attention(text_cfg, kind, source)
     heads = text_cfg["num_attention_heads"]
     text = TextShape(
         hidden_size=text_cfg["hidden_size"], ffn_hidden_size=text_cfg["intermediate_size"],
@@ -109,7 +127,8 @@ def parse_hf_config(cfg: dict, source: str = "config.json") -> ModelShape:
         head_dim=text_cfg.get("head_dim") or text_cfg["hidden_size"] // heads,
         vocab_size=text_cfg["vocab_size"], rms_norm_eps=float(text_cfg.get("rms_norm_eps", 1e-6)),
         rope_theta=theta, tied_embeddings=tied,
-        max_position_embeddings=text_cfg.get("max_position_embeddings", 32768), mrope_section=mrope)
+        max_position_embeddings=text_cfg.get("max_position_embeddings", 32768), mrope_section=mrope,
+        qkv_bias=kind.qkv_bias, qk_norm=kind.qk_norm)
     vision = None
     if multimodal:
         v = cfg["vision_config"]

@@ -1,4 +1,4 @@
-"""Qwen2 / Qwen2.5 text and Qwen2.5-VL models built from megatron-core parts.
+"""Qwen2 / Qwen2.5 / Qwen3 text and Qwen2.5-VL models built from megatron-core parts.
 
 The text model is megatron-core's `GPTModel` (RoPE, or multimodal RoPE for VL). The Qwen2.5-VL vision tower is a
 `TransformerBlock` of megatron-core layers whose attention is masked per image (full-attention blocks) or per
@@ -85,7 +85,8 @@ def text_transformer_config(t: TextShape, layout, dtype: torch.dtype, use_te: bo
         layout, dtype, use_te,
         num_layers=t.num_layers, hidden_size=t.hidden_size, ffn_hidden_size=t.ffn_hidden_size,
         num_attention_heads=t.num_heads, num_query_groups=t.num_kv_heads, kv_channels=t.head_dim,
-        add_qkv_bias=True, add_bias_linear=False, layernorm_epsilon=t.rms_norm_eps,
+        add_qkv_bias=t.qkv_bias, add_bias_linear=False, layernorm_epsilon=t.rms_norm_eps,
+        qk_layernorm=t.qk_norm,
         pipeline_model_parallel_size=layout.pp,
         virtual_pipeline_model_parallel_size=layout.vpp,
         # Virtual stages: Megatron-LM's defaults (overlapped, unbatched p2p). The batched form posts send_prev
@@ -128,7 +129,7 @@ def build_gpt(t: TextShape, layout, *, dtype: torch.dtype, use_te: bool, pre_pro
 
     config = text_transformer_config(t, layout, dtype, use_te, recompute)
     kwargs = dict(vp_stage=vp_stage) if vp_stage is not None else {}
-    spec = compat.gpt_layer_spec(use_te, norm_cls=TorchRMSNorm)
+    spec = compat.gpt_layer_spec(use_te, norm_cls=TorchRMSNorm, qk_layernorm=t.qk_norm)
     if not use_te:  # the final norm too must be a torch RMSNorm (compat.local_block_spec says why)
         spec = compat.local_block_spec(spec, config, TorchRMSNorm, vp_stage)
     return GPTModel(

@@ -34,6 +34,13 @@ def _vl(hidden: int, ffn: int, layers: int, heads: int, kv: int, vision_ffn: int
             "image_token_id": 151655, "vision_start_token_id": 151652}
 
 
+def _qwen3(hidden: int, ffn: int, layers: int, heads: int, kv: int, tied: bool) -> dict:
+    return {"architectures": ["Qwen3ForCausalLM"], "hidden_size": hidden, "intermediate_size": ffn,
+            "num_hidden_layers": layers, "num_attention_heads": heads, "num_key_value_heads": kv, "head_dim": 128,
+            "vocab_size": 151936, "rms_norm_eps": 1e-6, "rope_theta": 1e6, "max_position_embeddings": 40960,
+            "tie_word_embeddings": tied, "attention_bias": False}
+
+
 BUILTIN: dict[str, dict] = {
     "qwen2.5-vl-7b": _vl(3584, 18944, 28, 28, 4, 3420),
     "qwen2.5-vl-32b": _vl(5120, 27648, 64, 40, 8, 3456),
@@ -42,6 +49,11 @@ BUILTIN: dict[str, dict] = {
                    "num_hidden_layers": 28, "num_attention_heads": 28, "num_key_value_heads": 4,
                    "vocab_size": 152064, "rms_norm_eps": 1e-6, "rope_theta": 1e6, "max_position_embeddings": 32768,
                    "tie_word_embeddings": False},
+    # the released config.json files' shapes (head_dim 128 at every size, q/k norms, no qkv bias)
+    "qwen3-0.6b": _qwen3(1024, 3072, 28, 16, 8, tied=True),
+    "qwen3-4b": _qwen3(2560, 9728, 36, 32, 8, tied=True),
+    "qwen3-8b": _qwen3(4096, 12288, 36, 32, 8, tied=False),
+    "qwen3-32b": _qwen3(5120, 25600, 64, 64, 8, tied=False),
 }
 
 

@@ -1,4 +1,4 @@
-"""torchrun worker: megatron-core Qwen2 / Qwen2.5-VL vs HF transformers, several layouts in one launch.
+"""torchrun worker: megatron-core Qwen2 / Qwen3 / Qwen2.5-VL vs HF transformers, several layouts in one launch.
 
 Usage: torchrun --nproc-per-node 2 tests/dist/parity_worker.py MODELS_JSON OUT_JSON
 MODELS_JSON maps a case name to an HF dir. For each layout (TP=1 (DP=2), TP=2, PP=2) and model it compares the
@@ -19,12 +19,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # `tests.oracle` w
 
 from megatron_spark.config import TrainingConfig  # noqa: E402
 
-TRAIN_CASES = ("q2_untied_gqa4", "vl_tied", "q2_3layers", "q2_4layers")
+TRAIN_CASES = ("q2_untied_gqa4", "vl_tied", "q2_3layers", "q2_4layers", "q3_untied_3layers")
 # layout name -> (TP, PP, VPP, sequence parallel), and the cases each one runs (None: all of them)
 LAYOUTS = {"tp1": (1, 1, None, False), "tp2": (2, 1, None, False), "pp2": (1, 2, None, False),
            "pp2vpp2": (1, 2, 2, False), "tp2sp": (2, 1, None, True)}
 LAYOUT_CASES = {"tp2": lambda c: c != "q2_4layers", "pp2vpp2": lambda c: c == "q2_4layers",
-                "tp2sp": lambda c: c in ("q2_untied_gqa4", "vl_tied", "vl_untied")}
+                "tp2sp": lambda c: c in ("q2_untied_gqa4", "vl_tied", "vl_untied", "q3_untied_3layers")}
 ONE_STEP = {}  # case -> HF tensors after the reference step (rank 0), for the layout-invariance check
 
 
@@ -249,6 +249,11 @@ def main():
                     for c in chunks:
                         c.zero_grad(set_to_none=True)
                     forward_backward(chunks, batch, shape.text.vocab_size, loss_fn=ce)
+                    if shape.text.qk_norm:  # each TP rank's heads give part of the q/k norms' gradient: summed
+                        for c in chunks:  # over TP, as megatron-core's finalize_model_grads does in training
+                            for n, prm in c.named_parameters():
+                                if ("q_layernorm" in n or "k_layernorm" in n) and prm.grad is not None:
+                                    dist.all_reduce(prm.grad, group=ps.get_tensor_model_parallel_group())
                     mg_grads = {n: g.detach().cpu() for n, g in export_megatron_to_hf(
                         chunks, wmap, ps.get_tensor_model_parallel_group(), grads=True).items()}
                     ref.zero_grad(set_to_none=True)

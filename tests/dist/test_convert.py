@@ -16,7 +16,7 @@ from megatron_spark.convert.converters import hf_to_megatron, megatron_to_hf
 from megatron_spark.io.safetensors import HFCheckpoint
 from tests.conftest import ROOT, torchrun
 
-CASES = ["q2_tied", "q2_untied_gqa4", "vl_untied", "vl_tied"]
+CASES = ["q2_tied", "q2_untied_gqa4", "vl_untied", "vl_tied", "q3_tied"]
 
 
 def assert_same_tensors(a_dir, b_dir, dtype=None):
@@ -58,10 +58,11 @@ def test_round_trip_is_bit_exact(converted):
         assert (Path(c["ckpt"]) / "latest_checkpointed_iteration.txt").read_text() == "0"
 
 
-def test_bf16_round_trip_is_bit_exact(tiny_models, tmp_path):
-    mg = hf_to_megatron(tiny_models["vl_tied"], tmp_path / "mg", dtype="bf16").out
+@pytest.mark.parametrize("case", ["vl_tied", "q3_tied"])
+def test_bf16_round_trip_is_bit_exact(tiny_models, tmp_path, case):
+    mg = hf_to_megatron(tiny_models[case], tmp_path / "mg", dtype="bf16").out
     hf = megatron_to_hf(mg, tmp_path / "hf").out
-    assert_same_tensors(tiny_models["vl_tied"], hf, dtype=torch.bfloat16)
+    assert_same_tensors(tiny_models[case], hf, dtype=torch.bfloat16)
     assert json.loads((hf / "config.json").read_text()).get("dtype", "bfloat16") == "bfloat16"
 
 

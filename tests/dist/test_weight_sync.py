@@ -9,7 +9,10 @@ from tests.conftest import torchrun
 LAYOUTS = {"q2_untied_gqa4": "2x1,2x1,1x2", "vl_tied": "2x1,2x1,1x2",
            # one KV head: the trainer runs TP=1 (DP=2, then PP=2) and vLLM's TP=2 replicates the head on both ranks;
            # 3 layers, so PP=2 splits them unevenly (1 + 2)
-           "q2_kv1": "1x1,1x2"}
+           "q2_kv1": "1x1,1x2",
+           # Qwen3 (q/k norms, no qkv bias, head_dim apart from hidden / heads), served from our HF -> Megatron -> HF
+           # round trip; TP=2, then PP=2 over 3 layers
+           "q3_untied": "2x1,1x2"}
 
 
 def round_names(spec: str) -> list[str]:
@@ -24,9 +27,13 @@ def sync_results(request, tiny_models, tmp_path_factory):
         from megatron_spark.fixtures.tiny import build_qwen2
 
         hf = str(build_qwen2(d / "kv1", hidden=128, heads=4, kv_heads=1, ffn=512, layers=3, tied=False, seed=3))
+    elif request.param == "q3_untied":
+        from megatron_spark.fixtures.tiny import build_qwen3
+
+        hf = str(build_qwen3(d / "q3", layers=3, tied=False, seed=4))
     else:
         hf = tiny_models[request.param]
-    if request.param == "vl_tied":
+    if request.param in ("vl_tied", "q3_untied"):
         # vLLM (and HF generate) serve this case from our HF -> Megatron -> HF round trip: exports load in vLLM
         from megatron_spark.convert.converters import hf_to_megatron, megatron_to_hf
 

@@ -21,7 +21,7 @@ QWEN25_VL_32B = {
 
 def stage_of(num_layers, pp):
     def f(name):
-        if "language_model.decoder.layers." in name:
+        if "decoder.layers." in name and not name.startswith("vision_model"):
             return int(name.split("layers.")[1].split(".")[0]) // (num_layers // pp)
         if "vision_model" in name or "embedding" in name:
             return 0
@@ -38,7 +38,22 @@ def test_every_target_element_covered_exactly_once(train_tp, train_pp, rollout_t
     cfg = {**QWEN25_VL_32B, "num_key_value_heads": abs(kv_heads) if kv_heads > 0 else 8}
     if kv_heads < 0:
         cfg["tie_word_embeddings"] = True
-    shape = parse_hf_config(cfg)
+    check_plan(parse_hf_config(cfg), train_tp, train_pp, rollout_tp)
+
+
+@pytest.mark.parametrize("train_tp,train_pp,rollout_tp", [(8, 2, 4), (4, 4, 8), (2, 2, 16)])
+def test_qwen3_32b_target_elements_covered_exactly_once(train_tp, train_pp, rollout_tp):
+    """Qwen3: per-head q/k norms (replicated, sent whole to every rollout rank), no qkv bias; at rollout TP 16 each
+    of its 8 KV heads is replicated on two ranks."""
+    from megatron_spark.planner.model import load_model
+
+    shape = load_model("qwen3-32b")
+    names = WeightMap(shape, tp=train_tp).hf_names()
+    assert "model.layers.0.self_attn.q_norm.weight" in names and "model.layers.0.self_attn.q_proj.bias" not in names
+    check_plan(shape, train_tp, train_pp, rollout_tp)
+
+
+def check_plan(shape, train_tp: int, train_pp: int, rollout_tp: int) -> None:
     wmap = WeightMap(shape, tp=train_tp)
     shapes = hf_shapes(shape)
     assert set(wmap.hf_names()) == set(shapes)

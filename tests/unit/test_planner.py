@@ -24,6 +24,14 @@ def test_parameter_counts_match_the_published_sizes(name, total, language, visio
     assert (round(c.total / 1e9, 2), round(c.language / 1e9, 2), round(c.vision / 1e9, 2)) == (total, language, vision)
 
 
+@pytest.mark.parametrize("name,total", [("qwen3-0.6b", 596_049_920), ("qwen3-4b", 4_022_468_096),
+                                        ("qwen3-8b", 8_190_735_360), ("qwen3-32b", 32_762_123_264)])
+def test_qwen3_parameter_counts_are_exact(name, total):
+    """Element for element the released checkpoints' sizes (their safetensors index): q/k norms of head_dim 128 per
+    layer, no qkv bias, tied embeddings up to 4B. A qkv bias counted in, or the norms left out, is off by ~1e5-1e6."""
+    assert param_counts(load_model(name)).total == total
+
+
 def test_stage_params_by_hand():
     s = load_model("qwen2.5-7b")
     h, f, q, kv, v = 3584, 18944, 3584, 512, 152064
