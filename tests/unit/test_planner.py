@@ -115,7 +115,7 @@ def test_plan_cli_leads_with_the_parameter_counts():
     assert "| 1 | TP" in p.stdout and "feasible of" in p.stdout
 
 
-GPU_EXAMPLES = {"spark_7b": ("qwen2.5-7b", 8), "spark_vl_7b": ("qwen2.5-vl-7b", 8),
+GPU_EXAMPLES = {"spark_7b": ("qwen2.5-7b", 8), "spark_qwen3_8b": ("qwen3-8b", 8), "spark_vl_7b": ("qwen2.5-vl-7b", 8),
                 "spark_vl_32b": ("qwen2.5-vl-32b", 16), "spark_vl_32b_offpolicy": ("qwen2.5-vl-32b", 24)}
 CPU_EXAMPLES = {"tiny_cpu", "pretrained_study"}
 
