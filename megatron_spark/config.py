@@ -1,8 +1,9 @@
 """The one typed config tree of megatron-spark.
 
 Loaded from YAML (`load_config`) with dotted CLI overrides (`rollout.temperature=0.7`), then `validate()`d once
-up front. Every error is a `ValueError` that names the dotted field and says how to fix it, so a bad launch fails
-in the first second rather than an hour into a 32B job.
+up front (megatron_spark/validation.py: each section's rules, then the rules across sections). Every error is a
+`ValueError` that names the dotted field and says how to fix it, so a bad launch fails in the first second rather
+than an hour into a 32B job.
 """
 from __future__ import annotations
 
@@ -16,6 +17,10 @@ from pathlib import Path
 from typing import Any, Iterator, Literal, Optional
 
 import yaml
+
+from megatron_spark.layout_rules import LAYOUT_FIELDS, ModelFacts, model_layout_problems  # noqa: F401 (re-exported)
+from megatron_spark.validation import fail as _fail
+from megatron_spark.validation import training_world, validate  # noqa: F401 (re-exported)
 
 # Fields that existed once: loading a config that still sets one says what replaced it.
 REMOVED_FIELDS = {
@@ -63,49 +68,6 @@ class ModelConfig(_Section):
     # patch merger), "language_model", or regular expressions over Megatron parameter names (e.g.
     # "decoder.layers.[0-3]\\."); frozen parameters get no gradient buffers and no optimizer state
     freeze: list[str] = field(default_factory=list)
-
-
-@dataclass(frozen=True)
-class ModelFacts:
-    """What validation needs to know of the model (read from its config.json: `ModelFacts.of(shape)`); not part
-    of the user's config."""
-    num_layers: Optional[int] = None
-    num_attention_heads: Optional[int] = None
-    num_key_value_heads: Optional[int] = None
-    vision_num_heads: Optional[int] = None
-
-    @classmethod
-    def of(cls, shape) -> "ModelFacts":
-        t, v = shape.text, shape.vision
-        return cls(t.num_layers, t.num_heads, t.num_kv_heads, v.num_heads if v else None)
-
-
-LAYOUT_FIELDS = {"tp": "parallel.tensor_model_parallel_size", "pp": "parallel.pipeline_model_parallel_size",
-                 "rollout_tp": "rollout.tensor_parallel_size"}
-
-
-def model_layout_problems(facts: ModelFacts, tp: int, pp: int, rollout_tp: Optional[int] = None,
-                          labels: Optional[dict[str, str]] = None) -> list[tuple[str, str]]:
-    """The rules a model puts on a layout, written once: config validation, the converters, verify-sync and the
-    planner all apply these. Returns [(knob, message)], knob in LAYOUT_FIELDS, each message naming the knob by its
-    `labels` (default TP / PP / rollout TP; a CLI passes its flags) and the fix."""
-    lab = {"tp": "TP", "pp": "PP", "rollout_tp": "rollout TP", **(labels or {})}
-    out = []
-    kv, heads, vision = facts.num_key_value_heads, facts.num_attention_heads, facts.vision_num_heads
-    if kv is not None and kv % tp:
-        out.append(("tp", f"{lab['tp']} {tp}: the model has {kv} KV heads; TP must divide them"))
-    if heads is not None and heads % tp:
-        out.append(("tp", f"{lab['tp']} {tp} does not divide the {heads} attention heads; choose a divisor"))
-    if vision is not None and vision % tp:
-        out.append(("tp", f"{lab['tp']} {tp} does not divide the vision tower's {vision} heads (it is "
-                          f"tensor-parallel over the same group); choose a divisor"))
-    if facts.num_layers is not None and pp > facts.num_layers:
-        out.append(("pp", f"{lab['pp']} {pp} exceeds the model's {facts.num_layers} layers"))
-    if rollout_tp is not None and kv is not None and \
-            ((rollout_tp > kv and rollout_tp % kv) or (rollout_tp <= kv and kv % rollout_tp)):
-        out.append(("rollout_tp", f"{lab['rollout_tp']} {rollout_tp}: vLLM needs a TP that divides the model's "
-                                  f"{kv} KV heads or is a multiple of them"))
-    return out
 
 
 @dataclass
@@ -462,10 +424,6 @@ def describe_fields() -> str:
 # Loading
 
 
-def _fail(path: str, msg: str) -> typing.NoReturn:
-    raise ValueError(f"config field '{path}': {msg}")
-
-
 def _coerce(value: Any, tp: Any, path: str) -> Any:
     origin = typing.get_origin(tp)
     if origin is typing.Union:  # Optional[X]
@@ -575,249 +533,6 @@ def load_config(path: Optional[str | Path] = None, overrides: Optional[list[str]
 
 # ----------------------------------------------------------------------------------------------------------------
 # Validation
-
-
-def _positive(path: str, value: Optional[int | float]) -> None:
-    if value is not None and value <= 0:
-        _fail(path, f"must be > 0, got {value}")
-
-
-def validate(cfg: SparkConfig, world_size: Optional[int] = None, model: Optional[ModelFacts] = None) -> None:
-    """Every rule a config must satisfy, each error naming the field and the fix; with the world size and the model's
-    facts (`ModelFacts.of(shape)`) the layout rules too."""
-    m, par, ro, alg, data, tr = cfg.model, cfg.parallel, cfg.rollout, cfg.algorithm, cfg.data, cfg.training
-    facts = model or ModelFacts()
-    from megatron_spark.models.freeze import check_freeze
-
-    check_freeze(m.freeze)
-    if m.hf_dir is not None and not Path(m.hf_dir).is_dir():
-        _fail("model.hf_dir", f"directory '{m.hf_dir}' does not exist; point it at a HF checkpoint directory")
-    from megatron_spark.io.checkpoint_layout import is_megatron_checkpoint
-
-    if m.megatron_ckpt is not None and not is_megatron_checkpoint(m.megatron_ckpt):
-        _fail("model.megatron_ckpt", f"'{m.megatron_ckpt}' is not a megatron checkpoint (no "
-              f"latest_checkpointed_iteration.txt or .metadata); write one with `megatron-spark convert "
-              f"hf-to-megatron`")
-    for name in ("tensor_model_parallel_size", "pipeline_model_parallel_size", "context_parallel_size"):
-        _positive(f"parallel.{name}", getattr(par, name))
-    tp, pp = par.tensor_model_parallel_size, par.pipeline_model_parallel_size
-    _positive("rollout.tensor_parallel_size", ro.tensor_parallel_size)
-    for knob, why in model_layout_problems(facts, tp, pp, ro.tensor_parallel_size):
-        _fail(LAYOUT_FIELDS[knob], why)
-    if facts.num_layers is not None:
-        from megatron_spark.parallel import stage_layers
-
-        try:
-            stage_layers(facts.num_layers, pp, par.num_layers_in_first_pipeline_stage,
-                         par.num_layers_in_last_pipeline_stage)
-        except ValueError as e:
-            field_name, _, msg = str(e).partition(": ")
-            _fail(field_name, msg)
-    vpp = par.virtual_pipeline_model_parallel_size
-    if vpp is not None:
-        _positive("parallel.virtual_pipeline_model_parallel_size", vpp)
-        if pp == 1:
-            _fail("parallel.virtual_pipeline_model_parallel_size",
-                  "virtual pipeline stages need pipeline_model_parallel_size > 1; unset it or raise PP")
-        if facts.num_layers is not None and facts.num_layers % (pp * vpp):
-            _fail("parallel.virtual_pipeline_model_parallel_size",
-                  f"{facts.num_layers} layers do not split into PP*VPP={pp * vpp} equal chunks; pick another VPP")
-        if par.num_layers_in_first_pipeline_stage is not None or par.num_layers_in_last_pipeline_stage is not None:
-            _fail("parallel.virtual_pipeline_model_parallel_size", "uneven first/last pipeline stages with virtual "
-                                                                   "stages are not supported; unset one of the two")
-    if par.sequence_parallel and tp == 1:
-        _fail("parallel.sequence_parallel", "sequence parallelism needs TP > 1; set it to false")
-    if par.context_parallel_size > 1:
-        _fail("parallel.context_parallel_size", f"context parallelism ({par.context_parallel_size}) is not "
-              "implemented: nothing splits sequences over CP ranks yet; set it to 1 (use sequence_parallel with "
-              "TP > 1, or PP, for long sequences)")
-    disaggregated = ro.placement == "disaggregated"
-    if disaggregated:
-        if ro.num_ranks < 1 or ro.num_ranks % ro.tensor_parallel_size:
-            _fail("rollout.num_ranks", f"disaggregated engines need their own ranks: a positive multiple of "
-                                       f"rollout.tensor_parallel_size={ro.tensor_parallel_size}, got {ro.num_ranks}")
-        if ro.backend != "vllm":
-            _fail("rollout.placement", "disaggregated engines are vLLM engines; set rollout.backend=vllm")
-        if ro.sync_target == "vllm_tp":
-            _fail("rollout.sync_target", "disaggregated engines load the weights through vLLM's loader (in-place "
-                                         "writes across processes are not built yet); use hf_full (or auto)")
-        if cfg.eval.interval:
-            _fail("eval.interval", "the held-out evaluation runs on colocated engines only (not yet through "
-                                   "disaggregated ones); set eval.interval=0 and evaluate checkpoints with "
-                                   "`megatron-spark eval`")
-    elif ro.num_ranks:
-        _fail("rollout.num_ranks", f"only disaggregated engines have ranks of their own; set "
-                                   f"rollout.placement=disaggregated or rollout.num_ranks=0 (got {ro.num_ranks})")
-    if alg.max_staleness not in (0, 1):
-        _fail("algorithm.max_staleness", f"0 (synchronous) or 1 (one-step off-policy), got {alg.max_staleness}")
-    if alg.max_staleness and not disaggregated:
-        _fail("algorithm.max_staleness", "generation overlaps training only on engines of their own: set "
-                                         "rollout.placement=disaggregated and rollout.num_ranks, or max_staleness=0")
-    if alg.max_staleness and alg.dynamic_sampling:
-        _fail("algorithm.dynamic_sampling", "refills are generated on demand, which one-step off-policy runs do "
-                                            "not do yet; set algorithm.dynamic_sampling=false or max_staleness=0")
-    if world_size is not None:
-        train_world = world_size - ro.num_ranks if disaggregated else world_size
-        if disaggregated and train_world < 1:
-            _fail("rollout.num_ranks", f"leaves no training rank of the job's {world_size}; launch more ranks or "
-                                       f"give the engines fewer")
-        model_parallel = tp * pp * par.context_parallel_size
-        if train_world % model_parallel:
-            what = f"training ranks {train_world} (world {world_size} - rollout.num_ranks {ro.num_ranks})" \
-                if disaggregated else f"world size {world_size}"
-            _fail("parallel", f"{what} is not a multiple of TP*PP*CP={model_parallel}; "
-                              f"launch a multiple of {model_parallel} ranks or change the layout")
-        if not disaggregated and world_size % ro.tensor_parallel_size:
-            _fail("rollout.tensor_parallel_size",
-                  f"world size {world_size} is not a multiple of the rollout TP {ro.tensor_parallel_size}")
-    if ro.backend == "hf":
-        if ro.tensor_parallel_size != 1:
-            _fail("rollout.tensor_parallel_size", f"rollout.backend=hf runs one transformers engine per rank; set "
-                                                  f"rollout.tensor_parallel_size=1 (got {ro.tensor_parallel_size})")
-        if ro.sync_target == "vllm_tp":
-            _fail("rollout.sync_target", "rollout.backend=hf loads whole HF tensors: use hf_full (or auto)")
-        if ro.quantization != "none":
-            _fail("rollout.quantization", "FP8 rollouts need a vLLM engine; set rollout.backend=vllm or "
-                                          "rollout.quantization=none")
-    if ro.n_samples_per_prompt < 2:
-        _fail("rollout.n_samples_per_prompt", f"GRPO needs at least 2 samples per prompt to form a group "
-                                              f"advantage, got {ro.n_samples_per_prompt}")
-    if ro.temperature < 0:
-        _fail("rollout.temperature", f"must be >= 0, got {ro.temperature}")
-    if not 0 < ro.top_p <= 1:
-        _fail("rollout.top_p", f"must be in (0, 1], got {ro.top_p}")
-    _positive("rollout.max_new_tokens", ro.max_new_tokens)
-    _positive("rollout.max_num_seqs", ro.max_num_seqs)
-    if m.dtype == "fp16":
-        _fail("model.dtype", "fp16 training needs dynamic loss scaling, which this trainer does not do (its "
-                             "updates would underflow to nothing); use bf16 on GPUs (or fp32); fp16 stays available "
-                             "for exports (`megatron-spark convert ... --dtype fp16`)")
-    if not 0 < ro.gpu_memory_utilization <= 1:
-        _fail("rollout.gpu_memory_utilization", f"must be in (0, 1], got {ro.gpu_memory_utilization}")
-    _positive("rollout.sync_bucket_mb", ro.sync_bucket_mb)
-    if ro.quantization != "none" and ro.sync_target == "vllm_tp":
-        _fail("rollout.sync_target", "vllm_tp writes the trainer's weights into vLLM's tensors in place; with "
-                                     f"rollout.quantization={ro.quantization} the engine's FP8 weights and scales are "
-                                     "loaded by vLLM's own loader: use rollout.sync_target=hf_full (or auto)")
-    if ro.max_model_len < ro.max_new_tokens:
-        _fail("rollout.max_model_len", f"{ro.max_model_len} is shorter than rollout.max_new_tokens="
-                                       f"{ro.max_new_tokens}; set it to prompt_max_len + max_new_tokens")
-    for name in ("eps_clip_low", "eps_clip_high"):
-        v = getattr(alg, name)
-        if not 0 <= v < 1:
-            _fail(f"algorithm.{name}", f"must be in [0, 1), got {v}")
-    if alg.kl_coef < 0:
-        _fail("algorithm.kl_coef", f"must be >= 0 (0 disables the KL loss), got {alg.kl_coef}")
-    if alg.overlong_buffer < 0 or alg.overlong_buffer > ro.max_new_tokens:
-        _fail("algorithm.overlong_buffer", f"must be in [0, rollout.max_new_tokens={ro.max_new_tokens}] (0 turns "
-                                           f"the penalty off), got {alg.overlong_buffer}")
-    if alg.overlong_penalty_factor < 0:
-        _fail("algorithm.overlong_penalty_factor", f"must be >= 0, got {alg.overlong_penalty_factor}")
-    if cfg.training.hang_timeout_s < 0:
-        _fail("training.hang_timeout_s", f"must be >= 0 seconds (0 turns the watchdog off), got "
-                                         f"{cfg.training.hang_timeout_s}")
-    if cfg.training.max_nonfinite_updates < 0:
-        _fail("training.max_nonfinite_updates", f"must be >= 0 (0 = never stop), got "
-                                                f"{cfg.training.max_nonfinite_updates}")
-    if alg.dynamic_sampling_rounds < 1:
-        _fail("algorithm.dynamic_sampling_rounds", f"counts generation rounds per period (the first included) and "
-                                                   f"must be >= 1, got {alg.dynamic_sampling_rounds}")
-    if not 0 <= alg.answer_rel_tol < 1:
-        _fail("algorithm.answer_rel_tol", f"is a relative tolerance for numeric answers and must be in [0, 1) "
-                                          f"(e.g. 1e-3; 0 = exact), got {alg.answer_rel_tol}")
-    if alg.rollout_is_cap < 1:
-        _fail("algorithm.rollout_is_cap", f"caps the importance ratio pi_old / pi_rollout and must be >= 1, got "
-                                          f"{alg.rollout_is_cap}")
-    _positive("algorithm.reward_timeout_s", alg.reward_timeout_s)
-    _positive("algorithm.reward_workers", alg.reward_workers)
-    rc = alg.recycle
-    for name in ("pointwise_prob_mixed", "cot_fraction"):
-        v = getattr(rc, name)
-        if not 0 <= v <= 1:
-            _fail(f"algorithm.recycle.{name}", f"is a probability and must be in [0, 1], got {v}")
-    for name in ("judge_cap", "reflection_cap"):
-        if getattr(rc, name) < 0:
-            _fail(f"algorithm.recycle.{name}", f"must be >= 0 (0 disables that task), got {getattr(rc, name)}")
-    _positive("algorithm.recycle.reward_batch_size", rc.reward_batch_size)
-    if rc.samples_per_task is not None:
-        if rc.samples_per_task < 2:
-            _fail("algorithm.recycle.samples_per_task", f"GRPO needs at least 2 samples per task to form a group "
-                                                        f"advantage, got {rc.samples_per_task}")
-        if rc.reward_batch_size * rc.samples_per_task % cfg.training.global_batch_size:
-            _fail("algorithm.recycle.samples_per_task", f"the {rc.reward_batch_size * rc.samples_per_task} samples "
-                                                        f"of a reward period (reward_batch_size x samples_per_task) "
-                                                        f"are not a multiple of training.global_batch_size="
-                                                        f"{cfg.training.global_batch_size}")
-    if rc.templates_file is not None and not Path(rc.templates_file).is_file():
-        _fail("algorithm.recycle.templates_file", f"'{rc.templates_file}' does not exist; give a YAML or JSON "
-                                                  f"template file or leave it unset for the built-in templates")
-    if data.train_file is not None and not Path(data.train_file).is_file():
-        _fail("data.train_file", f"'{data.train_file}' does not exist; give a Spark-format JSON file")
-    _positive("data.rollout_batch_size", data.rollout_batch_size)
-    _positive("data.num_episodes", data.num_episodes)
-    if data.min_pixels > data.max_pixels:
-        _fail("data.min_pixels", f"{data.min_pixels} exceeds data.max_pixels={data.max_pixels}")
-    if data.prompt_max_len + ro.max_new_tokens > ro.max_model_len:
-        _fail("rollout.max_model_len", f"{ro.max_model_len} < data.prompt_max_len + rollout.max_new_tokens = "
-                                       f"{data.prompt_max_len + ro.max_new_tokens}; raise it or shorten prompts")
-    _positive("training.lr", tr.lr)
-    if not 0 <= tr.min_lr_ratio <= 1:
-        _fail("training.min_lr_ratio", f"must be in [0, 1], got {tr.min_lr_ratio}")
-    if not 0 <= tr.warmup_ratio < 1:
-        _fail("training.warmup_ratio", f"must be in [0, 1), got {tr.warmup_ratio}")
-    _positive("training.micro_batch_size", tr.micro_batch_size)
-    _positive("training.global_batch_size", tr.global_batch_size)
-    if tr.global_batch_size % tr.micro_batch_size:
-        _fail("training.global_batch_size", f"{tr.global_batch_size} is not a multiple of "
-                                            f"training.micro_batch_size={tr.micro_batch_size}")
-    samples = data.rollout_batch_size * ro.n_samples_per_prompt
-    if samples % tr.global_batch_size:
-        _fail("training.global_batch_size", f"the {samples} samples of a rollout batch (rollout_batch_size x "
-                                            f"n_samples_per_prompt) are not a multiple of {tr.global_batch_size}")
-    if world_size is not None:
-        train_world = world_size - ro.num_ranks if ro.placement == "disaggregated" else world_size
-        dp = train_world // (tp * pp * par.context_parallel_size)
-        if dp and tr.global_batch_size % (tr.micro_batch_size * dp):
-            _fail("training.global_batch_size", f"{tr.global_batch_size} is not divisible by micro_batch_size x "
-                                                f"data-parallel size = {tr.micro_batch_size} x {dp}")
-    _positive("training.clip_grad", tr.clip_grad)
-    if tr.max_tokens_per_micro_batch is not None:
-        _positive("training.max_tokens_per_micro_batch", tr.max_tokens_per_micro_batch)
-        if par.virtual_pipeline_model_parallel_size is not None:
-            _fail("training.max_tokens_per_micro_batch", "token-budget micro-batches with virtual pipeline stages "
-                                                         "are not supported yet; unset one of the two")
-    if tr.max_steps is not None:
-        _positive("training.max_steps", tr.max_steps)
-    if tr.max_optimizer_steps is not None:
-        _positive("training.max_optimizer_steps", tr.max_optimizer_steps)
-    if cfg.logging.sample_interval < 0:
-        _fail("logging.sample_interval", f"must be >= 0 (0 turns samples.jsonl off), got "
-                                         f"{cfg.logging.sample_interval}")
-    ev = cfg.eval
-    if ev.interval < 0:
-        _fail("eval.interval", f"must be >= 0 (0 turns the held-out evaluation off), got {ev.interval}")
-    if ev.interval and ev.file is None:
-        _fail("eval.file", f"eval.interval={ev.interval} needs a held-out file; set eval.file or eval.interval=0")
-    if ev.file is not None and not Path(ev.file).is_file():
-        _fail("eval.file", f"'{ev.file}' does not exist; give a Spark-format file of held-out prompts")
-    _positive("eval.max_items", ev.max_items)
-    if ev.judge_votes < 0:
-        _fail("eval.judge_votes", f"must be >= 0 (0: greedy verdicts only), got {ev.judge_votes}")
-    ck = cfg.checkpoint
-    _positive("checkpoint.save_interval", ck.save_interval)
-    _positive("checkpoint.keep_last", ck.keep_last)
-    if ck.hf_interval < 0:
-        _fail("checkpoint.hf_interval", f"must be >= 0 (0 turns the HF export off), got {ck.hf_interval}")
-    if ck.hf_interval and ck.dir is None:
-        _fail("checkpoint.hf_interval", f"hf_interval={ck.hf_interval} writes into checkpoint.dir/hf; set "
-                                        f"checkpoint.dir, or checkpoint.hf_interval=0")
-    _positive("checkpoint.hf_keep_last", ck.hf_keep_last)
-
-
-def training_world(cfg: SparkConfig, world_size: int) -> int:
-    """The ranks that train: the whole job, or with disaggregated engines all but `rollout.num_ranks`."""
-    ro = cfg.rollout
-    return world_size - ro.num_ranks if ro.placement == "disaggregated" else world_size
 
 
 def validate_for_launch(cfg: SparkConfig, world_size: int):

@@ -10,6 +10,7 @@ from typing import Optional
 import torch
 
 from megatron_spark import compat, cpu_shim
+from megatron_spark.layout_rules import ModelFacts, model_layout_problems, stage_layers  # noqa: F401 (re-exported)
 
 
 def attempt_store(timeout_s: int) -> dict:
@@ -134,41 +135,10 @@ def process_group_backend(cuda: bool) -> str:
     return "cpu:gloo,cuda:nccl" if cuda else "gloo"
 
 
-def stage_layers(num_layers: int, pp: int, first: Optional[int] = None, last: Optional[int] = None) -> list[int]:
-    """Transformer layers per pipeline stage. Even when PP divides the layer count and no stage is pinned;
-    otherwise the middle stages take equal shares and the first and last stages the rest, the first (which also
-    holds the embedding and the vision tower) never more than the last. Raises naming the config field to fix."""
-    if pp == 1:
-        return [num_layers]
-    if num_layers < pp:
-        raise ValueError(f"parallel.pipeline_model_parallel_size: PP={pp} exceeds the model's {num_layers} layers; "
-                         f"use PP <= {num_layers}")
-    if first is None and last is None:
-        if num_layers % pp == 0:
-            return [num_layers // pp] * pp
-        m = -(-num_layers // pp)
-        while num_layers - (pp - 2) * m < 2:
-            m -= 1
-        rest = num_layers - (pp - 2) * m
-        return [rest // 2] + [m] * (pp - 2) + [rest - rest // 2]
-    for name, v in (("num_layers_in_first_pipeline_stage", first), ("num_layers_in_last_pipeline_stage", last)):
-        if v is not None and v < 1:
-            raise ValueError(f"parallel.{name}: must be >= 1, got {v}")
-    middle = pp - (first is not None) - (last is not None)
-    rest = num_layers - (first or 0) - (last or 0)
-    if (middle == 0 and rest != 0) or (middle > 0 and (rest < middle or rest % middle)):
-        raise ValueError(f"parallel.num_layers_in_first_pipeline_stage: first={first}, last={last} leave {rest} of "
-                         f"the {num_layers} layers for {middle} other stage(s), which must split them evenly (at "
-                         f"least one each); unset both for {stage_layers(num_layers, pp)}")
-    share = rest // middle if middle else 0
-    return [first if first is not None else share] + [share] * (pp - 2) + [last if last is not None else share]
-
-
 def check_model_layout(shape, tp: int, pp: int, rollout_tp: Optional[int] = None,
                        flags: tuple[str, str, str] = ("--tp", "--pp", "--rollout-tp")) -> None:
-    """The model's layout rules (config.model_layout_problems, the one place they are written) for an entry point
-    that names the knobs by its `flags`: raises ValueError naming the flag and the fix."""
-    from megatron_spark.config import ModelFacts, model_layout_problems
+    """The model's layout rules (layout_rules.model_layout_problems, the one place they are written) for an entry
+    point that names the knobs by its `flags`: raises ValueError naming the flag and the fix."""
 
     f_tp, f_pp, f_rtp = flags
     if tp < 1 or pp < 1 or (rollout_tp is not None and rollout_tp < 1):

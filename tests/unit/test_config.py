@@ -1,4 +1,5 @@
 """Config loading, dotted overrides and the validation errors users hit first."""
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -287,3 +288,37 @@ def test_the_engine_runs_the_batch_the_planner_assumes(monkeypatch):
     build.build_engine(load_config(None, ["rollout.placement=disaggregated"]).rollout, "model", shape, dtype="bf16",
                        seed=0, min_pixels=1, max_pixels=2)
     assert seen["sleep_mode"] is False and seen["max_num_seqs"] == 256
+
+
+def test_every_section_validates_itself_and_the_package_has_no_import_circle():
+    """Each section of the tree has its own check (validation.SECTION_CHECKS), and no module of the package imports
+    one that imports it back, lazily or not (config and parallel once did; layout_rules is the leaf both use)."""
+    import ast
+
+    from megatron_spark.config import SparkConfig
+    from megatron_spark.validation import SECTION_CHECKS
+
+    assert list(SECTION_CHECKS) == [f.name for f in dataclasses.fields(SparkConfig)]
+    root = Path(__file__).resolve().parents[2]
+    modules = {".".join(f.relative_to(root).with_suffix("").parts).removesuffix(".__init__"): f
+               for f in (root / "megatron_spark").rglob("*.py")}
+    imports = {m: set() for m in modules}
+    for m, f in modules.items():
+        for node in ast.walk(ast.parse(f.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("megatron_spark"):
+                imports[m] |= {t for t in [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+                               if t in modules}
+            elif isinstance(node, ast.Import):
+                imports[m] |= {a.name for a in node.names if a.name in modules}
+
+    def reaches(a: str, b: str) -> bool:
+        seen, todo = set(), [a]
+        while todo:
+            for n in imports[todo.pop()] - seen:
+                if n == b:
+                    return True
+                seen.add(n)
+                todo.append(n)
+        return False
+
+    assert [m for m in modules if reaches(m, m)] == []
