@@ -12,7 +12,7 @@
     roles:    [ training      ] [ engines ]           training ranks run only Megatron, rollout ranks only vLLM;
                                                       each role is its own torch.distributed world (what
                                                       megatron-core and vLLM's external launcher each expect),
-                                                      joined by one bridge group over all ranks (rollout/remote.py)
+                                                      joined by one job group over all ranks (rollout/remote.py)
 
 Everything here is a pure function of sizes and seeds, so every rank computes the same answer without talking.
 """

@@ -102,17 +102,17 @@ def build_stack(cfg: SparkConfig, world: int, force: bool = False) -> Union["RLS
     m = cfg.model
     placement = RolloutPlacement.from_config(cfg.rollout, world)  # which rank does what
     layout = ParallelLayout.from_config(cfg.parallel, placement.train_world)
-    bridge = None
-    if placement.disaggregated:  # a default world per role, and the bridge between them (rollout/remote.py)
+    job_group = None
+    if placement.disaggregated:  # a default world per role, and the job group over both (rollout/remote.py)
         from megatron_spark.parallel import process_group_backend
         from megatron_spark.rollout.remote import init_role_worlds
 
-        # (waits across the bridge last as long as a phase of the other role -- a generation, a checkpoint -- so
+        # (waits across the job group last as long as a phase of the other role -- a generation, a checkpoint -- so
         # its timeout is far above the step watchdog's, which is what detects a hang)
         timeout = int(max(4 * cfg.training.hang_timeout_s, 7200))
-        bridge = init_role_worlds(placement, process_group_backend(torch.cuda.is_available()), timeout_s=timeout)
-        if not placement.trains(bridge.rank):
-            return engine_server(cfg, shape, layout, placement, bridge)
+        job_group = init_role_worlds(placement, process_group_backend(torch.cuda.is_available()), timeout_s=timeout)
+        if not placement.trains(job_group.rank):
+            return engine_server(cfg, shape, layout, placement, job_group)
     layout.initialize(seed=cfg.training.seed)
     rank = dist.get_rank()
     multimodal = shape.multimodal
@@ -134,15 +134,15 @@ def build_stack(cfg: SparkConfig, world: int, force: bool = False) -> Union["RLS
     ro = cfg.rollout
     fp8_engine = ro.quantization == "fp8" and torch.cuda.is_available()
     wmap = WeightMap(shape, tp=layout.tp)
-    if bridge is None:
+    if job_group is None:
         engine = build_engine(ro, fp8_engine_dir(cfg) if fp8_engine else m.hf_dir, shape, dtype=m.dtype,
                               seed=cfg.training.seed, min_pixels=cfg.data.min_pixels, max_pixels=cfg.data.max_pixels)
         sync = WeightSync.from_config(ro, policy.modules, wmap, layout, engine, fp8_engine)
         rollouts = ColocatedRollouts(engine, sync, placement, rank, Sampling.from_config(ro))
     else:
         engine = None
-        sync = WeightSync.from_config(ro, policy.modules, wmap, layout, None, fp8_engine, placement, bridge)
-        rollouts = RemoteRollouts(bridge, sync, placement, Sampling.from_config(ro))
+        sync = WeightSync.from_config(ro, policy.modules, wmap, layout, None, fp8_engine, placement, job_group)
+        rollouts = RemoteRollouts(job_group, sync, placement, Sampling.from_config(ro))
     if m.megatron_ckpt or (ro.quantization != "none" and not fp8_engine):
         # the engine loaded model.hf_dir: give it the trainer's weights (a Megatron checkpoint's, or their FP8
         # values) before the first rollout
@@ -162,7 +162,7 @@ def build_stack(cfg: SparkConfig, world: int, force: bool = False) -> Union["RLS
                    templates=templates, evaluation=evaluation, logger=logger, total_steps=total_steps)
 
 
-def engine_server(cfg: SparkConfig, shape, layout, placement, bridge) -> "EngineServer":
+def engine_server(cfg: SparkConfig, shape, layout, placement, job_group) -> "EngineServer":
     """A rollout rank of disaggregated engines: its engine worker and its end of the weight sync, ready to generate
     and take weights when told, until the trainer says stop (rollout/remote.py)."""
     from megatron_spark.bridge.sync import WeightSync
@@ -182,8 +182,8 @@ def engine_server(cfg: SparkConfig, shape, layout, placement, bridge) -> "Engine
     engine = build_engine(ro, fp8_engine_dir(cfg) if fp8_engine else m.hf_dir, shape, dtype=m.dtype,
                           seed=cfg.training.seed, min_pixels=cfg.data.min_pixels, max_pixels=cfg.data.max_pixels)
     sync = WeightSync.from_config(ro, [], WeightMap(shape, tp=layout.tp), layout, engine, fp8_engine, placement,
-                                  bridge, dtype=torch_dtype(m.dtype))
-    return EngineServer(engine, sync, bridge, placement)
+                                  job_group, dtype=torch_dtype(m.dtype))
+    return EngineServer(engine, sync, job_group, placement)
 
 
 def fp8_engine_dir(cfg) -> str:

@@ -111,16 +111,16 @@ class P2PExecutor:
 
     def __init__(self, routes: list[Route], dst_shapes: dict[str, tuple[int, ...]], local_params: dict[str, Tensor],
                  dtype: torch.dtype, device: torch.device, bucket_bytes: int, group=None, zero_fill: bool = False,
-                 double_buffer: bool = False, targets: Optional[dict[str, Tensor]] = None, bridge=None):
-        """`bridge` (disaggregated engines, rollout/remote.py): post through that job-wide group instead, ranks
+                 double_buffer: bool = False, targets: Optional[dict[str, Tensor]] = None, job_group=None):
+        """`job_group` (disaggregated engines, rollout/remote.JobGroup): post through that job-wide group instead, ranks
         being the job's. Its messages all go from training to rollout ranks, each side posting them in plan order,
         so NCCL's in-order matching cannot deadlock even ungrouped."""
         self.shapes, self.params = dst_shapes, local_params
         self.targets = targets  # written in place when given (the engine's weights), else allocated per bucket
         self.double_buffer = double_buffer
         self.zero_fill = zero_fill  # targets with padding rows that no transfer covers (vLLM vocab shards)
-        self.dtype, self.device, self.group, self.bridge = dtype, device, group, bridge
-        self.me = bridge.rank if bridge is not None else dist.get_rank()
+        self.dtype, self.device, self.group, self.job_group = dtype, device, group, job_group
+        self.me = job_group.rank if job_group is not None else dist.get_rank()
         self.elem_bytes = torch.empty((), dtype=dtype).element_size()
         self.buckets = make_buckets([r.t for r in routes], dst_shapes, self.elem_bytes, bucket_bytes)
         self.by_dst: dict[str, list[Route]] = defaultdict(list)
@@ -183,8 +183,8 @@ class P2PExecutor:
                     buf = self._dst_view(mine[m.transfers[0].dst_name], m.transfers[0])
                 ops.append((False, buf, m.peer))
                 self.stats.bytes_received += m.numel * self.elem_bytes
-        if self.bridge is not None:
-            reqs = [(self.bridge.isend if send else self.bridge.irecv)(buf, peer) for send, buf, peer in ops]
+        if self.job_group is not None:
+            reqs = [(self.job_group.isend if send else self.job_group.irecv)(buf, peer) for send, buf, peer in ops]
         else:
             p2p = [dist.P2POp(dist.isend if send else dist.irecv, buf, peer, group=self.group)
                    for send, buf, peer in ops]

@@ -1,7 +1,7 @@
 """Weight sync from the Megatron trainer into vLLM engines: plan once, stream buckets every update.
 
 Engines colocated with the trainer (below), or on ranks of their own (`placement.disaggregated`): the same plan,
-bound to the job's ranks, executed over the job-wide bridge group (rollout/remote.py); training ranks only send,
+bound to the job's ranks, executed over the job-wide group (rollout/remote.JobGroup); training ranks only send,
 rollout ranks only receive and load through vLLM's loader ('hf_full').
 
 Layout: the world is split into engines of `rollout_tp` consecutive ranks; engine e pulls from Megatron
@@ -36,34 +36,34 @@ from megatron_spark.quant.fp8 import quantized_stream
 class WeightSync:
     @classmethod
     def from_config(cls, rollout_cfg, chunks: list[torch.nn.Module], wmap: WeightMap, layout, engine,
-                    fp8_engine: bool, placement: Optional[RolloutPlacement] = None, bridge=None,
+                    fp8_engine: bool, placement: Optional[RolloutPlacement] = None, job_group=None,
                     dtype: Optional[torch.dtype] = None) -> "WeightSync":
         """The training run's bridge, from the `rollout` section: the target ('auto': vLLM's own TP layout on a GPU
         without quantization and with colocated engines, else HF-named full tensors), buckets, double buffering
         (default: on a GPU) and quantization (emulated unless the engine is CUDA vLLM built with FP8 layers).
-        Disaggregated engines (`bridge`): training ranks hold `chunks` and send, rollout ranks hold `engine` and
+        Disaggregated engines (`job_group`): training ranks hold `chunks` and send, rollout ranks hold `engine` and
         receive (their `dtype` is the trainer's)."""
         ro = rollout_cfg
         target = ro.sync_target
         if target == "auto":
             target = "vllm_tp" if torch.cuda.is_available() and ro.quantization == "none" and ro.backend == "vllm" \
-                and bridge is None else "hf_full"
+                and job_group is None else "hf_full"
         engine_params, engine_name = engine.inplace_targets() if target == "vllm_tp" else (None, lambda n: n)
         double = torch.cuda.is_available() if ro.sync_double_buffer is None else ro.sync_double_buffer
         return cls(chunks, wmap, layout, rollout_tp=ro.tensor_parallel_size, target=target,
                    bucket_mb=ro.sync_bucket_mb, engine_params=engine_params, engine_name=engine_name,
                    double_buffer=double, quantization=ro.quantization, emulate=not fp8_engine,
-                   placement=placement, bridge=bridge, dtype=dtype)
+                   placement=placement, job_group=job_group, dtype=dtype)
 
     def __init__(self, chunks: list[torch.nn.Module], wmap: WeightMap, layout, rollout_tp: int,
                  target: str = "hf_full", bucket_mb: int = 512, double_buffer: bool = False,
                  engine_params: Optional[dict[str, torch.Tensor]] = None,
                  engine_name: Callable[[str], str] = lambda name: name, quantization: str = "none",
-                 emulate: bool = False, placement: Optional[RolloutPlacement] = None, bridge=None,
+                 emulate: bool = False, placement: Optional[RolloutPlacement] = None, job_group=None,
                  dtype: Optional[torch.dtype] = None):
         """`engine_params` / `engine_name` (target 'vllm_tp'): this rank's engine weights by the engine's names,
         and the map from the plan's fused HF-style names (`planner.vllm_name`) to them. `quantization` 'fp8':
-        see the module docstring (target 'hf_full' only). `placement` / `bridge`: disaggregated engines (ranks
+        see the module docstring (target 'hf_full' only). `placement` / `job_group`: disaggregated engines (ranks
         are the job's; see rollout/remote.py); default: engines colocated over the default world."""
         if target not in ("hf_full", "vllm_tp"):
             raise ValueError(f"unknown sync target {target!r}: use 'hf_full' or 'vllm_tp'")
@@ -71,14 +71,14 @@ class WeightSync:
             raise ValueError(f"unknown rollout quantization {quantization!r}: use 'none' or 'fp8'")
         if quantization != "none" and target == "vllm_tp":
             raise ValueError("FP8 weights are loaded by the engine's own loader: use target 'hf_full'")
-        if bridge is not None and target == "vllm_tp":
+        if job_group is not None and target == "vllm_tp":
             raise ValueError("disaggregated engines are synced through vLLM's loader for now: use target 'hf_full'")
         self.quantization, self.emulate = quantization, emulate
         if placement is None:  # (colocated over the whole world; RolloutPlacement checks that rollout TP fits it)
             placement = RolloutPlacement(dist.get_world_size(), rollout_tp)
         world = placement.world
         self.local = {n: p for c in chunks for n, p in megatron_named_params(c)}
-        me = bridge.rank if bridge is not None else dist.get_rank()
+        me = job_group.rank if job_group is not None else dist.get_rank()
         routes, shapes = plan_routes(wmap, layout, rollout_tp, target, world, placement)
         if placement.trains(me):
             # the plan places parameters by the layout's rules; check them against what the ranks really hold
@@ -112,7 +112,7 @@ class WeightSync:
                 raise ValueError(next(e for e in errors if e))
             shapes = {n: tuple(t.shape) for n, t in targets.items()}
         self.executor = P2PExecutor(routes, shapes, self.local, dtype, device, bucket_mb << 20,
-                                    double_buffer=double_buffer, targets=targets, bridge=bridge)
+                                    double_buffer=double_buffer, targets=targets, job_group=job_group)
         self.num_transfers = len(routes) // placement.engines  # one engine's plan
 
     def stream(self):

@@ -3,10 +3,11 @@
 Process groups. megatron-core and vLLM's external launcher each build their groups over the default world and
 expect every rank of it to take part, so each role gets a default world of its own (`init_role_worlds`): the
 training ranks [0, T) form one, the rollout ranks [T, W) another, both from the job's one rendezvous store under
-different prefixes. One more group spans the whole job, the *bridge*: a gloo group for the commands, the prompts
-and the samples (pickled objects) and, on CPU, the weights; on a GPU the weights go through an NCCL group of the
-same ranks. Bridge groups are built directly from the store (`ProcessGroupGloo` / `ProcessGroupNCCL`), outside
-torch.distributed's registry (whose ranks are the default world's), so they are used through their own methods.
+different prefixes. One more group spans the whole job, the *job group* (`JobGroup`; not the resharding bridge,
+which sends the weights through it): a gloo group for the commands, the prompts and the samples (pickled objects)
+and, on CPU, the weights; on a GPU the weights go through an NCCL group of the same ranks. Its groups are built
+directly from the store (`ProcessGroupGloo` / `ProcessGroupNCCL`), outside torch.distributed's registry (whose ranks
+are the default world's), so they are used through their own methods.
 
 Protocol (every message from the training side comes from `placement.request_rank`):
 
@@ -50,7 +51,7 @@ def job_store(timeout_s: int):
     return dist.PrefixStore(f"/megatron_spark/disaggregated/attempt_{attempt}", store)
 
 
-class Bridge:
+class JobGroup:
     """The group of every rank of the job (global ranks): objects and CPU tensors over gloo; on a GPU, CUDA tensors
     over NCCL."""
 
@@ -90,8 +91,8 @@ class Bridge:
         self.cpu.barrier().wait()
 
 
-def init_role_worlds(placement: RolloutPlacement, backend: str, timeout_s: int) -> Bridge:
-    """This rank's default world (its role's ranks, renumbered from 0) and the bridge over the whole job. RANK and
+def init_role_worlds(placement: RolloutPlacement, backend: str, timeout_s: int) -> JobGroup:
+    """This rank's default world (its role's ranks, renumbered from 0) and the job group over the whole job. RANK and
     WORLD_SIZE are set to the role's values (megatron-core and vLLM read them); SPARK_JOB_RANK keeps the job's."""
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     if world != placement.world:
@@ -104,11 +105,11 @@ def init_role_worlds(placement: RolloutPlacement, backend: str, timeout_s: int) 
                             world_size=role_world, timeout=timedelta(seconds=timeout_s))
     os.environ.update(SPARK_JOB_RANK=str(rank), SPARK_JOB_WORLD_SIZE=str(world), RANK=str(role_rank),
                       WORLD_SIZE=str(role_world))
-    return Bridge(store, rank, world, timeout_s)
+    return JobGroup(store, rank, world, timeout_s)
 
 
 def job_rank() -> int:
-    """This process's rank in the job (the bridge's numbering), in either placement."""
+    """This process's rank in the job (the job group's numbering), in either placement."""
     return int(os.environ.get("SPARK_JOB_RANK", os.environ.get("RANK", "0")))
 
 
@@ -133,16 +134,16 @@ class EngineWork:
 class EngineServer:
     """A rollout rank's whole life: wait for a command, do it, until told to stop."""
 
-    def __init__(self, engine, sync, bridge: Bridge, placement: RolloutPlacement):
-        self.engine, self.sync, self.bridge, self.placement = engine, sync, bridge, placement
-        self.me = bridge.rank
+    def __init__(self, engine, sync, job_group: JobGroup, placement: RolloutPlacement):
+        self.engine, self.sync, self.job_group, self.placement = engine, sync, job_group, placement
+        self.me = job_group.rank
         self.leader = placement.is_leader(self.me)
 
     def serve(self) -> int:
         """Returns the number of generation requests served."""
         src, served = self.placement.request_rank, 0
         while True:
-            cmd = self.bridge.recv_object(src)
+            cmd = self.job_group.recv_object(src)
             if cmd[0] == "stop":
                 return served
             if cmd[0] == "sync":
@@ -155,7 +156,7 @@ class EngineServer:
                     samples = self.engine.generate(requests, seed=seed, **sampling) if requests else []
                     works.append(EngineWork(prompts, samples, time.perf_counter() - t0))
                 if self.leader:
-                    self.bridge.send_object((ticket, works), src)
+                    self.job_group.send_object((ticket, works), src)
                 served += 1
             else:
                 raise RuntimeError(f"rollout rank {self.me}: unknown command {cmd[0]!r}")
@@ -164,9 +165,9 @@ class EngineServer:
 class RemoteRollouts:
     """The training side of disaggregated engines (every training rank holds one; rank `request_rank` talks)."""
 
-    def __init__(self, bridge: Bridge, sync, placement: RolloutPlacement, sampling: Sampling):
-        self.bridge, self.sync, self.placement, self.sampling = bridge, sync, placement, sampling
-        self.me = bridge.rank
+    def __init__(self, job_group: JobGroup, sync, placement: RolloutPlacement, sampling: Sampling):
+        self.job_group, self.sync, self.placement, self.sampling = job_group, sync, placement, sampling
+        self.me = job_group.rank
         self.talks = self.me == placement.request_rank
         self.tickets = 0
         self.outstanding: Optional[int] = None  # the ticket the engines are working on (at most one)
@@ -184,7 +185,7 @@ class RemoteRollouts:
                        [(share, [part.request(i) for i in share], part.seed(e),
                          self.sampling.with_overrides(part.overrides)) for part, share in zip(parts, shares)])
                 for r in p.engine_ranks(e):
-                    self.bridge.send_object(cmd, r)
+                    self.job_group.send_object(cmd, r)
         self.outstanding = self.tickets
         return self.tickets
 
@@ -197,7 +198,7 @@ class RemoteRollouts:
         if self.talks:
             answers = []
             for e in range(self.placement.engines):
-                got, works = self.bridge.recv_object(self.placement.engine_ranks(e)[0])
+                got, works = self.job_group.recv_object(self.placement.engine_ranks(e)[0])
                 if got != ticket:
                     raise RuntimeError(f"engine {e} answered request {got}, expected {ticket}")
                 answers.append(works)
@@ -213,7 +214,7 @@ class RemoteRollouts:
             raise RuntimeError("weights cannot change under a generation in flight: collect it first")
         if self.talks:
             for r in range(self.placement.first_engine_rank, self.placement.world):
-                self.bridge.send_object(("sync",), r)
+                self.job_group.send_object(("sync",), r)
         for _ in self.sync.stream():  # (training ranks only send: nothing comes out)
             pass
 
@@ -226,4 +227,4 @@ class RemoteRollouts:
             self.collect(self.outstanding)
         if self.talks:
             for r in range(self.placement.first_engine_rank, self.placement.world):
-                self.bridge.send_object(("stop",), r)
+                self.job_group.send_object(("stop",), r)

@@ -64,7 +64,7 @@ def test_the_bridge_nccl_group_gets_the_configured_timeout(monkeypatch):
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(dist, "ProcessGroupNCCL", FakeNCCL, raising=False)
-    remote.Bridge(dist.HashStore(), 0, 1, 7200)
+    remote.JobGroup(dist.HashStore(), 0, 1, 7200)
     assert len(made) == 1 and made[0]._timeout == timedelta(seconds=7200)
 
 
