@@ -97,9 +97,9 @@ def _refuse_unsupported_attention(text_cfg: dict, kind: Family, source: str) -> 
     if not kind.qkv_bias and text_cfg.get("attention_bias"):
         raise ValueError(f"{source}: attention_bias=true (biases on q/k/v/o) is not supported for {kind.name}; "
                          f"the released {kind.name} checkpoints have none")
-    if text_cfg.get("use_sliding_window") and kind.qk_norm:
-        raise ValueError(f"{source}: use_sliding_window=true is not supported for {kind.name} (every layer is "
-                         f"built with full attention); set it to false")
+    if text_cfg.get("use_sliding_window"):
+        raise ValueError(f"{source}: use_sliding_window=true is not supported (every layer is built with full "
+                         f"attention, as the released {kind.name} checkpoints use); set it to false")
 
 
 def parse_hf_config(cfg: dict, source: str = "config.json") -> ModelShape:

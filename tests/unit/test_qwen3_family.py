@@ -43,6 +43,8 @@ def test_qwen2_keeps_its_biases_and_has_no_qk_norms():
            "num_hidden_layers": 1, "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 257}
     names = WeightMap(parse_hf_config(cfg)).hf_names()
     assert "model.layers.0.self_attn.q_proj.bias" in names and not any("q_norm" in n for n in names)
+    with pytest.raises(ValueError, match="use_sliding_window=true is not supported"):  # (no family builds it)
+        parse_hf_config({**cfg, "use_sliding_window": True})
 
 
 @pytest.mark.parametrize("field,fix", [("attention_bias", "none"), ("use_sliding_window", "set it to false")])
