@@ -60,7 +60,8 @@ def main() -> int:
     from megatron_spark.models.hf_config import parse_hf_config
     from megatron_spark.models.qwen import build_model
     from megatron_spark.parallel import ParallelLayout
-    from megatron_spark.policy import Policy, Rollout, grpo_loss_fn
+    from megatron_spark.loss import GRPOLoss
+    from megatron_spark.policy import Policy, Rollout
 
     on_gpu = torch.cuda.is_available()
     dtype = torch.bfloat16 if on_gpu else torch.float32
@@ -82,7 +83,7 @@ def main() -> int:
     rollouts = [Rollout(prompt_ids=torch.randint(100, c["vocab_size"], (prompt,), generator=g).tolist(),
                         response_ids=torch.randint(100, c["vocab_size"], (a.seq - prompt,), generator=g).tolist(),
                         group=str(i // 2), advantage=1.0 if i % 2 else -1.0) for i in range(n)]
-    loss = grpo_loss_fn(AlgorithmConfig(kl_coef=0.0))
+    loss = GRPOLoss(AlgorithmConfig(kl_coef=0.0))
 
     def timed(fn):
         if on_gpu:

@@ -38,6 +38,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from megatron_spark.fixtures.arithmetic import LEVELS, records, write_benchmark  # noqa: E402
+from megatron_spark.kinds import TaskKind  # noqa: E402
 
 MODEL = "smollm2-135m-instruct"
 ARMS = {"policy": ["algorithm.recycle.judge_cap=0", "algorithm.recycle.reflection_cap=0"],
@@ -48,19 +49,19 @@ COLORS = {"policy": "tab:blue", "spark": "tab:green", "spark+fixes": "tab:red"}
 SHOT_TASK = ("What is 3 + 4?", "3 + 4 = 7. The answer is \\boxed{7}.")
 # examples of the judge format, one of each verdict, in a random order per prompt: a one-shot example with one
 # verdict is copied, and its copies as SFT targets install that verdict before any RL (measured: "says Yes 1.00")
-SHOTS_JUDGE = (({"kind": "pointwise", "question": "What is 3 + 4?", "answer": "7"},
+SHOTS_JUDGE = (({"kind": TaskKind.POINTWISE, "question": "What is 3 + 4?", "answer": "7"},
                 "3 + 4 = 7, so the proposed answer 7 is correct. \\boxed{Yes}"),
-               ({"kind": "pointwise", "question": "What is 5 + 2?", "answer": "8"},
+               ({"kind": TaskKind.POINTWISE, "question": "What is 5 + 2?", "answer": "8"},
                 "5 + 2 = 7, not 8, so the proposed answer 8 is wrong. \\boxed{No}"))
-SHOTS_PAIR = (({"kind": "pairwise", "question": "What is 3 + 4?", "answer_a": "7", "answer_b": "6"},
+SHOTS_PAIR = (({"kind": TaskKind.PAIRWISE, "question": "What is 3 + 4?", "answer_a": "7", "answer_b": "6"},
                "3 + 4 = 7, so answer (A) is correct. \\boxed{A}"),
-              ({"kind": "pairwise", "question": "What is 5 + 2?", "answer_a": "8", "answer_b": "7"},
+              ({"kind": TaskKind.PAIRWISE, "question": "What is 5 + 2?", "answer_a": "8", "answer_b": "7"},
                "5 + 2 = 7, so answer (B) is correct. \\boxed{B}"))
 
 
 def judge_shots(kind: str, bank, rnd: random.Random) -> list[dict]:
     """The two examples of a judge kind (one per verdict) as chat turns, in a random order."""
-    shots = list(SHOTS_JUDGE if kind == "pointwise" else SHOTS_PAIR)
+    shots = list(SHOTS_JUDGE if kind == TaskKind.POINTWISE else SHOTS_PAIR)
     rnd.shuffle(shots)
     return [m for item, reply in shots for m in (_user(judge_prompts([item], bank)[0][1]),
                                                  {"role": "assistant", "content": reply})]
@@ -71,8 +72,8 @@ def balanced_targets(pairs: list[tuple[str, str, str]]) -> list[tuple[str, str]]
     the rarer one (per kind): the warm start teaches the format, never a verdict."""
     from megatron_spark.judging import verdict_of
 
-    keep = [(p, t) for k, p, t in pairs if k == "task"]
-    for kind, verdicts in (("pointwise", ("yes", "no")), ("pairwise", ("a", "b"))):
+    keep = [(p, t) for k, p, t in pairs if k == TaskKind.TASK]
+    for kind, verdicts in ((TaskKind.POINTWISE, ("yes", "no")), (TaskKind.PAIRWISE, ("a", "b"))):
         by = {v: [(p, t) for k, p, t in pairs if k == kind and verdict_of(t) == v] for v in verdicts}
         n = min(len(x) for x in by.values())
         keep += [x for v in verdicts for x in by[v][:n]]
@@ -107,11 +108,11 @@ def judge_prompts(items: list[dict], bank) -> list[tuple[str, str, str]]:
     t = bank.judge_templates()
     out = []
     for it in items:
-        if it["kind"] == "pointwise":
-            out.append(("pointwise", t["pointwise"].render(question=it["question"], answer=it["answer"]),
+        if it["kind"] == TaskKind.POINTWISE:
+            out.append((TaskKind.POINTWISE, t[TaskKind.POINTWISE].render(question=it["question"], answer=it["answer"]),
                         it.get("label", "")))
         else:
-            out.append(("pairwise", t["pairwise"].render(question=it["question"], answer_a=it["answer_a"],
+            out.append((TaskKind.PAIRWISE, t[TaskKind.PAIRWISE].render(question=it["question"], answer_a=it["answer_a"],
                                                          answer_b=it["answer_b"]), it.get("label", "")))
     return out
 
@@ -142,9 +143,10 @@ def measure(a) -> int:
             rows.append({"level": level, "one_shot": shot, "boxed": sum(extract_boxed(x) is not None for x in texts)
                          / len(texts), "accuracy": sum(score(x, it["answer"]) for x, it in zip(texts, items))
                          / len(items), "tokens_per_s": toks / secs})
-        judge = [x for x in judge_prompts(json.loads((tmp / "judge.json").read_text()), bank) if x[0] == "pointwise"]
+        judge = [x for x in judge_prompts(json.loads((tmp / "judge.json").read_text()), bank)
+                 if x[0] == TaskKind.POINTWISE]
         rnd = random.Random(0)
-        msgs = [judge_shots("pointwise", bank, rnd) + [_user(p)] for _, p, _ in judge]
+        msgs = [judge_shots(TaskKind.POINTWISE, bank, rnd) + [_user(p)] for _, p, _ in judge]
         outs = engine.generate([RolloutRequest(_chat(tok, m)) for m in msgs], n=1, temperature=0.0,
                                max_new_tokens=a.max_tokens)
         verdicts = [extract_boxed(o[0].text) for o in outs]
@@ -186,7 +188,7 @@ def warm_start(a, out: Path) -> Path:
         q = json.loads(r["message"])[0]["content"][0]["text"]
         plain.append([_user(q)])
         shot.append([_user(with_suffix(SHOT_TASK[0])), {"role": "assistant", "content": SHOT_TASK[1]}, _user(q)])
-    kinds = ["task"] * len(train)
+    kinds = [TaskKind.TASK] * len(train)
     rnd = random.Random(0)
     for kind, p, _ in judge:
         plain.append([_user(p)])
@@ -261,7 +263,7 @@ def probe(model: Path, level: str, max_tokens: int, bank, n: int = 64) -> dict:
         write_benchmark(d, n, seed=10_000, level=level)
         items = json.loads((Path(d) / "bench.json").read_text())
         judge = [x for x in judge_prompts(json.loads((Path(d) / "judge.json").read_text()), bank)
-                 if x[0] == "pointwise"]
+                 if x[0] == TaskKind.POINTWISE]
     greedy = dict(n=1, temperature=0.0, max_new_tokens=max_tokens)
     task = [o[0].text for o in engine.generate([RolloutRequest(_chat(tok, [_user(with_suffix(it["problem"]))]))
                                                 for it in items], **greedy)]
@@ -411,7 +413,7 @@ def judge_data(a, out: Path, model: Path) -> Path:
     engine = _engine(model)
     tok = engine.tokenizer
     bank, rnd = TemplateBank.load(None), random.Random(7)
-    settings = RecycleSettings(judge_cap=10 ** 6, reflection_cap=0, balance_pointwise=True)
+    settings = RecycleSettings.of(judge_cap=10 ** 6, reflection_cap=0, balance_pointwise=True)
     tasks, batch, k = [], 64, 0
     while len(tasks) < a.tasks and k < 40:
         recs = records(batch, seed=5000 + k, level=a.level)

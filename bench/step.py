@@ -72,45 +72,51 @@ def bench_tokens(seeds: int) -> dict:
 
 
 # -- dp ---------------------------------------------------------------------------------------------------------
-def redundant_trainer_class():
+def redundant_trainer(cfg, stack):
     """The previous placement, for comparison: every engine generates every prompt (one seed), every DP rank
     computes log-probs of every sample, and then trains on its share."""
+    from megatron_spark.generation import Sampler
     from megatron_spark.placement import sampling_seed
     from megatron_spark.rollout.engine import RolloutRequest
     from megatron_spark.trainer import SparkTrainer
+    from megatron_spark.update import PolicyUpdate
 
-    class RedundantTrainer(SparkTrainer):
-        every: list = []
-
-        def generate(self, name, tasks, built, step):
+    class RedundantSampler(Sampler):
+        def generate(self, name, tasks, built, step, round=0):
             import time as _t
 
-            ro = self.cfg.rollout
+            ro = cfg.rollout
             t0 = _t.perf_counter()
-            outs = self.engine.generate([RolloutRequest(built[i]["prompt"], built[i]["images"])
-                                         for i in range(len(tasks))], n=ro.n_samples_per_prompt,
-                                        temperature=ro.temperature, max_new_tokens=ro.max_new_tokens,
-                                        seed=sampling_seed(self.cfg.training.seed, step, name, 0))
+            outs = stack.engine.generate([RolloutRequest(built[i].prompt, built[i].images)
+                                          for i in range(len(tasks))], n=ro.n_samples_per_prompt,
+                                         temperature=ro.temperature, max_new_tokens=ro.max_new_tokens,
+                                         seed=sampling_seed(cfg.training.seed, step, name, 0, round))
             n = sum(len(g) for g in outs)
             secs = _t.perf_counter() - t0
             return outs, {f"{name}/samples_generated": n, f"{name}/engine_samples_min": n,
                           f"{name}/engine_samples_max": n, f"time/{name}_engine_rollout_max": secs,
                           f"time/{name}_engine_rollout_mean": secs}
 
-        def my_share(self, name, tasks, built, batch):
+    class RedundantUpdate(PolicyUpdate):
+        every: list = []
+
+        def my_share(self, name, scored, batch):
             me, parts = self.dp_rank, []
             for r in range(self.layout.dp):  # every rank's part, so that this rank computes all log-probs
                 self.dp_rank = r
-                parts.append(super().my_share(name, tasks, built, batch))
+                parts.append(super().my_share(name, scored, batch))
             self.dp_rank = me
             self.every.extend(r for p in parts for r in p.rollouts)
             return parts[me]
 
-        def fill_logprobs(self, rollouts):
-            everything, self.every = self.every, []
-            return super().fill_logprobs(everything)
+        def fill_logprobs(self, batches):
+            everything, RedundantUpdate.every = self.every, []
+            self.policy.token_logprobs(everything)  # every rank's samples: the redundant work being measured
+            return super().fill_logprobs(batches)
 
-    return RedundantTrainer
+    trainer = SparkTrainer(cfg, stack)
+    trainer.sampler.__class__, trainer.update.__class__ = RedundantSampler, RedundantUpdate  # (same state)
+    return trainer
 
 
 def dp_worker(argv: list[str]) -> None:
@@ -124,7 +130,7 @@ def dp_worker(argv: list[str]) -> None:
     out, redundant, overrides = argv[0], argv[1] == "1", argv[2:]
     cfg = load_config(str(ROOT / "examples" / "tiny_cpu.yaml"), overrides)
     stack = build_stack(cfg, int(os.environ["WORLD_SIZE"]))
-    trainer = (redundant_trainer_class() if redundant else SparkTrainer)(cfg, stack)
+    trainer = redundant_trainer(cfg, stack) if redundant else SparkTrainer(cfg, stack)
     rows = []
     trainer.run(0, stack.total_steps, on_step=lambda step, m, stopping: rows.append(m))
     if dist.get_rank() == 0:

@@ -91,9 +91,10 @@ class CheckpointManager:
     def for_trainer(cls, cfg, trainer, prompts=None) -> "CheckpointManager":
         """The manager of a SparkTrainer's run: its policy and the parts it declares (`state_parts`); `prompts`:
         the run's prompt protocol (`train.prompt_protocol`), written beside the checkpoints."""
-        card = ModelCard(trainer.shape, trainer.layout.tp, cfg.model.hf_dir, cfg.model.dtype, prompts)
-        return cls(cfg.checkpoint, trainer.policy, trainer.state_parts(), card, trainer.layout,
-                   writes=trainer.placement.writes(trainer.rank))
+        stack = trainer.stack
+        card = ModelCard(stack.shape, stack.layout.tp, cfg.model.hf_dir, cfg.model.dtype, prompts)
+        return cls(cfg.checkpoint, trainer.policy, trainer.state_parts(), card, stack.layout,
+                   writes=stack.placement.writes(trainer.rank))
 
     # -- state --------------------------------------------------------------------------------------------------
     def _common(self, step: int) -> dict:

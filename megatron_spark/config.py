@@ -205,6 +205,11 @@ class DataConfig(_Section):
     max_pixels: int = 16384 * 28 * 28  # and at most this many
     skip_bad_records: bool = False        # False: a bad record is an error naming its index
     num_episodes: int = 2  # passes over the data when training.max_steps is unset
+    # keyword arguments of the model's chat template, for every prompt training builds (and, through the prompt
+    # protocol saved with checkpoints, evaluation): e.g. {enable_thinking: false} turns Qwen3's thinking mode off
+    # (its template then opens the answer with an empty <think></think> block); a dotted override sets one key:
+    # data.chat_template_kwargs.enable_thinking=false
+    chat_template_kwargs: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -444,6 +449,13 @@ def _coerce(value: Any, tp: Any, path: str) -> Any:
             hint = " (YAML reads off/on/no/yes as booleans; quote the word)" if isinstance(value, bool) else ""
             _fail(path, f"got {value!r}{hint}; choose one of {', '.join(map(repr, choices))}")
         return value
+    if origin is dict:
+        if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
+            _fail(path, f"expected a mapping with string keys, e.g. {{enable_thinking: false}}, got {value!r}")
+        bad = [k for k, v in value.items() if not isinstance(v, (str, int, float, bool, type(None)))]
+        if bad:
+            _fail(f"{path}.{bad[0]}", f"expected a string, number, true/false or null, got {value[bad[0]]!r}")
+        return dict(value)
     if origin is list:
         (item,) = typing.get_args(tp)
         if isinstance(value, str):  # a single value on the command line: model.freeze=vision

@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
+from megatron_spark.samples import BuiltPrompt
+
 
 
 class DataError(ValueError):
@@ -116,14 +118,16 @@ class PromptBuilder:
 
     @classmethod
     def from_config(cls, data_cfg, hf_dir: str, multimodal: bool) -> "PromptBuilder":
-        """The model's tokenizer / processor with the `data` section's image bounds."""
-        return cls(hf_dir, multimodal, data_cfg.min_pixels, data_cfg.max_pixels)
+        """The model's tokenizer / processor with the `data` section's image bounds and chat-template arguments."""
+        return cls(hf_dir, multimodal, data_cfg.min_pixels, data_cfg.max_pixels, data_cfg.chat_template_kwargs)
 
-    def __init__(self, hf_dir: str, multimodal: bool, min_pixels: int, max_pixels: int):
+    def __init__(self, hf_dir: str, multimodal: bool, min_pixels: int, max_pixels: int,
+                 chat_template_kwargs: Optional[dict] = None):
         from transformers import AutoProcessor, AutoTokenizer
 
         self.multimodal = multimodal
         self.min_pixels, self.max_pixels = min_pixels, max_pixels
+        self.template_kwargs = dict(chat_template_kwargs or {})  # e.g. enable_thinking=False (Qwen3)
         self.processor = AutoProcessor.from_pretrained(hf_dir) if multimodal else None
         self.tokenizer = self.processor.tokenizer if multimodal else AutoTokenizer.from_pretrained(hf_dir)
 
@@ -138,21 +142,21 @@ class PromptBuilder:
             out.append(dict(m, content=content))
         return out
 
-    def build(self, messages: list[dict]) -> dict:
-        """{'prompt': text, 'images': [PIL] or None, 'input_ids': [int], 'pixel_values', 'image_grid_thw'}."""
+    def build(self, messages: list[dict]) -> BuiltPrompt:
+        """The chat as the engine is given it (text, PIL images) and as the trainer computes on it (token ids with
+        the images expanded, pixels)."""
         if not self.multimodal:
             text = self.tokenizer.apply_chat_template(_plain_text(messages), tokenize=False,
-                                                      add_generation_prompt=True)
-            return {"prompt": text, "images": None, "input_ids": self.tokenizer(text)["input_ids"],
-                    "pixel_values": None, "image_grid_thw": None}
+                                                      add_generation_prompt=True, **self.template_kwargs)
+            return BuiltPrompt(text, None, self.tokenizer(text)["input_ids"])
         from qwen_vl_utils import process_vision_info
 
         msgs = self._with_pixels(messages)
         images, _ = process_vision_info(msgs)[:2]
-        text = self.processor.apply_chat_template(msgs, add_generation_prompt=True)
+        text = self.processor.apply_chat_template(msgs, add_generation_prompt=True, **self.template_kwargs)
         enc = self.processor(text=[text], images=images or None, return_tensors="pt")
-        return {"prompt": text, "images": images, "input_ids": enc["input_ids"][0].tolist(),
-                "pixel_values": enc.get("pixel_values"), "image_grid_thw": enc.get("image_grid_thw")}
+        return BuiltPrompt(text, images, enc["input_ids"][0].tolist(), enc.get("pixel_values"),
+                           enc.get("image_grid_thw"))
 
 
 def check_lengths(examples: list[Example], builder: PromptBuilder, max_len: int, skip_bad: bool,
@@ -160,7 +164,7 @@ def check_lengths(examples: list[Example], builder: PromptBuilder, max_len: int,
     """Prompts over `max_len` tokens (images included) are errors naming the record, or skipped and counted."""
     keep = []
     for ex in examples:
-        n = len(builder.build(ex.messages)["input_ids"])
+        n = len(builder.build(ex.messages).input_ids)
         if n > max_len:
             msg = (f"record {ex.index}: prompt is {n} tokens (images included), over data.prompt_max_len="
                    f"{max_len}; raise the limit or shorten the record")

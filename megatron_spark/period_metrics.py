@@ -9,6 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
+from megatron_spark.kinds import JUDGE_KINDS, REFLECTION_KINDS
+
 
 @dataclass(frozen=True)
 class RankWork:
@@ -63,8 +65,8 @@ def period_metrics(name: str, kinds: Sequence[str], answers: Sequence[str], outs
     by_kind: dict[str, list[float]] = {}
     for kind, r in zip((k for k, g in zip(kinds, outs) for _ in g), rewards):
         by_kind.setdefault(kind, []).append(r)
-    judge = by_kind.get("pointwise", []) + by_kind.get("pairwise", [])
-    refl = by_kind.get("reflection_cot", []) + by_kind.get("reflection_ans", [])
+    judge = [r for k in JUDGE_KINDS for r in by_kind.get(k, [])]
+    refl = [r for k in REFLECTION_KINDS for r in by_kind.get(k, [])]
     if judge:
         m[f"{name}/judge_accuracy"] = sum(judge) / len(judge)
     if name == "reward":

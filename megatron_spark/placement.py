@@ -100,10 +100,6 @@ class RolloutPlacement:
     def writes(self, rank: int) -> bool:
         return rank == self.writer_rank
 
-    def eval_share(self, n_items: int, engine: int) -> range:
-        """Held-out items an engine evaluates: the same contiguous shares as the training prompts."""
-        return self.prompt_share(n_items, engine)
-
     @staticmethod
     def replica_leaders(layout) -> list[int]:
         """One rank per training data-parallel replica (its first TP rank of its first pipeline stage): where a

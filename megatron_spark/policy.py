@@ -16,8 +16,8 @@ import torch.distributed as dist
 from torch import Tensor
 
 from megatron_spark.config import ModelConfig, TrainingConfig
-from megatron_spark.algorithm import (BatchSize, grpo_loss, masked_mean, sampled_entropy_surrogate,
-                                      truncated_is_weights)
+from megatron_spark.kinds import TaskKind
+from megatron_spark.loss import MicroBatch
 from megatron_spark.models.runtime import call_model, token_logprobs
 
 
@@ -34,11 +34,11 @@ class Rollout:
     rollout_logprobs: Optional[list[float]] = None  # from vLLM (diagnostics: train/rollout drift)
     old_logprobs: Optional[Tensor] = None            # [R] policy before the update (Megatron)
     ref_logprobs: Optional[Tensor] = None            # [R] frozen reference (Megatron)
-    kind: str = "task"                                # task | pointwise | pairwise | reflection_cot | reflection_ans
+    kind: TaskKind = TaskKind.TASK
     old_is_current: bool = False                      # pi_old = the weights this update runs at: use them
 
 
-def collate(rollouts: list[Rollout], shape, pad_id: int, seq_len: int, n_real: Optional[int] = None) -> dict:
+def collate(rollouts: list[Rollout], shape, pad_id: int, seq_len: int, n_real: Optional[int] = None) -> MicroBatch:
     """Right-padded micro-batch. Response token j of a sample sits at position P+j and is predicted at P+j-1.
 
     Rows from `n_real` on are fillers (a pipeline needs equal micro-batches): their loss mask is zero."""
@@ -78,8 +78,7 @@ def collate(rollouts: list[Rollout], shape, pad_id: int, seq_len: int, n_real: O
     grids = [r.image_grid_thw for r in rollouts if r.image_grid_thw is not None]
     batch = make_batch(shape, ids, torch.cat(pix) if pix else None, torch.cat(grids) if grids else None,
                        labels=labels, pad_mask=real, grids_per_sequence=[r.image_grid_thw for r in rollouts])
-    return {"batch": batch, "mask": mask, "old": old, "ref": ref, "adv": adv, "rollout": rollout, "current": current,
-            "known": known}
+    return MicroBatch(mask, old, ref, adv, rollout, batch, current, known, b if n_real is None else n_real)
 
 
 class Policy:
@@ -256,10 +255,10 @@ class Policy:
         micro = []  # on the host: one micro-batch at a time goes to the device (in `step`), not the whole call
         for part, n_real, length in layout:
             mb = collate(part, self.shape, self.pad_id, length, n_real)
-            b = mb["batch"]
+            b = mb.batch
             if b.pixel_values is not None and b.pixel_values.is_floating_point():
                 b.pixel_values = b.pixel_values.to(param_dtype)  # (the vision tower casts to it anyway)
-            micro.append(dict(mb, n_real=n_real))
+            micro.append(mb)
             self.tokens_real += sum(len(r.prompt_ids) + len(r.response_ids) for r in part[:n_real])
             self.tokens_computed += len(part) * length
         seq_len = max(length for _, _, length in layout)  # what the pipeline's buffers are sized for
@@ -272,12 +271,12 @@ class Policy:
         vocab = self.shape.text.vocab_size
 
         def step(data_iter, model):
-            mb = {k: v.to(device, non_blocking=True) if hasattr(v, "to") else v for k, v in next(data_iter).items()}
-            out = call_model(model, mb["batch"])  # vocab-parallel logits on the last stage
+            mb = next(data_iter).to(device)
+            out = call_model(model, mb.batch)  # vocab-parallel logits on the last stage
 
             def finish(logits):
-                logp = token_logprobs(logits, mb["batch"].labels, vocab)
-                outputs.append({"logp": logp.detach(), "mask": mb["mask"], "n_real": mb["n_real"]})
+                logp = token_logprobs(logits, mb.batch.labels, vocab)
+                outputs.append({"logp": logp.detach(), "mask": mb.mask, "n_real": mb.n_real})
                 if loss_fn is None:
                     return logp.sum() * 0.0, {}
                 loss, metrics = loss_fn(logp, mb)
@@ -339,11 +338,12 @@ class Policy:
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return not flag.item()
 
-    def train_step(self, rollouts: list[Rollout], loss_fn: Callable, share_of_batch: bool = False) -> dict:
-        """One optimizer step on these rollouts (this rank's data-parallel share of the global batch).
+    def train_step(self, rollouts: list[Rollout], loss_fn: Callable) -> dict:
+        """One optimizer step on these rollouts (this rank's data-parallel share of the global batch) with a loss of
+        loss.py (`loss_fn(logp, MicroBatch) -> (loss, metrics)`).
 
-        share_of_batch=False: `loss_fn` returns a micro-batch mean; megatron-core averages them over micro-batches
-        and data-parallel ranks (and so do the metrics). True: `loss_fn` returns the micro-batch's share of the
+        `loss_fn.share_of_batch` False: it returns a micro-batch mean; megatron-core averages them over micro-batches
+        and data-parallel ranks (and so do the metrics). True: it returns the micro-batch's share of the
         global batch's loss (sums over its tokens divided by the batch's counts, `algorithm.BatchSize`); the shares
         of all micro-batches on all DP ranks add up to the batch loss, whatever the layout (and so do the metrics)."""
         from megatron.core import parallel_state as ps
@@ -352,10 +352,11 @@ class Policy:
             c.zero_grad_buffer()
         self.optimizer.zero_grad()
         metrics: list[dict] = []
+        share_of_batch = bool(getattr(loss_fn, "share_of_batch", False))
 
         def wrapped(logp, mb):
             loss, m = loss_fn(logp, mb)
-            if mb["n_real"]:  # (a filler micro-batch of virtual stages adds nothing)
+            if mb.n_real:  # (a filler micro-batch of virtual stages adds nothing)
                 metrics.append({k: float(v) for k, v in m.items()})
             return loss, {}
         dp = ps.get_data_parallel_world_size(with_context_parallel=True)
@@ -393,39 +394,3 @@ class Policy:
         agg.update(grad_norm=float(grad_norm) if grad_norm is not None else float("nan"),
                    lr=self.optimizer.param_groups[0]["lr"], update_ok=bool(ok), update_skipped=skipped)
         return agg
-
-
-def grpo_loss_fn(alg, batch: Optional[BatchSize] = None) -> Callable:
-    """The RL loss of one micro-batch: PPO-clip + k3 KL to the reference (+ entropy bonus). With `batch` it is the
-    micro-batch's share of the global batch's loss (train_step(..., share_of_batch=True)); without, its own mean."""
-    def fn(logp: Tensor, mb: dict):
-        weights, extra = None, {}
-        rows = logp.new_zeros(logp.shape[0], 1, dtype=torch.bool)
-        current, known = mb.get("current", rows), mb.get("known", ~rows)  # (a micro-batch built by hand: neither)
-        old = torch.where(current, logp.detach(), mb["old"])
-        # the train/rollout drift of the rows without an old-log-prob pass: their sync check (0 when none here;
-        # every micro-batch reports it, so every DP rank reduces the same keys)
-        gap = (logp.detach() - mb["rollout"]).abs() * (mb["mask"] * (current & known))
-        extra["train_rollout_logprob_drift_max"] = gap.max() if gap.numel() else logp.new_zeros(())
-        if alg.rollout_is == "tis":  # (a row without the engine's log-probs gets weight 1)
-            weights, ratio = truncated_is_weights(old, torch.where(known, mb["rollout"], old),
-                                                  alg.rollout_is_cap)
-            extra.update(is_ratio_mean=masked_mean(ratio, mb["mask"], "token_mean", batch),
-                         is_ratio_max=(ratio * mb["mask"]).max() if ratio.numel() else logp.new_zeros(()),
-                         is_capped_fraction=masked_mean((ratio > alg.rollout_is_cap).to(logp.dtype), mb["mask"],
-                                                        "token_mean", batch))
-        out = grpo_loss(logp, old, mb["ref"] if alg.kl_coef > 0 else None, mb["adv"], mb["mask"],
-                        eps_low=alg.eps_clip_low, eps_high=alg.eps_clip_high, kl_coef=alg.kl_coef,
-                        entropy=sampled_entropy_surrogate(logp) if alg.entropy_coef else None,
-                        entropy_coef=alg.entropy_coef, reduction=alg.loss_reduction, batch=batch,
-                        is_weights=weights)
-        # entropy: the Monte-Carlo estimate E[-log pi(y)] over the sampled response tokens
-        return out.loss, {"policy_loss": out.policy_loss, "kl": out.kl, "clip_fraction": out.clip_fraction,
-                          "entropy": masked_mean(-logp.detach(), mb["mask"], "token_mean", batch), **extra}
-    return fn
-
-
-def sft_loss_fn(logp: Tensor, mb: dict):
-    """Supervised warm start: mean negative log-likelihood of the response tokens."""
-    loss = -masked_mean(logp, mb["mask"])
-    return loss, {"sft_loss": loss.detach()}

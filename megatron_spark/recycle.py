@@ -17,13 +17,13 @@ from __future__ import annotations
 import json
 import random
 from collections import deque
-from dataclasses import asdict, dataclass, field
-from typing import Hashable, Literal, Optional, Sequence
+from dataclasses import asdict, dataclass, field, replace
+from typing import Hashable, Optional, Sequence
 
+from megatron_spark.kinds import TaskKind
 from megatron_spark.reward import boxed_answer
 from megatron_spark.templates import Template, TemplateBank, strip_suffix
 
-Kind = Literal["pointwise", "pairwise", "reflection_cot", "reflection_ans"]
 
 
 @dataclass
@@ -39,12 +39,15 @@ class Group:
 
 @dataclass
 class AuxTask:
-    kind: Kind
+    kind: TaskKind               # one of kinds.RECYCLED_KINDS
     prompt: str
     answer: str                   # the label the verifier checks the new rollouts against
     image: Optional[str]
     source_prompt_id: Hashable
     source_correct: Optional[bool] = None  # pointwise: was the judged answer correct (for judge accuracy)
+
+    def __post_init__(self):
+        self.kind = TaskKind(self.kind)
 
     def to_record(self, max_pixels: int = 1048576) -> dict:
         """The Spark training-data format: a JSON-stringified chat `message` and the `answer`."""
@@ -63,40 +66,48 @@ def task_messages(task: AuxTask, max_pixels: int = 1048576) -> list[dict]:
 
 @dataclass(frozen=True)
 class RecycleSettings:
-    pointwise_prob_mixed: float = 0.3
-    judge_cap: int = 32
-    reflection_cap: int = 32
-    cot_fraction: float = 0.5
-    balance_pointwise: bool = False
-    max_pixels: int = 1048576  # attached to recycled image prompts
-    samples_per_task: Optional[int] = None  # the reward period's group size (None: the rollout's n)
+    """What recycling reads of the `algorithm.recycle` section; its defaults are the section's (`of`)."""
+    pointwise_prob_mixed: float
+    judge_cap: int
+    reflection_cap: int
+    cot_fraction: float
+    balance_pointwise: bool
+    max_pixels: int                  # attached to recycled image prompts
+    samples_per_task: Optional[int]  # the reward period's group size (None: the rollout's n)
 
     @classmethod
     def from_config(cls, rc) -> "RecycleSettings":
         return cls(rc.pointwise_prob_mixed, rc.judge_cap, rc.reflection_cap, rc.cot_fraction, rc.balance_pointwise,
                    rc.max_pixels, rc.samples_per_task)
 
+    @classmethod
+    def of(cls, **overrides) -> "RecycleSettings":
+        """The section's defaults with `overrides` (tests, tools)."""
+        from megatron_spark.config import RecycleConfig
+
+        return replace(cls.from_config(RecycleConfig()), **overrides)
+
 
 def pointwise_task(t: Template, q: str, ans: str, correct: bool, image: Optional[str], source: Hashable) -> AuxTask:
     """Judge one answer `ans` to question `q` with template `t`: label Yes/No (or A = correct / B = wrong)."""
     label = ("Yes" if correct else "No") if t.label_type == "yesno" else ("A" if correct else "B")
-    return AuxTask("pointwise", t.render(question=q, answer=ans), label, image, source, correct)
+    return AuxTask(TaskKind.POINTWISE, t.render(question=q, answer=ans), label, image, source, correct)
 
 
 def pairwise_task(t: Template, q: str, good: str, bad: str, good_first: bool, image: Optional[str],
                   source: Hashable) -> AuxTask:
     """Pick the right one of two answers, the right one in slot A when `good_first`: label A or B."""
     a, b = (good, bad) if good_first else (bad, good)
-    return AuxTask("pairwise", t.render(question=q, answer_a=a, answer_b=b), "A" if good_first else "B", image,
+    return AuxTask(TaskKind.PAIRWISE, t.render(question=q, answer_a=a, answer_b=b), "A" if good_first else "B", image,
                    source)
 
 
 def _pointwise(g: Group, q: str, ans: str, correct: bool, bank: TemplateBank, rng: random.Random) -> AuxTask:
-    return pointwise_task(bank.sample("pointwise", rng), q, ans, correct, g.image, g.prompt_id)
+    return pointwise_task(bank.sample(TaskKind.POINTWISE, rng), q, ans, correct, g.image, g.prompt_id)
 
 
 def _pairwise(g: Group, q: str, good: str, bad: str, bank: TemplateBank, rng: random.Random) -> AuxTask:
-    t = bank.sample("pairwise", rng)
+    t = bank.sample(TaskKind.PAIRWISE, rng)
     return pairwise_task(t, q, good, bad, rng.random() < 0.5, g.image, g.prompt_id)
 
 
@@ -128,24 +139,25 @@ def reflection_task(g: Group, use_cot: bool, bank: TemplateBank, rng: random.Ran
     q = strip_suffix(g.question)
     if use_cot:
         i = rng.choice(wrong)
-        t = bank.sample("reflection_cot", rng)
-        return AuxTask("reflection_cot", t.render(question=q, cot=g.responses[i].strip()), g.answer, g.image,
+        t = bank.sample(TaskKind.REFLECTION_COT, rng)
+        return AuxTask(TaskKind.REFLECTION_COT, t.render(question=q, cot=g.responses[i].strip()), g.answer, g.image,
                        g.prompt_id)
     boxed = [a for a in (boxed_answer(g.responses[i]) for i in wrong) if a is not None]
     if not boxed:
         return None
-    t = bank.sample("reflection_ans", rng)
-    return AuxTask("reflection_ans", t.render(question=q, answer=rng.choice(boxed)), g.answer, g.image, g.prompt_id)
+    t = bank.sample(TaskKind.REFLECTION_ANS, rng)
+    return AuxTask(TaskKind.REFLECTION_ANS, t.render(question=q, answer=rng.choice(boxed)), g.answer, g.image,
+                   g.prompt_id)
 
 
 def balance_pointwise(judge: Sequence[AuxTask], rng: random.Random) -> list[AuxTask]:
     """As many pointwise tasks of a correct answer as of a wrong one: the majority class is subsampled (a random
     subset, original order kept); pairwise tasks are kept as they are (their A/B slot is already drawn fairly)."""
-    pos = [i for i, t in enumerate(judge) if t.kind == "pointwise" and t.source_correct]
-    neg = [i for i, t in enumerate(judge) if t.kind == "pointwise" and not t.source_correct]
+    pos = [i for i, t in enumerate(judge) if t.kind == TaskKind.POINTWISE and t.source_correct]
+    neg = [i for i, t in enumerate(judge) if t.kind == TaskKind.POINTWISE and not t.source_correct]
     n = min(len(pos), len(neg))
     keep = set(rng.sample(pos, n)) | set(rng.sample(neg, n))
-    return [t for i, t in enumerate(judge) if t.kind != "pointwise" or i in keep]
+    return [t for i, t in enumerate(judge) if t.kind != TaskKind.POINTWISE or i in keep]
 
 
 def recycle(groups: Sequence[Group], bank: TemplateBank, s: RecycleSettings, rng: random.Random) -> list[AuxTask]:
@@ -194,7 +206,9 @@ class AuxQueue:
         return len(self.items)
 
     def state_dict(self) -> dict:
-        return {"batch_size": self.batch_size, "episode": self.episode, "items": [asdict(t) for t in self.items]}
+        # (kinds by name: a checkpoint holds plain data, which torch loads with weights_only)
+        return {"batch_size": self.batch_size, "episode": self.episode,
+                "items": [asdict(t) | {"kind": t.kind.value} for t in self.items]}
 
     def load_state_dict(self, state: dict) -> None:
         self.batch_size, self.episode = state["batch_size"], state["episode"]

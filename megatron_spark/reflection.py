@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Callable, Generator, Optional, Sequence
 
+from megatron_spark.kinds import TaskKind
 from megatron_spark.reward import boxed_answer, extract_boxed, normalize
 from megatron_spark.templates import Template, TemplateBank, with_suffix
 
@@ -56,8 +57,8 @@ def _accepts(verdict: Optional[str], template: Template) -> bool:
 def default_templates(bank: Optional[TemplateBank] = None) -> tuple[Template, Template]:
     """The pointwise yes/no judge and the answer-reflection template used at test time."""
     bank = bank or TemplateBank.default()
-    return (next(t for t in bank.families["pointwise"] if t.label_type == "yesno"),
-            bank.families["reflection_ans"][-1])
+    return (next(t for t in bank.families[TaskKind.POINTWISE] if t.label_type == "yesno"),
+            bank.families[TaskKind.REFLECTION_ANS][-1])
 
 
 def reflection_steps(question: str, max_rounds: int = 2, judge_template: Optional[Template] = None,

@@ -13,17 +13,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, Optional
 
+from megatron_spark.kinds import RECYCLED_KINDS, TaskKind
 from megatron_spark.reward import extract_all_boxed
 
 ANSWER_SUFFIX = ("Please first conduct reasoning, and then answer the question. "
                  "Repeat the final answer using a '\\boxed{}'.")
 
-FAMILIES = ("pointwise", "pairwise", "reflection_cot", "reflection_ans")
+FAMILIES = RECYCLED_KINDS  # (the template families)
 FIELDS = {
-    "pointwise": ("question", "answer"),
-    "pairwise": ("question", "answer_a", "answer_b"),
-    "reflection_cot": ("question", "cot"),
-    "reflection_ans": ("question", "answer"),
+    TaskKind.POINTWISE: ("question", "answer"),
+    TaskKind.PAIRWISE: ("question", "answer_a", "answer_b"),
+    TaskKind.REFLECTION_COT: ("question", "cot"),
+    TaskKind.REFLECTION_ANS: ("question", "answer"),
 }
 
 
@@ -45,7 +46,7 @@ _JUDGE_TAIL_ONE = "\n\nQuestion:\n{question}\n\nProposed answer:\n{answer}\n\nYo
 _JUDGE_TAIL_TWO = "\n\nQuestion:\n{question}\n\n(A) {answer_a}\n(B) {answer_b}\n\nYour judgement:"
 
 DEFAULT_TEMPLATES: dict[str, list[Template]] = {
-    "pointwise": [
+    TaskKind.POINTWISE: [
         Template("Check the proposed answer to the question below. Work through the problem yourself, compare, and "
                  "decide whether the answer is right. Reply 'Yes' if it is correct and 'No' if it is not, and put "
                  "that single word in \\boxed{}." + _JUDGE_TAIL_ONE, "yesno"),
@@ -60,7 +61,7 @@ DEFAULT_TEMPLATES: dict[str, list[Template]] = {
         Template("Decide whether the given answer solves the question correctly. After your reasoning, choose A if "
                  "it is correct or B if it is wrong, and put the letter in \\boxed{}." + _JUDGE_TAIL_ONE, "ab"),
     ],
-    "pairwise": [
+    TaskKind.PAIRWISE: [
         Template("Two candidate answers to the same question are given, and at most one of them is right. Work out "
                  "the question, compare both candidates, and put the letter of the correct one (A or B) in "
                  "\\boxed{}." + _JUDGE_TAIL_TWO, "ab"),
@@ -69,7 +70,7 @@ DEFAULT_TEMPLATES: dict[str, list[Template]] = {
         Template("You are comparing two solutions' final answers. Determine which one answers the question "
                  "correctly and give its letter inside \\boxed{}." + _JUDGE_TAIL_TWO, "ab"),
     ],
-    "reflection_cot": [
+    TaskKind.REFLECTION_COT: [
         Template("Below is a question and an attempted solution. Review the reasoning step by step. If it is "
                  "sound, restate the answer; if you find a mistake, fix it and solve the question correctly."
                  "\n\nQuestion:\n{question}\n\nAttempted solution:\n{cot}\n\n" + ANSWER_SUFFIX),
@@ -78,7 +79,7 @@ DEFAULT_TEMPLATES: dict[str, list[Template]] = {
         Template("The solution below reaches a wrong result. Do not follow its reasoning; solve the question again "
                  "from the beginning.\n\nQuestion:\n{question}\n\nFlawed solution:\n{cot}\n\n" + ANSWER_SUFFIX),
     ],
-    "reflection_ans": [
+    TaskKind.REFLECTION_ANS: [
         Template("Here is a question and a proposed final answer. Decide whether the answer is right; if it is "
                  "not, work out the correct one.\n\nQuestion:\n{question}\n\nProposed answer:\n{answer}\n\n"
                  + ANSWER_SUFFIX),
@@ -102,7 +103,7 @@ class TemplateBank:
                 for field in FIELDS[fam]:
                     if "{" + field + "}" not in t.text:
                         raise ValueError(f"templates: {fam}[{i}] lacks the placeholder {{{field}}}")
-                if fam == "pointwise" and t.label_type not in ("yesno", "ab"):
+                if fam == TaskKind.POINTWISE and t.label_type not in ("yesno", "ab"):
                     raise ValueError(f"templates: pointwise[{i}].label_type must be 'yesno' or 'ab'")
                 filled = [b for b in extract_all_boxed(_PLACEHOLDER.sub("", t.text)) if b.strip()]
                 if filled:
@@ -117,9 +118,9 @@ class TemplateBank:
     def judge_templates(self) -> dict[str, Template]:
         """The one template per judge kind that evaluations use (so that two evaluations compare): the first yes/no
         pointwise template (else the first pointwise one) and the first pairwise one."""
-        pointwise = self.families["pointwise"]
-        return {"pointwise": next((t for t in pointwise if t.label_type == "yesno"), pointwise[0]),
-                "pairwise": self.families["pairwise"][0]}
+        pointwise = self.families[TaskKind.POINTWISE]
+        return {TaskKind.POINTWISE: next((t for t in pointwise if t.label_type == "yesno"), pointwise[0]),
+                TaskKind.PAIRWISE: self.families[TaskKind.PAIRWISE][0]}
 
     @classmethod
     def default(cls) -> "TemplateBank":
@@ -157,7 +158,7 @@ class TemplateBank:
         fams = {}
         for fam in FAMILIES:
             items = data.get(fam) or []
-            default_label = {"pointwise": "yesno", "pairwise": "ab"}.get(fam, "answer")
+            default_label = {TaskKind.POINTWISE: "yesno", TaskKind.PAIRWISE: "ab"}.get(fam, "answer")
             fams[fam] = [Template(it, default_label) if isinstance(it, str) else
                          Template(it["text"], it.get("label_type", default_label)) for it in items]
         return cls(fams)

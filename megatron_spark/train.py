@@ -8,7 +8,7 @@ import argparse
 import os
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Union
+from typing import TYPE_CHECKING, Optional, Union
 
 import torch
 import torch.distributed as dist
@@ -68,13 +68,13 @@ def prelaunch_check(cfg: SparkConfig, world: int, force: bool = False):
     return shape
 
 
-def build_stack(cfg: SparkConfig, world: int, force: bool = False) -> Union["RLStack", "EngineServer"]:
+def build_stack(cfg: SparkConfig, world: int, force: bool = False, record_reads: Optional[str] = None
+                ) -> Union["RLStack", "EngineServer"]:
     """Every component of the run from the config, each given the section it consumes; on a rollout rank of
-    disaggregated engines, its engine server (which `main` runs until the trainer says stop)."""
-    from megatron_spark.bridge.sync import WeightSync
+    disaggregated engines, its engine server (which `main` runs until the trainer says stop). `record_reads`: a
+    file that receives, at exit, every config leaf the components read (the config tests)."""
     from megatron_spark.data import PromptBuilder, PromptStream
     from megatron_spark.evaluation.periodic import HeldOutEval
-    from megatron_spark.mapping.qwen import WeightMap
     from megatron_spark.metrics import MetricsLogger
     # (megatron-core is imported here, not at the top: the helper processes started with `spawn` -- reward workers,
     # the checkpoint writer's Manager -- import this module as their __main__, and need none of it)
@@ -82,10 +82,6 @@ def build_stack(cfg: SparkConfig, world: int, force: bool = False) -> Union["RLS
     from megatron_spark.policy import Policy
     from megatron_spark.reward import RewardPool, VerifierConfig
     from megatron_spark.placement import RolloutPlacement
-    from megatron_spark.rollout.build import build_engine
-    from megatron_spark.rollout.colocated import ColocatedRollouts
-    from megatron_spark.rollout.engine import Sampling
-    from megatron_spark.rollout.remote import RemoteRollouts
     from megatron_spark.stack import RLStack
     from megatron_spark.templates import TemplateBank
 
@@ -95,10 +91,10 @@ def build_stack(cfg: SparkConfig, world: int, force: bool = False) -> Union["RLS
     if cfg.data.train_file is None:
         raise ValueError("config field 'data.train_file': set it to a Spark-format JSON file")
     shape = prelaunch_check(cfg, world, force)
-    if os.environ.get("SPARK_CONFIG_READS"):  # tests: which config leaves this process consumes (after validation)
+    if record_reads:  # (after the checks: what the components read, not what validation does)
         from megatron_spark.config import dump_reads_at_exit
 
-        dump_reads_at_exit(f"{os.environ['SPARK_CONFIG_READS']}.{os.getpid()}.json")
+        dump_reads_at_exit(record_reads)
     m = cfg.model
     placement = RolloutPlacement.from_config(cfg.rollout, world)  # which rank does what
     layout = ParallelLayout.from_config(cfg.parallel, placement.train_world)
@@ -120,18 +116,46 @@ def build_stack(cfg: SparkConfig, world: int, force: bool = False) -> Union["RLS
     data = PromptStream.from_config(cfg.data, prompts, cfg.training.seed, say=placement.writes(rank))
     episodes = cfg.data.num_episodes * data.steps_per_episode  # (read even when max_steps is set: it is validated)
     total_steps = cfg.training.max_steps or episodes
-    # The LR schedule counts every optimizer step, of both periods. Each infer period makes
-    # (rollout_batch x n / global_batch) steps and a reward period at most (reward_batch x its n / global_batch),
-    # so their sum per step is an upper bound: the cosine decays over it and never rises again (the original's
-    # schedule overran).
-    rc, gbs = cfg.algorithm.recycle, cfg.training.global_batch_size
-    per_infer = data.batch_size * cfg.rollout.n_samples_per_prompt // gbs
-    per_reward = rc.reward_batch_size * (rc.samples_per_task or cfg.rollout.n_samples_per_prompt) // gbs
-    decay_steps = total_steps * (per_infer + max(per_infer, per_reward)) + cfg.training.sft_warmup_steps
     pad_id = prompts.tokenizer.pad_token_id or 0
-    policy = Policy.build(shape, layout, m, cfg.training, pad_id=pad_id, total_steps=decay_steps)
+    policy = Policy.build(shape, layout, m, cfg.training, pad_id=pad_id,
+                          total_steps=lr_decay_steps(cfg, total_steps, data.batch_size))
     reference = Policy.build(shape, layout, m, cfg.training, pad_id=pad_id, trainable=False)
-    ro = cfg.rollout
+    engine, sync, rollouts = build_rollouts(cfg, shape, layout, placement, policy, rank, job_group)
+    pool = None
+    if rank == placement.reward_rank:
+        pool = RewardPool.from_config(cfg.algorithm)
+    logger = MetricsLogger.from_config(cfg.logging, placement.writes(rank), cfg.to_dict(),
+                                       resume=cfg.checkpoint.resume)
+    templates = TemplateBank.load(cfg.algorithm.recycle.templates_file)
+    evaluation = HeldOutEval.from_config(cfg.eval, cfg.data.max_pixels, cfg.algorithm.recycle.max_pixels,
+                                         rollouts=rollouts, prompts=prompts, templates=templates,
+                                         seed=cfg.training.seed, verifier=VerifierConfig.from_config(cfg.algorithm))
+    return RLStack(shape=shape, layout=layout, placement=placement, prompts=prompts, data=data, policy=policy,
+                   reference=reference, engine=engine, sync=sync, rollouts=rollouts, rewards=pool,
+                   templates=templates, evaluation=evaluation, logger=logger, total_steps=total_steps)
+
+
+def lr_decay_steps(cfg: SparkConfig, total_steps: int, rollout_batch: int) -> int:
+    """The optimizer steps the LR schedule decays over. It counts every optimizer step, of both periods: an infer
+    period makes (rollout_batch x n / global_batch) steps and a reward period at most (reward_batch x its n /
+    global_batch), so their sum per step is an upper bound: the cosine never rises again (the original's overran)."""
+    rc, gbs, n = cfg.algorithm.recycle, cfg.training.global_batch_size, cfg.rollout.n_samples_per_prompt
+    per_infer = rollout_batch * n // gbs
+    per_reward = rc.reward_batch_size * (rc.samples_per_task or n) // gbs
+    return total_steps * (per_infer + max(per_infer, per_reward)) + cfg.training.sft_warmup_steps
+
+
+def build_rollouts(cfg: SparkConfig, shape, layout, placement, policy, rank: int, job_group):
+    """(this rank's engine or None, the weight sync, the rollouts): colocated engines in the trainer's processes,
+    or the training side of disaggregated ones (`job_group`)."""
+    from megatron_spark.bridge.sync import WeightSync
+    from megatron_spark.mapping.qwen import WeightMap
+    from megatron_spark.rollout.build import build_engine
+    from megatron_spark.rollout.colocated import ColocatedRollouts
+    from megatron_spark.rollout.engine import Sampling
+    from megatron_spark.rollout.remote import RemoteRollouts
+
+    m, ro = cfg.model, cfg.rollout
     fp8_engine = ro.quantization == "fp8" and torch.cuda.is_available()
     wmap = WeightMap(shape, tp=layout.tp)
     if job_group is None:
@@ -147,19 +171,7 @@ def build_stack(cfg: SparkConfig, world: int, force: bool = False) -> Union["RLS
         # the engine loaded model.hf_dir: give it the trainer's weights (a Megatron checkpoint's, or their FP8
         # values) before the first rollout
         rollouts.push()
-    pool = None
-    if rank == placement.reward_rank:
-        pool = RewardPool.from_config(cfg.algorithm)
-    logger = MetricsLogger.from_config(cfg.logging, placement.writes(rank), cfg.to_dict(),
-                                       resume=cfg.checkpoint.resume)
-    templates = TemplateBank.load(cfg.algorithm.recycle.templates_file)
-    evaluation = HeldOutEval.from_config(cfg.eval, cfg.data.max_pixels, cfg.algorithm.recycle.max_pixels,
-                                         engine=engine, prompts=prompts, placement=placement, rank=rank,
-                                         templates=templates, sampling=Sampling.from_config(ro),
-                                         seed=cfg.training.seed, verifier=VerifierConfig.from_config(cfg.algorithm))
-    return RLStack(shape=shape, layout=layout, placement=placement, prompts=prompts, data=data, policy=policy,
-                   reference=reference, engine=engine, sync=sync, rollouts=rollouts, rewards=pool,
-                   templates=templates, evaluation=evaluation, logger=logger, total_steps=total_steps)
+    return engine, sync, rollouts
 
 
 def engine_server(cfg: SparkConfig, shape, layout, placement, job_group) -> "EngineServer":
@@ -231,16 +243,17 @@ def main(argv=None) -> int:
     from megatron_spark.checkpoint import CheckpointManager
     from megatron_spark.rollout.remote import EngineServer
     from megatron_spark.trainer import SparkTrainer
-    from megatron_spark.watchdog import NonFiniteUpdates
+    from megatron_spark.watchdog import FaultPlan, NonFiniteUpdates
 
     try:
         cfg = load_config(a.config, a.overrides)
-        stack = build_stack(cfg, world, a.force)
+        reads = os.environ.get("SPARK_CONFIG_READS")  # tests: which config leaves this process consumes
+        stack = build_stack(cfg, world, a.force, record_reads=f"{reads}.{os.getpid()}.json" if reads else None)
         if isinstance(stack, EngineServer):  # a rollout rank of disaggregated engines: serve, below
             server, stack = stack, None
         else:
             server = None
-            trainer = SparkTrainer(cfg, stack)
+            trainer = SparkTrainer(cfg, stack, FaultPlan.from_env())  # (the e2e tests' injected faults)
             ckpt = CheckpointManager.for_trainer(cfg, trainer, prompt_protocol(cfg)) if cfg.checkpoint.dir else None
             start = ckpt.resume() if ckpt else 0
     except ValueError as e:  # a bad config, input or checkpoint (the same on every rank): one message, no traceback
@@ -284,7 +297,7 @@ def prompt_protocol(cfg: SparkConfig):
     ro, rc = cfg.rollout, cfg.algorithm.recycle
     return TrainedPrompts(ro.temperature, ro.top_p, ro.top_k, ro.max_new_tokens, cfg.data.min_pixels,
                           cfg.data.max_pixels, Path(rc.templates_file).read_text() if rc.templates_file else None,
-                          recycled_max_pixels=rc.max_pixels)
+                          recycled_max_pixels=rc.max_pixels, chat_template_kwargs=cfg.data.chat_template_kwargs)
 
 
 def checkpointing(stack: "RLStack", ckpt):

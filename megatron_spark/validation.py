@@ -248,12 +248,8 @@ def layout_rules(cfg, facts: ModelFacts) -> None:
 
 
 def placement_rules(cfg) -> None:
-    """Modes that need engines of their own, or that those engines do not run yet."""
+    """Modes that need engines of their own."""
     disaggregated = cfg.rollout.placement == "disaggregated"
-    if disaggregated and cfg.eval.interval:
-        fail("eval.interval", "the held-out evaluation runs on colocated engines only (not yet through "
-                              "disaggregated ones); set eval.interval=0 and evaluate checkpoints with "
-                              "`megatron-spark eval`")
     if cfg.algorithm.max_staleness and not disaggregated:
         fail("algorithm.max_staleness", "generation overlaps training only on engines of their own: set "
                                         "rollout.placement=disaggregated and rollout.num_ranks, or max_staleness=0")

@@ -14,8 +14,9 @@ asked for by a signal, and the optimizer-step budget (`SparkTrainer.run` asks th
   checkpoint and exit cleanly; the ranks agree on the step (a collective), and the writing rank leaves the marker
   file slurm/train.sbatch requeues on (`SPARK_STOP_MARKER`).
 - `StepBudget`: `training.max_optimizer_steps` (equal-budget ablations): the run ends after the step that reaches it.
-- Test hooks (`SPARK_TEST_FAULTS`): faults that cannot be caused on demand otherwise -- a rank that hangs or dies
-  at a given step, a non-finite loss at given steps -- injected by the e2e tests; inert unless the variable is set.
+- `FaultPlan`: faults that cannot be caused on demand otherwise -- a rank that hangs or dies at a given step, a
+  non-finite loss at given steps -- given to the trainer by the e2e tests (through `SPARK_TEST_FAULTS`, which only
+  the entry point reads); the trainer's default plan is empty.
 """
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ import os
 import signal
 import sys
 import time
+from dataclasses import dataclass
 from typing import Optional
 
 
@@ -115,30 +117,37 @@ class StepBudget:
         return self.max_optimizer_steps is not None and optimizer_steps >= self.max_optimizer_steps
 
 
-def _faults() -> dict:
-    raw = os.environ.get("SPARK_TEST_FAULTS")
-    return json.loads(raw) if raw else {}
+@dataclass(frozen=True)
+class FaultPlan:
+    """Faults the e2e tests inject because they cannot be caused on demand otherwise: {"hang": [attempt, step,
+    rank]} sleeps forever there, {"kill": [attempt, step, rank]} SIGKILLs the rank, {"nonfinite": [step, ...]}
+    multiplies those steps' losses by NaN. `attempt` counts the run's starts (torchrun's restarts plus SLURM's
+    requeues). The trainer is given one (empty by default: inert); only the entry point reads it, from
+    `SPARK_TEST_FAULTS` (`from_env`)."""
+    kill: Optional[tuple[int, int, int]] = None
+    hang: Optional[tuple[int, int, int]] = None
+    nonfinite: tuple[int, ...] = ()
+    attempt: int = 0
 
+    @classmethod
+    def from_env(cls, env=os.environ) -> "FaultPlan":
+        raw = json.loads(env.get("SPARK_TEST_FAULTS") or "{}")
+        attempt = int(env.get("TORCHELASTIC_RESTART_COUNT", "0")) + int(env.get("SLURM_RESTART_COUNT", "0"))
+        return cls(tuple(raw["kill"]) if "kill" in raw else None, tuple(raw["hang"]) if "hang" in raw else None,
+                   tuple(raw.get("nonfinite", ())), attempt)
 
-def _attempt() -> int:
-    """Which start of the run this is: torchrun's restarts within a job plus SLURM's requeues of it."""
-    return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) + int(os.environ.get("SLURM_RESTART_COUNT", "0"))
+    def at_step(self, step: int, rank: int) -> None:
+        """Called as step `step` (1-based, as logged) starts on `rank`."""
+        if self.kill == (self.attempt, step, rank):
+            os.kill(os.getpid(), signal.SIGKILL)
+        if self.hang == (self.attempt, step, rank):
+            _injected_hang()
 
-
-def inject_step_faults(step: int, rank: int) -> None:
-    """{"hang": [attempt, step, rank]} sleeps forever there; {"kill": [attempt, step, rank]} SIGKILLs the rank."""
-    f = _faults()
-    if f.get("kill") == [_attempt(), step, rank]:
-        os.kill(os.getpid(), signal.SIGKILL)
-    if f.get("hang") == [_attempt(), step, rank]:
-        _injected_hang()
+    def loss_scale(self, step: int) -> Optional[float]:
+        """NaN for the steps (1-based) whose losses are poisoned, else None."""
+        return float("nan") if step in self.nonfinite else None
 
 
 def _injected_hang() -> None:  # (named, so that the watchdog's stack dump shows where the rank stopped)
     while True:
         time.sleep(3600)
-
-
-def nonfinite_loss_at(step: int) -> Optional[float]:
-    """{"nonfinite": [step, ...]}: the loss of those steps' updates is multiplied by NaN."""
-    return float("nan") if step in _faults().get("nonfinite", []) else None

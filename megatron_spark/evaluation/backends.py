@@ -127,9 +127,10 @@ class VLLMBackend:
         """The trainer's prompt builder for these image bounds (one per bounds)."""
         from megatron_spark.data import PromptBuilder
 
-        key = (gen.min_pixels, gen.max_pixels)
+        key = (gen.min_pixels, gen.max_pixels, tuple(sorted(gen.chat_template_kwargs.items())))
         if key not in self._builders:
-            self._builders[key] = PromptBuilder(self.model_dir, self.multimodal, *key)
+            self._builders[key] = PromptBuilder(self.model_dir, self.multimodal, gen.min_pixels, gen.max_pixels,
+                                                gen.chat_template_kwargs)
         return self._builders[key]
 
     def chat(self, conversations: Sequence[Conversation], gen: GenerationSettings, n: int = 1,
@@ -147,11 +148,12 @@ class VLLMBackend:
         try:
             if self.as_trained:  # the prompt text and images exactly as the trainer builds them
                 built = [self.builder(gen).build(spark_messages(c)) for c in conversations]
-                prompts = [{"prompt": b["prompt"], **({"multi_modal_data": {"image": b["images"] if len(
-                    b["images"]) > 1 else b["images"][0]}} if b["images"] else {})} for b in built]
+                prompts = [{"prompt": b.prompt, **({"multi_modal_data": {"image": b.images if len(
+                    b.images) > 1 else b.images[0]}} if b.images else {})} for b in built]
                 outs = self.llm.generate(prompts, sp, use_tqdm=False)
                 return [Reply([c.text for c in o.outputs]) for o in outs]
-            outs = self.llm.chat(list(conversations), sp, use_tqdm=False, mm_processor_kwargs=mm)
+            outs = self.llm.chat(list(conversations), sp, use_tqdm=False, mm_processor_kwargs=mm,
+                                 chat_template_kwargs=gen.chat_template_kwargs or None)
             return [Reply([c.text for c in o.outputs]) for o in outs]
         except Exception as e:  # noqa: BLE001 - one bad request fails vLLM's whole batch: find it, record it
             if len(conversations) == 1:
@@ -192,6 +194,8 @@ class ServerBackend:
                 "temperature": gen.temperature if temperature is None else temperature,
                 "seed": conversation_seed(gen.seed, conv, key),
                 "repetition_penalty": gen.repetition_penalty, **({"top_k": gen.top_k} if gen.top_k > 0 else {})}
+        if gen.chat_template_kwargs:  # (vLLM's server applies them to its chat template)
+            body["chat_template_kwargs"] = dict(gen.chat_template_kwargs)
         if self.send_processor_kwargs and any(c.get("type") == "image_url" for m in conv
                                               if isinstance(m["content"], list) for c in m["content"]):
             body["mm_processor_kwargs"] = processor_kwargs(gen)

@@ -73,6 +73,10 @@ def add_eval_args(p: argparse.ArgumentParser) -> None:
     gen.add_argument("--max-pixels", type=int, help="image resize upper bound (processor)")
     gen.add_argument("--seed", type=int, default=d.seed,
                      help="sampling seed (each request's own: from it and the request's content)")
+    gen.add_argument("--chat-template-kwargs", type=_json_mapping,
+                     help="keyword arguments of the model's chat template as JSON, e.g. "
+                          "'{\"enable_thinking\": false}' (Qwen3 without its thinking mode; trained: the run's "
+                          "data.chat_template_kwargs)")
     rew = p.add_argument_group("judging")
     rew.add_argument("--votes", type=int, help=f"samples per judge item (k; default 1, judge tasks under the "
                                                f"trained protocol {TRAINED_JUDGE_VOTES}: AUROC, vote accuracy)")
@@ -119,7 +123,17 @@ def _model_kind(path: str) -> str:
 
 
 _GENERATION_FLAGS = ("system_prompt", "suffix", "temperature", "top_p", "max_tokens", "repetition_penalty",
-                     "min_pixels", "max_pixels")
+                     "min_pixels", "max_pixels", "chat_template_kwargs")
+
+
+def _json_mapping(text: str) -> dict:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise argparse.ArgumentTypeError(f"not JSON ({e}); e.g. '{{\"enable_thinking\": false}}'") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError("expected a JSON object, e.g. '{\"enable_thinking\": false}'")
+    return value
 
 
 def resolve_protocol(args, kind: str) -> tuple[str, Optional[TrainedPrompts]]:

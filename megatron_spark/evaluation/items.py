@@ -20,6 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Union
 
+from megatron_spark.kinds import TaskKind
+
 FORMATS = ("spark", "vlrb", "rb2", "judge")
 _SIGNATURES = {"spark": ("problem", "answer"), "vlrb": ("query", "response", "human_ranking"),
                "rb2": ("prompt", "chosen", "rejected"), "judge": ("kind", "question", "label")}
@@ -207,12 +209,12 @@ def _parse(fmt: str, i: int, rec: dict, ld: _Loader) -> Item:
                        int(rec.get("num_correct") or len(chosen)))
     # judge
     kind = ld.text(i, rec, "kind")
-    if kind not in ("pointwise", "pairwise"):
+    if kind not in (TaskKind.POINTWISE, TaskKind.PAIRWISE):
         raise EvalInputError(f"{ld.where(i, rec)}: field 'kind' is '{kind}'; use pointwise or pairwise")
-    keys = ("answer",) if kind == "pointwise" else ("answer_a", "answer_b")
+    keys = ("answer",) if kind == TaskKind.POINTWISE else ("answer_a", "answer_b")
     answers = tuple(ld.text(i, rec, k) for k in keys)
     label = ld.text(i, rec, "label")
-    allowed = ("Yes", "No") if kind == "pointwise" else ("A", "B")
+    allowed = ("Yes", "No") if kind == TaskKind.POINTWISE else ("A", "B")
     if label not in allowed:
         raise EvalInputError(f"{ld.where(i, rec)}: field 'label' is '{label}'; a {kind} task's label is "
                              f"{' or '.join(allowed)}")

@@ -5,27 +5,28 @@ per held-out example (pointwise and pairwise, balanced labels) with the metrics 
 solve-to-judge gap). Every prompt is built exactly as training builds it (the same record messages, recycling's
 judge-task construction and templates, the same chat template and image bounds).
 
-Each engine evaluates only its share of the items (`RolloutPlacement.eval_share`: contiguous, as the training
-prompts); the engine leaders' texts are gathered, so every rank logs the same numbers."""
+The items go through the run's rollouts (`rollout/protocols.Rollouts`), as training prompts do: each engine,
+colocated or disaggregated, generates only its share, and every training rank gets every text, so every rank logs
+the same numbers."""
 from __future__ import annotations
 
 import random
 import time
 from typing import TYPE_CHECKING, Optional, Sequence
 
-import torch.distributed as dist
 
 from megatron_spark.data import Example, load_records
 
 from megatron_spark.fixtures.shapes import COLOURS
 from megatron_spark.judging import POSITIVE, JudgeOutcome, judge_report, verdict_of
+from megatron_spark.kinds import TaskKind
 from megatron_spark.recycle import AuxTask, pairwise_task, pointwise_task, task_messages
 from megatron_spark.reward import VerifierConfig, score
 from megatron_spark.templates import TemplateBank, strip_suffix, with_suffix
 
 if TYPE_CHECKING:
     from megatron_spark.config import EvalConfig
-    from megatron_spark.rollout.engine import Sampling
+    from megatron_spark.rollout.protocols import Rollouts
 
 
 def load_held_out(path: str, max_items: int, max_pixels: int) -> list[Example]:
@@ -73,42 +74,41 @@ def judge_tasks(examples: Sequence[Example], bank: TemplateBank, seed: int) -> l
     for i, ex in enumerate(examples):
         q, wrong = strip_suffix(ex.question), _wrong_answer(ex, rnd)
         right = i % 2 == 0
-        out.append(pointwise_task(fixed["pointwise"], q, ex.answer if right else wrong, right, ex.image, i))
-        out.append(pairwise_task(fixed["pairwise"], q, ex.answer, wrong, (i // 2) % 2 == 0, ex.image, i))
+        out.append(pointwise_task(fixed[TaskKind.POINTWISE], q, ex.answer if right else wrong, right, ex.image, i))
+        out.append(pairwise_task(fixed[TaskKind.PAIRWISE], q, ex.answer, wrong, (i // 2) % 2 == 0, ex.image, i))
     return out
 
 
-def _generate_share(engine, prompts, placement, rank: int, messages: Sequence[list[dict]], **sampling) -> dict:
-    """{item index: [texts]} for this engine's share of `messages`, gathered so that every rank holds all."""
+def _texts(rollouts: "Rollouts", prompts, messages: Sequence[list[dict]], seed: int = 0, **overrides
+           ) -> dict[int, list[str]]:
+    """{item index: [texts]}: every engine generates its share of `messages` (each rank builds only the prompts its
+    engine needs), every rank gets all (a collective of the training ranks)."""
     from megatron_spark.rollout.engine import RolloutRequest
+    from megatron_spark.rollout.protocols import generate_all
 
-    mine = placement.eval_share(len(messages), placement.engine_of(rank))
-    built = [prompts.build(messages[i]) for i in mine]
-    outs = engine.generate([RolloutRequest(b["prompt"], b["images"]) for b in built], **sampling) if mine else []
-    local = {i: [s.text for s in o] for i, o in zip(mine, outs)} if placement.is_leader(rank) else {}
-    gathered: list = [None] * dist.get_world_size()
-    dist.all_gather_object(gathered, local)
-    return {i: texts for part in gathered for i, texts in part.items()}
+    def request(i: int) -> RolloutRequest:
+        b = prompts.build(messages[i])
+        return RolloutRequest(b.prompt, b.images)
+    outs = generate_all(rollouts, request, len(messages), seed, **overrides)
+    return {i: [s.text for s in o] for i, o in enumerate(outs)}
 
 
-def held_out_accuracy(engine, prompts, placement, rank: int, examples: Sequence[Example], bank: TemplateBank,
-                      max_new_tokens: int, seed: int = 0, verifier: Optional[VerifierConfig] = None,
-                      votes: int = 0, temperature: float = 1.0, top_p: float = 1.0, top_k: int = -1,
-                      max_pixels: int = 1048576) -> dict:
+def held_out_accuracy(rollouts: "Rollouts", prompts, examples: Sequence[Example], bank: TemplateBank, seed: int = 0,
+                      verifier: Optional[VerifierConfig] = None, votes: int = 0, max_pixels: int = 1048576) -> dict:
     """Greedy task accuracy, and the judge's metrics (`judging.judge_report`: greedy accuracy, per label, AUROC and
     vote accuracy from `votes` verdicts sampled with the training settings, the solve-to-judge gap) on the
-    examples' judge tasks, each prompt built exactly as training builds it. Each engine generates its share; answers
-    are checked as the training rewards check them (`verifier`: the algorithm section's options). A collective."""
+    examples' judge tasks, each prompt built exactly as training builds it and generated through the run's own
+    rollouts (colocated or disaggregated engines, each its share). Answers are checked as the training rewards check
+    them (`verifier`: the algorithm section's options). A collective of the training ranks."""
     verifier = verifier or VerifierConfig()
-    greedy = dict(n=1, temperature=0.0, max_new_tokens=max_new_tokens)
-    task_out = _generate_share(engine, prompts, placement, rank, [ex.messages for ex in examples], **greedy)
+    greedy = dict(n=1, temperature=0.0)
+    task_out = _texts(rollouts, prompts, [ex.messages for ex in examples], **greedy)
     solved = [score(task_out[i][0], ex.answer, verifier) == 1.0 for i, ex in enumerate(examples)]
     tasks = judge_tasks(examples, bank, seed)
     messages = [task_messages(t, max_pixels) for t in tasks]
-    judge_out = _generate_share(engine, prompts, placement, rank, messages, **greedy)
+    judge_out = _texts(rollouts, prompts, messages, **greedy)
     # (seeded: every evaluation of a run draws the same random numbers, so two evaluations differ by the weights)
-    sampled = _generate_share(engine, prompts, placement, rank, messages, n=votes, temperature=temperature,
-                              top_p=top_p, top_k=top_k, max_new_tokens=max_new_tokens, seed=seed) if votes else {}
+    sampled = _texts(rollouts, prompts, messages, seed, n=votes) if votes else {}
     outcomes = [JudgeOutcome(t.kind, t.answer, POSITIVE["yesno" if t.answer in ("Yes", "No") else "ab"],
                              verdict_of(judge_out[k][0]), tuple(verdict_of(x) for x in sampled.get(k, ())),
                              solved[t.source_prompt_id]) for k, t in enumerate(tasks)]
@@ -119,16 +119,14 @@ def held_out_accuracy(engine, prompts, placement, rank: int, examples: Sequence[
 
 class HeldOutEval:
     """The run's held-out evaluation (the `eval` section): its items, when it is due, and its metrics. Built by
-    `train.build_stack` for colocated engines (each rank evaluates through its own engine), given to the trainer's
-    loop, which asks `due` after each step."""
+    `train.build_stack`, given to the trainer's loop, which asks `due` after each step (and brings the engines to
+    the trained weights first)."""
 
-    def __init__(self, examples: Sequence[Example], interval: int, engine, prompts, placement, rank: int,
-                 templates: TemplateBank, sampling: "Sampling", seed: int, verifier: VerifierConfig, votes: int,
-                 max_pixels: int):
+    def __init__(self, examples: Sequence[Example], interval: int, rollouts: "Rollouts", prompts,
+                 templates: TemplateBank, seed: int, verifier: VerifierConfig, votes: int, max_pixels: int):
         self.examples, self.interval, self.votes = list(examples), interval, votes
-        self.engine, self.prompts, self.placement, self.rank = engine, prompts, placement, rank
-        self.templates, self.sampling, self.seed, self.verifier = templates, sampling, seed, verifier
-        self.max_pixels = max_pixels
+        self.rollouts, self.prompts, self.templates, self.seed = rollouts, prompts, templates, seed
+        self.verifier, self.max_pixels = verifier, max_pixels
 
     @classmethod
     def from_config(cls, ev: "EvalConfig", max_pixels: int, recycled_max_pixels: int, **parts
@@ -142,10 +140,8 @@ class HeldOutEval:
 
     def measure(self) -> dict:
         """{task_accuracy, items, judge_*} now (a collective)."""
-        s = self.sampling
-        return held_out_accuracy(self.engine, self.prompts, self.placement, self.rank, self.examples, self.templates,
-                                 s.max_new_tokens, self.seed, self.verifier, self.votes, s.temperature, s.top_p,
-                                 s.top_k, self.max_pixels)
+        return held_out_accuracy(self.rollouts, self.prompts, self.examples, self.templates, self.seed,
+                                 self.verifier, self.votes, self.max_pixels)
 
     def due(self, step: int, total_steps: int, last: bool) -> bool:
         """After `step` (1-based): every `interval` steps, and after the run's last step (`last`: it ends early)."""

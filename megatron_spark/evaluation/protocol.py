@@ -41,6 +41,7 @@ class TrainedPrompts:
     system_prompt: Optional[str] = None   # None: no system turn (training adds none)
     suffix: str = ANSWER_SUFFIX
     recycled_max_pixels: Optional[int] = None  # the image bound of recycled (judge) prompts, when lower
+    chat_template_kwargs: dict = dataclasses.field(default_factory=dict)  # data.chat_template_kwargs
 
     def write(self, directory: str | Path) -> Path:
         path = Path(directory) / PROTOCOL_FILE
@@ -68,4 +69,5 @@ class TrainedPrompts:
         return GenerationSettings(system_prompt=self.system_prompt, suffix=self.suffix, temperature=0.0,
                                   top_p=self.top_p, top_k=self.top_k, max_tokens=self.max_tokens,
                                   repetition_penalty=1.0, min_pixels=min(self.min_pixels, max_pixels),
-                                  max_pixels=max_pixels, seed=seed)
+                                  max_pixels=max_pixels, seed=seed,
+                                  chat_template_kwargs=dict(self.chat_template_kwargs))

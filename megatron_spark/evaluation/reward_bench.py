@@ -29,6 +29,7 @@ from megatron_spark.evaluation.backends import Conversation, Reply, conversation
 from megatron_spark.evaluation.items import JudgeItem, PairItem, RB2Item, RB2_SUBSETS
 from megatron_spark.evaluation.settings import EvalSettings
 from megatron_spark.judging import POSITIVE, JudgeOutcome, judge_report, verdict_of
+from megatron_spark.kinds import TaskKind
 from megatron_spark.reward import boxed_answer, extract_boxed, normalize
 from megatron_spark.templates import TemplateBank
 
@@ -265,7 +266,7 @@ def judge_requests(item: JudgeItem, s: EvalSettings, bank: TemplateBank) -> list
     prompt is the one training builds for the same task (the bank's evaluation template, same fields)."""
     kind = item.dataset.split("/")[1]
     t = bank.judge_templates()[kind]
-    fields = {"answer": item.answers[0]} if kind == "pointwise" else \
+    fields = {"answer": item.answers[0]} if kind == TaskKind.POINTWISE else \
         {"answer_a": item.answers[0], "answer_b": item.answers[1]}
     g = s.generation
     conv = conversation(t.render(question=item.question, **fields), item.image_path, g.system_prompt)

@@ -33,6 +33,7 @@ class GenerationSettings:
     min_pixels: int = 28 * 28 * 4
     max_pixels: int = 28 * 28 * 16384
     seed: int = 0
+    chat_template_kwargs: dict = field(default_factory=dict)  # e.g. {"enable_thinking": False} (Qwen3)
 
 
 @dataclass(frozen=True)
@@ -52,7 +53,10 @@ class EvalSettings:
     generation: GenerationSettings = field(default_factory=GenerationSettings)
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        out = dataclasses.asdict(self)
+        if not out["generation"]["chat_template_kwargs"]:  # (absent when unused: earlier results keep their hash)
+            del out["generation"]["chat_template_kwargs"]
+        return out
 
     @property
     def hash(self) -> str:

@@ -134,10 +134,10 @@ def _calibration_loop(model, hf_dir: Path, hf_config: dict, calib_data: Path, n:
     def loop(m):
         with torch.no_grad():
             for b in batches:
-                kw = {"input_ids": torch.tensor([b["input_ids"]], device=m.device)}
-                if b["pixel_values"] is not None:
-                    kw.update(pixel_values=b["pixel_values"].to(m.device, m.dtype),
-                              image_grid_thw=b["image_grid_thw"].to(m.device))
+                kw = {"input_ids": torch.tensor([b.input_ids], device=m.device)}
+                if b.pixel_values is not None:
+                    kw.update(pixel_values=b.pixel_values.to(m.device, m.dtype),
+                              image_grid_thw=b.image_grid_thw.to(m.device))
                 m(**kw)
     return loop, len(batches)
 

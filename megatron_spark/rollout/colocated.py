@@ -8,7 +8,7 @@ import torch.distributed as dist
 
 from megatron_spark.placement import RolloutPlacement
 from megatron_spark.rollout.engine import Sampling
-from megatron_spark.rollout.remote import EngineWork, GenerationPart
+from megatron_spark.rollout.protocols import EngineWork, GenerationPart
 
 
 class ColocatedRollouts:

@@ -26,15 +26,15 @@ from __future__ import annotations
 import os
 import pickle
 import time
-from dataclasses import dataclass, field
 from datetime import timedelta
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 import torch
 import torch.distributed as dist
 
 from megatron_spark.placement import RolloutPlacement
 from megatron_spark.rollout.engine import Sampling
+from megatron_spark.rollout.protocols import EngineWork, GenerationPart
 
 _OBJECT_TAG = 7  # commands and samples; the weight messages use tag 0
 
@@ -111,24 +111,6 @@ def init_role_worlds(placement: RolloutPlacement, backend: str, timeout_s: int) 
 def job_rank() -> int:
     """This process's rank in the job (the job group's numbering), in either placement."""
     return int(os.environ.get("SPARK_JOB_RANK", os.environ.get("RANK", "0")))
-
-
-@dataclass
-class GenerationPart:
-    """One period's prompts in a generation request: `request(i)` builds prompt i, `seed(engine)` is the engine's
-    sampling seed, `overrides` replace sampling settings for this part (e.g. greedy for a probe)."""
-    n_prompts: int
-    request: Callable[[int], Any]
-    seed: Callable[[int], int]
-    overrides: dict = field(default_factory=dict)
-
-
-@dataclass
-class EngineWork:
-    """One engine's answer to a generation request: its prompts (indices of the request), their samples, time."""
-    prompts: list[int]
-    samples: list
-    seconds: float
 
 
 class EngineServer:

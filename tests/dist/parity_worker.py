@@ -54,7 +54,8 @@ def one_step(path, shape, layout, case, variant) -> dict:
     from megatron_spark.models.weights import HFCheckpoint, export_megatron_to_hf, load_hf_into_megatron
     from megatron_spark.placement import balanced_partition
     from megatron_spark.config import AlgorithmConfig
-    from megatron_spark.policy import Policy, grpo_loss_fn
+    from megatron_spark.loss import GRPOLoss
+    from megatron_spark.policy import Policy
 
     mbs, max_tokens, norm, *old_mode = variant
     old_mode = old_mode[0] if old_mode else "fixed"
@@ -91,9 +92,9 @@ def one_step(path, shape, layout, case, variant) -> dict:
         for r in mine:
             r.old_logprobs, r.old_is_current = None, True
     if norm == "global_batch":
-        policy.train_step(mine, grpo_loss_fn(alg, size), share_of_batch=True)
+        policy.train_step(mine, GRPOLoss(alg, size))
     else:
-        policy.train_step(mine, grpo_loss_fn(alg))
+        policy.train_step(mine, GRPOLoss(alg))
     group = ps.get_tensor_model_parallel_group()
     out = {("meta", "uneven_lengths"): uneven}
     for kind, grads in (("param", False), ("grad", True)):  # grads: what the optimizer got, after DP averaging
@@ -147,7 +148,8 @@ def train_check(chunks, shape, inputs) -> dict:
 
     from tests.oracle import response_rollouts
     from megatron_spark.config import AlgorithmConfig
-    from megatron_spark.policy import Policy, grpo_loss_fn, sft_loss_fn
+    from megatron_spark.loss import GRPOLoss, SFTLoss
+    from megatron_spark.policy import Policy
 
     cfg = TrainingConfig(lr=2e-3, min_lr_ratio=1.0, warmup_ratio=0.0, weight_decay=0.0, adam_beta1=0.9,
                          adam_beta2=0.95, adam_eps=1e-8, clip_grad=1.0, use_distributed_optimizer=False,
@@ -164,11 +166,11 @@ def train_check(chunks, shape, inputs) -> dict:
     for r, lp in zip(rollouts, before):
         r.old_logprobs = lp
     alg = AlgorithmConfig(kl_coef=0.0)
-    grpo = [policy.train_step(rollouts, grpo_loss_fn(alg)) for _ in range(3)]
+    grpo = [policy.train_step(rollouts, GRPOLoss(alg)) for _ in range(3)]
     after = policy.token_logprobs(rollouts)
     moved = [(a.mean() - b.mean()).item() * r.advantage for r, a, b in zip(rollouts, after, before)]
     # then supervised steps on the sampled responses: the NLL must fall
-    sft = [policy.train_step(rollouts[::2] * 2, sft_loss_fn)["sft_loss"] for _ in range(6)]
+    sft = [policy.train_step(rollouts[::2] * 2, SFTLoss())["sft_loss"] for _ in range(6)]
     # replicated tensors: the same on both TP ranks, bit for bit
     worst_p, worst_g, n_rep, differing = 0.0, 0.0, 0, {}
     group = ps.get_tensor_model_parallel_group()

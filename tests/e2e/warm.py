@@ -42,10 +42,10 @@ def warm_started(hf_dir: str | Path, train_file: str | Path, templates_file: str
         for msgs, target in warm_start_pairs(ex, families, rnd):
             b = prompts.build(msgs)
             resp = tok(target)["input_ids"] + [eos]
-            ids = torch.tensor([b["input_ids"] + resp])
+            ids = torch.tensor([b.input_ids + resp])
             labels = ids.clone()
-            labels[0, :len(b["input_ids"])] = -100
-            extra = dict(pixel_values=b["pixel_values"], image_grid_thw=b["image_grid_thw"]) if multimodal else {}
+            labels[0, :len(b.input_ids)] = -100
+            extra = dict(pixel_values=b.pixel_values, image_grid_thw=b.image_grid_thw) if multimodal else {}
             samples.append(dict(input_ids=ids, labels=labels, **extra))
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     for _ in range(steps):

@@ -58,7 +58,8 @@ def test_policy_logprobs_and_update_on_cuda(tiny_models, world, name):
     from megatron_spark.models.hf_config import load_hf_config
     from megatron_spark.models.parity import hf_reference, sample_inputs
     from tests.oracle import compare_token_logprobs, response_rollouts
-    from megatron_spark.policy import Policy, sft_loss_fn
+    from megatron_spark.loss import SFTLoss
+    from megatron_spark.policy import Policy
 
     path = tiny_models[name]
     shape = load_hf_config(path)
@@ -68,9 +69,9 @@ def test_policy_logprobs_and_update_on_cuda(tiny_models, world, name):
     diffs = compare_token_logprobs(policy, hf_reference(path, shape.family).cuda(), inputs)
     assert max(diffs.values()) < 1e-3, (name, diffs)
     rollouts = response_rollouts(inputs)
-    first = policy.train_step(rollouts, sft_loss_fn)
+    first = policy.train_step(rollouts, SFTLoss())
     for _ in range(4):
-        last = policy.train_step(rollouts, sft_loss_fn)
+        last = policy.train_step(rollouts, SFTLoss())
     assert first["update_ok"] and last["update_ok"]
     assert last["sft_loss"] < first["sft_loss"], (first, last)
 

@@ -237,19 +237,15 @@ def test_has_spread_marks_groups_whose_rewards_differ():
 
 def test_skip_zero_advantage_leaves_groups_without_spread_out_of_the_global_batches():
     import random
-    from types import SimpleNamespace
 
-    from megatron_spark.config import load_config
-    from megatron_spark.trainer import SparkTrainer
+    from megatron_spark.batching import global_batches
 
     outs = [["p0a", "p0b"], ["p1a", "p1b"], ["p2a", "p2b"]]
     rewards = [1.0, 0.0, 1.0, 1.0, 0.0, 1.0]  # prompt 1's group has no spread
     for skip, kept in ((False, {"p0a", "p0b", "p1a", "p1b", "p2a", "p2b"}), (True, {"p0a", "p0b", "p2a", "p2b"})):
-        cfg = load_config(None, ["training.global_batch_size=2", f"algorithm.skip_zero_advantage={skip}"])
-        me = SimpleNamespace(cfg=cfg, rng=random.Random(0))
-        batches = SparkTrainer.global_batches(me, outs, rewards)
-        assert {s for b in batches for _, s, _, _ in b} == kept and all(len(b) == 2 for b in batches)
-        assert all(a != 0 for b in batches for *_, a in b) == skip
+        batches = global_batches(outs, rewards, 2, random.Random(0), skip_zero_advantage=skip)
+        assert {x.sample for b in batches for x in b} == kept and all(len(b) == 2 for b in batches)
+        assert all(x.advantage != 0 for b in batches for x in b) == skip
 
 
 def test_truncated_importance_sampling_by_hand():
@@ -279,19 +275,19 @@ def test_truncated_importance_sampling_by_hand():
 def test_tis_in_the_trainers_loss_logs_ratio_and_capped_fraction():
     from types import SimpleNamespace
 
-    from megatron_spark.policy import grpo_loss_fn
+    from megatron_spark.loss import GRPOLoss, MicroBatch
 
     alg = SimpleNamespace(rollout_is="tis", rollout_is_cap=2.0, kl_coef=0.0, eps_clip_low=0.2, eps_clip_high=0.2,
                           entropy_coef=0.0, loss_reduction="token_mean")
     old = torch.log(torch.tensor([[0.5, 0.2, 0.9, 0.3]]))
-    mb = {"old": old, "ref": old, "adv": torch.tensor([1.0]), "mask": torch.tensor([[1.0, 1.0, 1.0, 0.0]]),
-          "rollout": torch.log(torch.tensor([[0.25, 0.4, 0.3, 0.01]]))}  # the 4th token is masked out
-    loss, m = grpo_loss_fn(alg)(old.clone(), mb)
+    mb = MicroBatch(mask=torch.tensor([[1.0, 1.0, 1.0, 0.0]]), old=old, ref=old, adv=torch.tensor([1.0]),
+                    rollout=torch.log(torch.tensor([[0.25, 0.4, 0.3, 0.01]])))  # the 4th token is masked out
+    loss, m = GRPOLoss(alg)(old.clone(), mb)
     assert m["is_ratio_mean"].item() == pytest.approx((2.0 + 0.5 + 3.0) / 3)
     assert m["is_capped_fraction"].item() == pytest.approx(1 / 3)
     assert loss.item() == pytest.approx(-(2.0 + 0.5 + 2.0) / 3)
     off = dict(vars(alg), rollout_is="off")
-    loss_off, m_off = grpo_loss_fn(SimpleNamespace(**off))(old.clone(), mb)
+    loss_off, m_off = GRPOLoss(SimpleNamespace(**off))(old.clone(), mb)
     assert loss_off.item() == pytest.approx(-1.0) and "is_ratio_mean" not in m_off
 
 
@@ -312,23 +308,16 @@ def test_overlong_shaping_and_truncation_masking_in_the_trainer():
     import random
     from types import SimpleNamespace
 
-    from megatron_spark.config import load_config
-    from megatron_spark.rollout.engine import Sampling
-    from megatron_spark.trainer import SparkTrainer
+    from megatron_spark.batching import global_batches, shaped_rewards
 
     S = lambda n, reason: SimpleNamespace(token_ids=[0] * n, finish_reason=reason, name=f"{n}{reason[0]}")  # noqa
     samples = [S(10, "stop"), S(95, "stop"), S(100, "length"), S(40, "stop")]
-    cfg = load_config(None, ["rollout.max_new_tokens=100", "algorithm.overlong_buffer=20",
-                             "training.global_batch_size=1"])
-    me = SimpleNamespace(cfg=cfg, rng=random.Random(0),
-                         rollouts=SimpleNamespace(sampling=Sampling.from_config(cfg.rollout)))
-    shaped = SparkTrainer.shaped(me, [1.0, 1.0, 0.0, 0.0], samples)
+    shaped = shaped_rewards([1.0, 1.0, 0.0, 0.0], samples, max_new_tokens=100, overlong_buffer=20, factor=1.0)
     assert shaped == [1.0, 1.0 - 0.75, 0.0 - 1.0, 0.0]
-    assert SparkTrainer.shaped(SimpleNamespace(cfg=load_config()), [1.0], samples[:1]) == [1.0]
+    assert shaped_rewards([1.0], samples[:1], max_new_tokens=100, overlong_buffer=0, factor=1.0) == [1.0]
     outs = [samples[:2], samples[2:]]
     for mask, kept in ((False, {"10s", "95s", "100l", "40s"}), (True, {"10s", "95s", "40s"})):
-        me.cfg = load_config(None, ["training.global_batch_size=1", f"algorithm.mask_truncated={mask}"])
-        batches = SparkTrainer.global_batches(me, outs, [1.0, 0.0, 0.0, 1.0])
-        assert {s.name for b in batches for _, s, _, _ in b} == kept
+        batches = global_batches(outs, [1.0, 0.0, 0.0, 1.0], 1, random.Random(0), mask_truncated=mask)
+        assert {x.sample.name for b in batches for x in b} == kept
         # the truncated response's group still has spread: its partner keeps a non-zero advantage
-        assert all(abs(a) > 0 for b in batches for *_, a in b)
+        assert all(abs(x.advantage) > 0 for b in batches for x in b)

@@ -85,8 +85,6 @@ CASES = [
     (["rollout.placement=disaggregated", "rollout.num_ranks=2"], {}, 2, ["rollout.num_ranks", "no training rank"]),
     (["rollout.placement=disaggregated", "rollout.num_ranks=1", "parallel.tensor_model_parallel_size=2"], {}, 4,
      ["training ranks 3 (world 4 - rollout.num_ranks 1)", "TP*PP*CP=2"]),
-    (["rollout.placement=disaggregated", "rollout.num_ranks=1", "eval.interval=5"], {}, None,
-     ["eval.interval", "megatron-spark eval"]),
     (["rollout.placement=disaggregated", "rollout.num_ranks=1", "algorithm.max_staleness=1",
       "algorithm.dynamic_sampling=true"], {}, None, ["algorithm.dynamic_sampling", "max_staleness=0"]),
     (["training.max_tokens_per_micro_batch=4096", "parallel.pipeline_model_parallel_size=2",

@@ -55,7 +55,7 @@ def test_prompt_over_length_limit(tmp_path, tiny_models):
     builder = PromptBuilder(tiny_models["vl_untied"], True, 3136, 3136)
     task = make_shapes_task(tmp_path / "t", 3, seed=1)
     ex, rep = load_records(task)
-    n = len(builder.build(ex[0].messages)["input_ids"])
+    n = len(builder.build(ex[0].messages).input_ids)
     assert check_lengths(ex, builder, n, False, rep) == ex
     with pytest.raises(DataError, match=r"record 0: prompt is \d+ tokens \(images included\), over "
                                         r"data.prompt_max_len=10"):

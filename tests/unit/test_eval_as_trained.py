@@ -43,7 +43,7 @@ def setting(tmp_path_factory):
 
 def _eval_ids(setting, conv) -> list[int]:
     """The token ids the trained protocol's vLLM backend sends for an evaluation conversation."""
-    return setting["builder"].build(spark_messages(conv))["input_ids"]
+    return setting["builder"].build(spark_messages(conv)).input_ids
 
 
 def _settings(setting, fmt: str) -> EvalSettings:
@@ -56,7 +56,7 @@ def test_task_prompt_is_the_training_prompt(setting):
     _, items = load_items(setting["bench"])
     s = _settings(setting, "spark")
     for ex, it in zip(examples, items):
-        train_ids = setting["builder"].build(ex.messages)["input_ids"]
+        train_ids = setting["builder"].build(ex.messages).input_ids
         conv = conversation(math_prompt(it, s), it.image_path, s.generation.system_prompt)
         assert _eval_ids(setting, conv) == train_ids
 
@@ -78,7 +78,7 @@ def test_judge_and_reflection_prompts_are_the_training_prompts(setting):
         else:
             good, bad = (it.answers[0], it.answers[1]) if it.label == "A" else (it.answers[1], it.answers[0])
             task = pairwise_task(fixed["pairwise"], q, good, bad, it.label == "A", it.image_path, 0)
-        train_ids = setting["builder"].build(task_messages(task, 1048576))["input_ids"]
+        train_ids = setting["builder"].build(task_messages(task, 1048576)).input_ids
         verdict = next(r for r in rb.judge_requests(it, s, bank) if r.role == "verdict")
         assert _eval_ids(setting, verdict.conversation) == train_ids, kind
         checked.add(kind)
@@ -89,7 +89,7 @@ def test_judge_and_reflection_prompts_are_the_training_prompts(setting):
     for ex, it in zip(examples, items):
         task = AuxTask("reflection_ans", reflect_t.render(question=strip_suffix(ex.question), answer="3"), ex.answer,
                        ex.image, 0)
-        train_ids = setting["builder"].build(task_messages(task, 1048576))["input_ids"]
+        train_ids = setting["builder"].build(task_messages(task, 1048576)).input_ids
         conv = conversation(reflect_t.render(question=it.problem, answer="3"), it.image_path,
                             s.generation.system_prompt)
         assert _eval_ids(setting, conv) == train_ids

@@ -221,7 +221,8 @@ def _trained(freeze: list[str]):
     from megatron_spark.models.freeze import freeze_parameters
     from megatron_spark.models.qwen import build_model
     from megatron_spark.models.weights import megatron_named_params
-    from megatron_spark.policy import Policy, Rollout, sft_loss_fn
+    from megatron_spark.loss import SFTLoss
+    from megatron_spark.policy import Policy, Rollout
 
     shape = parse_hf_config(VL)
     chunks = build_model(shape, _layout(), dtype=torch.float32)
@@ -238,7 +239,7 @@ def _trained(freeze: list[str]):
     rollouts = [Rollout(ids, [7, 8, 9], "g", torch.randn(16, 3 * 2 * 14 * 14, generator=gen),
                         torch.tensor([[1, 4, 4]])) for _ in range(2)]
     for _ in range(2):
-        policy.train_step(rollouts, sft_loss_fn)
+        policy.train_step(rollouts, SFTLoss())
     after = {n: p.detach().clone() for n, p in megatron_named_params(policy.modules[0])}
     opt = policy.optimizer
     states = [st for o in getattr(opt, "chained_optimizers", [opt]) for st in o.optimizer.state.values()]

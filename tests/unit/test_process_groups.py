@@ -77,7 +77,7 @@ def test_a_colocated_engine_put_to_sleep_is_woken_before_it_generates():
     from megatron_spark.placement import RolloutPlacement
     from megatron_spark.rollout.colocated import ColocatedRollouts
     from megatron_spark.rollout.engine import Sampling
-    from megatron_spark.rollout.remote import GenerationPart
+    from megatron_spark.rollout.protocols import GenerationPart
 
     events = []
 

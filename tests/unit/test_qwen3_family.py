@@ -52,3 +52,54 @@ def test_variants_the_model_does_not_build_are_refused_by_name(qwen3, field, fix
     cfg = {**json.loads((qwen3 / "config.json").read_text()), field: True}
     with pytest.raises(ValueError, match=f"{field}=true.*{fix}"):
         parse_hf_config(cfg)
+
+
+def test_the_thinking_switch_reaches_training_prompts_and_evaluation_alike(qwen3, tmp_path):
+    """data.chat_template_kwargs goes to the chat template of every training prompt (Qwen3's enable_thinking=false
+    opens the answer with an empty think block), into the prompt protocol saved with checkpoints, and from it into
+    `megatron-spark eval`'s prompts: token for token the training prompt. Unset, nothing changes (and earlier
+    evaluation results keep their settings hash)."""
+    import argparse
+    import dataclasses
+
+    from megatron_spark.config import load_config
+    from megatron_spark.data import PromptBuilder
+    from megatron_spark.evaluation.cli import add_eval_args, settings_from
+    from megatron_spark.evaluation.protocol import TrainedPrompts
+    from megatron_spark.evaluation.settings import EvalSettings
+    from megatron_spark.train import prompt_protocol
+
+    msgs = [{"role": "user", "content": "What is 3 + 4?"}]
+    cfg = load_config(None, ["data.chat_template_kwargs.enable_thinking=false"])
+    assert cfg.data.chat_template_kwargs == {"enable_thinking": False}
+    off = PromptBuilder.from_config(cfg.data, str(qwen3), False).build(msgs)
+    on = PromptBuilder.from_config(load_config().data, str(qwen3), False).build(msgs)
+    assert off.prompt.endswith("<|im_start|>assistant\n<think>\n\n</think>\n\n")
+    assert on.prompt.endswith("<|im_start|>assistant\n") and off.input_ids[:len(on.input_ids)] == on.input_ids
+    # the run's protocol, written and read back as eval reads it; eval's builder under the trained protocol
+    prompt_protocol(cfg).write(tmp_path)
+    gen = TrainedPrompts.read(tmp_path).generation()
+    assert PromptBuilder(str(qwen3), False, gen.min_pixels, gen.max_pixels,
+                         gen.chat_template_kwargs).build(msgs).input_ids == off.input_ids
+    # the flag sets it for any protocol; unset, the settings dict (and so its hash) has no such field
+    p = argparse.ArgumentParser()
+    add_eval_args(p)
+    args = p.parse_args(["b.json", "--model", "m", "--out", "o",
+                         "--chat-template-kwargs", '{"enable_thinking": false}'])
+    s = settings_from(args, "spark", "m")
+    assert s.generation.chat_template_kwargs == {"enable_thinking": False}
+    assert s.to_dict()["generation"]["chat_template_kwargs"] == {"enable_thinking": False}
+    plain = settings_from(p.parse_args(["b.json", "--model", "m", "--out", "o"]), "spark", "m")
+    assert "chat_template_kwargs" not in plain.to_dict()["generation"] and isinstance(plain, EvalSettings)
+    assert dataclasses.replace(plain.generation, chat_template_kwargs={}).max_tokens == plain.generation.max_tokens
+    with pytest.raises(SystemExit):
+        p.parse_args(["b.json", "--model", "m", "--out", "o", "--chat-template-kwargs", "enable_thinking"])
+
+
+@pytest.mark.parametrize("override,field", [("data.chat_template_kwargs=[1]", "data.chat_template_kwargs"),
+                                            ("data.chat_template_kwargs.tools=[1]", "data.chat_template_kwargs.tools")])
+def test_chat_template_arguments_are_checked_by_field(override, field):
+    from megatron_spark.config import load_config
+
+    with pytest.raises(ValueError, match=f"config field '{field}'"):
+        load_config(None, [override])

@@ -22,32 +22,32 @@ def grp(rewards, answers=None, pid=0, image=None):
 
 
 def test_all_correct_gives_positive_pointwise_on_first_answer():
-    t = judge_task(grp([1, 1, 1], ["7", "7.0", "14/2"]), YESNO, RecycleSettings(), random.Random(0))
+    t = judge_task(grp([1, 1, 1], ["7", "7.0", "14/2"]), YESNO, RecycleSettings.of(), random.Random(0))
     assert t.kind == "pointwise" and t.answer == "Yes" and t.source_correct
     assert "Proposed answer:\n7\n" in t.prompt and "Please first conduct" not in t.prompt
 
 
 def test_all_wrong_gives_negative_pointwise():
-    t = judge_task(grp([0, 0], ["3", "4"]), YESNO, RecycleSettings(), random.Random(0))
+    t = judge_task(grp([0, 0], ["3", "4"]), YESNO, RecycleSettings.of(), random.Random(0))
     assert t.kind == "pointwise" and t.answer == "No" and t.source_correct is False
 
 
 def test_ab_template_labels():
     ab = TemplateBank({**DEFAULT_TEMPLATES, "pointwise": [Template("{question} {answer}", "ab")]})
-    assert judge_task(grp([1, 1]), ab, RecycleSettings(), random.Random(0)).answer == "A"
-    assert judge_task(grp([0, 0]), ab, RecycleSettings(), random.Random(0)).answer == "B"
+    assert judge_task(grp([1, 1]), ab, RecycleSettings.of(), random.Random(0)).answer == "A"
+    assert judge_task(grp([0, 0]), ab, RecycleSettings.of(), random.Random(0)).answer == "B"
 
 
 def test_mixed_group_pointwise_or_pairwise_by_probability():
     g = grp([1, 0, 0, 1], ["7", "3", "4", "7"])
-    kinds = [judge_task(g, YESNO, RecycleSettings(pointwise_prob_mixed=p), random.Random(s)).kind
+    kinds = [judge_task(g, YESNO, RecycleSettings.of(pointwise_prob_mixed=p), random.Random(s)).kind
              for p in (0.0, 1.0) for s in range(20)]
     assert set(kinds[:20]) == {"pairwise"} and set(kinds[20:]) == {"pointwise"}
     for s in range(20):
-        t = judge_task(g, YESNO, RecycleSettings(pointwise_prob_mixed=0.0), random.Random(s))
+        t = judge_task(g, YESNO, RecycleSettings.of(pointwise_prob_mixed=0.0), random.Random(s))
         correct_slot = "(A) 7" if t.answer == "A" else "(B) 7"
         assert correct_slot in t.prompt
-    slots = {judge_task(g, YESNO, RecycleSettings(pointwise_prob_mixed=0.0), random.Random(s)).answer
+    slots = {judge_task(g, YESNO, RecycleSettings.of(pointwise_prob_mixed=0.0), random.Random(s)).answer
              for s in range(20)}
     assert slots == {"A", "B"}
 
@@ -64,7 +64,7 @@ def test_reflection_modes_and_sources():
 
 def test_caps_order_and_image_carried():
     groups = [grp([1, 0], ["7", "3"], pid=i, image=f"img{i}.png") for i in range(10)]
-    tasks = recycle(groups, BANK, RecycleSettings(judge_cap=3, reflection_cap=4, cot_fraction=0.5),
+    tasks = recycle(groups, BANK, RecycleSettings.of(judge_cap=3, reflection_cap=4, cot_fraction=0.5),
                     random.Random(1))
     kinds = [t.kind for t in tasks]
     assert len(tasks) == 7
@@ -74,22 +74,22 @@ def test_caps_order_and_image_carried():
     rec = tasks[0].to_record()
     assert '"image": "img' in rec["message"] and '"max_pixels": 1048576' in rec["message"]
     # the first half of the groups feed CoT reflections, the rest answer-only
-    all_refl = recycle(groups, BANK, RecycleSettings(reflection_cap=100), random.Random(1))
+    all_refl = recycle(groups, BANK, RecycleSettings.of(reflection_cap=100), random.Random(1))
     modes = {t.source_prompt_id: t.kind for t in all_refl if t.kind.startswith("reflection")}
     assert all(modes[i] == ("reflection_cot" if i < 5 else "reflection_ans") for i in range(10))
 
 
 def test_deterministic_under_seed():
     groups = [grp([i % 2, 1, 0], pid=i) for i in range(8)]
-    a = recycle(groups, BANK, RecycleSettings(), random.Random(5))
-    b = recycle(groups, BANK, RecycleSettings(), random.Random(5))
+    a = recycle(groups, BANK, RecycleSettings.of(), random.Random(5))
+    b = recycle(groups, BANK, RecycleSettings.of(), random.Random(5))
     assert [(t.prompt, t.answer) for t in a] == [(t.prompt, t.answer) for t in b]
 
 
 def test_queue_releases_full_batches_and_resets_per_episode():
     q = AuxQueue(batch_size=3)
     q.start_episode(0)
-    tasks = recycle([grp([1, 0], pid=i) for i in range(2)], BANK, RecycleSettings(), random.Random(0))
+    tasks = recycle([grp([1, 0], pid=i) for i in range(2)], BANK, RecycleSettings.of(), random.Random(0))
     q.push(tasks)
     assert len(q) == 4 and len(q.pop_batch()) == 3 and q.pop_batch() is None
     state = q.state_dict()
@@ -112,7 +112,7 @@ def test_properties(batch, seed, p_point):
     groups = [Group(i, f"question {i}", "gold", [f"\\boxed{{{a}}}" for _, a in g], [float(ok) for ok, _ in g])
               for i, g in enumerate(batch)]
     by_id = {g.prompt_id: g for g in groups}
-    tasks = recycle(groups, BANK, RecycleSettings(pointwise_prob_mixed=p_point), random.Random(seed))
+    tasks = recycle(groups, BANK, RecycleSettings.of(pointwise_prob_mixed=p_point), random.Random(seed))
     for t in tasks:
         g = by_id[t.source_prompt_id]
         if t.kind == "pointwise":
@@ -166,7 +166,7 @@ def hand_group(pid: int, rewards: list[int]) -> Group:
 def test_every_label_is_the_judged_answers_correctness(seed):
     rnd = random.Random(seed)
     groups = [hand_group(i, [rnd.randint(0, 1) for _ in range(rnd.randint(1, 6))]) for i in range(64)]
-    tasks = recycle(groups, MARKED, RecycleSettings(judge_cap=64, reflection_cap=64), random.Random(seed))
+    tasks = recycle(groups, MARKED, RecycleSettings.of(judge_cap=64, reflection_cap=64), random.Random(seed))
     by_id = {g.prompt_id: g for g in groups}
     assert len(tasks) > 40
     for t in tasks:
@@ -191,7 +191,7 @@ def test_mixed_groups_split_pointwise_pairwise_at_the_configured_rate():
     answer's slot each 50/50; every rate within 4.5 binomial standard deviations."""
     n, p = 4000, 0.3
     rng = random.Random(0)
-    tasks = [judge_task(hand_group(i, [1, 0, 1, 0]), MARKED, RecycleSettings(pointwise_prob_mixed=p), rng)
+    tasks = [judge_task(hand_group(i, [1, 0, 1, 0]), MARKED, RecycleSettings.of(pointwise_prob_mixed=p), rng)
              for i in range(n)]
 
     def within(k, m, q):
@@ -210,18 +210,18 @@ def test_mixed_group_falls_back_to_the_class_that_has_an_answer():
     no_good = Group(0, "Q?", "gold", ["seven, no box", "\\boxed{w1}"], [1.0, 0.0])
     no_bad = Group(1, "Q?", "gold", ["\\boxed{c0}", "three, no box"], [1.0, 0.0])
     for seed in range(30):
-        t = judge_task(no_good, MARKED, RecycleSettings(pointwise_prob_mixed=1.0), random.Random(seed))
+        t = judge_task(no_good, MARKED, RecycleSettings.of(pointwise_prob_mixed=1.0), random.Random(seed))
         assert field(t.prompt, "judged") == "w1" and t.answer in ("No", "B") and t.source_correct is False
-        t = judge_task(no_bad, MARKED, RecycleSettings(pointwise_prob_mixed=1.0), random.Random(seed))
+        t = judge_task(no_bad, MARKED, RecycleSettings.of(pointwise_prob_mixed=1.0), random.Random(seed))
         assert field(t.prompt, "judged") == "c0" and t.answer in ("Yes", "A") and t.source_correct is True
         # pairwise needs one answer of each class: none
-        assert judge_task(no_good, MARKED, RecycleSettings(pointwise_prob_mixed=0.0), random.Random(seed)) is None
+        assert judge_task(no_good, MARKED, RecycleSettings.of(pointwise_prob_mixed=0.0), random.Random(seed)) is None
 
 
 def test_default_caps_keep_32_judge_and_32_reflection_tasks_of_64_groups():
     groups = [hand_group(i, [1, 0, 0, 1]) for i in range(64)]
-    s = RecycleSettings()
-    assert (s.judge_cap, s.reflection_cap) == (32, 32)
+    s = RecycleSettings.of()
+    assert (s.judge_cap, s.reflection_cap) == (32, 32)  # (the config section's defaults, written there once)
     tasks = recycle(groups, MARKED, s, random.Random(3))
     judge = [t for t in tasks if t.kind in ("pointwise", "pairwise")]
     refl = [t for t in tasks if t.kind.startswith("reflection")]
@@ -235,7 +235,7 @@ def test_default_caps_keep_32_judge_and_32_reflection_tasks_of_64_groups():
 
 # -- tests written for mutants that survived the first mutation run (scripts/mutants.sh) ----------------------------
 def test_record_format_is_the_spark_chat_format():
-    t = recycle([hand_group(0, [1, 0])], MARKED, RecycleSettings(), random.Random(0))[0]
+    t = recycle([hand_group(0, [1, 0])], MARKED, RecycleSettings.of(), random.Random(0))[0]
     t.image = "img.png"
     rec = t.to_record(max_pixels=3136)
     assert set(rec) == {"message", "answer"} and rec["answer"] == t.answer
@@ -251,7 +251,7 @@ def test_every_task_quotes_the_question_without_the_answer_suffix_and_a_real_ans
     groups = [Group(i, "Q?" + suffix, "gold", [f"\\boxed{{{'c' if r else 'w'}{j}}}" for j, r in enumerate(rw)],
                     [float(r) for r in rw]) for i, rw in enumerate([[1, 1], [0, 0], [1, 0], [0, 1, 0]] * 4)]
     for seed in range(10):
-        tasks = recycle(groups, MARKED, RecycleSettings(pointwise_prob_mixed=0.5, judge_cap=64, reflection_cap=64,
+        tasks = recycle(groups, MARKED, RecycleSettings.of(pointwise_prob_mixed=0.5, judge_cap=64, reflection_cap=64,
                                                         cot_fraction=0.5), random.Random(seed))
         assert {t.kind for t in tasks} == {"pointwise", "pairwise", "reflection_cot", "reflection_ans"}
         for t in tasks:
@@ -268,13 +268,13 @@ def test_groups_without_a_boxed_answer_give_no_judge_task():
         return Group(0, "Q?", "gold", ["no box"] * len(rewards), [float(r) for r in rewards])
     for p in (0.0, 1.0):
         for rewards in ([1, 1], [0, 0], [1, 0]):
-            assert judge_task(unboxed(rewards), MARKED, RecycleSettings(pointwise_prob_mixed=p),
+            assert judge_task(unboxed(rewards), MARKED, RecycleSettings.of(pointwise_prob_mixed=p),
                               random.Random(0)) is None
     assert reflection_task(unboxed([0, 0]), False, MARKED, random.Random(0)) is None
 
 
 def test_partial_credit_of_one_half_counts_as_correct():
-    t = judge_task(Group(0, "Q?", "gold", ["\\boxed{x}"], [0.5]), MARKED, RecycleSettings(), random.Random(0))
+    t = judge_task(Group(0, "Q?", "gold", ["\\boxed{x}"], [0.5]), MARKED, RecycleSettings.of(), random.Random(0))
     assert t.source_correct is True
     assert reflection_task(Group(0, "Q?", "gold", ["\\boxed{x}"], [0.5]), True, MARKED, random.Random(0)) is None
 
@@ -282,7 +282,7 @@ def test_partial_credit_of_one_half_counts_as_correct():
 def test_caps_keep_order_and_draw_nothing_when_not_exceeded():
     groups = [hand_group(i, [1, 0]) for i in range(4)]
     rng = random.Random(0)
-    tasks = recycle(groups, MARKED, RecycleSettings(judge_cap=4, reflection_cap=4), rng)
+    tasks = recycle(groups, MARKED, RecycleSettings.of(judge_cap=4, reflection_cap=4), rng)
     assert [t.source_prompt_id for t in tasks] == [0, 1, 2, 3, 0, 1, 2, 3]  # exactly at the cap: group order
 
 
@@ -294,7 +294,7 @@ def test_queue_push_before_an_episode_says_so():
 def test_queue_releases_a_batch_as_soon_as_it_is_full():
     q = AuxQueue(batch_size=2)
     q.start_episode(0)
-    q.push(recycle([hand_group(0, [1, 0])], MARKED, RecycleSettings(), random.Random(0)))  # 2 tasks
+    q.push(recycle([hand_group(0, [1, 0])], MARKED, RecycleSettings.of(), random.Random(0)))  # 2 tasks
     assert len(q) == 2 and len(q.pop_batch()) == 2 and len(q) == 0
 
 
@@ -325,8 +325,8 @@ def test_balance_pointwise_keeps_equal_yes_and_no_and_every_pairwise_task():
     # 5 all-wrong groups (No), 2 all-correct (Yes), 3 mixed forced to pairwise: balanced -> 2 Yes, 2 No, 3 pairwise
     groups = ([grp([0, 0], pid=f"w{i}") for i in range(5)] + [grp([1, 1], pid=f"c{i}") for i in range(2)]
               + [grp([1, 0], pid=f"m{i}") for i in range(3)])
-    plain = RecycleSettings(pointwise_prob_mixed=0.0, reflection_cap=0)
-    bal = RecycleSettings(pointwise_prob_mixed=0.0, reflection_cap=0, balance_pointwise=True)
+    plain = RecycleSettings.of(pointwise_prob_mixed=0.0, reflection_cap=0)
+    bal = RecycleSettings.of(pointwise_prob_mixed=0.0, reflection_cap=0, balance_pointwise=True)
     before = recycle(groups, YESNO, plain, random.Random(0))
     assert sorted(t.answer for t in before if t.kind == "pointwise") == ["No"] * 5 + ["Yes"] * 2
     after = recycle(groups, YESNO, bal, random.Random(0))
@@ -337,4 +337,4 @@ def test_balance_pointwise_keeps_equal_yes_and_no_and_every_pairwise_task():
     # no correct answer anywhere: no pointwise task survives (pairwise ones still do)
     only_wrong = recycle([grp([0, 0], pid=i) for i in range(4)], YESNO, bal, random.Random(0))
     assert [t for t in only_wrong if t.kind == "pointwise"] == []
-    assert RecycleSettings().balance_pointwise is False  # SPARK's behaviour by default
+    assert RecycleSettings.of().balance_pointwise is False  # SPARK's behaviour by default
