@@ -363,10 +363,11 @@ SECTION_OWNERS: dict[str, tuple[str, ...]] = {
     "model": ("policy", "checkpoint"),          # the model is built by the policy; HF exports need its dir, dtype
     "parallel": ("parallel",),
     "rollout": ("rollout", "bridge", "placement"),
-    "algorithm": ("trainer", "policy", "reward"),  # the RL step, its loss, its verifier
+    # the RL loop and its pieces (generation: dynamic sampling; update: advantages, batches), the loss, the verifier
+    "algorithm": ("trainer", "generation", "update", "loss", "policy", "reward"),
     "algorithm.recycle": ("recycle",),
     "data": ("data",),
-    "training": ("trainer", "policy"),          # the loop; the optimizer and its schedule
+    "training": ("trainer", "generation", "update", "policy"),  # the loop; the optimizer and its schedule
     "checkpoint": ("checkpoint",),
     "logging": ("metrics",),
     "eval": ("evaluation",),

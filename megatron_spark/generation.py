@@ -17,11 +17,11 @@ Part = tuple[str, list[Task], PromptCache, int]  # (period name, tasks, their pr
 
 
 class Sampler:
-    def __init__(self, cfg, rollouts, prompts, rewards, reward_rank: int):
-        """`rollouts`: the stack's (colocated or remote engines); `rewards`: the reward pool on `reward_rank`."""
+    def __init__(self, cfg, rollouts, prompts, rewards, reward_rank: int, reward_n: Optional[int]):
+        """`rollouts`: the stack's (colocated or remote engines); `rewards`: the reward pool on `reward_rank`;
+        `reward_n`: the reward period's group size (recycling's `samples_per_task`; None: the rollout's n)."""
         self.rollouts, self.prompts, self.rewards, self.reward_rank = rollouts, prompts, rewards, reward_rank
-        self.seed, self.alg = cfg.training.seed, cfg.algorithm
-        self.reward_n = cfg.algorithm.recycle.samples_per_task  # the reward period's group size (None: rollout.n)
+        self.seed, self.alg, self.reward_n = cfg.training.seed, cfg.algorithm, reward_n
         # what samples generated now are stamped with: the policy version (the step) and the optimizer steps of
         # the weights the engines hold
         self.version = self.updates = 0

@@ -45,7 +45,8 @@ class SparkTrainer:
         self.rng = random.Random(cfg.training.seed)  # (the batches' shuffles and recycling's draws, in order)
         self.recycle_settings = RecycleSettings.from_config(cfg.algorithm.recycle)
         self.queue = AuxQueue.from_config(cfg.algorithm.recycle)
-        self.sampler = Sampler(cfg, stack.rollouts, stack.prompts, stack.rewards, stack.placement.reward_rank)
+        self.sampler = Sampler(cfg, stack.rollouts, stack.prompts, stack.rewards, stack.placement.reward_rank,
+                               self.recycle_settings.samples_per_task)
         self.update = PolicyUpdate(cfg, stack.policy, stack.reference, stack.layout, stack.placement, self.rng,
                                    stack.rollouts.sampling.max_new_tokens, faults)
         self.inflight = InFlight(cfg.algorithm.max_staleness, self.sampler.receive)  # one-step off-policy's round
