@@ -8,7 +8,6 @@ Every step is a dataclass read by attribute: one sample can be followed by its t
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -40,8 +39,9 @@ class Task:
     @classmethod
     def from_aux(cls, i: str, t, max_pixels: int) -> "Task":
         """A recycled task (`recycle.AuxTask`) as training rolls it out."""
-        msgs = json.loads(t.to_record(max_pixels)["message"])
-        return cls(i, msgs, t.answer, t.image, t.prompt, t.kind)
+        from megatron_spark.recycle import task_messages
+
+        return cls(i, task_messages(t, max_pixels), t.answer, t.image, t.prompt, t.kind)
 
 
 @dataclass

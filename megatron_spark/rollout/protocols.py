@@ -87,10 +87,8 @@ def generate_all(rollouts: Rollouts, prompts: Sequence[RolloutRequest] | Callabl
     """Every engine generates its share of `n_prompts` prompts (`prompts(i)` builds prompt i, only where it is
     needed) with the rollouts' sampling and `overrides` (e.g. n, temperature); every training rank gets all samples
     in prompt order (a collective)."""
+    from megatron_spark.batching import assemble
+
     request = prompts if callable(prompts) else prompts.__getitem__
     works = rollouts.collect(rollouts.submit([GenerationPart(n_prompts, request, lambda engine: seed, overrides)]))[0]
-    outs: list = [None] * n_prompts
-    for w in works:
-        for i, s in zip(w.prompts, w.samples):
-            outs[i] = s
-    return outs
+    return assemble("generate_all", n_prompts, works)[0]
