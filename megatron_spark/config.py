@@ -132,6 +132,10 @@ class RecycleConfig(_Section):
     # samples per recycled task (one GRPO group of the reward period); None: rollout.n_samples_per_prompt, as SPARK.
     # More samples keep a judge whose verdict drifted toward one answer sampling the other one now and then.
     samples_per_task: Optional[int] = None
+    # Not in SPARK (off for paper runs): in a judge group whose samples all give one verdict (no reward spread, no
+    # gradient), one sample's verdict is swapped for the other and re-scored, so the group always contrasts the
+    # two verdicts on that input and a collapsed judge can recover (megatron_spark/counterfactual.py)
+    counterfactual_verdicts: bool = False
 
 
 @dataclass

@@ -8,6 +8,7 @@ from typing import Callable, Optional
 import torch.distributed as dist
 
 from megatron_spark.batching import assemble, dynamic_keep, group_spread
+from megatron_spark.counterfactual import counterfactual_swaps
 from megatron_spark.placement import sampling_seed
 from megatron_spark.rollout.engine import RolloutRequest
 from megatron_spark.rollout.protocols import GenerationPart
@@ -22,6 +23,7 @@ class Sampler:
         `reward_n`: the reward period's group size (recycling's `samples_per_task`; None: the rollout's n)."""
         self.rollouts, self.prompts, self.rewards, self.reward_rank = rollouts, prompts, rewards, reward_rank
         self.seed, self.alg, self.reward_n = cfg.training.seed, cfg.algorithm, reward_n
+        self.counterfactual = cfg.algorithm.recycle.counterfactual_verdicts
         # what samples generated now are stamped with: the policy version (the step) and the optimizer steps of
         # the weights the engines hold
         self.version = self.updates = 0
@@ -63,6 +65,35 @@ class Sampler:
         dist.broadcast_object_list(box, src=self.reward_rank)
         return box[0]
 
+    def scored_rewards(self, name: str, tasks: list[Task], outs: list, metrics: dict) -> list[float]:
+        """`score`, and in the reward period with algorithm.recycle.counterfactual_verdicts, one sample of each judge
+        group that gave a single verdict rewritten to the other verdict and re-scored (`counterfactual.py`; every
+        rank rewrites alike, all hold all rewards). Counted in `metrics` as {name}/counterfactual_groups."""
+        rewards = self.score(tasks, outs)
+        if name != "reward" or not self.counterfactual:
+            return rewards
+        swaps = counterfactual_swaps([t.kind for t in tasks], [t.answer for t in tasks],
+                                     [[s.text for s in g] for g in outs], rewards, self.alg.accept_box_alias)
+        metrics[f"{name}/counterfactual_groups"] = float(len(swaps))
+        if not swaps:
+            return rewards
+        tok = self.prompts.tokenizer
+        for sw in swaps:
+            s = outs[sw.group][sw.sample]
+            # the stop token (EOS) is in the ids but not in the text: keep it
+            tail = s.token_ids[-1:] if s.token_ids and tok.decode(s.token_ids[-1:], skip_special_tokens=True) == "" \
+                else []
+            s.text, s.logprobs = sw.text, None  # (no engine log-probs for a token the engine did not sample)
+            s.token_ids = tok(sw.text, add_special_tokens=False)["input_ids"] + tail
+        new = self.score([tasks[sw.group] for sw in swaps], [[outs[sw.group][sw.sample]] for sw in swaps])
+        starts = [0]
+        for g in outs:
+            starts.append(starts[-1] + len(g))
+        rewards = list(rewards)
+        for sw, r in zip(swaps, new):
+            rewards[starts[sw.group] + sw.sample] = r
+        return rewards
+
     def sample(self, name: str, tasks: list[Task], step: int,
                more: Optional[Callable[[], Optional[list[Task]]]] = None) -> Scored:
         """generate -> score. With algorithm.dynamic_sampling, groups whose rewards are all equal are discarded and
@@ -71,7 +102,7 @@ class Sampler:
         (`batching.dynamic_keep`). Every rank decides alike (all hold all rewards)."""
         built = PromptCache(self.prompts, tasks)
         outs, metrics = self.generate(name, tasks, built, step)
-        rewards = self.score(tasks, outs)
+        rewards = self.scored_rewards(name, tasks, outs, metrics)
         if not self.alg.dynamic_sampling:
             return Scored(tasks, built, outs, rewards, metrics)
         target, rounds = len(tasks), 1
@@ -82,9 +113,9 @@ class Sampler:
                 break
             extra_built = PromptCache(self.prompts, extra)
             extra_outs, m = self.generate(name, extra, extra_built, step, round=rounds)
+            rewards = rewards + self.scored_rewards(name, extra, extra_outs, m)
             for k, v in m.items():  # samples and times add up over the rounds (per engine: each round's shares
                 metrics[k] += v     # are fixed by the placement, so min and max add up as well)
-            rewards = rewards + self.score(extra, extra_outs)
             built.extend(extra_built)
             tasks, outs, rounds = tasks + list(extra), outs + extra_outs, rounds + 1
         spread = group_spread(outs, rewards)

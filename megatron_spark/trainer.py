@@ -173,7 +173,7 @@ class SparkTrainer:
         scored = []
         for (name, tasks, outs, gen_metrics), prompts in zip(parts, built):
             t = time.perf_counter()
-            rewards = self.sampler.score(tasks, outs)
+            rewards = self.sampler.scored_rewards(name, tasks, outs, gen_metrics)
             scored.append((name, Scored(tasks, prompts, outs, rewards, gen_metrics), time.perf_counter() - t))
         self.queue.push(recycle(self._recycle(scored[0][1]), self.stack.templates, self.recycle_settings, self.rng))
         if step + 1 < self.total_steps:

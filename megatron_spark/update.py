@@ -98,7 +98,7 @@ class PolicyUpdate:
         drift = 0.0
         for r, o in zip(rest, computed):
             r.old_logprobs = o
-            if len(o):
+            if len(o) and r.rollout_logprobs is not None:  # (a counterfactual verdict has no engine log-probs)
                 drift = max(drift, (o - torch.tensor(r.rollout_logprobs)).abs().max().item())
         t = torch.tensor([drift])
         dist.all_reduce(t, op=dist.ReduceOp.MAX)

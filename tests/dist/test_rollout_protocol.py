@@ -25,3 +25,10 @@ def test_a_stand_in_engine_runs_a_period(tmp_path):
     assert 0 < m["infer/reward_mean"] < 1 and m["infer/prompt_token_mismatch"] == 0
     assert m["infer/optimizer_steps"] == 2 and m["infer/grad_norm"] > 0  # the trainer updated on its samples
     assert res["synced_once"] and res["synced_like_hf"]  # then gave it the new weights, every HF tensor
+    # the reward period: 4 judge groups, each with one verdict from the stand-in; algorithm.recycle.
+    # counterfactual_verdicts swapped one sample of each, so every group contrasts the two verdicts and trains
+    j = res["judged"]
+    assert j["reward/samples_generated"] == 16 and j["reward/diag/judge_share"] == 1.0
+    assert j["reward/counterfactual_groups"] == 4 and j["reward/diag/judge_groups_with_gradient"] == 1.0
+    assert 0 < j["reward/reward_mean"] < 1 and j["reward/grad_norm"] > 0
+    assert j["reward/diag/verdict_yes"] + j["reward/diag/verdict_a"] == 0.25  # the one swapped sample per group

@@ -1,0 +1,60 @@
+"""Counterfactual verdicts (`algorithm.recycle.counterfactual_verdicts`): which judge groups get the other verdict,
+and how a response is rewritten. Pure functions; the trainer's use of them runs in tests/e2e/test_demo.py."""
+from __future__ import annotations
+
+import pytest
+
+from megatron_spark.config import load_config
+from megatron_spark.counterfactual import counterfactual_swaps, other_verdict, swap_verdict, verdict_options
+from megatron_spark.kinds import TaskKind
+from megatron_spark.reward import boxed_answer
+
+P, W, T = TaskKind.POINTWISE, TaskKind.PAIRWISE, TaskKind.TASK
+
+
+def test_options_and_other_verdict():
+    assert verdict_options("Yes") == verdict_options("no") == ("Yes", "No")
+    assert verdict_options("B") == ("A", "B")
+    assert verdict_options("7") is None
+    assert other_verdict("yes", ("Yes", "No")) == "No" and other_verdict("B", ("A", "B")) == "A"
+    assert other_verdict("Maybe", ("Yes", "No")) is None and other_verdict(None, ("Yes", "No")) is None
+
+
+def test_swap_rewrites_every_box_of_the_verdict_and_nothing_else():
+    assert swap_verdict("It is wrong. \\boxed{No}", "No", "Yes") == "It is wrong. \\boxed{Yes}"
+    assert swap_verdict("\\boxed{ no } so \\boxed{No}", "no", "Yes") == "\\boxed{Yes} so \\boxed{Yes}"
+    assert swap_verdict("\\box{A}", "A", "B") == "\\box{B}"
+    assert swap_verdict("\\box{A}", "A", "B", accept_box_alias=False) is None  # (no box this verifier reads)
+    # "Not" must not turn into "Yest": only a whole box content is swapped
+    assert swap_verdict("\\boxed{Not}", "No", "Yes") is None
+
+
+def test_only_judge_groups_without_spread_that_give_one_verdict_are_swapped():
+    kinds = [P, P, W, T, P, P, P]
+    labels = ["Yes", "No", "A", "3", "No", "Yes", "No"]
+    texts = [["\\boxed{No}", "x \\boxed{No}", "\\boxed{No}"],     # all No on a Yes item: last one swapped
+             ["\\boxed{No}", "\\boxed{Yes}", "\\boxed{No}"],      # spread: left alone
+             ["\\boxed{B}", "no verdict", "\\boxed{B}"],          # all wrong, one without verdict: last B swapped
+             ["\\boxed{2}", "\\boxed{2}", "\\boxed{2}"],          # a task, not a judge group
+             ["nothing", "nothing", "nothing"],                   # no verdict to contrast
+             ["\\boxed{Yes}", "\\boxed{Yes}", "\\boxed{Yes}"],   # all right: the swap is a wrong verdict
+             ["\\boxed{No}", "\\boxed{No}", "no verdict"]]       # one verdict, but spread: it has a gradient
+    rewards = [0, 0, 0, 1, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 0]
+    swaps = counterfactual_swaps(kinds, labels, texts, rewards)
+    assert [(s.group, s.sample) for s in swaps] == [(0, 2), (2, 2), (5, 2)]
+    assert [boxed_answer(s.text) for s in swaps] == ["Yes", "A", "No"]
+    assert swaps[0].text == "\\boxed{Yes}"
+
+
+def test_a_group_of_one_sample_is_no_group():
+    assert counterfactual_swaps([P], ["Yes"], [["\\boxed{No}"]], [0]) == []
+
+
+def test_refused_with_engine_logprobs(tmp_path):
+    from megatron_spark.validation import validate
+
+    for override, field in (("algorithm.old_logprobs=engine", "algorithm.old_logprobs"),
+                            ("algorithm.rollout_is=tis", "algorithm.rollout_is")):
+        cfg = load_config(None, ["algorithm.recycle.counterfactual_verdicts=true", override])
+        with pytest.raises(ValueError, match=f"config field '{field}'.*counterfactual"):
+            validate(cfg)
