@@ -10,7 +10,8 @@ updates (the paper's comparison, at equal task data), and SPARK's reward periods
   spark   the demo's recycling (examples/tiny_cpu.yaml: judge and reflection tasks)
   policy  no recycling (algorithm.recycle.judge_cap=0, reflection_cap=0): GRPO on the task prompts only
   others  (--arms): judge (judge tasks only), spark+balanced (balanced pointwise labels and 8 samples per judge
-          task), full+fp8 (FP8 rollouts with truncated importance sampling)
+          task), spark+counterfactual (a judge group with one verdict gets one sample of the other:
+          algorithm.recycle.counterfactual_verdicts), full+fp8 (FP8 rollouts with truncated importance sampling)
 Measured on held-out data every 10 steps during training (greedy task accuracy; the judge's accuracy, per label,
 AUROC from 8 sampled verdicts: eval.file) and before/after RL by the demo's own table. Writes OUT/ablation.md
 (mean and spread over seeds per arm, the change of each judge metric from before RL, and every seed),
@@ -33,8 +34,10 @@ ARMS = {"spark": [],
         "policy": POLICY_ONLY,
         "judge": ["algorithm.recycle.reflection_cap=0"],
         "spark+balanced": ["algorithm.recycle.balance_pointwise=true", "algorithm.recycle.samples_per_task=8"],
+        "spark+counterfactual": ["algorithm.recycle.counterfactual_verdicts=true"],
         "full+fp8": ["rollout.quantization=fp8", "algorithm.rollout_is=tis"]}
 COLORS = {"spark": "tab:green", "policy": "tab:blue", "judge": "tab:orange", "spark+balanced": "tab:red",
+          "spark+counterfactual": "tab:purple",
           "full+fp8": "tab:brown"}
 JUDGE = ("judge_accuracy", "judge_auroc", "judge_min_label_accuracy", "judge_vote_accuracy")
 
@@ -58,6 +61,10 @@ def run_arm(out: Path, arm: str, seed: int, steps: int) -> dict:
     res["steps"] = len(rows)
     res["reward_updates"] = int(sum(r.get("reward/optimizer_steps", 0) for r in rows))
     res["task_updates"] = int(sum(r.get("infer/optimizer_steps", 0) for r in rows))
+    # the share of the reward periods' judge groups with reward spread (a gradient), over the run
+    key = "reward/diag/judge_groups_with_gradient"
+    spread = [r[key] for r in rows if key in r]
+    res["judge_groups_with_gradient"] = statistics.mean(spread) if spread else None
     demo = json.loads((run / "demo_result.json").read_text())
     res["before"], res["after"] = demo["before"], demo["after"]
     return res
@@ -75,8 +82,9 @@ def _cell(vals: list[float]) -> str:
 def table(results: list[dict]) -> str:
     ok = [r for r in results if r["rc"] == 0]
     lines = ["| arm | seeds | task: before -> after | judge accuracy: before -> after (change) | judge AUROC: before "
-             "-> after (change) | lowest label accuracy after | task / reward updates |",
-             "|---|---|---|---|---|---|---|"]
+             "-> after (change) | lowest label accuracy after | judge groups with a gradient (training) | task / "
+             "reward updates |",
+             "|---|---|---|---|---|---|---|---|"]
     for arm in ARMS:
         rs = [r for r in ok if r["arm"] == arm]
         if not rs:
@@ -90,7 +98,9 @@ def table(results: list[dict]) -> str:
         low = _cell([_value(r, "after", "judge_min_label_accuracy") for r in rs])
         updates = f"{statistics.mean(r['task_updates'] for r in rs):.0f} / " \
                   f"{statistics.mean(r['reward_updates'] for r in rs):.0f}"
-        lines.append(f"| {arm} | {len(rs)} | " + " | ".join(cells) + f" | {low} | {updates} |")
+        grads = [r["judge_groups_with_gradient"] for r in rs if r.get("judge_groups_with_gradient") is not None]
+        grad = _cell(grads) if grads else "-"
+        lines.append(f"| {arm} | {len(rs)} | " + " | ".join(cells) + f" | {low} | {grad} | {updates} |")
     keys = ("task_accuracy",) + JUDGE
     lines += ["", "| arm | seed | " + " | ".join(f"{k} (before -> after)" for k in keys) + " | minutes |",
               "|---|---|" + "---|" * len(keys) + "---|"]

@@ -18,12 +18,14 @@ Part = tuple[str, list[Task], PromptCache, int]  # (period name, tasks, their pr
 
 
 class Sampler:
-    def __init__(self, cfg, rollouts, prompts, rewards, reward_rank: int, reward_n: Optional[int]):
+    def __init__(self, cfg, rollouts, prompts, rewards, reward_rank: int, reward_n: Optional[int],
+                 counterfactual: bool = False):
         """`rollouts`: the stack's (colocated or remote engines); `rewards`: the reward pool on `reward_rank`;
-        `reward_n`: the reward period's group size (recycling's `samples_per_task`; None: the rollout's n)."""
+        `reward_n`: the reward period's group size (recycling's `samples_per_task`; None: the rollout's n);
+        `counterfactual`: recycling's `counterfactual_verdicts` (`scored_rewards`)."""
         self.rollouts, self.prompts, self.rewards, self.reward_rank = rollouts, prompts, rewards, reward_rank
         self.seed, self.alg, self.reward_n = cfg.training.seed, cfg.algorithm, reward_n
-        self.counterfactual = cfg.algorithm.recycle.counterfactual_verdicts
+        self.counterfactual = counterfactual
         # what samples generated now are stamped with: the policy version (the step) and the optimizer steps of
         # the weights the engines hold
         self.version = self.updates = 0

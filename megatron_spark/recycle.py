@@ -74,11 +74,12 @@ class RecycleSettings:
     balance_pointwise: bool
     max_pixels: int                  # attached to recycled image prompts
     samples_per_task: Optional[int]  # the reward period's group size (None: the rollout's n)
+    counterfactual_verdicts: bool    # one-verdict judge groups get one sample of the other (counterfactual.py)
 
     @classmethod
     def from_config(cls, rc) -> "RecycleSettings":
         return cls(rc.pointwise_prob_mixed, rc.judge_cap, rc.reflection_cap, rc.cot_fraction, rc.balance_pointwise,
-                   rc.max_pixels, rc.samples_per_task)
+                   rc.max_pixels, rc.samples_per_task, rc.counterfactual_verdicts)
 
     @classmethod
     def of(cls, **overrides) -> "RecycleSettings":

@@ -46,7 +46,7 @@ class SparkTrainer:
         self.recycle_settings = RecycleSettings.from_config(cfg.algorithm.recycle)
         self.queue = AuxQueue.from_config(cfg.algorithm.recycle)
         self.sampler = Sampler(cfg, stack.rollouts, stack.prompts, stack.rewards, stack.placement.reward_rank,
-                               self.recycle_settings.samples_per_task)
+                               self.recycle_settings.samples_per_task, self.recycle_settings.counterfactual_verdicts)
         self.update = PolicyUpdate(cfg, stack.policy, stack.reference, stack.layout, stack.placement, self.rng,
                                    stack.rollouts.sampling.max_new_tokens, faults)
         self.inflight = InFlight(cfg.algorithm.max_staleness, self.sampler.receive)  # one-step off-policy's round
