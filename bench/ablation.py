@@ -61,9 +61,10 @@ def run_arm(out: Path, arm: str, seed: int, steps: int) -> dict:
     res["steps"] = len(rows)
     res["reward_updates"] = int(sum(r.get("reward/optimizer_steps", 0) for r in rows))
     res["task_updates"] = int(sum(r.get("infer/optimizer_steps", 0) for r in rows))
-    # the share of the reward periods' judge groups with reward spread (a gradient), over the run
+    # the share of the reward periods' judge groups with reward spread (a gradient) as sampled, over the run
+    # (with counterfactual verdicts the diagnostics count the rewritten samples: the figure before the swaps)
     key = "reward/diag/judge_groups_with_gradient"
-    spread = [r[key] for r in rows if key in r]
+    spread = [r.get("reward/judge_groups_with_gradient_sampled", r[key]) for r in rows if key in r]
     res["judge_groups_with_gradient"] = statistics.mean(spread) if spread else None
     demo = json.loads((run / "demo_result.json").read_text())
     res["before"], res["after"] = demo["before"], demo["after"]
@@ -82,8 +83,8 @@ def _cell(vals: list[float]) -> str:
 def table(results: list[dict]) -> str:
     ok = [r for r in results if r["rc"] == 0]
     lines = ["| arm | seeds | task: before -> after | judge accuracy: before -> after (change) | judge AUROC: before "
-             "-> after (change) | lowest label accuracy after | judge groups with a gradient (training) | task / "
-             "reward updates |",
+             "-> after (change) | lowest label accuracy after | judge groups with a gradient as sampled "
+             "(training) | task / reward updates |",
              "|---|---|---|---|---|---|---|---|"]
     for arm in ARMS:
         rs = [r for r in ok if r["arm"] == arm]

@@ -134,7 +134,8 @@ class RecycleConfig(_Section):
     samples_per_task: Optional[int] = None
     # Not in SPARK (off for paper runs): in a judge group whose samples all give one verdict (no reward spread, no
     # gradient), one sample's verdict is swapped for the other and re-scored, so the group always contrasts the
-    # two verdicts on that input and a collapsed judge can recover (megatron_spark/counterfactual.py)
+    # two verdicts on that input and a collapsed judge is still pushed toward the label (megatron_spark/
+    # counterfactual.py; needs algorithm.old_logprobs=recompute)
     counterfactual_verdicts: bool = False
 
 

@@ -8,7 +8,7 @@ from typing import Callable, Optional
 import torch.distributed as dist
 
 from megatron_spark.batching import assemble, dynamic_keep, group_spread
-from megatron_spark.counterfactual import counterfactual_swaps
+from megatron_spark.counterfactual import counterfactual_swaps, sampled_judge_figures
 from megatron_spark.placement import sampling_seed
 from megatron_spark.rollout.engine import RolloutRequest
 from megatron_spark.rollout.protocols import GenerationPart
@@ -70,13 +70,17 @@ class Sampler:
     def scored_rewards(self, name: str, tasks: list[Task], outs: list, metrics: dict) -> list[float]:
         """`score`, and in the reward period with algorithm.recycle.counterfactual_verdicts, one sample of each judge
         group that gave a single verdict rewritten to the other verdict and re-scored (`counterfactual.py`; every
-        rank rewrites alike, all hold all rewards). Counted in `metrics` as {name}/counterfactual_groups."""
+        rank rewrites alike, all hold all rewards). In `metrics`: {name}/counterfactual_groups, and what the policy
+        sampled before the swaps (the period's judge diagnostics count the rewritten samples)."""
         rewards = self.score(tasks, outs)
         if name != "reward" or not self.counterfactual:
             return rewards
-        swaps = counterfactual_swaps([t.kind for t in tasks], [t.answer for t in tasks],
-                                     [[s.text for s in g] for g in outs], rewards, self.alg.accept_box_alias)
+        kinds, labels, texts = [t.kind for t in tasks], [t.answer for t in tasks], [[s.text for s in g] for g in outs]
+        swaps = counterfactual_swaps(kinds, labels, texts, rewards, self.alg.accept_box_alias,
+                                     [[s.finish_reason == "length" for s in g] for g in outs])
         metrics[f"{name}/counterfactual_groups"] = float(len(swaps))
+        metrics.update({f"{name}/{k}": v for k, v in
+                        sampled_judge_figures(kinds, labels, texts, rewards, self.alg.accept_box_alias).items()})
         if not swaps:
             return rewards
         tok = self.prompts.tokenizer
@@ -117,7 +121,8 @@ class Sampler:
             extra_outs, m = self.generate(name, extra, extra_built, step, round=rounds)
             rewards = rewards + self.scored_rewards(name, extra, extra_outs, m)
             for k, v in m.items():  # samples and times add up over the rounds (per engine: each round's shares
-                metrics[k] += v     # are fixed by the placement, so min and max add up as well)
+                if not k.endswith("_sampled"):  # are fixed by the placement, so min and max add up as well;
+                    metrics[k] += v             # the shares of what was sampled are the first round's)
             built.extend(extra_built)
             tasks, outs, rounds = tasks + list(extra), outs + extra_outs, rounds + 1
         spread = group_spread(outs, rewards)

@@ -126,11 +126,10 @@ def check_recycle(rc) -> None:
 
 
 def check_algorithm(alg) -> None:
-    if alg.recycle.counterfactual_verdicts and (alg.old_logprobs == "engine" or alg.rollout_is != "off"):
-        field_name = "algorithm.old_logprobs" if alg.old_logprobs == "engine" else "algorithm.rollout_is"
-        fail(field_name, "a counterfactual verdict is a token the engine never sampled, so it has no engine "
-                         "log-prob to use; set algorithm.old_logprobs=recompute and algorithm.rollout_is=off, or "
-                         "algorithm.recycle.counterfactual_verdicts=false")
+    if alg.recycle.counterfactual_verdicts and alg.old_logprobs == "engine":
+        fail("algorithm.old_logprobs", "a counterfactual verdict is a token the engine never sampled, so it has no "
+                                       "engine log-prob to serve as pi_old; set algorithm.old_logprobs=recompute or "
+                                       "algorithm.recycle.counterfactual_verdicts=false")
     if alg.max_staleness not in (0, 1):
         fail("algorithm.max_staleness", f"0 (synchronous) or 1 (one-step off-policy), got {alg.max_staleness}")
     if alg.max_staleness and alg.dynamic_sampling:

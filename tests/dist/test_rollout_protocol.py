@@ -32,3 +32,5 @@ def test_a_stand_in_engine_runs_a_period(tmp_path):
     assert j["reward/counterfactual_groups"] == 4 and j["reward/diag/judge_groups_with_gradient"] == 1.0
     assert 0 < j["reward/reward_mean"] < 1 and j["reward/grad_norm"] > 0
     assert j["reward/diag/verdict_yes"] + j["reward/diag/verdict_a"] == 0.25  # the one swapped sample per group
+    # ... while what the stand-in itself gave is logged apart: no group with a gradient, never Yes or A
+    assert j["reward/judge_groups_with_gradient_sampled"] == 0.0 and j["reward/verdict_first_option_sampled"] == 0.0

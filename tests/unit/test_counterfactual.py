@@ -1,11 +1,13 @@
 """Counterfactual verdicts (`algorithm.recycle.counterfactual_verdicts`): which judge groups get the other verdict,
-and how a response is rewritten. Pure functions; the trainer's use of them runs in tests/e2e/test_demo.py."""
+and how a response is rewritten. Pure functions; the trainer's use of them runs in
+tests/dist/test_rollout_protocol.py (a stand-in engine's reward period)."""
 from __future__ import annotations
 
 import pytest
 
 from megatron_spark.config import load_config
-from megatron_spark.counterfactual import counterfactual_swaps, other_verdict, swap_verdict, verdict_options
+from megatron_spark.counterfactual import (counterfactual_swaps, other_verdict, sampled_judge_figures, swap_verdict,
+                                           verdict_options)
 from megatron_spark.kinds import TaskKind
 from megatron_spark.reward import boxed_answer
 
@@ -18,6 +20,9 @@ def test_options_and_other_verdict():
     assert verdict_options("7") is None
     assert other_verdict("yes", ("Yes", "No")) == "No" and other_verdict("B", ("A", "B")) == "A"
     assert other_verdict("Maybe", ("Yes", "No")) is None and other_verdict(None, ("Yes", "No")) is None
+    # read as the verifier reads it
+    assert other_verdict("\\text{No}", ("Yes", "No")) == "Yes" and other_verdict("(B)", ("A", "B")) == "A"
+    assert other_verdict("No.", ("Yes", "No")) == "Yes"
 
 
 def test_swap_rewrites_every_box_of_the_verdict_and_nothing_else():
@@ -46,15 +51,31 @@ def test_only_judge_groups_without_spread_that_give_one_verdict_are_swapped():
     assert swaps[0].text == "\\boxed{Yes}"
 
 
+def test_a_verdict_in_another_form_is_swapped_and_a_truncated_sample_is_not():
+    swaps = counterfactual_swaps([W], ["A"], [["\\boxed{(B)}", "\\boxed{(B)}"]], [0, 0])
+    assert [(s.group, s.sample, boxed_answer(s.text)) for s in swaps] == [(0, 1, "A")]
+    # the last sample was cut at the length limit: the one before it is swapped; all cut: none
+    swaps = counterfactual_swaps([P], ["Yes"], [["\\boxed{No}", "\\boxed{No}"]], [0, 0], truncated=[[False, True]])
+    assert [(s.group, s.sample) for s in swaps] == [(0, 0)]
+    assert counterfactual_swaps([P], ["Yes"], [["\\boxed{No}", "\\boxed{No}"]], [0, 0], truncated=[[True, True]]) == []
+
+
+def test_what_was_sampled_is_reported_before_the_swaps():
+    kinds, labels = [P, W, T], ["Yes", "B", "3"]
+    texts = [["\\boxed{No}", "\\boxed{No}"], ["\\boxed{A}", "\\boxed{B}"], ["\\boxed{3}", "\\boxed{1}"]]
+    got = sampled_judge_figures(kinds, labels, texts, [0, 0, 0, 1, 1, 0])
+    assert got == {"judge_groups_with_gradient_sampled": 0.5, "verdict_first_option_sampled": 0.25}
+
+
 def test_a_group_of_one_sample_is_no_group():
     assert counterfactual_swaps([P], ["Yes"], [["\\boxed{No}"]], [0]) == []
 
 
-def test_refused_with_engine_logprobs(tmp_path):
+def test_refused_with_engine_logprobs():
     from megatron_spark.validation import validate
 
-    for override, field in (("algorithm.old_logprobs=engine", "algorithm.old_logprobs"),
-                            ("algorithm.rollout_is=tis", "algorithm.rollout_is")):
-        cfg = load_config(None, ["algorithm.recycle.counterfactual_verdicts=true", override])
-        with pytest.raises(ValueError, match=f"config field '{field}'.*counterfactual"):
-            validate(cfg)
+    cfg = load_config(None, ["algorithm.recycle.counterfactual_verdicts=true", "algorithm.old_logprobs=engine"])
+    with pytest.raises(ValueError, match="config field 'algorithm.old_logprobs'.*counterfactual"):
+        validate(cfg)
+    # truncated importance sampling weighs a row without engine log-probs 1: allowed
+    validate(load_config(None, ["algorithm.recycle.counterfactual_verdicts=true", "algorithm.rollout_is=tis"]))
