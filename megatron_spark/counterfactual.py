@@ -95,7 +95,7 @@ def sampled_judge_figures(kinds: Sequence[TaskKind], labels: Sequence[str], text
                           rewards: Sequence[float], accept_box_alias: bool = True) -> dict[str, float]:
     """What the policy itself sampled in a reward period, before any swap (the period's judge diagnostics count
     the rewritten samples): the share of judge groups with reward spread and the share of judge verdicts that
-    are the first option (Yes or A)."""
+    are the first option (Yes or A); each only when there is something to count."""
     groups = spread = first = given = k = 0
     for kind, label, group in zip(kinds, labels, texts):
         rs = rewards[k:k + len(group)]
@@ -109,5 +109,7 @@ def sampled_judge_figures(kinds: Sequence[TaskKind], labels: Sequence[str], text
             other = other_verdict(boxed_answer(t, accept_box_alias), options)
             given += other is not None
             first += other == options[1]
-    return {"judge_groups_with_gradient_sampled": spread / groups if groups else float("nan"),
-            "verdict_first_option_sampled": first / given if given else float("nan")}
+    out = {"judge_groups_with_gradient_sampled": spread / groups} if groups else {}  # (no judge task: no figure)
+    if given:
+        out["verdict_first_option_sampled"] = first / given
+    return out

@@ -65,6 +65,10 @@ def test_what_was_sampled_is_reported_before_the_swaps():
     texts = [["\\boxed{No}", "\\boxed{No}"], ["\\boxed{A}", "\\boxed{B}"], ["\\boxed{3}", "\\boxed{1}"]]
     got = sampled_judge_figures(kinds, labels, texts, [0, 0, 0, 1, 1, 0])
     assert got == {"judge_groups_with_gradient_sampled": 0.5, "verdict_first_option_sampled": 0.25}
+    # a period without judge tasks, or without any verdict, reports nothing (never NaN in metrics.jsonl)
+    assert sampled_judge_figures([T], ["3"], [["\\boxed{3}"]], [1]) == {}
+    no_verdict = sampled_judge_figures([P], ["Yes"], [["none", "none"]], [0, 0])
+    assert no_verdict == {"judge_groups_with_gradient_sampled": 0.0}
 
 
 def test_a_group_of_one_sample_is_no_group():
