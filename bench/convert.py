@@ -44,7 +44,7 @@ def make_synthetic(d: Path, layers: int) -> int:
     import torch
 
     from megatron_spark.io.safetensors import ShardedSafetensorsWriter, TensorSpec
-    from megatron_spark.mapping.qwen import expected_hf_shapes
+    from megatron_spark.mapping.table import expected_hf_shapes
     from megatron_spark.models.hf_config import parse_hf_config
 
     d.mkdir(parents=True)

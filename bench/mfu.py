@@ -58,7 +58,7 @@ def main() -> int:
     from megatron_spark import compat
     from megatron_spark.config import AlgorithmConfig, TrainingConfig
     from megatron_spark.models.hf_config import parse_hf_config
-    from megatron_spark.models.qwen import build_model
+    from megatron_spark.models.build import build_model
     from megatron_spark.parallel import ParallelLayout
     from megatron_spark.loss import GRPOLoss
     from megatron_spark.policy import Policy, Rollout

@@ -29,7 +29,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 def plan_32b() -> dict:
     from megatron_spark.bridge.planner import plan
-    from megatron_spark.mapping.qwen import WeightMap, expected_hf_shapes
+    from megatron_spark.mapping.table import WeightMap, expected_hf_shapes
     from megatron_spark.models.hf_config import parse_hf_config
     from tests.unit.test_bridge_planner import QWEN25_VL_32B, stage_of
 
@@ -52,13 +52,13 @@ def measured(a) -> dict:
     from megatron.core import parallel_state as ps
 
     from megatron_spark.bridge.sync import WeightSync
-    from megatron_spark.mapping.qwen import WeightMap
+    from megatron_spark.mapping.table import WeightMap
     from megatron_spark.models.hf_config import parse_hf_config
-    from megatron_spark.models.qwen import build_model
+    from megatron_spark.models.build import build_model
     from megatron_spark.parallel import ParallelLayout
 
     from megatron_spark.bridge.planner import vllm_shard_shapes
-    from megatron_spark.mapping.qwen import expected_hf_shapes
+    from megatron_spark.mapping.table import expected_hf_shapes
 
     if a.model == "32b":  # the real Qwen2.5-32B layer shapes, `--layers` of them, full vocabulary
         cfg = {"hidden_size": 5120, "intermediate_size": 27648, "num_attention_heads": 40, "num_key_value_heads": 8,

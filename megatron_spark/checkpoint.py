@@ -174,7 +174,7 @@ class CheckpointManager:
 
         if (self.root / META_FILE).is_file():
             return
-        from megatron_spark.mapping.qwen import WeightMap
+        from megatron_spark.mapping.table import WeightMap
 
         c, hf_dir = self.card, Path(self.card.hf_dir)
         write_model_metadata(self.root, json.loads((hf_dir / "config.json").read_text()), c.shape,
@@ -208,7 +208,7 @@ class CheckpointManager:
     def export_hf(self, step: int) -> Path:
         """CKPT/hf/step_N from the live weights (megatron_spark/convert/hf_export.py)."""
         from megatron_spark.convert.hf_export import export_hf
-        from megatron_spark.mapping.qwen import WeightMap
+        from megatron_spark.mapping.table import WeightMap
 
         c = self.card
         path = export_hf(step, self.policy.modules, WeightMap(c.shape, tp=c.tp), self.layout, c.hf_dir, self.root,

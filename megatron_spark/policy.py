@@ -103,9 +103,9 @@ class Policy:
         torch_dist checkpoint `model.megatron_ckpt`; trainable ones wrapped as `training` says (`for_training`)."""
         from megatron.core import parallel_state as ps
 
-        from megatron_spark.mapping.qwen import WeightMap
+        from megatron_spark.mapping.table import WeightMap
         from megatron_spark.dtypes import torch_dtype
-        from megatron_spark.models.qwen import build_model
+        from megatron_spark.models.build import build_model
         from megatron_spark.models.weights import HFCheckpoint, load_hf_into_megatron
 
         dtype = torch_dtype(model.dtype)

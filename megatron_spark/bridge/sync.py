@@ -27,7 +27,7 @@ import torch.distributed as dist
 
 from megatron_spark.bridge.executor import P2PExecutor, Route, SyncStats
 from megatron_spark.bridge.planner import plan, shard_dim_rows, vllm_shard_shapes
-from megatron_spark.mapping.qwen import WeightMap, expected_hf_shapes
+from megatron_spark.mapping.table import WeightMap, expected_hf_shapes
 from megatron_spark.models.weights import megatron_named_params
 from megatron_spark.placement import RolloutPlacement
 from megatron_spark.quant.fp8 import quantized_stream
@@ -62,7 +62,7 @@ class WeightSync:
                  emulate: bool = False, placement: Optional[RolloutPlacement] = None, job_group=None,
                  dtype: Optional[torch.dtype] = None):
         """`engine_params` / `engine_name` (target 'vllm_tp'): this rank's engine weights by the engine's names,
-        and the map from the plan's fused HF-style names (`planner.vllm_name`) to them. `quantization` 'fp8':
+        and the map from the plan's fused HF-style names (the family's `vllm_name`) to them. `quantization` 'fp8':
         see the module docstring (target 'hf_full' only). `placement` / `job_group`: disaggregated engines (ranks
         are the job's; see rollout/remote.py); default: engines colocated over the default world."""
         if target not in ("hf_full", "vllm_tp"):
@@ -74,6 +74,7 @@ class WeightSync:
         if job_group is not None and target == "vllm_tp":
             raise ValueError("disaggregated engines are synced through vLLM's loader for now: use target 'hf_full'")
         self.quantization, self.emulate = quantization, emulate
+        self.is_fp8 = wmap.shape.kind.fp8_quantizable
         if placement is None:  # (colocated over the whole world; RolloutPlacement checks that rollout TP fits it)
             placement = RolloutPlacement(dist.get_world_size(), rollout_tp)
         world = placement.world
@@ -120,7 +121,8 @@ class WeightSync:
         place, vLLM's fused shards ('vllm_tp'); all ranks must consume it together. With FP8 quantization, each
         quantized weight is followed by its scale (or replaced by its FP8 values when emulating)."""
         if self.quantization == "fp8":
-            return quantized_stream(self.executor.stream(), emulate=self.emulate)
+            return quantized_stream(self.executor.stream(), emulate=self.emulate,
+                                    is_fp8=self.is_fp8)
         return self.executor.stream()
 
     def push(self, engine) -> None:

@@ -135,7 +135,7 @@ def check_inplace_layout(engine, chunks, wmap, layout, rollout_tp: int) -> dict:
 
 def _hf_generate(hf_dir: str, shape, hf_weights: dict, requests, n: int) -> list[list[int]]:
     """Greedy tokens of HF transformers loaded with the given (checkpoint-named) weights: the oracle."""
-    from megatron_spark.mapping.qwen import canonical_hf_name
+    from megatron_spark.mapping.table import canonical_hf_name
     from megatron_spark.models.parity import hf_reference
 
     model = hf_reference(hf_dir, shape.family)
@@ -163,9 +163,9 @@ def verify_sync(hf_dir: str, layouts: list[tuple[int, int]], rollout_tp: int, bu
     from megatron.core import parallel_state as ps
 
     from megatron_spark.bridge.sync import WeightSync
-    from megatron_spark.mapping.qwen import WeightMap
+    from megatron_spark.mapping.table import WeightMap
     from megatron_spark.models.hf_config import load_hf_config
-    from megatron_spark.models.qwen import build_model
+    from megatron_spark.models.build import build_model
     from megatron_spark.models.weights import HFCheckpoint, export_megatron_to_hf, load_hf_into_megatron
     from megatron_spark.parallel import ParallelLayout
     from megatron_spark.rollout.engine import RolloutEngine

@@ -1,9 +1,10 @@
-"""HF <-> megatron-core torch_dist conversion for Qwen2 / Qwen2.5 / Qwen2.5-VL, streamed one tensor at a time.
+"""HF <-> megatron-core torch_dist conversion for every registered model family, streamed one tensor at a time.
 
-Both directions walk the same weight map (mapping/qwen.py) and the same checkpoint layout (layout.py), so there is
-one path per concern: the typed transforms (QKV interleave, gate/up fuse, vocab pad) turn the HF tensors of one
-parameter into its full megatron tensor and back, and dist-checkpointing does every TP/PP resharding at load time.
-Memory: one parameter (plus its HF pieces) at a time; the largest is the embedding or the fused fc1 of one layer.
+Both directions walk the same weight map (mapping/table.py, filled by the family) and the same checkpoint layout
+(layout.py), so there is one path per concern: the typed transforms (QKV interleave, gate/up fuse, vocab pad) turn
+the HF tensors of one parameter into its full megatron tensor and back, and dist-checkpointing does every TP/PP
+resharding at load time. Memory: one parameter (plus its HF pieces) at a time; the largest is the embedding or the
+fused fc1 of one layer.
 """
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ from megatron_spark.convert.output import begin_output, finish_output, progress
 from megatron_spark.io.checkpoint_layout import TRACKER, resolve_checkpoint
 from megatron_spark.dtypes import NAMES, hf_name, torch_dtype
 from megatron_spark.io.safetensors import HFCheckpoint, ShardedSafetensorsWriter, TensorSpec
-from megatron_spark.mapping.qwen import WeightMap, expected_hf_shapes
+from megatron_spark.mapping.table import WeightMap, expected_hf_shapes
 from megatron_spark.mapping.transforms import padded_vocab_size
 from megatron_spark.models.hf_config import ModelShape, load_hf_config, parse_hf_config
 

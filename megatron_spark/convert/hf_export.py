@@ -37,7 +37,7 @@ def stage_params(wmap, layout) -> list[list]:
 
 def plan_files(stages: list[list], shape, dtype: torch.dtype, max_shard_bytes: int) -> list[list[tuple[str, list]]]:
     """Each stage's shard files, numbered across all stages (model-00003-of-00007.safetensors ...)."""
-    from megatron_spark.mapping.qwen import expected_hf_shapes
+    from megatron_spark.mapping.table import expected_hf_shapes
 
     hf_shapes = expected_hf_shapes(shape)
     split = [split_shards([TensorSpec(n, hf_shapes[n], dtype) for pm in stage for n in pm.hf], max_shard_bytes)

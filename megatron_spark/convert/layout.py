@@ -84,7 +84,7 @@ def checkpoint_layout(shape: ModelShape, padded_vocab: int) -> CheckpointLayout:
     """The keys, global shapes and objects megatron-core expects for this model (see the module doc)."""
     from megatron.core.dist_checkpointing.mapping import ShardedObject, ShardedTensor, ShardedTensorFactory
 
-    from megatron_spark.models.qwen import build_model
+    from megatron_spark.models.build import build_model
     from megatron_spark.parallel import ParallelLayout
 
     # With divisible_by = padded and TP = 1 the model pads the vocabulary to exactly `padded_vocab`.

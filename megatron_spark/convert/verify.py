@@ -46,7 +46,7 @@ def verify_checkpoint(hf_dir: str, ckpt: str, layouts: list[tuple[int, int]],
 
     from megatron_spark.io.checkpoint_layout import load_model_weights
     from megatron_spark.models.parity import compare_logits, hf_logits, hf_reference, sample_inputs
-    from megatron_spark.models.qwen import build_model
+    from megatron_spark.models.build import build_model
     from megatron_spark.parallel import ParallelLayout
 
     shape, it, padded = check_inputs(hf_dir, ckpt, layouts, iteration)

@@ -18,7 +18,7 @@ from typing import Iterable, Optional
 import torch
 from torch import Tensor
 
-from megatron_spark.mapping.qwen import canonical_hf_name
+from megatron_spark.mapping.table import canonical_hf_name
 
 ST_DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,

@@ -10,7 +10,7 @@ the resharding bridge can plan shard-to-shard transfers without materialising an
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -225,3 +225,29 @@ def padded_vocab_size(vocab_size: int, divisible_by: int, tp: int = 1) -> int:
 
     multiple = math.lcm(divisible_by, tp)
     return ((vocab_size + multiple - 1) // multiple) * multiple
+
+
+# The table entries made of transforms (a family's `weight_rules`; `mapping.table.WeightMap` expands them).
+COLUMN, ROW, REPLICATED = 0, 1, None
+
+
+@dataclass(frozen=True)
+class Rule:
+    megatron: str             # may contain {i}: the global layer index
+    hf: tuple[str, ...]       # HF tensors combined by `transform`, same {i}
+    transform: Transform
+    layers: int = 0           # number of layers {i} ranges over (0: not per layer)
+
+
+@dataclass(frozen=True)
+class ParamMap:
+    """One concrete megatron parameter and the HF tensors it is made of."""
+    megatron: str
+    hf: tuple[str, ...]
+    transform: Transform
+
+    def to_megatron(self, get_hf: Callable[[str], Tensor]) -> Tensor:
+        return self.transform.to_megatron([get_hf(n) for n in self.hf])
+
+    def to_hf(self, full: Tensor) -> dict[str, Tensor]:
+        return dict(zip(self.hf, self.transform.to_hf(full)))

@@ -1,33 +1,78 @@
-"""Read an HF Qwen2 / Qwen2.5 / Qwen3 / Qwen2.5-VL `config.json` into typed shapes (no transformers import needed).
+"""A model as the rest of the code sees it: its family, and its typed shapes read from a HF `config.json`.
 
-Handles both the transformers-4 layout (text fields at top level, `rope_scaling`) and the transformers-5 layout
-(`text_config`, `rope_parameters`).
+A model family is one object that answers every question that differs between families, so no other module
+compares family names or imports a family's files: how to read its `config.json` into shapes, which Megatron module
+to build for a pipeline stage (megatron-core's layer spec and config), the two-way weight table between Megatron
+and HF names (from which the converters, the bridge, the planner's parameter counts and checkpoint verification all
+follow), how vLLM names and fuses its parameters, which linears the rollout engine holds in FP8, and which
+transformers class loads it as the numerical oracle. The families live in `megatron_spark/families/` (one module
+each, `families/qwen.py` the reference) and are found through the registry below, by name (checkpoints) or by HF
+architecture (config.json). docs/architecture.md has the checklist for adding one.
+
+Pure Python: no torch, megatron-core or transformers import here.
 """
 from __future__ import annotations
 
+import importlib
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Any, Optional
+
+if TYPE_CHECKING:
+    import torch
+
+    from megatron_spark.mapping.transforms import ParamMap, Rule
+
 
 @dataclass(frozen=True)
-class Family:
-    """What differs between the supported model families, said once (the rest of the code asks the family instead
-    of comparing names)."""
+class ModelFamily:
+    """The identity of a family and the questions every family answers (subclasses implement the methods)."""
     name: str                 # ModelShape.family, as checkpoints record it
-    hf_architecture: str      # config.json's `architectures`
+    hf_architecture: str      # config.json's `architectures` entry that selects this family
     multimodal: bool          # a vision tower, images in prompts
     megatron_prefix: str      # where the language model's parameters sit in our Megatron module
-    qk_norm: bool = False     # an RMSNorm over each head's queries and keys before RoPE (Qwen3)
-    qkv_bias: bool = True     # biases on the q/k/v projections (Qwen2 has them; Qwen3 has none)
+    # the architecture vLLM loads the checkpoint as (None: `hf_architecture`); a family vLLM knows under another
+    # name says it here and the engine builder passes it as an override
+    vllm_architecture: Optional[str] = None
+    # the transformers auto class modelopt's export loads the model with (None: no tested modelopt export)
+    modelopt_auto_class: Optional[str] = None
 
+    @property
+    def engine_architecture(self) -> str:
+        return self.vllm_architecture or self.hf_architecture
 
-FAMILIES = {f.name: f for f in (
-    Family("qwen2", "Qwen2ForCausalLM", multimodal=False, megatron_prefix=""),
-    Family("qwen3", "Qwen3ForCausalLM", multimodal=False, megatron_prefix="", qk_norm=True, qkv_bias=False),
-    Family("qwen2_5_vl", "Qwen2_5_VLForConditionalGeneration", multimodal=True, megatron_prefix="language_model."),
-)}
-ARCHITECTURES = {f.hf_architecture: f.name for f in FAMILIES.values()}
+    def parse_config(self, cfg: dict, source: str) -> "ModelShape":
+        """`config.json` as typed shapes; refuses, by field, variants the model and the tables do not build."""
+        raise NotImplementedError
+
+    def weight_rules(self, shape: "ModelShape", padded_vocab: int) -> list["Rule"]:
+        """The declarative Megatron <-> HF table (per-layer rules carry `{i}`); `mapping.table.WeightMap` expands
+        it for every consumer."""
+        raise NotImplementedError
+
+    def hf_shapes(self, shape: "ModelShape") -> dict[str, tuple[int, ...]]:
+        """The shape of every tensor a HF checkpoint of this config holds."""
+        raise NotImplementedError
+
+    def build_stage(self, shape: "ModelShape", layout, **build) -> "torch.nn.Module":
+        """The Megatron module of one (virtual) pipeline stage; `build` is `models.build.build_model`'s keywords:
+        dtype, use_te, pre_process, post_process, vp_stage, make_vocab_size_divisible_by, recompute."""
+        raise NotImplementedError
+
+    def vllm_name(self, param: "ParamMap") -> str:
+        """vLLM's name for the engine parameter a Megatron parameter becomes (fused names where vLLM fuses)."""
+        raise NotImplementedError
+
+    def fp8_quantizable(self, name: str) -> bool:
+        """Does the rollout engine hold this (HF or vLLM) weight in FP8?"""
+        raise NotImplementedError
+
+    def hf_model_class(self) -> Any:
+        """The transformers class that loads a HF directory of this family (the numerical oracle, the
+        transformers rollout backend)."""
+        raise NotImplementedError
 
 
 @dataclass(frozen=True)
@@ -75,76 +120,84 @@ class ModelShape:
     raw: dict = field(default_factory=dict, compare=False, repr=False)
 
     @property
-    def kind(self) -> Family:
-        return FAMILIES[self.family]
+    def kind(self) -> ModelFamily:
+        """The family object that answers everything that differs between families."""
+        return get(self.family)
 
     @property
     def multimodal(self) -> bool:
         return self.kind.multimodal
 
 
-def _rope(cfg: dict) -> tuple[float, Optional[tuple[int, ...]]]:
-    params = cfg.get("rope_parameters") or {}
-    scaling = cfg.get("rope_scaling") or {}
-    theta = params.get("rope_theta", cfg.get("rope_theta", 10000.0))
-    mrope = params.get("mrope_section") or scaling.get("mrope_section")
-    return float(theta), tuple(mrope) if mrope else None
+# The registry. Adding a family is one module in megatron_spark/families/ that defines its `ModelFamily` objects
+# in a `FAMILIES` tuple, plus its line in BUILTIN_MODULES. A family that lives outside this package (a lab's own
+# model) is loaded the same way from the modules named in MEGATRON_SPARK_FAMILIES (comma-separated import paths),
+# which every process of a run inherits: torchrun ranks, engines, converters.
+BUILTIN_MODULES = (
+    "megatron_spark.families.qwen",
+)
+PLUGIN_ENV = "MEGATRON_SPARK_FAMILIES"
+
+_REGISTRY: dict[str, ModelFamily] = {}
+_LOADED: set[str] = set()
 
 
-def _refuse_unsupported_attention(text_cfg: dict, kind: Family, source: str) -> None:
-    """Attention variants a family's config can switch on that the Megatron model and the weight tables do not
-    build: refused by name rather than converted into a model that silently differs."""
-    if not kind.qkv_bias and text_cfg.get("attention_bias"):
-        raise ValueError(f"{source}: attention_bias=true (biases on q/k/v/o) is not supported for {kind.name}; "
-                         f"the released {kind.name} checkpoints have none")
-    if text_cfg.get("use_sliding_window"):
-        raise ValueError(f"{source}: use_sliding_window=true is not supported (every layer is built with full "
-                         f"attention, as the released {kind.name} checkpoints use); set it to false")
+def register(family: ModelFamily) -> None:
+    """Add a family. Its name and its HF architecture must both be new: a second family claiming either would make
+    checkpoints or configs ambiguous."""
+    for other in _REGISTRY.values():
+        if family.name == other.name or family.hf_architecture == other.hf_architecture:
+            raise ValueError(f"model family {family.name!r} ({family.hf_architecture}) clashes with the registered "
+                             f"{other.name!r} ({other.hf_architecture}); give it its own name and architecture")
+    _REGISTRY[family.name] = family
+
+
+def _load() -> None:
+    plugins = [m.strip() for m in os.environ.get(PLUGIN_ENV, "").split(",") if m.strip()]
+    for module in (*BUILTIN_MODULES, *plugins):
+        if module in _LOADED:
+            continue
+        try:
+            mod = importlib.import_module(module)
+        except ImportError as e:
+            raise ValueError(f"{PLUGIN_ENV}: cannot import model-family module {module!r} ({e}); fix the module "
+                             f"path or unset {PLUGIN_ENV}") from e
+        _LOADED.add(module)
+        for family in getattr(mod, "FAMILIES", ()):
+            register(family)
+
+
+def families() -> dict[str, ModelFamily]:
+    """Every registered family, by name."""
+    _load()
+    return dict(_REGISTRY)
+
+
+def get(name: str) -> ModelFamily:
+    known = families()
+    if name not in known:
+        raise ValueError(f"unknown model family {name!r}; registered: {', '.join(known)} (a family from another "
+                         f"package is loaded through {PLUGIN_ENV})")
+    return known[name]
+
+
+def for_hf_config(cfg: dict, source: str = "config.json") -> ModelFamily:
+    """The family a HF config belongs to: by `architectures`; a config without one by `model_type`."""
+    known = families()
+    by_arch = {f.hf_architecture: f for f in known.values()}
+    archs = cfg.get("architectures") or []
+    family = next((by_arch[a] for a in archs if a in by_arch), None)
+    if family is None and not archs:
+        family = known.get(cfg.get("model_type"))
+    if family is None:
+        raise ValueError(f"{source}: unsupported architecture {archs or cfg.get('model_type')!r}; supported: "
+                         f"{', '.join(by_arch)}")
+    return family
 
 
 def parse_hf_config(cfg: dict, source: str = "config.json") -> ModelShape:
-    archs = cfg.get("architectures") or []
-    family = next((ARCHITECTURES[a] for a in archs if a in ARCHITECTURES), None)
-    if family is None and not archs:  # only configs without `architectures` are identified by model_type
-        mt = cfg.get("model_type")
-        family = mt if mt in FAMILIES else None
-    if family is None:
-        raise ValueError(f"{source}: unsupported architecture {archs or cfg.get('model_type')!r}; supported: "
-                         f"{', '.join(ARCHITECTURES)}")
-    multimodal = FAMILIES[family].multimodal
-    text_cfg = dict(cfg.get("text_config") or cfg) if multimodal else cfg
-    theta, mrope = _rope(text_cfg)
-    if multimodal and mrope is None:
-        theta, mrope = _rope(cfg)
-    tied = bool(cfg.get("tie_word_embeddings", text_cfg.get("tie_word_embeddings", False)))
-    kind = FAMILIES[family]
-    _refuse_unsupported_attention(text_cfg, kind, source)
-    heads = text_cfg["num_attention_heads"]
-    text = TextShape(
-        hidden_size=text_cfg["hidden_size"], ffn_hidden_size=text_cfg["intermediate_size"],
-        num_layers=text_cfg["num_hidden_layers"], num_heads=heads,
-        num_kv_heads=text_cfg.get("num_key_value_heads", heads),
-        head_dim=text_cfg.get("head_dim") or text_cfg["hidden_size"] // heads,
-        vocab_size=text_cfg["vocab_size"], rms_norm_eps=float(text_cfg.get("rms_norm_eps", 1e-6)),
-        rope_theta=theta, tied_embeddings=tied,
-        max_position_embeddings=text_cfg.get("max_position_embeddings", 32768), mrope_section=mrope,
-        qkv_bias=kind.qkv_bias, qk_norm=kind.qk_norm)
-    vision = None
-    if multimodal:
-        v = cfg["vision_config"]
-        vparams = v.get("rope_parameters") or {}
-        vision = VisionShape(
-            depth=v["depth"], hidden_size=v["hidden_size"], ffn_hidden_size=v["intermediate_size"],
-            num_heads=v["num_heads"], out_hidden_size=v.get("out_hidden_size", text.hidden_size),
-            patch_size=v.get("patch_size", 14), temporal_patch_size=v.get("temporal_patch_size", 2),
-            spatial_merge_size=v.get("spatial_merge_size", 2), window_size=v.get("window_size", 112),
-            fullatt_block_indexes=tuple(v.get("fullatt_block_indexes", ())),
-            in_channels=v.get("in_channels", v.get("in_chans", 3)),
-            rope_theta=float(vparams.get("rope_theta", 10000.0)))
-        if v.get("hidden_act", "silu") != "silu":
-            raise ValueError(f"{source}: vision_config.hidden_act={v.get('hidden_act')!r} is not supported (silu)")
-    return ModelShape(family=family, text=text, vision=vision, image_token_id=cfg.get("image_token_id"),
-                      vision_start_token_id=cfg.get("vision_start_token_id"), raw=cfg)
+    """A HF `config.json` as typed shapes, read by the family its `architectures` name."""
+    return for_hf_config(cfg, source).parse_config(cfg, source)
 
 
 def load_hf_config(hf_dir: str | Path) -> ModelShape:

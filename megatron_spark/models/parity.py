@@ -11,11 +11,9 @@ from megatron_spark.models.runtime import forward_logits, make_batch
 
 
 def hf_reference(path: str, family: str):
-    from transformers import AutoModelForCausalLM, Qwen2_5_VLForConditionalGeneration
+    from megatron_spark.models.hf_config import get
 
-    from megatron_spark.models.hf_config import FAMILIES
-
-    cls = Qwen2_5_VLForConditionalGeneration if FAMILIES[family].multimodal else AutoModelForCausalLM
+    cls = get(family).hf_model_class()
     return cls.from_pretrained(path, dtype=torch.float32, attn_implementation="eager").eval()
 
 

@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from megatron_spark.io.safetensors import HFCheckpoint
-from megatron_spark.mapping.qwen import ParamMap, WeightMap, from_te_name
+from megatron_spark.mapping.table import ParamMap, WeightMap, from_te_name
 
 __all__ = ["HFCheckpoint", "load_hf_into_megatron", "megatron_named_params", "export_megatron_to_hf", "read_shard"]
 

@@ -1,10 +1,10 @@
 """Parameter counts of a model, per pipeline stage and tensor-parallel rank, exactly as this project builds it.
 
-The counts come from the same declarative weight tables the converters use (`mapping/qwen.py`: every Megatron
-parameter, the HF tensors it is made of, and the dimension TP splits), so they follow the model as built: the
-vision tower and the embedding on the first stage, the final norm and output layer on the last (a tied model keeps
-an output-layer copy on the last stage when PP > 1), the vocabulary padded to lcm(128, TP), replicated norms and
-row-parallel biases whole on every TP rank. Pure Python: no torch model, no download.
+The counts come from the same declarative weight tables the converters use (`mapping/table.py`, filled by each
+family: every Megatron parameter, the HF tensors it is made of, and the dimension TP splits), so they follow the
+model as built: the vision tower and the embedding on the first stage, the final norm and output layer on the last
+(a tied model keeps an output-layer copy on the last stage when PP > 1), the vocabulary padded to lcm(128, TP),
+replicated norms and row-parallel biases whole on every TP rank. Pure Python: no torch model, no download.
 """
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from math import prod
 from pathlib import Path
 from typing import Optional
 
-from megatron_spark.mapping.qwen import WeightMap, expected_hf_shapes
+from megatron_spark.mapping.table import WeightMap, expected_hf_shapes
 from megatron_spark.mapping.transforms import VocabPad
 from megatron_spark.models.hf_config import ModelShape, parse_hf_config
 from megatron_spark.parallel import stage_layers

@@ -51,9 +51,14 @@ FORMATS = {
                             "INT8 weights with a scale per output channel, bf16 activations (not served by vLLM's "
                             "modelopt loader)"),
 }
-# architectures whose modelopt export is tested here, and the transformers class that loads them
-EXPORTABLE = {"Qwen2ForCausalLM": "AutoModelForCausalLM",
-              "Qwen2_5_VLForConditionalGeneration": "AutoModelForImageTextToText"}
+
+
+def exportable() -> dict[str, str]:
+    """Architectures whose modelopt export is tested here, and the transformers class that loads them (each
+    family's `modelopt_auto_class`)."""
+    from megatron_spark.models.hf_config import families
+
+    return {f.hf_architecture: f.modelopt_auto_class for f in families().values() if f.modelopt_auto_class}
 
 
 def check_request(fmt: str, hf_config: dict, calib_data: Optional[str | Path] = None) -> ExportFormat:
@@ -66,8 +71,8 @@ def check_request(fmt: str, hf_config: dict, calib_data: Optional[str | Path] = 
                          f"GPU is visible; run the export on a GPU node, or use --quantize w4a16-nvfp4 (NVFP4 "
                          f"weights only, works on CPU)")
     archs = hf_config.get("architectures") or []
-    if not any(a in EXPORTABLE for a in archs):
-        raise ValueError(f"--quantize {fmt}: modelopt export is supported here for {', '.join(EXPORTABLE)}; this "
+    if not any(a in exportable() for a in archs):
+        raise ValueError(f"--quantize {fmt}: modelopt export is supported here for {', '.join(exportable())}; this "
                          f"model is {archs or hf_config.get('model_type')}; export unquantized (no --quantize)")
     if f.calibrates_activations and calib_data is None:
         raise ValueError(f"--quantize {fmt}: static activation scales are calibrated on real prompts; pass "
@@ -116,8 +121,9 @@ def _without_vision(preset: dict) -> dict:
 def _auto_class(hf_config: dict):
     import transformers
 
-    arch = next(a for a in hf_config["architectures"] if a in EXPORTABLE)
-    return getattr(transformers, EXPORTABLE[arch])
+    classes = exportable()
+    arch = next(a for a in hf_config["architectures"] if a in classes)
+    return getattr(transformers, classes[arch])
 
 
 def _calibration_loop(model, hf_dir: Path, hf_config: dict, calib_data: Path, n: int):

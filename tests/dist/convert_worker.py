@@ -24,7 +24,7 @@ def main():
     from megatron_spark.convert.layout import META_FILE
     from megatron_spark.convert.verify import verify_checkpoint
     from megatron_spark.models.hf_config import load_hf_config
-    from megatron_spark.models.qwen import build_model
+    from megatron_spark.models.build import build_model
     from megatron_spark.parallel import ParallelLayout
 
     results = {}

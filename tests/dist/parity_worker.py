@@ -47,10 +47,10 @@ def one_step(path, shape, layout, case, variant) -> dict:
     from megatron.core import parallel_state as ps
 
     from megatron_spark.algorithm import BatchSize
-    from megatron_spark.mapping.qwen import WeightMap
+    from megatron_spark.mapping.table import WeightMap
     from megatron_spark.models.parity import sample_inputs
     from tests.oracle import response_rollouts
-    from megatron_spark.models.qwen import build_model
+    from megatron_spark.models.build import build_model
     from megatron_spark.models.weights import HFCheckpoint, export_megatron_to_hf, load_hf_into_megatron
     from megatron_spark.placement import balanced_partition
     from megatron_spark.config import AlgorithmConfig
@@ -209,9 +209,9 @@ def main():
     out_path = sys.argv[2]
     from megatron.core import parallel_state as ps
 
-    from megatron_spark.mapping.qwen import WeightMap, canonical_hf_name
+    from megatron_spark.mapping.table import WeightMap, canonical_hf_name
     from megatron_spark.models.hf_config import load_hf_config
-    from megatron_spark.models.qwen import build_model
+    from megatron_spark.models.build import build_model
     from megatron_spark.models.parity import compare_logits, hf_reference, sample_inputs, to_batch
     from tests.oracle import compare_token_logprobs
     from megatron_spark.models.runtime import forward_backward

@@ -35,9 +35,9 @@ def save_fp8_streams(hf_dir: str, layout, out: Path) -> None:
 
     from megatron_spark.bridge.planner import vllm_shard_shapes
     from megatron_spark.bridge.sync import WeightSync
-    from megatron_spark.mapping.qwen import WeightMap, expected_hf_shapes
+    from megatron_spark.mapping.table import WeightMap, expected_hf_shapes
     from megatron_spark.models.hf_config import load_hf_config
-    from megatron_spark.models.qwen import build_model
+    from megatron_spark.models.build import build_model
     from megatron_spark.models.weights import HFCheckpoint, load_hf_into_megatron
     from megatron_spark.quant.fp8 import quantized_stream
 

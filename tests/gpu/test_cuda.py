@@ -31,10 +31,10 @@ def world():
 @pytest.mark.parametrize("spec", ["local", "te"])
 def test_cuda_logits_match_hf(tiny_models, world, spec):
     from megatron_spark import compat
-    from megatron_spark.mapping.qwen import WeightMap
+    from megatron_spark.mapping.table import WeightMap
     from megatron_spark.models.hf_config import load_hf_config
     from megatron_spark.models.parity import compare_logits, hf_reference, sample_inputs
-    from megatron_spark.models.qwen import build_model
+    from megatron_spark.models.build import build_model
     from megatron_spark.models.weights import HFCheckpoint, load_hf_into_megatron
 
     if spec == "te" and not compat.have_transformer_engine():

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from megatron_spark.bridge.planner import plan, vllm_shard_shapes
-from megatron_spark.mapping.qwen import WeightMap, expected_hf_shapes
+from megatron_spark.mapping.table import WeightMap, expected_hf_shapes
 from megatron_spark.models.hf_config import parse_hf_config
 
 vllm_linear = pytest.importorskip("vllm.model_executor.layers.linear")

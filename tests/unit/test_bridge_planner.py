@@ -5,7 +5,7 @@ from collections import defaultdict
 import pytest
 
 from megatron_spark.bridge.planner import plan, vllm_shard_rows
-from megatron_spark.mapping.qwen import WeightMap, expected_hf_shapes as hf_shapes
+from megatron_spark.mapping.table import WeightMap, expected_hf_shapes as hf_shapes
 from megatron_spark.models.hf_config import parse_hf_config
 
 QWEN25_VL_32B = {

@@ -23,7 +23,7 @@ import yaml
 
 from megatron_spark.bridge.executor import bucket_messages, make_buckets
 from megatron_spark.bridge.sync import plan_routes
-from megatron_spark.mapping.qwen import WeightMap
+from megatron_spark.mapping.table import WeightMap
 from megatron_spark.models.hf_config import parse_hf_config
 from megatron_spark.parallel import ParallelLayout
 from megatron_spark.planner.model import load_model

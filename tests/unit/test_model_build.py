@@ -43,7 +43,7 @@ def test_every_parameter_and_buffer_is_on_the_requested_device(megatron, config)
     model or a verify tool keeps whatever it was built with. build_model places everything: checked on 'meta',
     a device other than the one the modules are created on (the patch embedding and torch norms are made on the
     CPU), so a module that escaped placement shows here as it would show as a CPU tensor on a GPU."""
-    from megatron_spark.models.qwen import build_model
+    from megatron_spark.models.build import build_model
 
     chunks = build_model(parse_hf_config(config), _layout(), dtype=torch.float32, device="meta")
     tensors = [(n, t) for c in chunks for n, t in list(c.named_parameters()) + list(c.named_buffers())]
@@ -52,18 +52,19 @@ def test_every_parameter_and_buffer_is_on_the_requested_device(megatron, config)
 
 
 def test_default_device_is_where_the_process_runs():
-    from megatron_spark.models.qwen import default_device
+    from megatron_spark.models.build import default_device
 
     want = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
     assert default_device() == want
 
 
 def test_every_model_builder_places_its_chunks():
-    """The trainer, the converters and the verify tools build models only through build_model (which places every
-    chunk); nothing in the package builds a GPTModel or a vision tower on its own."""
+    """The trainer, the converters and the verify tools build models only through build_model (which asks the
+    family for each stage and places every chunk); nothing else in the package builds a GPTModel or a vision tower
+    on its own (the model modules and the family modules that bind them are the builders)."""
     offenders = []
     for path in (ROOT / "megatron_spark").rglob("*.py"):
-        if path.name == "qwen.py" and path.parent.name == "models":
+        if (path.name == "qwen.py" and path.parent.name == "models") or path.parent.name == "families":
             continue
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.Call) and getattr(node.func, "id", getattr(node.func, "attr", "")) in (
@@ -133,7 +134,7 @@ def test_recompute_saves_less_and_changes_nothing(megatron, family):
     """model.recompute_activations: full keeps each layer's input (plus the mask and rotary table it is called
     with) instead of its activations, selective drops the attention scores; the gradients stay the same within
     fp32 round-off. (Each mode builds the same weights: the model is built on the CPU from the same seed.)"""
-    from megatron_spark.models.qwen import build_model
+    from megatron_spark.models.build import build_model
     from megatron_spark.models.runtime import make_batch
 
     shape = parse_hf_config(TEXT if family == "text" else VL)
@@ -187,7 +188,7 @@ def test_transformer_impl_is_honoured(megatron, monkeypatch):
     """local: the local spec; transformer_engine without TE: an error with TE's import error and the fix; auto
     without TE: the local spec (on CPU without a warning: TE never runs there)."""
     from megatron_spark import compat
-    from megatron_spark.models import qwen
+    from megatron_spark.models import build as qwen
 
     assert qwen.use_transformer_engine("local") is False
     with pytest.raises(ValueError, match=r"model.transformer_impl.*does not import \(no CUDA device"):
@@ -203,7 +204,7 @@ def test_the_local_spec_final_norm_is_torch_rmsnorm_even_with_apex(megatron, mon
     which asserts on RMSNorm; the local spec gets a torch RMSNorm however the node is set up."""
     from megatron.core.transformer import transformer_block
 
-    from megatron_spark.models.qwen import build_model
+    from megatron_spark.models.build import build_model
 
     class Boom:
         def __init__(self, *a, **k):
@@ -219,7 +220,7 @@ def _trained(freeze: list[str]):
     before and after, and the live optimizer's and DDP's bytes."""
     from megatron_spark.config import TrainingConfig
     from megatron_spark.models.freeze import freeze_parameters
-    from megatron_spark.models.qwen import build_model
+    from megatron_spark.models.build import build_model
     from megatron_spark.models.weights import megatron_named_params
     from megatron_spark.loss import SFTLoss
     from megatron_spark.policy import Policy, Rollout
@@ -284,7 +285,7 @@ def test_a_model_built_off_the_gpu_never_asks_for_gpu_memory(megatron, config, m
     overriding a `torch.device("meta")` context: the converters' meta model of a 32B checkpoint would allocate
     ~131 GB of GPU memory. CUDA is reported available here: every config of a model built for 'meta' must
     initialise off the GPU (and the CPU shim would otherwise hide the allocation)."""
-    from megatron_spark.models import qwen
+    from megatron_spark.models import build, qwen
 
     configs = []
     real = qwen._base_config
@@ -297,10 +298,10 @@ def test_a_model_built_off_the_gpu_never_asks_for_gpu_memory(megatron, config, m
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(qwen, "_base_config", recording)
     # (convert/layout.checkpoint_layout builds exactly so: device="meta")
-    qwen.build_model(parse_hf_config(config), _layout(), dtype=torch.float32, use_te=False, device="meta")
+    build.build_model(parse_hf_config(config), _layout(), dtype=torch.float32, use_te=False, device="meta")
     assert configs and all(c.use_cpu_initialization for c in configs)
     configs.clear()
-    qwen._BUILD_OFF_GPU.set(False)  # (what a training build on a GPU gets)
+    build.BUILD_OFF_GPU.set(False)  # (what a training build on a GPU gets)
     assert not real(_layout(), torch.float32, False, num_layers=1, hidden_size=8,
                     num_attention_heads=1).use_cpu_initialization
 
@@ -309,7 +310,7 @@ def test_one_micro_batch_at_a_time_goes_to_the_device(megatron, monkeypatch):
     """A log-prob or update pass once moved every micro-batch of the call to the GPU before the first ran (with a
     dense [b, 1, s, s] mask each: 8-40 GiB for the 32B-VL example). Each must move when its step runs."""
     from megatron_spark.models import runtime
-    from megatron_spark.models.qwen import build_model
+    from megatron_spark.models.build import build_model
     from megatron_spark.policy import Policy, Rollout
 
     moves, at_start = [], []

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from megatron_spark.mapping.qwen import WeightMap, expected_hf_shapes
+from megatron_spark.mapping.table import WeightMap, expected_hf_shapes
 from megatron_spark.mapping.transforms import QKVInterleave
 from megatron_spark.models.hf_config import load_hf_config, parse_hf_config
 

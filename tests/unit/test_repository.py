@@ -108,17 +108,21 @@ def test_dtype_table_round_trips():
 
 
 def test_model_families_are_asked_not_compared():
-    """What differs between families lives in `models.hf_config.FAMILIES`; no module compares a family name."""
-    bad = []
+    """What differs between families lives in the family objects (`megatron_spark/families/`): no module compares a
+    family name, and only the family modules reach a family's own files (`mapping/qwen.py`, `models/qwen.py`)."""
+    bad, reach = [], []
+    family_files = {"megatron_spark.mapping.qwen", "megatron_spark.models.qwen", "megatron_spark.families.qwen"}
     for p in (ROOT / "megatron_spark").rglob("*.py"):
-        if p.name == "hf_config.py":
-            continue
+        module = ".".join(p.relative_to(ROOT).with_suffix("").parts)
         for node in ast.walk(ast.parse(p.read_text())):
             if isinstance(node, ast.Compare) and any(
-                    isinstance(x, ast.Constant) and x.value in ("qwen2", "qwen2_5_vl")
+                    isinstance(x, ast.Constant) and x.value in ("qwen2", "qwen3", "qwen2_5_vl")
                     for x in [node.left, *node.comparators]):
                 bad.append(f"{p.relative_to(ROOT)}:{node.lineno}")
+            if isinstance(node, ast.ImportFrom) and node.module in family_files and module not in family_files:
+                reach.append(f"{p.relative_to(ROOT)}:{node.lineno}: {node.module}")
     assert not bad, bad
+    assert reach == [], reach
 
 
 def test_one_vllm_engine_builder():
