@@ -121,7 +121,8 @@ def qwen_shape(cfg: dict, kind: "QwenFamily", source: str) -> ModelShape:
 FAMILIES = (
     QwenFamily("qwen2", "Qwen2ForCausalLM", multimodal=False, megatron_prefix="",
                modelopt_auto_class="AutoModelForCausalLM"),
-    QwenFamily("qwen3", "Qwen3ForCausalLM", multimodal=False, megatron_prefix="", qk_norm=True, qkv_bias=False),
+    QwenFamily("qwen3", "Qwen3ForCausalLM", multimodal=False, megatron_prefix="", qk_norm=True, qkv_bias=False,
+               modelopt_auto_class="AutoModelForCausalLM"),
     QwenFamily("qwen2_5_vl", "Qwen2_5_VLForConditionalGeneration", multimodal=True, megatron_prefix="language_model.",
                modelopt_auto_class="AutoModelForImageTextToText"),
 )

@@ -87,12 +87,12 @@ TOLERANCE = {"fp8-per-channel": (0.25, 0.6), "fp8": (0.25, 0.6), "int8-wo": (0.0
              "w4a16-nvfp4": (0.8, 0.3)}
 
 
-@pytest.mark.parametrize("model", ["q2_tied", "vl_untied"])
+@pytest.mark.parametrize("model", ["q2_tied", "vl_untied", "q3_tied"])
 def test_exports_load_in_transformers_close_to_the_unquantized_model(tiny_models, model, calib_file, tmp_path):
     import transformers
 
     src = tiny_models[model]
-    cls = transformers.AutoModelForCausalLM if model.startswith("q2") else transformers.AutoModelForImageTextToText
+    cls = transformers.AutoModelForImageTextToText if model.startswith("vl") else transformers.AutoModelForCausalLM
     ref = cls.from_pretrained(src, dtype=torch.float32).eval()
     ids = torch.randint(0, 300, (2, 24), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
