@@ -73,7 +73,7 @@ def check_layout_args(shape: ModelShape, tp: int, pp: int) -> None:
 
 def check_hf_checkpoint(ckpt: HFCheckpoint, shape: ModelShape) -> torch.dtype:
     """Every tensor the config implies exists with its shape and a float dtype, and none is unmapped.
-    Returns the checkpoint's dtype (that of the embedding)."""
+    Returns the checkpoint's dtype (that of the word embedding)."""
     expected = expected_hf_shapes(shape)
     for name, want in expected.items():
         if name not in ckpt:
@@ -90,7 +90,8 @@ def check_hf_checkpoint(ckpt: HFCheckpoint, shape: ModelShape) -> torch.dtype:
     if extra:
         raise ValueError(f"'{ckpt.dir}' holds {len(extra)} tensors this converter has no mapping for (e.g. "
                          f"{extra[:3]}); refusing to drop them silently")
-    return ckpt.dtype("model.embed_tokens.weight")
+    embedding = next(p for p in WeightMap(shape).params if p.megatron.endswith("embedding.word_embeddings.weight"))
+    return ckpt.dtype(embedding.hf[0])
 
 
 def _unwrap_checkpoint_exception(e: BaseException) -> BaseException:

@@ -53,6 +53,12 @@ class QwenFamily(ModelFamily):
 
         return quantizable(name)
 
+    def fp8_ignore(self, shape: ModelShape) -> list[str]:
+        return ["lm_head", "model.embed_tokens"] + (["visual*"] if self.multimodal else [])
+
+    def modelopt_exclude(self) -> tuple[str, ...]:
+        return ("*visual*",) if self.multimodal else ()
+
     def hf_model_class(self) -> Any:
         import transformers
 

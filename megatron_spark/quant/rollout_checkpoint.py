@@ -30,7 +30,8 @@ def write_fp8_checkpoint(hf_dir: str | Path, out: str | Path, *, force: bool = F
     """HF directory -> the rollout engine's FP8 checkpoint in `out` (written atomically)."""
     hf_dir = Path(hf_dir)
     cfg = json.loads((hf_dir / "config.json").read_text())
-    quantizable = parse_hf_config(cfg, str(hf_dir / "config.json")).kind.fp8_quantizable
+    shape = parse_hf_config(cfg, str(hf_dir / "config.json"))
+    quantizable = shape.kind.fp8_quantizable
     ckpt = HFCheckpoint(hf_dir)
     names = ckpt.keys()
     specs: list[TensorSpec] = []
@@ -40,7 +41,7 @@ def write_fp8_checkpoint(hf_dir: str | Path, out: str | Path, *, force: bool = F
                       TensorSpec(scale_name(n), (ckpt.shape(n)[0],), torch.float32)]
         else:
             specs.append(TensorSpec(n, ckpt.shape(n), ckpt.dtype(n)))
-    ignore = ["lm_head", "model.embed_tokens"] + (["visual*"] if "vision_config" in cfg else [])
+    ignore = shape.kind.fp8_ignore(shape)
     tmp = begin_output(out, force)
     try:
         writer = ShardedSafetensorsWriter(tmp, specs, max_shard_bytes)

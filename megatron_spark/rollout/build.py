@@ -12,8 +12,7 @@ def build_engine(ro: RolloutConfig, hf_dir: str, shape, *, dtype: str, seed: int
     if ro.backend == "hf":
         from megatron_spark.rollout.hf_engine import HFRolloutEngine
 
-        return HFRolloutEngine(hf_dir, dtype=vllm_dtype(dtype), multimodal=multimodal,
-                               max_model_len=ro.max_model_len)
+        return HFRolloutEngine(hf_dir, dtype=vllm_dtype(dtype), max_model_len=ro.max_model_len)
     from megatron_spark.rollout.engine import RolloutEngine
 
     return RolloutEngine(hf_dir, tensor_parallel_size=ro.tensor_parallel_size, dtype=vllm_dtype(dtype),

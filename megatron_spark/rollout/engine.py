@@ -18,6 +18,7 @@ from __future__ import annotations
 import os
 import time
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any, Iterable, Optional, Sequence
 
 import torch
@@ -123,17 +124,20 @@ def _isolate_cpu_shm(token: str) -> None:
 
 def engine_overrides(model: str) -> dict[str, Any]:
     """vLLM arguments the model's family asks for: the architecture vLLM should load it as, where the family says
-    it is served under another name than its config's (`ModelFamily.vllm_architecture`)."""
-    from megatron_spark.models.hf_config import load_hf_config
+    it is served under another name than its config's (`ModelFamily.vllm_architecture`). A model of no registered
+    family is vLLM's to load or refuse; a broken family registry is an error here."""
+    import json
 
-    try:
-        shape = load_hf_config(model)
-    except ValueError:  # (not a directory this project reads: vLLM's own errors say more)
+    from megatron_spark.models.hf_config import find_family
+
+    path = Path(model) / "config.json"
+    if not path.is_file():
         return {}
-    arch = shape.kind.engine_architecture
-    if arch in (shape.raw.get("architectures") or []):
+    cfg = json.loads(path.read_text())
+    family = find_family(cfg)
+    if family is None or family.engine_architecture in (cfg.get("architectures") or []):
         return {}
-    return {"hf_overrides": {"architectures": [arch]}}
+    return {"hf_overrides": {"architectures": [family.engine_architecture]}}
 
 
 def build_llm(model: str, *, tensor_parallel_size: int, dtype: str, seed: int, max_num_seqs: int,

@@ -22,8 +22,8 @@ from megatron_spark.rollout.engine import RolloutRequest, Sample
 
 
 class HFRolloutEngine:
-    def __init__(self, hf_dir: str, *, dtype: str = "float32", multimodal: bool = False,
-                 max_model_len: int = 1024, device: Optional[torch.device] = None):
+    def __init__(self, hf_dir: str, *, dtype: str = "float32", max_model_len: int = 1024,
+                 device: Optional[torch.device] = None):
         from transformers import AutoProcessor, AutoTokenizer
 
         from megatron_spark.mapping.table import canonical_hf_name
@@ -31,7 +31,9 @@ class HFRolloutEngine:
         from megatron_spark.models.hf_config import load_hf_config
 
         self.device = device or default_device()
-        cls = load_hf_config(hf_dir).kind.hf_model_class()
+        shape = load_hf_config(hf_dir)
+        multimodal = shape.multimodal  # (the model class and the processor from one answer)
+        cls = shape.kind.hf_model_class()
         self.model = cls.from_pretrained(hf_dir, dtype=getattr(torch, dtype), attn_implementation="eager")
         self.model.to(self.device).eval()
         self.processor = AutoProcessor.from_pretrained(hf_dir) if multimodal else None

@@ -56,7 +56,8 @@ def save_fp8_streams(hf_dir: str, layout, out: Path) -> None:
         sync = WeightSync(chunks, wmap, layout, rollout_tp=rollout_tp, target="vllm_tp", bucket_mb=1,
                           engine_params=targets)
         sync.run_inplace()
-        torch.save(dict(quantized_stream(targets.items(), emulate=False)), out / f"vllm_tp{rollout_tp}_rank{me}.pt")
+        torch.save(dict(quantized_stream(targets.items(), emulate=False, is_fp8=wmap.shape.kind.fp8_quantizable)),
+                   out / f"vllm_tp{rollout_tp}_rank{me}.pt")
 
 
 if __name__ == "__main__":

@@ -1,9 +1,12 @@
 """The model-family registry (pure): lookup by architecture and by name, the errors a clash or a broken plugin
 module gives, and every family answering the questions the rest of the code asks."""
+from dataclasses import dataclass
+
 import pytest
 
-from megatron_spark.models import hf_config as families
 from megatron_spark.families.qwen import QwenFamily
+from megatron_spark.mapping.transforms import Rule
+from megatron_spark.models import hf_config as families
 from megatron_spark.models.hf_config import parse_hf_config
 
 COPY = {"architectures": ["SparkCopyQwen2ForCausalLM"], "model_type": "qwen2", "hidden_size": 64,
@@ -66,3 +69,84 @@ def test_the_engine_is_told_the_architecture_vllm_knows(registry, monkeypatch, t
     assert engine_overrides(str(tmp_path)) == {"hf_overrides": {"architectures": ["Qwen2ForCausalLM"]}}
     (tmp_path / "config.json").write_text(json.dumps({**COPY, "architectures": ["Qwen2ForCausalLM"]}))
     assert engine_overrides(str(tmp_path)) == {}
+
+
+@dataclass(frozen=True)
+class OddFamily(QwenFamily):
+    """Answers unlike Qwen's, so that a consumer which bypasses the family shows: every HF name under `backbone.`,
+    vLLM names with a suffix, FP8 for MLP weights only."""
+
+    def weight_rules(self, shape, padded_vocab):
+        return [Rule(r.megatron, tuple("backbone." + h for h in r.hf), r.transform, r.layers)
+                for r in super().weight_rules(shape, padded_vocab)]
+
+    def hf_shapes(self, shape):
+        return {"backbone." + n: s for n, s in super().hf_shapes(shape).items()}
+
+    def vllm_name(self, param):
+        return param.hf[0] + ".odd"
+
+    def fp8_quantizable(self, name):
+        return ".mlp." in name
+
+    def fp8_ignore(self, shape):
+        return ["backbone.odd"]
+
+
+def test_every_consumer_asks_the_family(registry):
+    """The weight table, the HF shapes, the bridge's plan, the planner's counts, the FP8 stream and the modelopt
+    classes follow a family whose answers differ from Qwen's."""
+    import torch
+
+    from megatron_spark.bridge.planner import plan
+    from megatron_spark.mapping.table import WeightMap, expected_hf_shapes
+    from megatron_spark.planner.model import param_counts
+    from megatron_spark.quant.export import exportable
+    from megatron_spark.quant.fp8 import quantized_stream
+
+    families.register(OddFamily("odd", "OddForCausalLM", multimodal=False, megatron_prefix="",
+                                modelopt_auto_class="AutoModelForCausalLM"))
+    shape = parse_hf_config({**COPY, "architectures": ["OddForCausalLM"]})
+    assert shape.family == "odd"
+    wmap, hf = WeightMap(shape), expected_hf_shapes(shape)
+    assert wmap.hf_names() and all(n.startswith("backbone.") for n in wmap.hf_names())
+    assert set(wmap.hf_names()) == set(hf)
+    names = {t.dst_name for t in plan(wmap, hf, 1, 1, lambda name: 0, rollout_tp=1)}
+    assert names and all(n.startswith("backbone.") and n.endswith(".odd") for n in names)
+    counts = param_counts(shape)
+    assert counts.total == counts.language == sum(torch.Size(s).numel() for s in hf.values())
+    assert exportable()["OddForCausalLM"] == "AutoModelForCausalLM"
+    stream = dict(quantized_stream([("a.mlp.up_proj.weight", torch.ones(2, 2)),
+                                    ("a.self_attn.q_proj.weight", torch.ones(2, 2))],
+                                   emulate=False, is_fp8=shape.kind.fp8_quantizable))
+    assert stream["a.mlp.up_proj.weight"].dtype == torch.float8_e4m3fn and "a.mlp.up_proj.weight_scale" in stream
+    assert stream["a.self_attn.q_proj.weight"].dtype == torch.float32
+
+
+def test_a_module_registers_all_its_families_or_none(registry, monkeypatch, tmp_path):
+    """A module whose second family clashes registers neither (and says so every time); a module that asks the
+    registry while it imports still registers its families; the engine builder does not swallow a broken
+    registry."""
+    from megatron_spark.rollout.engine import engine_overrides
+
+    (tmp_path / "clashing_families.py").write_text(
+        "from megatron_spark.families.qwen import QwenFamily\n"
+        "FAMILIES = (QwenFamily('fine', 'FineForCausalLM', multimodal=False, megatron_prefix=''),\n"
+        "            QwenFamily('qwen2', 'OtherForCausalLM', multimodal=False, megatron_prefix=''))\n")
+    (tmp_path / "asking_family.py").write_text(
+        "from megatron_spark.families.qwen import QwenFamily\n"
+        "from megatron_spark.models.hf_config import get\n"
+        "BASE = get('qwen2')\n"
+        "FAMILIES = (QwenFamily('asking', 'AskingForCausalLM', multimodal=False, megatron_prefix=''),)\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setenv(families.PLUGIN_ENV, "clashing_families")
+    for _ in range(2):
+        with pytest.raises(families.FamilyRegistryError, match="clashing_families: model family 'qwen2'"):
+            families.families()
+    assert "fine" not in families._REGISTRY
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "config.json").write_text('{"architectures": ["Qwen2ForCausalLM"]}')
+    with pytest.raises(families.FamilyRegistryError):
+        engine_overrides(str(tmp_path / "m"))
+    monkeypatch.setenv(families.PLUGIN_ENV, "asking_family")
+    assert families.get("asking").hf_architecture == "AskingForCausalLM"
