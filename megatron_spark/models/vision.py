@@ -11,7 +11,7 @@ from torch import Tensor
 from megatron_spark.models.hf_config import VisionShape
 
 
-def _block_major(h: int, w: int, m: int) -> tuple[Tensor, Tensor]:
+def block_major(h: int, w: int, m: int) -> tuple[Tensor, Tensor]:
     """Row and column index of every patch, in the processor's order (m x m merge blocks, row-major)."""
     hpos = torch.arange(h).view(h // m, m, 1, 1).expand(h // m, m, w // m, m).permute(0, 2, 1, 3).reshape(-1)
     wpos = torch.arange(w).view(1, 1, w // m, m).expand(h // m, m, w // m, m).permute(0, 2, 1, 3).reshape(-1)
@@ -25,7 +25,7 @@ def vision_rotary_freqs(grid_thw: Tensor, v: VisionShape) -> Tensor:
     inv_freq = 1.0 / (v.rope_theta ** (torch.arange(0, half, 2, dtype=torch.float32) / half))
     out = []
     for t, h, w in grid_thw.tolist():
-        hpos, wpos = _block_major(h, w, v.spatial_merge_size)
+        hpos, wpos = block_major(h, w, v.spatial_merge_size)
         ang = torch.cat([hpos[:, None] * inv_freq, wpos[:, None] * inv_freq], dim=-1)
         out.append(ang.repeat(t, 1))
     ang = torch.cat(out).to(grid_thw.device)

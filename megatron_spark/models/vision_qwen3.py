@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from megatron_spark.models.vision import _block_major
+from megatron_spark.models.vision import block_major
 
 
 def _axis_taps(index: Tensor, size: Tensor, side: int) -> tuple[Tensor, Tensor, Tensor]:
@@ -30,7 +30,7 @@ def position_embedding_taps(grid_thw: Tensor, side: int, merge: int) -> tuple[Te
     over the flattened table (`position_embeddings`)."""
     idx, wts = [], []
     for t, h, w in grid_thw.tolist():
-        rows, cols = _block_major(h, w, merge)
+        rows, cols = block_major(h, w, merge)
         r0, r1, wr0, wr1 = _axis_taps(rows, torch.tensor(h), side)
         c0, c1, wc0, wc1 = _axis_taps(cols, torch.tensor(w), side)
         i = torch.stack([r0 * side + c0, r0 * side + c1, r1 * side + c0, r1 * side + c1], dim=-1)
