@@ -10,6 +10,7 @@ from typing import Any, Optional
 
 from megatron_spark.models.hf_config import ModelFamily, ModelShape, TextShape, VisionShape
 
+
 @dataclass(frozen=True)
 class QwenFamily(ModelFamily):
     qk_norm: bool = False     # an RMSNorm over each head's queries and keys before RoPE (Qwen3)

@@ -212,6 +212,9 @@ def families() -> dict[str, ModelFamily]:
 
 
 def get(name: str) -> ModelFamily:
+    family = _REGISTRY.get(name)  # (asked per batch through ModelShape.kind: a registered family needs no load)
+    if family is not None:
+        return family
     known = families()
     if name not in known:
         raise ValueError(f"unknown model family {name!r}; registered: {', '.join(known)} (a family from another "
